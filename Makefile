@@ -1,0 +1,43 @@
+# azfilter: `make test` and `make demo` do all the set-up they need on a fresh Debian machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+STAMP   = $(VENV)/.azfilter-installed
+
+.PHONY: install system-deps demo test bench lint clean
+
+# PoCL (CPU OpenCL runtime) so that the OpenCL backend runs without a GPU. Installed only when
+# we are root and no OpenCL driver is registered; otherwise the OpenCL tests skip (never in CI).
+system-deps:
+	@if [ ! -d /etc/OpenCL/vendors ] || [ -z "$$(ls /etc/OpenCL/vendors 2>/dev/null)" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing PoCL (CPU OpenCL runtime)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pocl-opencl-icd ocl-icd-libopencl1 >/dev/null; \
+	  else echo "note: no OpenCL driver registered; OpenCL tests will be skipped (apt-get install pocl-opencl-icd)"; fi; \
+	fi
+
+$(STAMP): pyproject.toml meson.build kernels/meson.build
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "meson-python>=0.15" "meson>=1.2" ninja "cython>=3.0" numpy
+	$(PIP) install -q --no-build-isolation -e ".[test,plot]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: system-deps install
+	$(VENV)/bin/python examples/make_demo_data.py demo-output/data
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/demo.sh demo-output
+
+test: system-deps install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/bench_engine.py
+
+lint: install
+	$(VENV)/bin/ruff check azfilter tests bench examples
+
+clean:
+	rm -rf build $(VENV) demo-output

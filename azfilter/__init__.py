@@ -1,0 +1,43 @@
+"""azfilter: batch azimuthal integration with outlier rejection for X-ray diffraction.
+
+Public names are imported lazily so that ``azfilter --help`` and small scripts start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "AzfilterError": "errors",
+    "FrameReadError": "errors",
+    "Detector": "detectors",
+    "get_detector": "detectors",
+    "Frame": "frames",
+    "open_frames": "frames",
+    "load_image": "frames",
+    "Geometry": "geometry",
+    "load_poni": "poni",
+    "Integrator": "integrator",
+    "Result": "integrator",
+    "UNITS": "units",
+    "get_unit": "units",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'azfilter' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,65 @@
+"""Radial units: name, internal quantity and scale factor (as pyFAI's unit registry)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import AzfilterError
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A radial unit.
+
+    Attributes
+    ----------
+    name : str
+        The unit's name as users write it (``"q_nm^-1"``).
+    quantity : str
+        The internal quantity: ``"2th"`` (radians), ``"q"`` (nm^-1) or ``"r"`` (metres).
+    scale : float
+        Internal value times ``scale`` gives the value in this unit.
+    symbol : str
+        Short unit symbol for labels and the HDF5 ``units`` attribute.
+    label : str
+        Axis label for plots and text headers.
+    """
+
+    name: str
+    quantity: str
+    scale: float
+    symbol: str
+    label: str
+
+    @property
+    def positive(self) -> bool:
+        """All radial quantities are >= 0, so the lower bin edge is clamped to 0."""
+        return True
+
+
+UNITS: dict[str, Unit] = {
+    "q_nm^-1": Unit("q_nm^-1", "q", 1.0, "nm^-1", "q (nm^-1)"),
+    "q_A^-1": Unit("q_A^-1", "q", 0.1, "A^-1", "q (A^-1)"),
+    "2th_deg": Unit("2th_deg", "2th", 180.0 / math.pi, "deg", "2theta (deg)"),
+    "2th_rad": Unit("2th_rad", "2th", 1.0, "rad", "2theta (rad)"),
+    "r_mm": Unit("r_mm", "r", 1000.0, "mm", "r (mm)"),
+}
+
+
+def get_unit(name: str | Unit) -> Unit:
+    """Return the :class:`Unit` called ``name``.
+
+    Raises
+    ------
+    AzfilterError
+        When the name is not one of :data:`UNITS`.
+    """
+    if isinstance(name, Unit):
+        return name
+    try:
+        return UNITS[name]
+    except KeyError:
+        raise AzfilterError(
+            f"unknown unit {name!r}; choose one of {', '.join(UNITS)}"
+        ) from None
