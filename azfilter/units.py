@@ -17,7 +17,8 @@ class Unit:
     name : str
         The unit's name as users write it (``"q_nm^-1"``).
     quantity : str
-        The internal quantity: ``"2th"`` (radians), ``"q"`` (nm^-1) or ``"r"`` (metres).
+        The internal quantity: ``"2th"`` (radians), ``"q"`` (nm^-1), ``"r"`` (metres), or
+        ``"chi"`` (radians, in (-pi, pi]) for the azimuthal units.
     scale : float
         Internal value times ``scale`` gives the value in this unit.
     symbol : str
@@ -34,8 +35,8 @@ class Unit:
 
     @property
     def positive(self) -> bool:
-        """All radial quantities are >= 0, so the lower bin edge is clamped to 0."""
-        return True
+        """Radial quantities are >= 0, so the lower bin edge is clamped to 0; chi is signed."""
+        return self.quantity != "chi"
 
 
 UNITS: dict[str, Unit] = {
@@ -47,19 +48,35 @@ UNITS: dict[str, Unit] = {
 }
 
 
-def get_unit(name: str | Unit) -> Unit:
+# Azimuthal units: for per-pixel chi arrays (Geometry.array), never a radial binning axis, so
+# they are kept out of UNITS (which lists what --unit accepts).
+AZIMUTHAL_UNITS: dict[str, Unit] = {
+    "chi_deg": Unit("chi_deg", "chi", 180.0 / math.pi, "deg", "chi (deg)"),
+    "chi_rad": Unit("chi_rad", "chi", 1.0, "rad", "chi (rad)"),
+}
+
+
+def get_unit(name: str | Unit, azimuthal: bool = False) -> Unit:
     """Return the :class:`Unit` called ``name``.
+
+    Parameters
+    ----------
+    name : str or Unit
+        A name from :data:`UNITS` (exact spelling, as pyFAI), or a :class:`Unit` (returned as is).
+    azimuthal : bool
+        Also accept the names of :data:`AZIMUTHAL_UNITS` (``"chi_deg"``, ``"chi_rad"``).
 
     Raises
     ------
     AzfilterError
-        When the name is not one of :data:`UNITS`.
+        When the name is not one of :data:`UNITS` (or :data:`AZIMUTHAL_UNITS`).
     """
     if isinstance(name, Unit):
         return name
+    known = {**UNITS, **AZIMUTHAL_UNITS} if azimuthal else UNITS
     try:
-        return UNITS[name]
-    except KeyError:
+        return known[name]
+    except (KeyError, TypeError):
         raise AzfilterError(
-            f"unknown unit {name!r}; choose one of {', '.join(UNITS)}"
+            f"unknown unit {name!r}; choose one of {', '.join(known)}"
         ) from None

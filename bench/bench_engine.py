@@ -1,0 +1,206 @@
+"""Side-by-side benchmark of the reduction engine: azfilter (Cython/OpenMP) against pyFAI.
+
+Same synthetic frames, same geometry, same mask, same number of bins, in the same run.
+For each detector (Pilatus 1M, Eiger 4M; npt = the larger image dimension) and each operation
+it prints ms per frame (median of repeats after a warm-up), the ratio pyFAI / azfilter, the
+first-call time (lookup-table build) with a cold and a warm on-disk cache, and the peak memory
+of the process that ran it.  Each (tool, detector) pair runs in its own subprocess so that the
+peak memory is its own.
+
+Usage: ``python bench/bench_engine.py [--detectors Pilatus1M Eiger4M] [--repeat 7] [--json F]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Geometries: a tilted detector ~0.3 m from the sample, beam near the middle.
+GEOMETRIES = {
+    "Pilatus1M": dict(dist=0.3, poni1=0.0905, poni2=0.0843, rot1=0.012, rot2=-0.007, rot3=0.0),
+    "Eiger4M": dict(dist=0.2, poni1=0.0812, poni2=0.0776, rot1=0.010, rot2=-0.006, rot3=0.0),
+    "Eiger9M": dict(dist=0.25, poni1=0.1226, poni2=0.1166, rot1=0.010, rot2=-0.006, rot3=0.0),
+}
+WAVELENGTH = 1.0e-10
+
+# (label, azfilter call, pyFAI call); each call takes (integrator, frame, npt).
+OPERATIONS = ["integrate no-split", "integrate full-split", "sigma_clip", "medfilt full-split"]
+
+
+def poni_text(detector: str) -> str:
+    g = GEOMETRIES[detector]
+    lines = ["poni_version: 2.1", f"Detector: {detector}", "Detector_config: {\"orientation\": 3}"]
+    lines += [f"Distance: {g['dist']}", f"Poni1: {g['poni1']}", f"Poni2: {g['poni2']}"]
+    lines += [f"Rot1: {g['rot1']}", f"Rot2: {g['rot2']}", f"Rot3: {g['rot3']}"]
+    lines += [f"Wavelength: {WAVELENGTH}"]
+    return "\n".join(lines) + "\n"
+
+
+def make_frame(detector: str, poni_path: str):
+    """A synthetic frame (rings + Poisson noise + spots + hot pixels + gaps) and its mask."""
+    import numpy as np
+
+    import azfilter as az
+    from tests.synthetic import synthetic_frame
+
+    geo = az.load_poni(poni_path)
+    frame = synthetic_frame(geo, seed=1)
+    frame = frame[0] if isinstance(frame, tuple) else frame
+    mask = np.asarray(geo.detector.mask, dtype=bool) | geo.detector.invalid_pixels(frame)
+    return geo, frame, mask
+
+
+def timed(fn, repeat: int) -> float:
+    """Median wall time of ``fn()`` in ms."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def worker_azfilter(detector: str, poni_path: str, repeat: int) -> dict:
+    import azfilter as az
+
+    geo, frame, mask = make_frame(detector, poni_path)
+    npt = max(frame.shape)
+    calls = {
+        "integrate no-split": lambda i: i.integrate(frame, error_model="poisson", split="no"),
+        "integrate full-split": lambda i: i.integrate(frame, error_model="poisson", split="full"),
+        "sigma_clip": lambda i: i.sigma_clip(frame, thres=5.0, max_iter=5,
+                                             error_model="azimuthal"),
+        "medfilt full-split": lambda i: i.medfilt(frame, percentile=(40, 60), split="full"),
+    }
+    out: dict = {"ms": {}, "cold_ms": {}, "warm_ms": {}}
+    for label, call in calls.items():
+        # cold: empty on-disk cache; warm: a new Integrator (new process state) finds the tables
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["AZFILTER_CACHE_DIR"] = cache
+            integ = az.Integrator(geo, npt=npt, unit="q_nm^-1", mask=mask, backend="cython")
+            t0 = time.perf_counter()
+            call(integ)
+            out["cold_ms"][label] = (time.perf_counter() - t0) * 1e3
+            integ = az.Integrator(geo, npt=npt, unit="q_nm^-1", mask=mask, backend="cython")
+            t0 = time.perf_counter()
+            call(integ)
+            out["warm_ms"][label] = (time.perf_counter() - t0) * 1e3
+            out["ms"][label] = timed(lambda: call(integ), repeat)  # noqa: B023
+    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def worker_pyfai(detector: str, poni_path: str, repeat: int) -> dict:
+    import pyFAI
+
+    geo, frame, mask = make_frame(detector, poni_path)
+    npt = max(frame.shape)
+    calls = {
+        "integrate no-split": lambda ai: ai.integrate1d(
+            frame, npt, unit="q_nm^-1", mask=mask, method=("no", "csr", "cython"),
+            error_model="poisson"),
+        "integrate full-split": lambda ai: ai.integrate1d(
+            frame, npt, unit="q_nm^-1", mask=mask, method=("full", "csr", "cython"),
+            error_model="poisson"),
+        "sigma_clip": lambda ai: ai.sigma_clip_ng(
+            frame, npt, unit="q_nm^-1", mask=mask, method=("no", "csr", "cython"),
+            error_model="azimuthal", thres=5.0, max_iter=5),
+        "medfilt full-split": lambda ai: ai.medfilt1d_ng(
+            frame, npt, unit="q_nm^-1", mask=mask, method=("full", "csr", "cython"),
+            percentile=(40, 60)),
+    }
+    out: dict = {"ms": {}, "cold_ms": {}, "warm_ms": {}}
+    for label, call in calls.items():
+        ai = pyFAI.load(poni_path)  # pyFAI keeps its tables in memory only: cold == warm
+        t0 = time.perf_counter()
+        call(ai)
+        out["cold_ms"][label] = out["warm_ms"][label] = (time.perf_counter() - t0) * 1e3
+        out["ms"][label] = timed(lambda: call(ai), repeat)  # noqa: B023
+    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run_worker(tool: str, detector: str, poni_path: str, repeat: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", tool, detector, poni_path, str(repeat)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tool} {detector} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--detectors", nargs="+", default=["Pilatus1M", "Eiger4M"])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--json", help="also write the raw numbers to this file")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        tool, detector, poni_path, repeat = args.worker
+        worker = worker_azfilter if tool == "azfilter" else worker_pyfai
+        print(json.dumps(worker(detector, poni_path, int(repeat))))
+        return
+
+    import pyFAI
+
+    import azfilter
+
+    print(f"# machine: {machine_line()}")
+    print(f"# azfilter {azfilter.__version__} (cython backend), pyFAI {pyFAI.version}")
+    results = {}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for detector in args.detectors:
+            poni_path = os.path.join(tmp, f"{detector}.poni")
+            Path(poni_path).write_text(poni_text(detector))
+            az_res = run_worker("azfilter", detector, poni_path, args.repeat)
+            fai_res = run_worker("pyfai", detector, poni_path, args.repeat)
+            results[detector] = {"azfilter": az_res, "pyfai": fai_res}
+            for op in OPERATIONS:
+                rows.append((detector, op, fai_res["ms"][op], az_res["ms"][op],
+                             fai_res["ms"][op] / az_res["ms"][op], fai_res["cold_ms"][op],
+                             az_res["cold_ms"][op], az_res["warm_ms"][op]))
+            rows.append((detector, "peak memory (MB)", fai_res["peak_mb"], az_res["peak_mb"],
+                         None, None, None, None))
+
+    header = ("| detector | operation | pyFAI ms/frame | azfilter ms/frame | ratio | "
+              "pyFAI first call ms | azfilter first call, cold cache ms | warm cache ms |")
+    print(header)
+    print("|" + "---|" * 8)
+    for det, op, fai, az_, ratio, fai_cold, az_cold, az_warm in rows:
+        if ratio is None:
+            print(f"| {det} | {op} | {fai:.0f} | {az_:.0f} | | | | |")
+        else:
+            print(f"| {det} | {op} | {fai:.1f} | {az_:.1f} | {ratio:.1f}x | {fai_cold:.0f} | "
+                  f"{az_cold:.0f} | {az_warm:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
