@@ -5,6 +5,10 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.azfilter-installed
 
+# The editable install rebuilds the compiled kernels on import with the venv's meson, ninja and
+# cython: they must be on PATH for every target that runs Python.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
 .PHONY: install system-deps demo test bench lint clean
 
 # PoCL (CPU OpenCL runtime) so that the OpenCL backend runs without a GPU. Installed only when
@@ -17,18 +21,20 @@ system-deps:
 	  else echo "note: no OpenCL driver registered; OpenCL tests will be skipped (apt-get install pocl-opencl-icd)"; fi; \
 	fi
 
+# CYTHON=absolute path: the build records it, so the editable install's rebuild on import works
+# without the venv on PATH.
 $(STAMP): pyproject.toml meson.build kernels/meson.build
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "meson-python>=0.15" "meson>=1.2" ninja "cython>=3.0" numpy
-	$(PIP) install -q --no-build-isolation -e ".[test,plot]"
+	CYTHON="$(abspath $(VENV))/bin/cython" $(PIP) install -q --no-build-isolation -e ".[test,plot]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: system-deps install
 	$(VENV)/bin/python examples/make_demo_data.py demo-output/data
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/demo.sh demo-output
+	bash examples/demo.sh demo-output
 
 test: system-deps install
 	$(PY) -m pytest -q tests

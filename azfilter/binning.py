@@ -70,6 +70,10 @@ _FULLSPLIT_BLOCK_PIXELS = 1 << 18
 _FULLSPLIT_DENSE_LIMIT = 1 << 22
 # A pixel whose area is below this fraction of its bounding box is degenerate (zero area).
 _DEGENERATE_AREA = 1e-12
+# [hook, owner of kernels/_engine.pyx] build full-split tables with the compiled builder
+# (azfilter._engine.fullsplit_table, same table bit for bit; tests/test_engine_cython.py
+# checks it against the numpy code below) when the extension is built; False: numpy only.
+USE_COMPILED_FULLSPLIT = True
 
 
 # ---------------------------------------------------------------------------------- containers
@@ -456,6 +460,12 @@ def csr_fullsplit(
     del corner_values
     delta = (hi - lo) / npt
 
+    compiled = _compiled_fullsplit_table() if USE_COMPILED_FULLSPLIT else None  # [hook]
+    if compiled is not None:
+        indptr, indices, coefs = compiled(radial_grid, chi_grid, usable_for_bins, radial_center,
+                                          lo, delta, npt, _DEGENERATE_AREA)
+        return CSRParts(indptr, indices, coefs, lo, hi, npt)
+
     all_bins: list[np.ndarray] = []
     all_pixels: list[np.ndarray] = []
     all_coefs: list[np.ndarray] = []
@@ -492,6 +502,15 @@ def csr_fullsplit(
     indptr = _rows_to_indptr(bins, npt)
     del bins
     return CSRParts(indptr, pixels[order], coefs[order], lo, hi, npt)
+
+
+def _compiled_fullsplit_table():
+    """[hook] ``azfilter._engine.fullsplit_table``, or None when the extension is not built."""
+    try:
+        from ._engine import fullsplit_table
+    except ImportError:
+        return None
+    return fullsplit_table
 
 
 def _split_block(

@@ -1,0 +1,133 @@
+"""Compute engines: the per-bin sums of integrate, sigma_clip and medfilt.
+
+Every engine (``python``, ``cython``, ``opencl``) has the same interface (``docs/internals.md``,
+"Engine interface") and returns :class:`BinSums`; :mod:`azfilter.integrator` turns the sums into
+intensities and errors. Engines are imported lazily so that a missing compiled extension or a
+missing OpenCL driver only matters to whoever asks for that backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import AzfilterError
+
+#: backend name -> (module, class name)
+BACKENDS: dict[str, tuple[str, str]] = {
+    "python": ("python", "PythonEngine"),
+    "cython": ("cython", "CythonEngine"),
+    "opencl": ("opencl", "OpenCLEngine"),
+}
+
+#: the error models every engine understands (``docs/internals.md``, per-pixel preprocessing)
+ERROR_MODELS: tuple[str, ...] = ("poisson", "azimuthal", "hybrid", "variance")
+
+# What to tell the user when a backend cannot be imported.
+_HINTS = {
+    "cython": "the compiled extension is missing; build the package (pip install -e . or make "
+    "install)",
+    "opencl": "pyopencl or an OpenCL driver is missing (install pocl-opencl-icd for CPU OpenCL)",
+}
+
+
+@dataclass
+class BinSums:
+    """Per-bin sums returned by an engine; every array is float64 of length ``npt``.
+
+    Attributes
+    ----------
+    signal : numpy.ndarray
+        ``S = Σ c·signal_j`` over the entries kept in the bin.
+    variance : numpy.ndarray
+        ``V``: ``Σ c²·var_j`` or, for the azimuthal model, the two-pass ``Σ ω²(x − S/W)²``.
+    normalization : numpy.ndarray
+        ``W = Σ c·norm_j``.
+    normalization2 : numpy.ndarray
+        ``W2 = Σ (c·norm_j)²``.
+    count : numpy.ndarray
+        ``N``: ``Σ c`` for integrate, the number of kept pixels (sigma_clip) or of selected
+        fragments (medfilt).
+    """
+
+    signal: np.ndarray
+    variance: np.ndarray
+    normalization: np.ndarray
+    normalization2: np.ndarray
+    count: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name in ("signal", "variance", "normalization", "normalization2", "count"):
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
+        sizes = {getattr(self, name).shape for name in
+                 ("signal", "variance", "normalization", "normalization2", "count")}
+        if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+            raise ValueError(f"BinSums arrays must be 1-D and of equal length, got {sizes}")
+
+    @property
+    def npt(self) -> int:
+        """Number of bins."""
+        return int(self.signal.shape[0])
+
+
+def parse_error_model(name: str) -> str:
+    """Return the canonical error-model name for ``name``.
+
+    Parameters
+    ----------
+    name : str
+        ``"poisson"``, ``"azimuthal"``, ``"hybrid"`` or ``"variance"``, in any case; an
+        unambiguous prefix (``"p"``, ``"az"``) is accepted.
+
+    Returns
+    -------
+    str
+        One of :data:`ERROR_MODELS`.
+
+    Raises
+    ------
+    AzfilterError
+        For anything else (unlike pyFAI, which silently maps unknown names to "no error").
+    """
+    choices = ", ".join(ERROR_MODELS)
+    if not isinstance(name, str) or not name.strip():
+        raise AzfilterError(f"error model must be one of {choices}, got {name!r}")
+    wanted = name.strip().lower()
+    matches = [model for model in ERROR_MODELS if model.startswith(wanted)]
+    if len(matches) != 1:
+        raise AzfilterError(f"unknown error model {name!r}; choose one of {choices}")
+    return matches[0]
+
+
+def get_engine_class(backend: str) -> type:
+    """Import and return the engine class of a backend.
+
+    Parameters
+    ----------
+    backend : str
+        ``"python"``, ``"cython"`` or ``"opencl"`` (case-insensitive).
+
+    Raises
+    ------
+    AzfilterError
+        When the name is unknown, or the backend cannot be used here (compiled extension not
+        built, pyopencl or an OpenCL driver missing).
+    """
+    key = backend.strip().lower() if isinstance(backend, str) else backend
+    if key not in BACKENDS:
+        raise AzfilterError(
+            f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
+    module_name, class_name = BACKENDS[key]
+    try:
+        module = importlib.import_module(f".{module_name}", __name__)
+        return getattr(module, class_name)
+    except AzfilterError:
+        raise
+    except Exception as err:  # ImportError, OSError, pyopencl's errors: all mean unusable here
+        hint = _HINTS.get(key, "")
+        raise AzfilterError(
+            f"backend {key!r} is not available: {hint} ({type(err).__name__}: {err})"
+        ) from err

@@ -1,0 +1,465 @@
+"""The Integrator: one geometry and set of options, applied to any number of frames.
+
+It is the glue between the pieces: it builds the per-geometry constants (:mod:`.preproc`),
+the radial lookup tables (:func:`azfilter.binning.build_csr`, cached on disk) lazily for each
+pixel-splitting mode, one engine per table (reused across frames), and turns the engine's
+per-bin sums into a :class:`Result`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backends import BACKENDS, BinSums, get_engine_class, parse_error_model
+from .errors import AzfilterError
+from .preproc import PixelConstants, describe_source, parse_polarization, pixel_constants
+from .units import get_unit
+
+#: pixel-splitting modes: none (each pixel in the bin of its centre) or exact area splitting
+SPLITS: tuple[str, ...] = ("no", "full")
+
+#: the three operations, as recorded in :attr:`Result.operation`
+OPERATIONS: tuple[str, ...] = ("integrate", "sigma_clip", "medfilt")
+
+
+@dataclass
+class Result:
+    """A reduced 1-D pattern and the sums it came from.
+
+    Attributes
+    ----------
+    radial : numpy.ndarray
+        Bin centres in ``unit``.
+    intensity : numpy.ndarray
+        ``S/W``: the (filtered) mean corrected intensity of each bin; NaN for empty bins.
+    sigma : numpy.ndarray
+        ``sqrt(V)/W``: standard error of ``intensity``; NaN for empty bins.
+    std : numpy.ndarray
+        ``sqrt(V/W2)``: spread of the pixels of the ring; NaN for empty bins.
+    count : numpy.ndarray
+        Pixels (sum of coefficients with splitting) kept in each bin; 0 for empty bins.
+    sum_signal, sum_variance, sum_normalization, sum_normalization2 : numpy.ndarray
+        The engine's sums S, V, W, W2.
+    unit : str
+        Name of the radial unit (``"q_nm^-1"``...).
+    operation : str
+        ``"integrate"``, ``"sigma_clip"`` or ``"medfilt"``.
+    parameters : dict
+        Every option that produced this result (JSON-serialisable).
+    error_model : str
+        The error model used.
+    """
+
+    radial: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    std: np.ndarray
+    count: np.ndarray
+    sum_signal: np.ndarray
+    sum_variance: np.ndarray
+    sum_normalization: np.ndarray
+    sum_normalization2: np.ndarray
+    unit: str
+    operation: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    error_model: str = "poisson"
+
+    @classmethod
+    def from_sums(cls, radial: np.ndarray, sums: BinSums, unit: str, operation: str,
+                  parameters: dict[str, Any], error_model: str) -> Result:
+        """Final values per bin: ``I = S/W``, ``sigma = sqrt(V)/W``, ``std = sqrt(V/W2)``.
+
+        Bins with a count of 0 get NaN for all three.
+        """
+        count = np.array(sums.count, dtype=np.float64)
+        empty = ~(count > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            intensity = sums.signal / sums.normalization
+            sigma = np.sqrt(sums.variance) / sums.normalization
+            std = np.sqrt(sums.variance / sums.normalization2)
+        for values in (intensity, sigma, std):
+            values[empty] = np.nan
+        count[empty] = 0.0
+        return cls(
+            radial=np.array(radial, dtype=np.float64), intensity=intensity, sigma=sigma,
+            std=std, count=count, sum_signal=sums.signal.copy(),
+            sum_variance=sums.variance.copy(), sum_normalization=sums.normalization.copy(),
+            sum_normalization2=sums.normalization2.copy(), unit=unit, operation=operation,
+            parameters=parameters, error_model=error_model,
+        )
+
+    @property
+    def npt(self) -> int:
+        """Number of bins."""
+        return int(self.radial.shape[0])
+
+
+class Integrator:
+    """Azimuthal integration, sigma-clipping and median filtering with one set of options.
+
+    Parameters
+    ----------
+    geometry : azfilter.geometry.Geometry
+        Detector position and detector (``azfilter.load_poni``).
+    npt : int
+        Number of radial bins.
+    unit : str
+        Radial unit: ``"q_nm^-1"``, ``"q_A^-1"``, ``"2th_deg"``, ``"2th_rad"``, ``"r_mm"``.
+    backend : str
+        ``"python"`` (numpy reference), ``"cython"`` (default) or ``"opencl"``.
+    device : str, optional
+        OpenCL device: ``"gpu"``, ``"cpu"`` or ``"P:D"``.
+    mask : array or path, optional
+        User mask, non-zero = masked; OR-ed with the detector's gap mask.
+    dark, flat : array or path, optional
+        Dark current subtracted from the raw values; flat field the signal is divided by
+        (pixels with a non-positive or non-finite flat are masked).
+    polarization : None, float or (float, float)
+        Polarization factor in [-1, 1], optionally with the axis offset (rad).
+    solid_angle : bool
+        Correct for the relative solid angle of each pixel.
+    radial_range : (float, float), optional
+        Radial bin range in ``unit``; default: the extent of the unmasked pixels.
+    azimuth_range : (float, float), optional
+        Azimuthal range in degrees (``(170, -170)`` crosses ±180°).
+    normalization : float
+        Positive constant (monitor) the intensities are divided by.
+    threads : int, optional
+        Threads of the compiled engines (default: all cores).
+    pixel_mask : array or path, optional
+        Eiger ``pixel_mask`` (non-zero = bad), OR-ed with the other masks.
+
+    Raises
+    ------
+    AzfilterError
+        For any option a user got wrong, or a backend that is not available here.
+    """
+
+    def __init__(self, geometry: Any, npt: int = 1000, unit: str = "q_nm^-1",
+                 backend: str = "cython", device: str | None = None, mask: Any = None,
+                 dark: Any = None, flat: Any = None, polarization: Any = None,
+                 solid_angle: bool = True, radial_range: Sequence[float] | None = None,
+                 azimuth_range: Sequence[float] | None = None, normalization: float = 1.0,
+                 threads: int | None = None, pixel_mask: Any = None):
+        self.geometry = geometry
+        self.npt = _check_positive_int(npt, "npt")
+        self.unit = get_unit(unit).name
+        backend_name = backend.strip().lower() if isinstance(backend, str) else backend
+        self._engine_class = get_engine_class(backend_name)
+        self.backend = str(backend_name)
+        self.device = None if device is None else str(device)
+        self.threads = None if threads is None else _check_positive_int(threads, "threads")
+        self.mask, self.dark, self.flat, self.pixel_mask = mask, dark, flat, pixel_mask
+        self.polarization = parse_polarization(polarization)
+        self.solid_angle = bool(solid_angle)
+        self.radial_range = _check_range(radial_range, "radial_range")
+        self.azimuth_range = _check_range(azimuth_range, "azimuth_range", ordered=False)
+        try:
+            self.normalization = float(normalization)
+        except (TypeError, ValueError):
+            self.normalization = math.nan
+        if not (math.isfinite(self.normalization) and self.normalization > 0):
+            raise AzfilterError(f"normalization must be a positive number, got {normalization!r}")
+        self._constants: PixelConstants | None = None
+        self._tables: dict[str, Any] = {}
+        self._engines: dict[tuple, Any] = {}
+        if geometry.detector.shape is not None:
+            # read mask/dark/flat files now, so that a bad file fails before any frame
+            self._prepare()
+
+    # ------------------------------------------------------------------ configuration
+    def config(self) -> dict[str, Any]:
+        """The Integrator's settings as a JSON-serialisable dict (constructor argument names).
+
+        Arrays given for mask, dark, flat or pixel_mask are recorded as ``"array"``, files by
+        their path.
+        """
+        return {
+            "npt": self.npt,
+            "unit": self.unit,
+            "backend": self.backend,
+            "device": self.device,
+            "mask": describe_source(self.mask),
+            "dark": describe_source(self.dark),
+            "flat": describe_source(self.flat),
+            "pixel_mask": describe_source(self.pixel_mask),
+            "polarization": None if self.polarization is None else list(self.polarization),
+            "solid_angle": self.solid_angle,
+            "radial_range": None if self.radial_range is None else list(self.radial_range),
+            "azimuth_range": None if self.azimuth_range is None else list(self.azimuth_range),
+            "normalization": self.normalization,
+            "threads": self.threads,
+        }
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """Detector shape (None for a generic detector before the first image)."""
+        shape = self.geometry.detector.shape
+        return None if shape is None else (int(shape[0]), int(shape[1]))
+
+    @property
+    def constants(self) -> PixelConstants:
+        """The per-geometry arrays (static mask, pixel normalisation, dark)."""
+        if self._constants is None:
+            self._prepare()
+        assert self._constants is not None
+        return self._constants
+
+    def _prepare(self) -> None:
+        self._constants = pixel_constants(
+            self.geometry, mask=self.mask, dark=self.dark, flat=self.flat,
+            polarization=self.polarization, solid_angle=self.solid_angle,
+            normalization=self.normalization, pixel_mask=self.pixel_mask,
+        )
+
+    def table(self, split: str = "no"):
+        """The CSR lookup table for ``split`` (built, or read from the disk cache, once)."""
+        split = _check_split(split)
+        if split not in self._tables:
+            from .binning import build_csr  # lazily: only needed once a frame comes
+
+            self._tables[split] = build_csr(
+                self.geometry, self.unit, self.npt, split, self.constants.static_mask,
+                radial_range=self.radial_range, azimuth_range=self.azimuth_range,
+            )
+        return self._tables[split]
+
+    def engine(self, split: str = "no", dtype: Any = np.float64):
+        """The engine working on the ``split`` table for frames of ``dtype`` (kept for reuse).
+
+        The dtype matters because the dummy value of an unsigned frame differs
+        (:meth:`azfilter.detectors.Detector.dummy_for`).
+        """
+        split = _check_split(split)
+        dummy, delta_dummy = self.geometry.detector.dummy_for(np.dtype(dtype))
+        key = (split, dummy, delta_dummy)
+        if key not in self._engines:
+            constants = self.constants
+            self._engines[key] = self._engine_class(
+                self.table(split), constants.pixel_norm, constants.dark, dummy, delta_dummy,
+                threads=self.threads, device=self.device,
+            )
+        return self._engines[key]
+
+    # ------------------------------------------------------------------ checks
+    def _check_image(self, img: Any, what: str = "image") -> np.ndarray:
+        """The frame as an array of the detector's shape (fixing a generic detector's shape)."""
+        array = np.asarray(img)
+        if array.ndim != 2:
+            raise AzfilterError(f"{what} must be 2-D, got shape {tuple(array.shape)}")
+        if array.dtype.kind not in "biuf":
+            raise AzfilterError(f"{what} has unsupported dtype {array.dtype}")
+        shape = tuple(int(n) for n in array.shape)
+        detector = self.geometry.detector
+        if detector.shape is None:
+            self.geometry = dataclasses.replace(self.geometry,
+                                                detector=detector.with_shape(shape))
+            self._prepare()
+        elif shape != self.shape:
+            raise AzfilterError(
+                f"{what} shape {shape} does not match detector {detector.name} shape "
+                f"{self.shape}"
+            )
+        return array
+
+    def _check_variance(self, variance: Any, error_model: str) -> np.ndarray | None:
+        if error_model == "variance" and variance is None:
+            raise AzfilterError("error model 'variance' needs a variance array (variance=...)")
+        if variance is None:
+            return None
+        if error_model != "variance":
+            raise AzfilterError(
+                f"a variance array was given but the error model is {error_model!r}; "
+                "use error_model='variance'"
+            )
+        array = np.asarray(variance, dtype=np.float64)
+        if tuple(array.shape) != self.shape:
+            raise AzfilterError(
+                f"variance shape {tuple(array.shape)} does not match detector "
+                f"{self.geometry.detector.name} shape {self.shape}"
+            )
+        return array
+
+    def _result(self, sums: BinSums, split: str, operation: str, error_model: str,
+                **options: Any) -> Result:
+        table = self.table(split)
+        parameters = {"operation": operation, **self.config(), "split": split,
+                      "error_model": error_model, **options,
+                      "detector": self.geometry.detector.name}
+        return Result.from_sums(table.radial, sums, self.unit, operation, parameters,
+                                error_model)
+
+    # ------------------------------------------------------------------ operations
+    def integrate(self, img: Any, error_model: str = "poisson", split: str = "no",
+                  variance: Any = None) -> Result:
+        """Mean corrected intensity per radial bin (no outlier rejection).
+
+        Parameters
+        ----------
+        img : 2-D array
+            Raw frame of the detector's shape, in its own dtype.
+        error_model : str
+            ``"poisson"`` (variance = max(raw, 1)), ``"azimuthal"`` (scatter in the ring),
+            ``"hybrid"`` (as poisson here) or ``"variance"`` (with ``variance``).
+        split : str
+            ``"no"`` or ``"full"`` pixel splitting.
+        variance : 2-D array, optional
+            Per-pixel variance for the ``"variance"`` model.
+
+        Returns
+        -------
+        Result
+        """
+        model = parse_error_model(error_model)
+        split = _check_split(split)
+        array = self._check_image(img)
+        var = self._check_variance(variance, model)
+        sums = self.engine(split, array.dtype).integrate(array, model, var)
+        return self._result(sums, split, "integrate", model)
+
+    def sigma_clip(self, img: Any, thres: float = 5.0, max_iter: int = 5,
+                   error_model: str = "azimuthal", variance: Any = None,
+                   split: str = "no") -> Result:
+        """Iterative azimuthal sigma-clipping (no pixel splitting).
+
+        Parameters
+        ----------
+        img : 2-D array
+            Raw frame.
+        thres : float
+            Rejection threshold in standard deviations (the Chauvenet cutoff takes over when
+            it is larger; ``thres=0`` is pure Chauvenet).
+        max_iter : int
+            Maximum number of rejection passes.
+        error_model : str
+            ``"azimuthal"`` (default), ``"hybrid"`` (clip azimuthal, report Poisson),
+            ``"poisson"`` or ``"variance"``.
+        variance : 2-D array, optional
+            Per-pixel variance for the ``"variance"`` model.
+        split : str
+            Must be ``"no"``: a pixel shared between bins cannot be rejected in one only.
+
+        Returns
+        -------
+        Result
+        """
+        if split != "no":
+            raise AzfilterError(
+                f"sigma_clip is no-split only (each pixel must belong to one ring), got "
+                f"split={split!r}"
+            )
+        model = parse_error_model(error_model)
+        thres = _check_number(thres, "thres", minimum=0.0)
+        max_iter = _check_count(max_iter, "max_iter")
+        array = self._check_image(img)
+        var = self._check_variance(variance, model)
+        sums = self.engine("no", array.dtype).sigma_clip(array, thres, max_iter, model, var)
+        return self._result(sums, "no", "sigma_clip", model, thres=thres, max_iter=max_iter)
+
+    def medfilt(self, img: Any, percentile: float | Sequence[float] = 50,
+                split: str = "full", error_model: str = "poisson",
+                variance: Any = None) -> Result:
+        """Mean of the pixel fragments between two quantiles of each ring.
+
+        Parameters
+        ----------
+        img : 2-D array
+            Raw frame.
+        percentile : float or (float, float)
+            In 0-100. A scalar ``p`` selects the fragment at the weighted ``p``-th percentile
+            (50 is the median); ``(lo, hi)`` averages the fragments between the two.
+        split : str
+            ``"full"`` (default) or ``"no"`` pixel splitting.
+        error_model : str
+            ``"poisson"``, ``"hybrid"`` (as poisson), ``"azimuthal"`` or ``"variance"``.
+        variance : 2-D array, optional
+            Per-pixel variance for the ``"variance"`` model.
+
+        Returns
+        -------
+        Result
+        """
+        model = parse_error_model(error_model)
+        split = _check_split(split)
+        low, high = _check_percentile(percentile)
+        array = self._check_image(img)
+        var = self._check_variance(variance, model)
+        sums = self.engine(split, array.dtype).medfilt(array, low / 100.0, high / 100.0,
+                                                       model, var)
+        return self._result(sums, split, "medfilt", model, percentile=[low, high])
+
+
+# ---------------------------------------------------------------------------- validation
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)):
+        raise AzfilterError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise AzfilterError(f"{name} must be a positive integer, got {value!r}")
+    if int(value) < 1:
+        raise AzfilterError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_count(value: Any, name: str) -> int:
+    """A non-negative integer (an integer-valued float such as 5.0 from a config is fine)."""
+    whole = isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and float(value).is_integer())
+    if isinstance(value, bool) or not whole or value < 0:
+        raise AzfilterError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check_number(value: Any, name: str, minimum: float | None = None) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AzfilterError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or (
+            minimum is not None and number < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise AzfilterError(f"{name} must be a finite number{bound}, got {value!r}")
+    return number
+
+
+def _check_split(split: Any) -> str:
+    if split not in SPLITS:
+        raise AzfilterError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return str(split)
+
+
+def _check_range(value: Any, name: str, ordered: bool = True) -> tuple[float, float] | None:
+    """Two finite numbers; ``ordered`` requires low < high (radial ranges)."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise AzfilterError(f"{name} must be two numbers (low, high), got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise AzfilterError(f"{name} must be finite, got {value!r}")
+    if ordered and not low < high:
+        raise AzfilterError(f"{name} must have low < high, got {value!r}")
+    return low, high
+
+
+def _check_percentile(percentile: Any) -> tuple[float, float]:
+    """``p`` -> ``(p, p)``; ``(lo, hi)`` -> itself; all in [0, 100], lo <= hi."""
+    values = np.atleast_1d(np.asarray(percentile, dtype=object)).ravel()
+    if values.size not in (1, 2):
+        raise AzfilterError(f"percentile must be one number or two (lo, hi), got {percentile!r}")
+    numbers = [_check_number(v, "percentile") for v in values]
+    low, high = numbers[0], numbers[-1]
+    if not (0.0 <= low <= 100.0 and 0.0 <= high <= 100.0):
+        raise AzfilterError(f"percentile must be within 0-100, got {percentile!r}")
+    if low > high:
+        raise AzfilterError(f"percentile (lo, hi) must have lo <= hi, got {percentile!r}")
+    return low, high
+
+
+__all__ = ["Integrator", "Result", "SPLITS", "OPERATIONS", "BACKENDS"]

@@ -1,0 +1,414 @@
+"""CythonEngine (kernels/_engine.pyx) against the numpy reference PythonEngine.
+
+Every operation, error model, splitting mode and raw dtype, with and without dark current and
+dummy value, on a small synthetic detector whose frame has Bragg spots, hot pixels, dummy
+pixels, NaN (float frames), empty bins and a bin whose pixels are all invalid. All five sums
+must agree to 1e-6 relative, and the counts of sigma_clip and medfilt exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from azfilter.backends import ERROR_MODELS, BinSums, get_engine_class
+from azfilter.backends.python import PythonEngine
+from azfilter.binning import build_csr
+from azfilter.detectors import generic_detector
+from azfilter.errors import AzfilterError
+from azfilter.geometry import Geometry
+
+_engine = pytest.importorskip("azfilter._engine", reason="compiled extension not built")
+from azfilter.backends.cython import CythonEngine  # noqa: E402
+
+FIELDS = ("signal", "variance", "normalization", "normalization2", "count")
+SHAPE = (72, 90)
+NPT = 60
+DUMMY, DELTA_DUMMY = -2.0, 1.5
+DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64",
+          "int64", "int8", ">u2")
+SPLITS = ("no", "full")
+
+
+@dataclass
+class Table:
+    """The part of binning.CSR that engines read."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    coefs: np.ndarray
+
+
+@dataclass
+class Case:
+    tables: dict
+    pixel_norm: np.ndarray
+    dark: np.ndarray
+    variance: np.ndarray
+    counts: np.ndarray     # float64 frame before conversion: counts, dummies, NaN
+    empty_bins: np.ndarray
+    dead_bin: int
+
+
+@pytest.fixture(scope="module")
+def case() -> Case:
+    rng = np.random.default_rng(7)
+    detector = generic_detector(172e-6, 172e-6, SHAPE)
+    geometry = Geometry(dist=0.05, poni1=0.004, poni2=0.006, rot1=0.02, wavelength=1e-10,
+                        detector=detector)
+    q = geometry.center_array("q")
+    mask = np.zeros(SHAPE, dtype=bool)
+    mask[30:34, :] = True                       # a module gap
+    q_lo, q_hi = q.min(), q.max()
+    # a ring three bins wide: bins without any pixel in the middle of the range
+    mask |= (q > q_lo + 0.50 * (q_hi - q_lo)) & (q < q_lo + 0.55 * (q_hi - q_lo))
+    tables = {}
+    for split in SPLITS:
+        csr = build_csr(geometry, "q_nm^-1", NPT, split, mask, cache=False)
+        tables[split] = Table(csr.indptr, csr.indices, csr.coefs)
+    pixel_norm = (geometry.solid_angle() * geometry.polarization(0.95)).astype(np.float32)
+    pixel_norm *= rng.uniform(0.8, 1.2, SHAPE).astype(np.float32)  # a flat field
+    pixel_norm[mask] = 0
+    pixel_norm = pixel_norm.ravel()
+
+    counts = rng.poisson(200 * np.exp(-q / 20) * (1 + np.cos(q) ** 2) * pixel_norm.reshape(SHAPE))
+    counts = counts.astype(np.float64)
+    flat = counts.reshape(-1)
+    n = flat.size
+    flat[rng.choice(n, 40, replace=False)] += rng.uniform(300, 2000, 40)   # spots
+    flat[rng.choice(n, 4, replace=False)] = 250.0                          # hot (uint8 safe)
+    flat[rng.choice(n, 60, replace=False)] = -1.0                          # dummies
+    flat[rng.choice(n, 20, replace=False)] = -2.0
+    flat[rng.choice(n, 15, replace=False)] = np.nan                        # float frames only
+    np.clip(counts, -2, 250, out=counts)                                   # fits every dtype
+    # one bin whose pixels are all dummies
+    nosplit = tables["no"]
+    filled = np.flatnonzero(np.diff(nosplit.indptr) > 3)
+    dead_bin = int(filled[len(filled) // 2])
+    flat[nosplit.indices[nosplit.indptr[dead_bin]:nosplit.indptr[dead_bin + 1]]] = -2.0
+    dark = rng.uniform(0, 3, n).astype(np.float32)
+    variance = rng.uniform(1, 300, n).astype(np.float32)
+    empty = np.diff(nosplit.indptr) == 0
+    assert empty.any(), "the test geometry must have empty bins"
+    return Case(tables, pixel_norm, dark, variance, counts, empty, dead_bin)
+
+
+def frame(case: Case, dtype: str) -> np.ndarray:
+    """The test frame in ``dtype`` (NaN become dummies in integer frames)."""
+    values = case.counts
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        values = np.where(np.isnan(values), -1.0, values)
+        if dtype.kind == "u":
+            # unsigned frames mark dummies with the largest value (as Dectris uint frames)
+            values = np.where(values < 0, np.iinfo(dtype).max, values)
+    return values.astype(dtype)
+
+
+def variants(dtype: str) -> list[tuple[bool, tuple[float | None, float]]]:
+    """(dark?, (dummy, delta_dummy)) combinations each agreement test runs."""
+    return [(False, (None, 0.0)), (True, dummy_for(dtype)), (False, dummy_for(dtype))]
+
+
+def dummy_for(dtype: str) -> tuple[float, float]:
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u":
+        return float(np.iinfo(dtype).max), 0.5
+    return DUMMY, DELTA_DUMMY
+
+
+def engines(case: Case, split: str, dark: bool, dummy: float | None, delta: float, **kw):
+    table = case.tables[split]
+    dark_array = case.dark if dark else None
+    return (CythonEngine(table, case.pixel_norm, dark_array, dummy, delta, **kw),
+            PythonEngine(table, case.pixel_norm, dark_array, dummy, delta))
+
+
+def assert_sums_close(got: BinSums, expected: BinSums, exact_count: bool = False) -> None:
+    for name in FIELDS:
+        a, b = getattr(got, name), getattr(expected, name)
+        assert a.dtype == np.float64 and a.shape == b.shape
+        # relative 1e-6; the tiny absolute floor only absorbs rounding noise around exact 0
+        floor = 1e-12 * max(float(np.nanmax(np.abs(b), initial=0.0)), 1e-300)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=floor, err_msg=name)
+    if exact_count:
+        np.testing.assert_array_equal(got.count, expected.count)
+
+
+def variance_for(case: Case, model: str):
+    return case.variance.reshape(SHAPE) if model == "variance" else None
+
+
+# ----------------------------------------------------------------------------- agreement
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", ERROR_MODELS)
+@pytest.mark.parametrize("split", SPLITS)
+def test_integrate_agrees(case, split, model, dtype):
+    raw = frame(case, dtype)
+    for dark, (dummy, delta) in variants(dtype):
+        cy, py = engines(case, split, dark, dummy, delta)
+        got = cy.integrate(raw, model, variance_for(case, model))
+        expected = py.integrate(raw, model, variance_for(case, model))
+        assert_sums_close(got, expected)
+        empty = np.diff(case.tables[split].indptr) == 0
+        assert np.all(got.count[empty] == 0) and np.all(got.signal[empty] == 0)
+        if dummy is not None and split == "no":
+            assert got.count[case.dead_bin] == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", ERROR_MODELS)
+@pytest.mark.parametrize("split", SPLITS)
+def test_sigma_clip_agrees(case, split, model, dtype):
+    raw = frame(case, dtype)
+    for dark, (dummy, delta) in variants(dtype):
+        cy, py = engines(case, split, dark, dummy, delta)
+        # thres 0 is pure Chauvenet; max_iter 0 gives the unclipped sums of the clip model
+        extra = ((0.0, 3), (5.0, 0), (2.0, 1))[DTYPES.index(dtype) % 3]
+        for thres, max_iter in ((3.0, 5), extra):
+            got = cy.sigma_clip(raw, thres, max_iter, model, variance_for(case, model))
+            expected = py.sigma_clip(raw, thres, max_iter, model,
+                                     variance_for(case, model))
+            assert_sums_close(got, expected, exact_count=split == "no")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", ERROR_MODELS)
+@pytest.mark.parametrize("split", SPLITS)
+def test_medfilt_agrees(case, split, model, dtype):
+    raw = frame(case, dtype)
+    for dark, (dummy, delta) in variants(dtype):
+        cy, py = engines(case, split, dark, dummy, delta)
+        # the extremes (0, 1) and (1, 1) are exact ties at T: rotate them over the dtypes
+        extreme = ((0.0, 1.0), (0.1, 0.9), (1.0, 1.0))[DTYPES.index(dtype) % 3]
+        for low, high in ((0.4, 0.6), (0.5, 0.5), extreme):
+            got = cy.medfilt(raw, low, high, model, variance_for(case, model))
+            expected = py.medfilt(raw, low, high, model, variance_for(case, model))
+            assert_sums_close(got, expected, exact_count=True)
+
+
+def test_sigma_clip_rejects_spots(case):
+    """Not only agreement: clipping must actually remove the strong pixels."""
+    raw = frame(case, "int32")
+    cy, _ = engines(case, "no", False, DUMMY, DELTA_DUMMY)
+    plain = cy.integrate(raw, "poisson")
+    clipped = cy.sigma_clip(raw, 3.0, 5, "azimuthal")
+    assert clipped.count.sum() < plain.count.sum()
+    assert np.all(clipped.count <= plain.count)
+
+
+# ------------------------------------------------------------------- medfilt, long rows
+def big_row_engines(rng, n: int, unit_norm: bool, split: bool):
+    """One bin holding everything and a second, smaller one: long rows, many ties."""
+    indptr = np.array([0, n // 3, n], dtype=np.int64)
+    table = Table(indptr, np.arange(n, dtype=np.int32),
+                  rng.uniform(0.0, 1.0, n).astype(np.float32) if split
+                  else np.ones(n, dtype=np.float32))
+    if split:
+        table.coefs[::97] = 0.0   # fragments of weight 0 are never selected
+    norm = np.ones(n, np.float32) if unit_norm else rng.uniform(0.5, 1, n).astype(np.float32)
+    return (CythonEngine(table, norm, None, DUMMY, DELTA_DUMMY),
+            PythonEngine(table, norm, None, DUMMY, DELTA_DUMMY))
+
+
+@pytest.mark.parametrize("n, top", [(5000, 3), (20000, 40), (3000, 100_000)])
+@pytest.mark.parametrize("unit_norm", [True, False])
+@pytest.mark.parametrize("split", [False, True])
+def test_medfilt_long_rows_and_ties(n, top, unit_norm, split):
+    """Long rows take the radix-partition path; small integers make many exact ties."""
+    rng = np.random.default_rng(n + top)
+    raw = rng.integers(0, top, n).astype(np.int32)
+    raw[rng.random(n) < 0.01] = -2
+    cy, py = big_row_engines(rng, n, unit_norm, split)
+    for low, high in ((0.4, 0.6), (0.5, 0.5), (0.0, 1.0), (0.1, 0.9), (0.0, 0.0),
+                      (1.0, 1.0), (0.25, 0.75)):
+        for model in ("poisson", "azimuthal"):
+            assert_sums_close(cy.medfilt(raw, low, high, model),
+                              py.medfilt(raw, low, high, model), exact_count=True)
+
+
+def test_medfilt_median_of_odd_row_is_the_middle_value():
+    """A hand-checkable case: 5 pixels of weight 1, median = the 3rd smallest value."""
+    table = Table(np.array([0, 5], np.int64), np.arange(5, dtype=np.int32),
+                  np.ones(5, np.float32))
+    cy = CythonEngine(table, np.ones(5, np.float32), None, None, 0.0)
+    sums = cy.medfilt(np.array([9.0, 1.0, 7.0, 3.0, 5.0]), 0.5, 0.5, "poisson")
+    assert sums.count[0] == 1 and sums.signal[0] == 5.0 and sums.normalization[0] == 1.0
+
+
+# ----------------------------------------------------------------------------- behaviour
+def test_threads_do_not_change_results(case):
+    raw = frame(case, "int32")
+    one, _ = engines(case, "full", True, DUMMY, DELTA_DUMMY, threads=1)
+    three, _ = engines(case, "full", True, DUMMY, DELTA_DUMMY, threads=3)
+    assert one.threads == 1 and three.threads == 3
+    for call in (lambda e: e.integrate(raw, "azimuthal"),
+                 lambda e: e.sigma_clip(raw, 3.0, 5, "hybrid"),
+                 lambda e: e.medfilt(raw, 0.25, 0.75, "poisson")):
+        a, b = call(one), call(three)
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_default_threads_is_openmp_default(case):
+    cy, _ = engines(case, "no", False, None, 0.0)
+    assert cy.threads == _engine.default_threads() >= 1
+
+
+def test_unsorted_rows_are_sorted_by_pixel(case):
+    """medfilt breaks ties by pixel index even if a table lists a row out of order."""
+    rng = np.random.default_rng(3)
+    table = case.tables["full"]
+    order = np.arange(table.indices.size)
+    for k in range(NPT):
+        lo, hi = table.indptr[k], table.indptr[k + 1]
+        order[lo:hi] = rng.permutation(order[lo:hi])
+    shuffled = Table(table.indptr, table.indices[order], table.coefs[order])
+    raw = np.round(frame(case, "float32") / 20)  # coarse values: many ties
+    a = CythonEngine(shuffled, case.pixel_norm, None, DUMMY, DELTA_DUMMY)
+    b = CythonEngine(table, case.pixel_norm, None, DUMMY, DELTA_DUMMY)
+    for name in FIELDS:
+        np.testing.assert_allclose(getattr(a.medfilt(raw, 0.3, 0.7, "poisson"), name),
+                                   getattr(b.medfilt(raw, 0.3, 0.7, "poisson"), name),
+                                   rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["bool", "float16", "uint64", ">f8", "<i4"])
+def test_other_dtypes_are_converted(case, dtype):
+    raw = frame(case, "float64")
+    raw = np.where(np.isnan(raw), 0, np.abs(raw)).astype(dtype)
+    cy, py = engines(case, "no", False, None, 0.0)
+    assert_sums_close(cy.integrate(raw, "poisson"), py.integrate(raw, "poisson"))
+
+
+def test_non_contiguous_frame(case):
+    raw = np.asfortranarray(frame(case, "uint16"))
+    cy, py = engines(case, "full", False, *dummy_for("uint16"))
+    assert_sums_close(cy.medfilt(raw, 0.4, 0.6, "poisson"), py.medfilt(raw, 0.4, 0.6, "poisson"))
+
+
+def test_get_engine_class():
+    assert get_engine_class("cython") is CythonEngine
+
+
+def test_user_errors(case):
+    cy, _ = engines(case, "no", False, None, 0.0)
+    raw = frame(case, "int32")
+    with pytest.raises(AzfilterError, match="pixels"):
+        cy.integrate(raw[:-1], "poisson")
+    with pytest.raises(AzfilterError, match="variance"):
+        cy.integrate(raw, "variance")
+    with pytest.raises(AzfilterError, match="variance has"):
+        cy.integrate(raw, "variance", np.ones(5))
+    with pytest.raises(AzfilterError, match="error model"):
+        cy.integrate(raw, "gaussian")
+    with pytest.raises(AzfilterError, match="quantiles"):
+        cy.medfilt(raw, 0.6, 0.4, "poisson")
+    with pytest.raises(AzfilterError, match="max_iter"):
+        cy.sigma_clip(raw, 3.0, -1, "azimuthal")
+    with pytest.raises(AzfilterError, match="dtype"):
+        cy.integrate(raw.astype(complex), "poisson")
+    table = case.tables["no"]
+    with pytest.raises(AzfilterError, match="threads"):
+        CythonEngine(table, case.pixel_norm, None, None, 0.0, threads=0)
+    with pytest.raises(AzfilterError, match="outside the detector"):
+        CythonEngine(table, case.pixel_norm[:100], None, None, 0.0)
+
+
+def test_kernel_argument_checks(case):
+    """The compiled functions check shapes themselves (they are public to the package)."""
+    table = case.tables["no"]
+    norm = case.pixel_norm[table.indices]
+    raw = frame(case, "int32").ravel()
+    with pytest.raises(ValueError):
+        _engine.integrate(raw, table.indptr, table.indices, None, norm[:-1], None, None,
+                          None, 0.0, "poisson", 1)
+    with pytest.raises(ValueError):
+        _engine.integrate(raw, table.indptr, table.indices, None, norm, None, None, None, 0.0,
+                          "variance", 1)
+    with pytest.raises(ValueError):
+        _engine.medfilt(raw, table.indptr, table.indices, None, norm, None, None, None, 0.0,
+                        "poisson", 0.7, 0.2, 1)
+
+
+# ------------------------------------------------------------------- full-split table builder
+def reference_fullsplit(radial_grid, chi_grid, mask, npt, radial_range=None, azimuth=None,
+                        radial_center=None, chi_center=None, monkeypatch=None):
+    """binning.csr_fullsplit's numpy implementation, and the pixels it bins."""
+    import azfilter.binning as binning
+
+    if monkeypatch is not None and hasattr(binning, "USE_COMPILED_FULLSPLIT"):
+        monkeypatch.setattr(binning, "USE_COMPILED_FULLSPLIT", False)
+    azimuth_rad = binning.normalize_azimuth_range(azimuth) if azimuth else None
+    parts = binning.csr_fullsplit(radial_grid, chi_grid, mask, npt, radial_range, azimuth_rad,
+                                  radial_center=radial_center, chi_center=chi_center)
+    finite = np.isfinite(radial_grid) & np.isfinite(chi_grid)
+    usable = ~mask & finite[:-1, :-1] & finite[1:, :-1] & finite[1:, 1:] & finite[:-1, 1:]
+    if azimuth_rad is not None:
+        usable &= binning.in_azimuth_range(chi_center, azimuth_rad)
+    return parts, usable
+
+
+@pytest.mark.parametrize("config", [
+    dict(unit="q", npt=60),
+    dict(unit="q", npt=700),                                    # many bins per pixel
+    dict(unit="2th", npt=40, radial_range=(0.05, 0.2)),         # pixels cut by the range
+    dict(unit="2th", npt=50, azimuth=(150.0, -160.0)),          # wedge across ±180°
+    dict(unit="r", npt=30, tilt=True),
+])
+def test_fullsplit_table_matches_numpy_builder(config, monkeypatch):
+    import azfilter.binning as binning
+
+    tilt = dict(rot1=0.3, rot2=-0.2, rot3=0.1) if config.get("tilt") else {}
+    # the beam inside the detector: pixels around it straddle the χ = ±π cut
+    geometry = Geometry(dist=0.05, poni1=0.006, poni2=0.008, wavelength=1e-10,
+                        detector=generic_detector(172e-6, 172e-6, SHAPE), **tilt)
+    unit = config["unit"]
+    mask = np.zeros(SHAPE, dtype=bool)
+    mask[30:34] = True
+    radial_grid, chi_grid = geometry.corner_grid(unit), geometry.corner_grid("chi")
+    radial_center, chi_center = geometry.center_array(unit), geometry.center_array("chi")
+    parts, usable = reference_fullsplit(radial_grid, chi_grid, mask, config["npt"],
+                                        config.get("radial_range"), config.get("azimuth"),
+                                        radial_center, chi_center, monkeypatch)
+    delta = (parts.hi - parts.lo) / parts.npt
+    for threads in (1, 3):
+        indptr, indices, coefs = _engine.fullsplit_table(
+            radial_grid, chi_grid, usable, radial_center, parts.lo, delta, parts.npt,
+            binning._DEGENERATE_AREA, threads)
+        np.testing.assert_array_equal(indptr, parts.indptr)
+        np.testing.assert_array_equal(indices, parts.indices)
+        np.testing.assert_allclose(coefs, parts.coefs, rtol=1e-6, atol=1e-7)
+        assert indices.dtype == np.int32 and coefs.dtype == np.float32
+
+
+def test_fullsplit_table_degenerate_and_non_finite_pixels(monkeypatch):
+    """Zero-area pixels go whole to their centre's bin; pixels with a NaN corner are left out."""
+    import azfilter.binning as binning
+
+    n1, n2 = 12, 15
+    rows, cols = np.mgrid[0:n1 + 1, 0:n2 + 1].astype(np.float64)
+    radial_grid = 0.8 * rows + 0.37 * cols
+    chi_grid = 0.01 * cols
+    chi_grid[:, 4] = chi_grid[:, 3]     # column 3: all corners at one χ, zero area
+    radial_grid[7, 9] = np.nan          # the 4 pixels around this corner cannot be placed
+    mask = np.zeros((n1, n2), dtype=bool)
+    parts, usable = reference_fullsplit(radial_grid, chi_grid, mask, 25,
+                                        radial_range=(1.0, 14.0), monkeypatch=monkeypatch)
+    assert not usable[7, 9] and not usable[6, 8]
+    delta = (parts.hi - parts.lo) / parts.npt
+    indptr, indices, coefs = _engine.fullsplit_table(radial_grid, chi_grid, usable, None,
+                                                     parts.lo, delta, parts.npt,
+                                                     binning._DEGENERATE_AREA, 2)
+    np.testing.assert_array_equal(indptr, parts.indptr)
+    np.testing.assert_array_equal(indices, parts.indices)
+    np.testing.assert_allclose(coefs, parts.coefs, rtol=1e-6, atol=1e-7)
+    degenerate = np.isin(indices, np.arange(n1) * n2 + 3)
+    assert degenerate.any() and np.all(coefs[degenerate] == 1.0)
+    assert not np.isin(indices, [6 * n2 + 8, 7 * n2 + 9]).any()
+    # every placed pixel keeps its full weight inside the range
+    per_pixel = np.bincount(indices, weights=coefs, minlength=n1 * n2)
+    inside = per_pixel > 0
+    np.testing.assert_allclose(per_pixel[inside], 1.0, rtol=1e-5)

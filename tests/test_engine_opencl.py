@@ -1,0 +1,450 @@
+"""OpenCLEngine against the numpy reference (PythonEngine), device discovery and batch mode.
+
+Every operation, error model and split is compared with :class:`PythonEngine` on synthetic
+frames (Poisson rings, Bragg spots, hot and dead pixels, Dectris dummies, a dark, a flat and a
+polarization correction): S, V, W, W2, N and intensity/sigma/std agree to 1e-5 relative.
+The tests run on whatever OpenCL device is found (``$AZFILTER_OPENCL_DEVICE`` picks one); in
+CI (``CI=true``) they must run on PoCL and fail, never skip, when it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic import synthetic_case
+
+from azfilter.backends import BinSums, get_engine_class, opencl
+from azfilter.backends.python import PythonEngine
+from azfilter.binning import build_csr
+from azfilter.detectors import generic_detector
+from azfilter.errors import AzfilterError
+from azfilter.preproc import pixel_constants
+
+pytestmark = pytest.mark.opencl
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REPO = Path(__file__).resolve().parent.parent
+FIELDS = ("signal", "variance", "normalization", "normalization2", "count")
+MODELS = ("poisson", "azimuthal", "hybrid", "variance")
+DUMMY, DELTA_DUMMY = -2.0, 1.5      # Pilatus: -1 (gaps) and -2 (dead pixels) are invalid
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def device() -> str:
+    """The ``device=`` string of the OpenCL device the tests run on."""
+    devices = opencl.list_devices()
+    if not devices:
+        reason = "no OpenCL device: " + opencl.opencl_status()
+        if IN_CI:
+            pytest.fail(reason + " (CI must run the OpenCL tests on PoCL)")
+        pytest.skip(reason)
+    wanted = os.environ.get("AZFILTER_OPENCL_DEVICE")
+    if IN_CI and not wanted:
+        pocl = [d for d in devices if "portable computing language" in d["platform_name"].lower()
+                or "pocl" in d["platform_name"].lower()]
+        if not pocl:
+            pytest.fail(f"CI must run the OpenCL tests on PoCL; found only {devices}")
+        return pocl[0]["id"]
+    return wanted or opencl.select_device(None)[0]["id"]
+
+
+@dataclass
+class Setup:
+    """A synthetic frame with its tables and both engines' inputs."""
+
+    raw: np.ndarray
+    variance: np.ndarray
+    pixel_norm: np.ndarray
+    dark: np.ndarray | None
+    tables: dict
+
+
+@pytest.fixture(scope="module")
+def small() -> Setup:
+    """Pilatus 300K frame (int32, -1 gaps, -2 dead pixels) with dark, flat, polarization."""
+    case = synthetic_case(seed=3)
+    shape = case.raw.shape
+    rng = np.random.default_rng(7)
+    dark = rng.normal(2.0, 0.1, shape).astype(np.float32)
+    flat = rng.normal(1.0, 0.02, shape).astype(np.float32)
+    const = pixel_constants(case.geometry, dark=dark, flat=flat, polarization=0.99,
+                            normalization=2.5)
+    raw = case.raw + np.rint(dark).astype(np.int32) * (case.raw >= 0)
+    variance = (np.maximum(raw, 1) * rng.uniform(0.8, 1.2, shape)).astype(np.float32)
+    tables = {split: build_csr(case.geometry, "q_nm^-1", 300, split, const.static_mask,
+                               cache=False) for split in ("no", "full")}
+    return Setup(raw, variance, const.pixel_norm, const.dark, tables)
+
+
+@pytest.fixture(scope="module")
+def engines(small, device):
+    """(reference, OpenCL engine) per split, built once for the module."""
+    return {split: (PythonEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY),
+                    opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
+                                        device=device))
+            for split, csr in small.tables.items()}
+
+
+# ----------------------------------------------------------------------------- helpers
+def results(sums: BinSums) -> dict[str, np.ndarray]:
+    """intensity, sigma, std as integrator.py derives them (NaN where N == 0)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"intensity": sums.signal / sums.normalization,
+               "sigma": np.sqrt(sums.variance) / sums.normalization,
+               "std": np.sqrt(sums.variance / sums.normalization2)}
+    for values in out.values():
+        values[sums.count == 0] = np.nan
+    return out
+
+
+def assert_agree(ref: BinSums, got: BinSums, what: str, rtol: float = 1e-5) -> None:
+    """S, V, W, W2, N and intensity/sigma/std equal to ``rtol`` (relative).
+
+    Values that are zero up to rounding in the reference (the scatter of a single fragment)
+    are compared to 1e-9 of the largest value of their array.
+    """
+    assert isinstance(got, BinSums) and got.npt == ref.npt, what
+    for name in FIELDS:
+        expected, actual = getattr(ref, name), getattr(got, name)
+        scale = float(np.abs(expected[np.isfinite(expected)]).max(initial=0.0))
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-9 * scale,
+                                   err_msg=f"{what}: {name}")
+    ref_results, got_results = results(ref), results(got)
+    for name, expected in ref_results.items():
+        finite = np.abs(expected[np.isfinite(expected)])
+        scale = float(finite.max(initial=0.0))
+        np.testing.assert_allclose(got_results[name], expected, rtol=rtol,
+                                   atol=1e-9 * scale, err_msg=f"{what}: {name}")
+
+
+def run(engine, operation: str, raw, model: str, variance, **params) -> BinSums:
+    var = variance if model == "variance" else None
+    if operation == "integrate":
+        return engine.integrate(raw, model, var)
+    if operation == "sigma_clip":
+        return engine.sigma_clip(raw, params["thres"], params["max_iter"], model, var)
+    return engine.medfilt(raw, params["quant_min"], params["quant_max"], model, var)
+
+
+@dataclass
+class Table:
+    """The part of binning.CSR that engines read."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    coefs: np.ndarray
+
+
+def table(rows: list[list[int]], coefs: list[list[float]] | None = None) -> Table:
+    indptr = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
+    indices = np.array([p for r in rows for p in r], dtype=np.int32)
+    values = np.ones(indices.size, np.float32) if coefs is None else \
+        np.array([c for r in coefs for c in r], dtype=np.float32)
+    return Table(indptr, indices, values)
+
+
+# ----------------------------------------------------------------------------- agreement
+@pytest.mark.parametrize("split", ["no", "full"])
+@pytest.mark.parametrize("model", MODELS)
+def test_integrate_matches_reference(engines, small, split, model):
+    ref, ocl = engines[split]
+    expected = run(ref, "integrate", small.raw, model, small.variance)
+    got = run(ocl, "integrate", small.raw, model, small.variance)
+    assert np.all(expected.count > 0)
+    assert_agree(expected, got, f"integrate {split} {model}")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("thres, max_iter", [(5.0, 5), (0.0, 10), (3.0, 0), (2.0, 1)])
+def test_sigma_clip_matches_reference(engines, small, model, thres, max_iter):
+    ref, ocl = engines["no"]
+    params = dict(thres=thres, max_iter=max_iter)
+    expected = run(ref, "sigma_clip", small.raw, model, small.variance, **params)
+    got = run(ocl, "sigma_clip", small.raw, model, small.variance, **params)
+    plain = ref.integrate(small.raw, model, small.variance if model == "variance" else None)
+    if max_iter > 0:   # the clipping did reject the spots and hot pixels somewhere
+        assert np.sum(plain.count - expected.count) > 100
+    else:
+        np.testing.assert_array_equal(expected.count, plain.count)
+    assert_agree(expected, got, f"sigma_clip {model} thres={thres} max_iter={max_iter}")
+
+
+def test_sigma_clip_full_split_table(engines, small):
+    """The engine does not assume c == 1 (the integrator only clips without splitting)."""
+    ref, ocl = engines["full"]
+    assert_agree(ref.sigma_clip(small.raw, 4.0, 5, "azimuthal"),
+                 ocl.sigma_clip(small.raw, 4.0, 5, "azimuthal"), "sigma_clip full split")
+
+
+@pytest.mark.parametrize("split", ["no", "full"])
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("quantiles", [(0.5, 0.5), (0.25, 0.75), (0.0, 1.0)])
+def test_medfilt_matches_reference(engines, small, split, model, quantiles):
+    ref, ocl = engines[split]
+    params = dict(quant_min=quantiles[0], quant_max=quantiles[1])
+    expected = run(ref, "medfilt", small.raw, model, small.variance, **params)
+    got = run(ocl, "medfilt", small.raw, model, small.variance, **params)
+    np.testing.assert_array_equal(got.count, expected.count)
+    assert_agree(expected, got, f"medfilt {split} {model} {quantiles}")
+
+
+# ----------------------------------------------------------------------------- raw dtypes
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", ">i4", "float32", "float64", "bool"])
+def test_raw_dtypes_are_converted_on_the_device(engines, small, dtype):
+    ref, ocl = engines["no"]
+    raw = np.clip(small.raw, 0, None).astype(dtype)
+    if dtype.startswith("float"):   # NaN pixels are invalid
+        raw.ravel()[::97] = np.nan
+        raw[small.raw == -2] = -2
+    expected = ref.integrate(raw, "poisson")
+    assert_agree(expected, ocl.integrate(raw, "poisson"), f"integrate raw {dtype}")
+    if dtype == "uint32":   # a second operation on the same compiled program
+        assert_agree(ref.sigma_clip(raw, 4.0, 3, "hybrid"),
+                     ocl.sigma_clip(raw, 4.0, 3, "hybrid"), "sigma_clip uint32")
+
+
+def test_unsupported_dtype_and_wrong_size(engines, small):
+    _, ocl = engines["no"]
+    with pytest.raises(AzfilterError, match="dtype"):
+        ocl.integrate(small.raw.astype(np.complex64), "poisson")
+    with pytest.raises(AzfilterError, match="pixels"):
+        ocl.integrate(small.raw[:-1], "poisson")
+    with pytest.raises(AzfilterError, match="variance"):
+        ocl.integrate(small.raw, "variance")
+    with pytest.raises(AzfilterError, match="error model"):
+        ocl.integrate(small.raw, "poissonian")
+
+
+def test_variance_array_is_reuploaded_when_changed(engines, small):
+    ref, ocl = engines["no"]
+    variance = small.variance.copy()
+    first = ocl.integrate(small.raw, "variance", variance)
+    variance *= 4.0   # same object, new content
+    second = ocl.integrate(small.raw, "variance", variance)
+    np.testing.assert_allclose(second.variance, 4.0 * first.variance, rtol=1e-6)
+    assert_agree(ref.integrate(small.raw, "variance", variance), second, "variance changed")
+
+
+# ----------------------------------------------------------------------------- small tables
+def test_hand_made_tables_edge_cases(device):
+    """Empty rows, rows of invalid pixels only, single pixels, ties, negative values, c < 1."""
+    rows = [[0, 1, 2, 3, 4, 5], [], [6, 7], [8], [9, 10, 11, 12], [0, 3, 13, 14, 15]]
+    coefs = [[1] * 6, [], [1, 1], [1], [1, 1, 1, 1], [0.5, 0.25, 1.0, 0.0, 0.75]]
+    norm = np.array([1, 2, 1, 0.5, 1, 1, 1, 1, 1, 3, 3, 3, 3, 1, 2, 0.5], np.float32)
+    norm[7] = 0   # statically masked pixel listed in a table: invalid
+    raw = np.array([10, 20, 20, 5, 10, 10, -2, 7, 40, 9, 9, 9, 9, -5, 3, 8], np.int32)
+    dark = np.linspace(0, 1, raw.size).astype(np.float32)
+    variance = np.linspace(1, 5, raw.size).astype(np.float32)
+    for csr in (table(rows), table(rows, coefs)):
+        ref = PythonEngine(csr, norm, dark, DUMMY, DELTA_DUMMY)
+        ocl = opencl.OpenCLEngine(csr, norm, dark, DUMMY, DELTA_DUMMY, device=device)
+        for model in MODELS:
+            var = variance if model == "variance" else None
+            assert_agree(ref.integrate(raw, model, var), ocl.integrate(raw, model, var),
+                         f"tiny integrate {model}")
+            for thres, max_iter in ((0.5, 5), (1.0, 1), (0.0, 3)):
+                assert_agree(ref.sigma_clip(raw, thres, max_iter, model, var),
+                             ocl.sigma_clip(raw, thres, max_iter, model, var),
+                             f"tiny sigma_clip {model} {thres} {max_iter}")
+            for low, high in ((0.5, 0.5), (0.2, 0.8), (0.0, 1.0), (0.0, 0.0), (1.0, 1.0)):
+                expected = ref.medfilt(raw, low, high, model, var)
+                assert_agree(expected, ocl.medfilt(raw, low, high, model, var),
+                             f"tiny medfilt {model} {low} {high}")
+    # the row of one dummy pixel is empty; N counts what is valid
+    sums = ocl.integrate(raw, "poisson")
+    assert sums.count[1] == 0 and sums.count[2] == 0 and sums.count[3] == 1
+
+
+def test_medfilt_ties_are_broken_by_pixel_index(device):
+    """Equal corrected values: the fragment order (and so the median) follows the pixel index."""
+    csr = table([[0, 1, 2, 3]])
+    norm = np.array([8.0, 4.0, 2.0, 1.0], np.float32)
+    raw = np.array([40, 20, 10, 5], np.int32)      # x = 5 for every pixel
+    ocl = opencl.OpenCLEngine(csr, norm, None, None, 0.0, device=device)
+    # weights 8, 4, 2, 1 (T = 15), quantile 0.3 -> 4.5: in pixel order pixel 0 spans [0, 8]
+    # and is selected; in reverse order pixel 1 (span [3, 7]) would be
+    sums = ocl.medfilt(raw, 0.3, 0.3, "poisson")
+    assert sums.count[0] == 1 and sums.signal[0] == 40 and sums.normalization[0] == 8
+    ref = PythonEngine(csr, norm, None, None, 0.0)
+    assert_agree(ref.medfilt(raw, 0.1, 0.3, "azimuthal"), ocl.medfilt(raw, 0.1, 0.3, "azimuthal"),
+                 "ties")
+
+
+# ----------------------------------------------------------------------------- long rows
+@pytest.fixture(scope="module")
+def wide(device):
+    """1000x1000 frame, r_mm, 20 bins: tens of thousands of pixels per bin."""
+    detector = generic_detector(100e-6, 100e-6, (1000, 1000))
+    case = synthetic_case(detector, seed=11, n_spots=400)
+    const = pixel_constants(case.geometry, polarization=0.95)
+    out = {}
+    for split in ("no", "full"):
+        csr = build_csr(case.geometry, "r_mm", 20, split, const.static_mask, cache=False)
+        out[split] = (PythonEngine(csr, const.pixel_norm, None, None, 0.0),
+                      opencl.OpenCLEngine(csr, const.pixel_norm, None, None, 0.0,
+                                          device=device))
+    return case.raw, out
+
+
+def test_long_rows_sigma_clip(wide):
+    raw, engines = wide
+    ref, ocl = engines["no"]
+    assert ocl_table_lengths(ref).size == 20
+    assert ocl_table_lengths(ref).max() > 50_000
+    for model in ("azimuthal", "poisson"):
+        expected = ref.sigma_clip(raw, 3.0, 5, model)
+        assert np.sum(ref.integrate(raw, model).count - expected.count) > 400
+        assert_agree(expected, ocl.sigma_clip(raw, 3.0, 5, model), f"long rows clip {model}")
+
+
+@pytest.mark.parametrize("split", ["no", "full"])
+def test_long_rows_medfilt_global_sort(wide, split):
+    raw, engines = wide
+    ref, ocl = engines[split]
+    assert ocl._long_rows.size > 0 and len(ocl._merge_widths) >= 3   # global sort path
+    assert ocl_table_lengths(ref).max() > 50_000
+    for quantiles, model in (((0.5, 0.5), "poisson"), ((0.1, 0.9), "azimuthal")):
+        expected = ref.medfilt(raw, *quantiles, model)
+        got = ocl.medfilt(raw, *quantiles, model)
+        np.testing.assert_array_equal(got.count, expected.count)
+        assert_agree(expected, got, f"long rows medfilt {split} {quantiles}")
+
+
+def ocl_table_lengths(ref: PythonEngine) -> np.ndarray:
+    return np.bincount(ref._bin, minlength=ref.npt)
+
+
+# ----------------------------------------------------------------------------- fallbacks
+def test_compensated_float32_and_global_sort(small, device):
+    """fp64=False (devices without cl_khr_fp64), a small work-group and a tiny local sort."""
+    for split in ("no", "full"):
+        csr = small.tables[split]
+        ref = PythonEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY)
+        ocl = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
+                                  device=device, fp64=False, workgroup_size=16,
+                                  local_sort_size=128)
+        assert not ocl.fp64 and ocl._long_rows.size > 0
+        for model in ("poisson", "azimuthal"):
+            assert_agree(ref.integrate(small.raw, model), ocl.integrate(small.raw, model),
+                         f"fp32 integrate {split} {model}")
+            assert_agree(ref.medfilt(small.raw, 0.25, 0.75, model),
+                         ocl.medfilt(small.raw, 0.25, 0.75, model),
+                         f"fp32 medfilt {split} {model}")
+            if split == "no":
+                assert_agree(ref.sigma_clip(small.raw, 5.0, 5, model),
+                             ocl.sigma_clip(small.raw, 5.0, 5, model),
+                             f"fp32 sigma_clip {model}")
+
+
+# ----------------------------------------------------------------------------- batch mode
+@pytest.mark.parametrize("operation, params", [
+    ("integrate", dict(error_model="azimuthal")),
+    ("sigma_clip", dict(thres=4.0, max_iter=5, error_model="hybrid")),
+    ("medfilt", dict(quant_min=0.2, quant_max=0.8, error_model="poisson")),
+])
+def test_process_many_equals_one_by_one(engines, small, operation, params):
+    _, ocl = engines["no"]
+    rng = np.random.default_rng(5)
+    frames = [small.raw, (small.raw + rng.poisson(3, small.raw.shape)).astype(np.int32),
+              small.raw[::-1].copy(), small.raw * 2]
+    if operation != "medfilt":   # the dtype may change between frames (programs compiled
+        frames.insert(2, np.clip(small.raw, 0, None).astype(np.uint32))   # by the dtype test)
+    one_by_one = [run(ocl, operation, frame, params["error_model"], None, **params)
+                  for frame in frames]
+    streamed = list(ocl.process_many(iter(frames), operation, **params))
+    assert len(streamed) == len(frames)
+    for single, batch in zip(one_by_one, streamed, strict=True):
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(batch, name), getattr(single, name))
+    # distinct frames gave distinct results (nothing was overwritten in flight)
+    assert not np.array_equal(streamed[0].signal, streamed[1].signal)
+
+
+def test_process_many_errors_and_early_stop(engines, small):
+    _, ocl = engines["no"]
+    with pytest.raises(AzfilterError, match="unknown operation"):
+        list(ocl.process_many([small.raw], "median"))
+    with pytest.raises(AzfilterError, match="thres"):
+        list(ocl.process_many([small.raw], "sigma_clip", error_model="poisson"))
+    stream = ocl.process_many([small.raw] * 4, "integrate", error_model="poisson")
+    first = next(stream)
+    stream.close()   # abandoned with frames in flight: waits for them, no error
+    np.testing.assert_array_equal(first.signal, ocl.integrate(small.raw, "poisson").signal)
+
+
+# ----------------------------------------------------------------------------- devices
+def test_list_devices_and_status(device):
+    devices = opencl.list_devices()
+    keys = {"id", "platform", "device", "platform_name", "name", "type", "global_memory",
+            "local_memory", "compute_units", "max_work_group_size", "fp64", "version"}
+    assert devices and all(keys <= set(d) for d in devices)
+    assert device in {d["id"] for d in devices}
+    status = opencl.opencl_status()
+    assert status.startswith("OpenCL:") and devices[0]["name"] in status
+
+
+def test_device_choice(small, device):
+    devices = opencl.list_devices()
+    info, _ = opencl.select_device(device)
+    assert info["id"] == device
+    for kind in ("GPU", "CPU"):
+        if any(d["type"] == kind for d in devices):
+            assert opencl.select_device(kind.lower())[0]["type"] == kind
+        else:
+            with pytest.raises(AzfilterError, match=f"no OpenCL {kind}.*available"):
+                opencl.select_device(kind.lower())
+    best = opencl.select_device(None)[0]
+    if any(d["type"] == "GPU" for d in devices):
+        assert best["type"] == "GPU"
+    with pytest.raises(AzfilterError, match=r"no OpenCL device 9:9; available: .*0:0"):
+        opencl.select_device("9:9")
+    with pytest.raises(AzfilterError, match="expected 'gpu', 'cpu' or 'P:D'"):
+        opencl.OpenCLEngine(small.tables["no"], small.pixel_norm, None, None, 0.0,
+                            device="tpu")
+    engine = get_engine_class("opencl")(small.tables["no"], small.pixel_norm, None, None, 0.0,
+                                        threads=2, device=device)
+    assert engine.device_info["id"] == device
+    assert not any("fast-relaxed" in option for option in engine._base_options)
+
+
+def test_azfilter_works_without_pyopencl():
+    """Import, discovery and a clear error when pyopencl is missing (run in a subprocess)."""
+    code = (
+        "import sys; sys.modules['pyopencl'] = None\n"
+        "import numpy as np\n"
+        "import azfilter.backends.opencl as m\n"
+        "from azfilter.backends import get_engine_class\n"
+        "from azfilter.errors import AzfilterError\n"
+        "assert m.list_devices() == []\n"
+        "print(m.opencl_status())\n"
+        "try:\n"
+        "    get_engine_class('opencl')(None, np.ones(4, np.float32), None, None, 0.0)\n"
+        "except AzfilterError as err:\n"
+        "    print('error:', err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pyopencl is not installed" in done.stdout
+    assert "error: OpenCL backend unavailable: pyopencl is not installed" in done.stdout
+
+
+def test_kernel_sources_found_outside_the_package(monkeypatch, tmp_path):
+    """Editable installs have no azfilter/kernels/: the repository's kernels/ is used."""
+    monkeypatch.setattr(opencl, "_SOURCE", None)
+    monkeypatch.setattr(opencl.importlib.resources, "files", lambda package: tmp_path)
+    source = opencl.kernel_source()
+    for kernel in ("void integrate(", "void sigma_clip(", "void medfilt(",
+                   "void medfilt_chunk_sort(", "void medfilt_merge("):
+        assert kernel in source
+    monkeypatch.setattr(opencl, "_SOURCE", None)
+    monkeypatch.setattr(opencl, "_REPO_KERNELS", tmp_path / "nowhere")
+    with pytest.raises(AzfilterError, match="not found"):
+        opencl.kernel_source()
