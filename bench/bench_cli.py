@@ -14,9 +14,11 @@ run, one after the other, and write the same kind of output.  Two cases:
 
 For each run: wall time (median over the repeats), CPU time (user + system) of the child,
 frames/s and peak resident memory (``ru_maxrss`` of the child, from ``os.wait4``).  The ratio
-is pyFAI's median wall time over azfilter's.  Each tool runs once untimed first so that both
-find their libraries in the page cache.  The stack is generated once into ``bench/data/``
-(git-ignored) and reused.
+is pyFAI's median wall time over azfilter's.  In (a) each tool runs once untimed first, so
+that both find their libraries in the page cache; in (b) the stack is read once beforehand.
+The stack is generated once into ``bench/data/`` (git-ignored) and reused.  azfilter is
+started as a wheel would install it (see :func:`azfilter_launcher`; ``--install editable``
+times the development install), with bytecode caching on.
 
 Usage::
 

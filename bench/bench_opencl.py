@@ -3,8 +3,11 @@
 For each detector (synthetic frame: rings, Poisson noise, Bragg spots, hot pixels, gaps) and
 each operation it prints the wall time per frame of one engine call -- upload of the raw frame
 in its own dtype, kernels, read-back of the per-bin sums -- as the median over ``--repeat``
-calls after a warm-up, the time of the upload alone, and the throughput of a stream of frames
-through ``OpenCLEngine.process_many`` (uploads overlapping the kernels). With ``--pyfai`` the
+calls after a warm-up, for a frame in ordinary (pageable) memory and for one already in
+page-locked memory (``OpenCLEngine.pinned_array``, where a reader could decode it); the
+upload alone (from pageable and from page-locked memory); and the
+throughput of a stream of frames through ``OpenCLEngine.process_many`` (uploads overlapping
+the kernels). With ``--pyfai`` the
 same operation runs in pyFAI (``method=(split, "csr", "opencl")``) on the same device when
 pyFAI picks it, with the same geometry, mask and number of bins.
 
@@ -85,8 +88,18 @@ def median_ms(call, repeat: int) -> float:
     return statistics.median(times)
 
 
+def pinned_copies(engine: OpenCLEngine, frames: list[np.ndarray]) -> list[np.ndarray]:
+    """The frames copied into the engine's page-locked memory (as a reader could decode)."""
+    copies = []
+    for frame in frames:
+        pinned = engine.pinned_array(frame.shape, frame.dtype)
+        pinned[...] = frame
+        copies.append(pinned)
+    return copies
+
+
 def bench_azfilter(geo, frames, npt: int, device: str | None, repeat: int, stream: int,
-                   labels: list[str]) -> tuple[dict, dict]:
+                   labels: list[str], tuning: dict) -> tuple[dict, dict]:
     detector = geo.detector
     const = pixel_constants(geo, polarization=POLARIZATION)
     dummy, delta = detector.dummy_for(frames[0].dtype)
@@ -101,7 +114,7 @@ def bench_azfilter(geo, frames, npt: int, device: str | None, repeat: int, strea
             table_s = time.perf_counter() - started
             started = time.perf_counter()
             engines[split] = OpenCLEngine(csr, const.pixel_norm, const.dark, dummy, delta,
-                                          device=device)
+                                          device=device, **tuning)
             info[split] = dict(nnz=csr.nnz, max_row=int(np.diff(csr.indptr).max()),
                                table_s=table_s, engine_s=time.perf_counter() - started)
         engine = engines[split]
@@ -112,16 +125,26 @@ def bench_azfilter(geo, frames, npt: int, device: str | None, repeat: int, strea
         first_ms = (time.perf_counter() - started) * 1e3
         run(frames[1 % len(frames)], **params)
         single = median_ms(lambda: run(frames[0], **params), repeat)  # noqa: B023
+        pinned = pinned_copies(engine, frames)
+        single_pinned = median_ms(lambda: run(pinned[0], **params), repeat)  # noqa: B023
         upload = median_ms(lambda eng=engine: eng._cl.enqueue_copy(
             eng._transfer_queue, eng._raw[0], frames[0]).wait(), repeat)
-        stream_frames = (frames[i % len(frames)] for i in range(stream))
-        started = time.perf_counter()
-        count = sum(1 for _ in engine.process_many(stream_frames, method, **params))
-        stream_s = time.perf_counter() - started
-        results[label] = dict(ms=single, upload_ms=upload, first_ms=first_ms,
-                              stream_fps=count / stream_s, stream_ms=stream_s / count * 1e3)
-    device_info = next(iter(engines.values())).device_info
-    return results, dict(tables=info, device=device_info)
+        pinned_upload = median_ms(lambda eng=engine, src=pinned[0]: eng._cl.enqueue_copy(
+            eng._transfer_queue, eng._raw[0], src).wait(), repeat)
+        fps = {}
+        for kind, source in (("numpy", frames), ("pinned", pinned)):
+            stream_frames = (source[i % len(source)] for i in range(stream))
+            started = time.perf_counter()
+            count = sum(1 for _ in engine.process_many(stream_frames, method, **params))
+            fps[kind] = count / (time.perf_counter() - started)
+        results[label] = dict(ms=single, pinned_ms=single_pinned, upload_ms=upload,
+                              pinned_upload_ms=pinned_upload,
+                              first_ms=first_ms,
+                              stream_fps=fps["numpy"], stream_pinned_fps=fps["pinned"])
+    engine = next(iter(engines.values()))
+    return results, dict(tables=info, device=engine.device_info,
+                         engine=dict(workgroup_size=engine.workgroup_size,
+                                     local_sort_size=engine.local_sort_size, fp64=engine.fp64))
 
 
 def bench_pyfai(geo, frames, npt: int, repeat: int, labels: list[str]) -> dict:
@@ -163,6 +186,10 @@ def main() -> None:
                         help="frames streamed through process_many")
     parser.add_argument("--npt", type=int, default=None,
                         help="radial bins (default: the larger image dimension)")
+    parser.add_argument("--workgroup-size", type=int, default=None,
+                        help="OpenCLEngine workgroup_size (default: the engine's choice)")
+    parser.add_argument("--local-sort-size", type=int, default=None,
+                        help="OpenCLEngine local_sort_size (default: the engine's choice)")
     parser.add_argument("--pyfai", action="store_true", help="also time pyFAI's OpenCL engine")
     parser.add_argument("--quick", action="store_true",
                         help="Pilatus1M only, 3 repeats, 10 streamed frames (PoCL-friendly)")
@@ -178,31 +205,35 @@ def main() -> None:
         geo = geometry(name)
         frames = frames_for(geo, 4 if args.stream > 4 else 2)
         npt = args.npt or max(frames[0].shape)
+        tuning = {key: value for key, value in (("workgroup_size", args.workgroup_size),
+                                                ("local_sort_size", args.local_sort_size))
+                  if value}
         ours, info = bench_azfilter(geo, frames, npt, args.device, args.repeat, args.stream,
-                                    args.operations)
+                                    args.operations, tuning)
         theirs = bench_pyfai(geo, frames, npt, args.repeat, args.operations) if args.pyfai \
             else {}
         everything[name] = dict(azfilter=ours, pyfai=theirs, info=info, npt=npt,
                                 dtype=str(frames[0].dtype))
+        engine_info = info["engine"]
         print(f"# {name}: {frames[0].shape} {frames[0].dtype}, npt={npt}, device "
-              f"{info['device']['name']}, tables: "
+              f"{info['device']['name']} (work-group {engine_info['workgroup_size']}, local "
+              f"sort {engine_info['local_sort_size']}, fp64 {engine_info['fp64']}), tables: "
               + ", ".join(f"{split} split nnz={t['nnz']} longest row={t['max_row']} "
                           f"(built in {t['table_s']:.1f} s)"
                           for split, t in info["tables"].items()))
         for label in args.operations:
-            mine = ours[label]
-            other = theirs.get(label)
-            table.append((name, label, mine["ms"], mine["upload_ms"], mine["stream_ms"],
-                          mine["stream_fps"], mine["first_ms"],
-                          other["ms"] if other else None))
+            table.append((name, label, ours[label], theirs.get(label)))
 
-    print("| detector | operation | azfilter ms/frame | upload ms | streamed ms/frame | "
-          "streamed frames/s | first call ms | pyFAI OpenCL ms/frame | speed-up |")
+    print("| detector | operation | azfilter ms/frame | ... frame in pinned memory | "
+          "upload ms (pageable / pinned) | streamed frames/s (numpy / pinned) | first call ms | "
+          "pyFAI OpenCL ms/frame | speed-up |")
     print("|" + "---|" * 9)
-    for name, label, ms, upload, stream_ms, fps, first, pyfai_ms in table:
-        other = f"{pyfai_ms:.2f} | {pyfai_ms / ms:.1f}x" if pyfai_ms else " | "
-        print(f"| {name} | {label} | {ms:.2f} | {upload:.2f} | {stream_ms:.2f} | {fps:.0f} | "
-              f"{first:.0f} | {other} |")
+    for name, label, mine, other in table:
+        versus = f"{other['ms']:.2f} | {other['ms'] / mine['ms']:.1f}x" if other else " | "
+        print(f"| {name} | {label} | {mine['ms']:.2f} | {mine['pinned_ms']:.2f} | "
+              f"{mine['upload_ms']:.2f} / {mine['pinned_upload_ms']:.2f} | "
+              f"{mine['stream_fps']:.0f} / {mine['stream_pinned_fps']:.0f} | "
+              f"{mine['first_ms']:.0f} | {versus} |")
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1, default=str))
 

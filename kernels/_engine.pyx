@@ -26,6 +26,8 @@ Conventions shared by the three operations:
   ``BinSums`` in that order).
 """
 
+import math
+
 import numpy as np
 
 cimport openmp
@@ -95,7 +97,8 @@ cdef extern from *:
             Py_ssize_t offsets[256];
             Py_ssize_t total = 0;
             for (int b = 0; b < 256; ++b) { offsets[b] = total; total += c[b]; }
-            for (Py_ssize_t i = 0; i < n; ++i) dst[offsets[(src[i].key >> (8 * d)) & 255u]++] = src[i];
+            for (Py_ssize_t i = 0; i < n; ++i)
+                dst[offsets[(src[i].key >> (8 * d)) & 255u]++] = src[i];
             azf_item* swap = src; src = dst; dst = swap;
         }
         return src;
@@ -136,7 +139,8 @@ cdef extern from *:
             if (w == 0.0) continue;
             if (azf_near(lower, sel->lo, sel->tol) || azf_near(upper, sel->hi, sel->tol))
                 sel->uncertain = true;
-            if (azf_selected(w, lower, upper, sel->lo, sel->hi)) sel->out[sel->n_out++] = items[i].slot;
+            if (azf_selected(w, lower, upper, sel->lo, sel->hi))
+                sel->out[sel->n_out++] = items[i].slot;
         }
     }
 
@@ -340,7 +344,7 @@ cdef enum:
 
 # How many entries ahead the gather loops prefetch the pixel they will read.
 cdef enum:
-    PREFETCH_AHEAD = 32
+    PREFETCH_AHEAD = 128
 
 cdef double SQRT_2PI = sqrt(2.0 * M_PI)
 
@@ -388,39 +392,53 @@ cdef inline Workspace workspace_at(double* base, Py_ssize_t maxlen) noexcept nog
     return ws
 
 
-cdef inline bint read_raw(const raw_t* raw, Py_ssize_t j, bint use_dummy, double dummy,
-                          double delta_dummy, double* value) noexcept nogil:
+cdef struct DummyRule:
+    # raw values flagging invalid pixels: |raw - value| <= delta (float frames), or the same
+    # set of integers as the range low <= raw <= low + width (integer frames: cheaper)
+    bint active
+    double value, delta
+    bint integer_active
+    int64_t low
+    uint64_t width
+
+
+cdef inline bint read_raw(const raw_t* raw, Py_ssize_t j, const DummyRule* rule,
+                          double* value) noexcept nogil:
     """Pixel ``j`` as float64 into ``value``; False when it is invalid (non-finite or dummy)."""
     cdef double v = <double> raw[j]
     if raw_t is float or raw_t is double:
         if not isfinite(v):
             return False
-    if use_dummy and fabs(v - dummy) <= delta_dummy:
-        return False
+        if rule.active and fabs(v - rule.value) <= rule.delta:
+            return False
+    else:
+        if rule.integer_active and <uint64_t> (<int64_t> raw[j] - rule.low) <= rule.width:
+            return False
     value[0] = v
     return True
 
 
 cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
-                                  const int32_t* indices, const float* coefs, const float* norm,
-                                  const float* dark, const float* variance, bint use_dummy,
-                                  double dummy, double delta_dummy, int var_kind,
+                                  Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                                  const float* norm, const float* dark, const float* variance,
+                                  const DummyRule* rule, int var_kind,
                                   Workspace* ws) noexcept nogil:
     """Preprocess the valid entries of one row into the workspace, keeping the row order.
 
+    ``nnz`` (the table's entry count) bounds the prefetching, which runs on into the next row.
     Returns the number of valid entries.
     """
     cdef Py_ssize_t e, m = 0
     cdef int32_t j
     cdef double v = 0.0, n, s, c = 1.0, var = 0.0
     for e in range(start, stop):
-        if e + PREFETCH_AHEAD < stop:
+        if e + PREFETCH_AHEAD < nnz:
             azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
         n = <double> norm[e]
         if n == 0.0:
             continue
         j = indices[e]
-        if not read_raw(raw, j, use_dummy, dummy, delta_dummy, &v):
+        if not read_raw(raw, j, rule, &v):
             continue
         s = v - <double> dark[e] if dark != NULL else v
         if coefs != NULL:
@@ -516,8 +534,7 @@ cdef inline int variance_kind(int error_model) noexcept nogil:
 
 cdef inline void accumulate_entry(const raw_t* raw, Py_ssize_t e, const int32_t* indices,
                                   const float* coefs, const float* norm, const float* dark,
-                                  const float* variance, bint use_dummy, double dummy,
-                                  double delta_dummy, int var_kind,
+                                  const float* variance, const DummyRule* rule, int var_kind,
                                   double* acc) noexcept nogil:
     """Add entry e to the sums acc = (S, V, W, W2, N) when its pixel is valid."""
     cdef int32_t j
@@ -526,7 +543,7 @@ cdef inline void accumulate_entry(const raw_t* raw, Py_ssize_t e, const int32_t*
     if nrm == 0.0:
         return
     j = indices[e]
-    if not read_raw(raw, j, use_dummy, dummy, delta_dummy, &v):
+    if not read_raw(raw, j, rule, &v):
         return
     s = v - <double> dark[e] if dark != NULL else v
     if var_kind == VAR_POISSON:
@@ -551,56 +568,64 @@ cdef inline void accumulate_entry(const raw_t* raw, Py_ssize_t e, const int32_t*
 
 
 cdef inline void integrate_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                               Py_ssize_t nnz,
                                const int32_t* indices, const float* coefs, const float* norm,
-                               const float* dark, const float* variance, bint use_dummy,
-                               double dummy, double delta_dummy, int error_model,
-                               double* work, Py_ssize_t maxlen, double* result, Py_ssize_t npt,
+                               const float* dark, const float* variance, const DummyRule* rule,
+                               int error_model, double* work, Py_ssize_t maxlen, double* result,
+                               Py_ssize_t npt,
                                Py_ssize_t k) noexcept nogil:
-    cdef Py_ssize_t e, n
-    cdef double acc0[5]
-    cdef double acc1[5]
+    cdef Py_ssize_t n
     cdef double sums[5]
     cdef int var_kind = variance_kind(error_model)
     cdef Workspace ws
     if error_model == MODEL_AZIMUTHAL:
         # exact two-pass variance: keep x and w of the row in the (cache-resident) workspace
         ws = workspace_at(work, maxlen)
-        n = gather_row(raw, start, stop, indices, coefs, norm, dark, variance, use_dummy,
-                       dummy, delta_dummy, VAR_NONE, &ws)
+        n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule, VAR_NONE,
+                       &ws)
         row_sums(n, &ws, True, sums)
         store_sums(result, npt, k, sums[0], sums[1], sums[2], sums[3], sums[4])
         return
-    # one pass; entries alternate between two sets of sums so the adds overlap
+    integrate_loop(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule, var_kind,
+                   result, npt, k)
+
+
+cdef inline void integrate_loop(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                                Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                                const float* norm, const float* dark, const float* variance,
+                                const DummyRule* rule, int var_kind, double* result,
+                                Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
+    """Sums of one row in one pass (poisson / hybrid / variance models)."""
+    cdef Py_ssize_t e
+    cdef double acc0[5]
+    cdef double acc1[5]
+    # entries alternate between two sets of sums so that the adds overlap
     for e in range(5):
         acc0[e] = 0.0
         acc1[e] = 0.0
     e = start
     while e + 1 < stop:
-        if e + PREFETCH_AHEAD < stop:
+        if e + PREFETCH_AHEAD + 1 < nnz:
             azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
-        if e + PREFETCH_AHEAD + 1 < stop:
             azf_prefetch(&raw[indices[e + PREFETCH_AHEAD + 1]])
-        accumulate_entry(raw, e, indices, coefs, norm, dark, variance, use_dummy, dummy,
-                         delta_dummy, var_kind, acc0)
-        accumulate_entry(raw, e + 1, indices, coefs, norm, dark, variance, use_dummy, dummy,
-                         delta_dummy, var_kind, acc1)
+        accumulate_entry(raw, e, indices, coefs, norm, dark, variance, rule, var_kind, acc0)
+        accumulate_entry(raw, e + 1, indices, coefs, norm, dark, variance, rule, var_kind, acc1)
         e += 2
     if e < stop:
-        accumulate_entry(raw, e, indices, coefs, norm, dark, variance, use_dummy, dummy,
-                         delta_dummy, var_kind, acc0)
+        accumulate_entry(raw, e, indices, coefs, norm, dark, variance, rule, var_kind, acc0)
     store_sums(result, npt, k, acc0[0] + acc1[0], acc0[1] + acc1[1], acc0[2] + acc1[2],
                acc0[3] + acc1[3], acc0[4] + acc1[4])
 
 
 cdef void integrate_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
                          const int32_t* indices, const float* coefs, const float* norm,
-                         const float* dark, const float* variance, bint use_dummy,
-                         double dummy, double delta_dummy, int error_model, double* work,
-                         Py_ssize_t maxlen, int nthreads, double* result) noexcept nogil:
+                         const float* dark, const float* variance, const DummyRule* rule,
+                         int error_model, double* work, Py_ssize_t maxlen, int nthreads,
+                         double* result) noexcept nogil:
     cdef Py_ssize_t k
     for k in prange(npt, schedule="dynamic", chunksize=4, num_threads=nthreads):
-        integrate_row(raw, indptr[k], indptr[k + 1], indices, coefs, norm, dark, variance,
-                      use_dummy, dummy, delta_dummy, error_model,
+        integrate_row(raw, indptr[k], indptr[k + 1], indptr[npt], indices, coefs, norm, dark,
+                      variance, rule, error_model,
                       work + openmp.omp_get_thread_num() * WORK_PER_ENTRY * (maxlen + 1), maxlen,
                       result, npt, k)
 
@@ -627,10 +652,11 @@ cdef inline Py_ssize_t drop_outliers(Py_ssize_t n, Workspace* ws, double mean,
 
 
 cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                                Py_ssize_t nnz,
                                 const int32_t* indices, const float* coefs, const float* norm,
-                                const float* dark, const float* variance, bint use_dummy,
-                                double dummy, double delta_dummy, int error_model, double thres,
-                                int max_iter, double* work, Py_ssize_t maxlen, double* result,
+                                const float* dark, const float* variance, const DummyRule* rule,
+                                int error_model, double thres, int max_iter, double* work,
+                                Py_ssize_t maxlen, double* result,
                                 Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
     cdef Workspace ws = workspace_at(work, maxlen)
     cdef Py_ssize_t n, m, kept
@@ -639,8 +665,8 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
     cdef double mean, std, count, cutoff
     # clip with the azimuthal scatter for azimuthal and hybrid; hybrid reports poisson at the end
     cdef bint clip_azimuthal = error_model == MODEL_AZIMUTHAL or error_model == MODEL_HYBRID
-    n = gather_row(raw, start, stop, indices, coefs, norm, dark, variance, use_dummy, dummy,
-                   delta_dummy, variance_kind(error_model), &ws)
+    n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
+                   variance_kind(error_model), &ws)
     row_sums(n, &ws, clip_azimuthal, sums)
     while iteration < max_iter:
         iteration += 1
@@ -666,14 +692,14 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
 
 cdef void sigma_clip_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
                           const int32_t* indices, const float* coefs, const float* norm,
-                          const float* dark, const float* variance, bint use_dummy,
-                          double dummy, double delta_dummy, int error_model, double thres,
-                          int max_iter, double* work, Py_ssize_t maxlen, int nthreads,
+                          const float* dark, const float* variance, const DummyRule* rule,
+                          int error_model, double thres, int max_iter, double* work,
+                          Py_ssize_t maxlen, int nthreads,
                           double* result) noexcept nogil:
     cdef Py_ssize_t k
     for k in prange(npt, schedule="dynamic", chunksize=4, num_threads=nthreads):
-        sigma_clip_row(raw, indptr[k], indptr[k + 1], indices, coefs, norm, dark, variance,
-                       use_dummy, dummy, delta_dummy, error_model, thres, max_iter,
+        sigma_clip_row(raw, indptr[k], indptr[k + 1], indptr[npt], indices, coefs, norm, dark,
+                       variance, rule, error_model, thres, max_iter,
                        work + openmp.omp_get_thread_num() * WORK_PER_ENTRY * (maxlen + 1), maxlen,
                        result, npt, k)
 
@@ -683,10 +709,11 @@ cdef void sigma_clip_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t np
 # --------------------------------------------------------------------------------------------
 
 cdef inline void medfilt_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                             Py_ssize_t nnz,
                              const int32_t* indices, const float* coefs, const float* norm,
-                             const float* dark, const float* variance, bint use_dummy,
-                             double dummy, double delta_dummy, int error_model,
-                             double quant_min, double quant_max, double* work, Py_ssize_t maxlen,
+                             const float* dark, const float* variance, const DummyRule* rule,
+                             int error_model, double quant_min, double quant_max, double* work,
+                             Py_ssize_t maxlen,
                              double* result, Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
     cdef Workspace ws = workspace_at(work, maxlen)
     cdef Py_ssize_t n, m, slot
@@ -695,8 +722,8 @@ cdef inline void medfilt_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop
     cdef double sum_s = 0.0, sum_v = 0.0, sum_w = 0.0, sum_w2 = 0.0
     cdef bint negative = False
     cdef uint64_t key, kmin = 0xFFFFFFFFFFFFFFFF, kmax = 0
-    n = gather_row(raw, start, stop, indices, coefs, norm, dark, variance, use_dummy, dummy,
-                   delta_dummy, variance_kind(error_model), &ws)
+    n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
+                   variance_kind(error_model), &ws)
     for m in range(n):
         key = azf_sortable_key(ws.x[m])
         ws.items[m].key = key
@@ -742,14 +769,14 @@ cdef inline void medfilt_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop
 
 cdef void medfilt_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
                        const int32_t* indices, const float* coefs, const float* norm,
-                       const float* dark, const float* variance, bint use_dummy, double dummy,
-                       double delta_dummy, int error_model, double quant_min, double quant_max,
+                       const float* dark, const float* variance, const DummyRule* rule,
+                       int error_model, double quant_min, double quant_max,
                        double* work, Py_ssize_t maxlen, int nthreads,
                        double* result) noexcept nogil:
     cdef Py_ssize_t k
     for k in prange(npt, schedule="dynamic", chunksize=2, num_threads=nthreads):
-        medfilt_row(raw, indptr[k], indptr[k + 1], indices, coefs, norm, dark, variance,
-                    use_dummy, dummy, delta_dummy, error_model, quant_min, quant_max,
+        medfilt_row(raw, indptr[k], indptr[k + 1], indptr[npt], indices, coefs, norm, dark,
+                    variance, rule, error_model, quant_min, quant_max,
                     work + openmp.omp_get_thread_num() * WORK_PER_ENTRY * (maxlen + 1), maxlen,
                     result, npt, k)
 
@@ -767,12 +794,48 @@ cdef class _Call:
     cdef const float* dark
     cdef const float* variance
     cdef Py_ssize_t npt, maxlen
-    cdef bint use_dummy
-    cdef double dummy, delta_dummy
+    cdef DummyRule rule
     cdef int error_model, nthreads
     cdef object result, work, keep_alive
     cdef double* result_ptr
     cdef double* work_ptr
+
+
+# integer frames: dummy ranges are clipped to this (beyond every 32-bit value)
+cdef int64_t DUMMY_RANGE_LIMIT = 1 << 34
+
+
+cdef set_dummy_rule(DummyRule* rule, dummy, double delta_dummy):
+    """The dummy test for float frames, and the same set of values as an integer range."""
+    rule.active = dummy is not None
+    rule.value = float(dummy) if dummy is not None else 0.0
+    rule.delta = delta_dummy
+    rule.integer_active = False
+    rule.low = 0
+    rule.width = 0
+    if not rule.active or not isfinite(rule.value) or not delta_dummy >= 0:
+        return
+    limit = DUMMY_RANGE_LIMIT
+
+    def flagged(candidate):
+        # the float test itself, on an integer value (exact in float64 up to the limit)
+        return abs(float(candidate) - rule.value) <= rule.delta
+
+    low = max(-limit, min(limit, math.ceil(max(-2.0 * limit, rule.value - delta_dummy))))
+    high = max(-limit, min(limit, math.floor(min(2.0 * limit, rule.value + delta_dummy))))
+    # settle the ends on the float test (rounding of value ± delta)
+    while low > -limit and flagged(low - 1):
+        low -= 1
+    while low <= high and not flagged(low):
+        low += 1
+    while high < limit and flagged(high + 1):
+        high += 1
+    while high >= low and not flagged(high):
+        high -= 1
+    if low <= high:
+        rule.integer_active = True
+        rule.low = low
+        rule.width = high - low
 
 
 cdef _Call prepare_call(Py_ssize_t n_raw, indptr, indices, coefs, norm, dark, variance, dummy,
@@ -828,9 +891,7 @@ cdef _Call prepare_call(Py_ssize_t n_raw, indptr, indices, coefs, norm, dark, va
             call.variance = &variance_view[0]
     elif call.error_model == MODEL_VARIANCE:
         raise ValueError("the variance error model needs a variance array")
-    call.use_dummy = dummy is not None
-    call.dummy = float(dummy) if dummy is not None else 0.0
-    call.delta_dummy = delta_dummy
+    set_dummy_rule(&call.rule, dummy, delta_dummy)
     call.nthreads = int(threads) if threads else 0
     if call.nthreads <= 0:
         call.nthreads = openmp.omp_get_max_threads()
@@ -852,8 +913,8 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
               double delta_dummy, str error_model, threads=None):
     """Per-bin sums of a plain integration (see the module docstring for the arguments).
 
-    S = Σ c·signal, W = Σ c·norm, W2 = Σ (c·norm)², N = Σ c, V = Σ c²·var (poisson, hybrid,
-    variance) or the exact two-pass azimuthal Σ (c·norm)²(x − S/W)².
+    S = Σ c·signal, W = Σ c·norm, W2 = Σ (c·norm)², N = Σ c, V = Σ c²·var (poisson,
+    hybrid, variance) or the exact two-pass azimuthal Σ (c·norm)²(x − S/W)².
 
     Returns
     -------
@@ -867,9 +928,8 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
     if call.npt > 0:
         with nogil:
             integrate_rows(raw_ptr, call.indptr, call.npt, call.indices, call.coefs, call.norm,
-                           call.dark, call.variance, call.use_dummy, call.dummy,
-                           call.delta_dummy, call.error_model, call.work_ptr, call.maxlen,
-                           call.nthreads, call.result_ptr)
+                           call.dark, call.variance, &call.rule, call.error_model, call.work_ptr,
+                           call.maxlen, call.nthreads, call.result_ptr)
     return call.result
 
 
@@ -895,9 +955,9 @@ def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, varianc
     if call.npt > 0:
         with nogil:
             sigma_clip_rows(raw_ptr, call.indptr, call.npt, call.indices, call.coefs, call.norm,
-                            call.dark, call.variance, call.use_dummy, call.dummy,
-                            call.delta_dummy, call.error_model, thres, max_iter, call.work_ptr,
-                            call.maxlen, call.nthreads, call.result_ptr)
+                            call.dark, call.variance, &call.rule, call.error_model, thres,
+                            max_iter, call.work_ptr, call.maxlen, call.nthreads,
+                            call.result_ptr)
     return call.result
 
 
@@ -923,9 +983,9 @@ def medfilt(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, 
     if call.npt > 0:
         with nogil:
             medfilt_rows(raw_ptr, call.indptr, call.npt, call.indices, call.coefs, call.norm,
-                         call.dark, call.variance, call.use_dummy, call.dummy,
-                         call.delta_dummy, call.error_model, quant_min, quant_max,
-                         call.work_ptr, call.maxlen, call.nthreads, call.result_ptr)
+                         call.dark, call.variance, &call.rule, call.error_model, quant_min,
+                         quant_max, call.work_ptr, call.maxlen, call.nthreads,
+                         call.result_ptr)
     return call.result
 
 

@@ -199,6 +199,21 @@ def test_sigma_clip_rejects_spots(case):
     assert np.all(clipped.count <= plain.count)
 
 
+@pytest.mark.parametrize("dummy, delta", [(-2.0, 1.5), (0.0, 0.0), (2.5, 0.4), (2.5, 0.5),
+                                          (3.0, 1e-9), (-1e30, 1e31), (7.25, 2.0)])
+@pytest.mark.parametrize("dtype", ["int16", "uint16", "int32", "float32"])
+def test_dummy_values_as_the_float_test(case, dummy, delta, dtype):
+    """Integer frames test dummies as an integer range: same pixels as |raw - dummy| <= delta."""
+    rng = np.random.default_rng(11)
+    raw = rng.integers(-4, 12, SHAPE).astype(dtype)
+    if raw.dtype.kind == "f":
+        raw += rng.choice([0.0, 0.25, 0.5], SHAPE).astype(dtype)
+    cy, py = engines(case, "no", False, dummy, delta)
+    got, expected = cy.integrate(raw, "poisson"), py.integrate(raw, "poisson")
+    assert_sums_close(got, expected)
+    np.testing.assert_array_equal(got.count, expected.count)
+
+
 # ------------------------------------------------------------------- medfilt, long rows
 def big_row_engines(rng, n: int, unit_norm: bool, split: bool):
     """One bin holding everything and a second, smaller one: long rows, many ties."""
@@ -412,3 +427,33 @@ def test_fullsplit_table_degenerate_and_non_finite_pixels(monkeypatch):
     per_pixel = np.bincount(indices, weights=coefs, minlength=n1 * n2)
     inside = per_pixel > 0
     np.testing.assert_allclose(per_pixel[inside], 1.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- real data
+@pytest.mark.slow
+@pytest.mark.parametrize("split", SPLITS)
+def test_real_pilatus_frame_agrees(testdata, split):
+    """A real Pilatus 1M frame (int32, gaps at -1) through the Integrator's tables."""
+    import fabio
+
+    import azfilter as az
+
+    raw = fabio.open(str(testdata / "dioptas_CeO2_Pilatus1M" / "CeO2_Pilatus1M.tif")).data
+    geometry = az.load_poni(testdata / "dioptas_CeO2_Pilatus1M"
+                            / "CeO2_Pilatus1M_pyFAI_orientation2.poni")
+    integ = az.Integrator(geometry, npt=1000, unit="2th_deg", backend="cython",
+                          polarization=0.99)
+    result = integ.integrate(raw, split=split)  # the image gives a generic detector its shape
+    assert np.isfinite(result.intensity).sum() > 900
+    cy = integ.engine(split, raw.dtype)
+    assert isinstance(cy, CythonEngine)
+    dummy, delta = integ.geometry.detector.dummy_for(raw.dtype)
+    py = PythonEngine(integ.table(split), integ.constants.pixel_norm, integ.constants.dark,
+                      dummy, delta)
+    assert_sums_close(cy.integrate(raw, "poisson"), py.integrate(raw, "poisson"))
+    assert_sums_close(cy.integrate(raw, "azimuthal"), py.integrate(raw, "azimuthal"))
+    assert_sums_close(cy.medfilt(raw, 0.4, 0.6, "azimuthal"),
+                      py.medfilt(raw, 0.4, 0.6, "azimuthal"), exact_count=True)
+    if split == "no":
+        assert_sums_close(cy.sigma_clip(raw, 5.0, 5, "azimuthal"),
+                          py.sigma_clip(raw, 5.0, 5, "azimuthal"), exact_count=True)

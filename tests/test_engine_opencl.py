@@ -367,6 +367,20 @@ def test_process_many_equals_one_by_one(engines, small, operation, params):
     assert not np.array_equal(streamed[0].signal, streamed[1].signal)
 
 
+def test_frames_in_pinned_memory(engines, small):
+    """pinned_array gives page-locked host arrays; frames there give the same results."""
+    _, ocl = engines["no"]
+    pinned = ocl.pinned_array(small.raw.shape, small.raw.dtype)
+    assert pinned.shape == small.raw.shape and pinned.flags.c_contiguous
+    frames = [small.raw, small.raw * 3, small.raw[::-1].copy()]
+    for frame in frames:
+        pinned[...] = frame
+        direct = ocl.sigma_clip(pinned, 4.0, 5, "azimuthal")
+        single = ocl.sigma_clip(frame, 4.0, 5, "azimuthal")
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(direct, name), getattr(single, name))
+
+
 def test_process_many_errors_and_early_stop(engines, small):
     _, ocl = engines["no"]
     with pytest.raises(AzfilterError, match="unknown operation"):

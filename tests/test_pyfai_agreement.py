@@ -403,8 +403,12 @@ def test_sigma_clip(case, model, thres):
 
 
 # ------------------------------------------------------------------------------ medfilt
-@all_cases
-@pytest.mark.parametrize("percentile", [50, (40, 60), (10, 90)], ids=str)
+@pytest.mark.parametrize("case, percentile", [
+    pytest.param(name, percentile, id=f"{percentile}-{name}",
+                 marks=() if name in FAST else (pytest.mark.slow,))
+    for name in CASES for percentile in (50, (40, 60), (10, 90))
+    if name not in LARGE or percentile != (40, 60)
+], indirect=["case"])
 def test_medfilt(case, percentile):
     ref = case.pyfai("medfilt1d_ng", method=FULL_SPLIT, error_model="poisson",
                      percentile=percentile)
@@ -453,7 +457,11 @@ def test_lightform_reference(testdata):
                        unit="2th_deg", backend="python", mask=raw < 0, polarization=0.99,
                        azimuth_range=(-180, 180))
     res = integ.integrate(raw, split="full")
-    assert np.abs(res.radial - reference[:, 0]).max() < 5e-6
+    # the file prints 7 significant digits: our grid must round to it (5e-6° at 10-20°)
+    printed = reference[:, 0]
+    half_digit = 0.5 * 10.0 ** (np.floor(np.log10(np.abs(printed))) - 6)
+    assert np.all(np.abs(res.radial - printed) <= half_digit * (1 + 1e-6))
+    assert np.abs(res.radial - printed).max() <= 5e-6
     filled = (res.count > 0) & (reference[:, 1] != 0)
     assert filled.sum() > 4900
     rel = np.abs(res.intensity[filled] - reference[filled, 1]) / np.abs(reference[filled, 1])
