@@ -56,7 +56,7 @@ def make_frame(detector: str, poni_path: str):
     from tests.synthetic import synthetic_frame
 
     geo = az.load_poni(poni_path)
-    frame = synthetic_frame(geo, seed=1)
+    frame = synthetic_frame(geometry=geo, seed=1)
     frame = frame[0] if isinstance(frame, tuple) else frame
     mask = np.asarray(geo.detector.mask, dtype=bool) | geo.detector.invalid_pixels(frame)
     return geo, frame, mask

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -274,7 +275,10 @@ def _program(cl, context, options: list[str]) -> Any:
     program = _PROGRAMS.get(key)
     if program is None:
         try:
-            program = cl.Program(context, kernel_source()).build(options=options)
+            with warnings.catch_warnings():
+                # some drivers always log something (NVIDIA: "overriding noinline attribute")
+                warnings.simplefilter("ignore", cl.CompilerWarning)
+                program = cl.Program(context, kernel_source()).build(options=options)
         except cl.RuntimeError as err:   # a compiler error is our bug: show the log
             raise RuntimeError(f"OpenCL build failed with options {options}:\n{err}") from err
         _PROGRAMS[key] = program
@@ -316,6 +320,7 @@ class OpenCLEngine:
     fp64 : bool, optional
         Force double (True) or compensated float32 (False) arithmetic; default: double when
         the device supports it.
+
     Notes
     -----
     An engine is not thread-safe: use one per thread. The ``variance`` array of the
@@ -326,8 +331,8 @@ class OpenCLEngine:
     host's memory-copy speed (the driver copies it into a page-locked buffer first: about
     11 GB/s on the H100 host measured, 1.3 ms for an Eiger 4M uint32 frame), while a frame
     that already lives in page-locked memory goes by DMA at about 50 GB/s (0.35 ms). Readers
-    that can decode into a given buffer should use :meth:`pinned_array`. (Copying into a
-    page-locked buffer with several threads was tried: it gains little, the host's memory
+    that can decode into a given buffer should use :meth:`pinned_array`. (Copying frames into
+    a page-locked buffer with several threads was tried and gained little: the host's memory
     bandwidth is the limit.)
     """
 
