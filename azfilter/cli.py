@@ -529,12 +529,26 @@ def _make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | No
         if shape:
             geometry = dataclasses.replace(
                 geometry, detector=geometry.detector.with_shape(tuple(shape)))
+    pixel_mask = None
+    if first_item is not None:
+        # Eiger/NeXus files carry the detector's own pixel mask (dead, noisy, gap pixels): use
+        # it, OR-ed with the gap mask and the user mask, when it fits the detector.
+        from .frames import pixel_mask_for
+
+        try:
+            pixel_mask = pixel_mask_for(first_item)
+        except AzfilterError:
+            pixel_mask = None
+        shape = geometry.detector.shape
+        if pixel_mask is not None and (shape is None or tuple(pixel_mask.shape) != tuple(shape)):
+            pixel_mask = None
     integrator = Integrator(
         geometry, npt=config["npt"], unit=config["unit"], backend=config["backend"],
         device=config["device"], mask=config["mask"], dark=config["dark"], flat=config["flat"],
         polarization=config["polarization"], solid_angle=config["solid_angle"],
         radial_range=config["radial_range"], azimuth_range=config["azimuth_range"],
         normalization=config["normalization"], threads=config["threads"],
+        pixel_mask=pixel_mask,
     )
     if integrator.shape is not None:
         integrator.table(config["split"])  # builds (or loads) the table: errors show now

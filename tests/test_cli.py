@@ -911,3 +911,37 @@ def test_whole_file_is_quick_enough_guard():
                           cwd=REPO, timeout=60)
     assert proc.stdout.split() == ["False", "False"]
 
+
+
+def test_detector_pixel_mask_in_nexus_file_is_applied(data, tmp_path):
+    """A NeXus file's NXdetector/pixel_mask (dead/hot pixels flagged by the detector) is OR-ed
+    into the mask: flagged hot pixels do not reach the pattern, unflagged ones would."""
+    frame = np.full(SHAPE, 100, np.int32)
+    hot = np.zeros(SHAPE, bool)
+    hot[::7, ::11] = True
+    frame[hot] = 1_000_000
+    path = tmp_path / "flagged.nxs"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("entry/data/data", data=frame[None])
+        h5.create_group("entry/instrument").attrs["NX_class"] = "NXinstrument"
+        detector = h5.create_group("entry/instrument/detector")
+        detector.attrs["NX_class"] = "NXdetector"
+        detector.create_dataset("pixel_mask", data=hot.astype(np.uint32) * 4)
+    out = tmp_path / "out.h5"
+    done = invoke("integrate", "-p", data.poni, "--no-solid-angle", "--npt", 50, path,
+                  "-o", out)
+    assert done.exit_code == 0, done.output
+    with h5py.File(out) as h5:
+        intensity = h5["entry/data/intensity"][0]
+    finite = np.isfinite(intensity)
+    assert finite.sum() > 40
+    np.testing.assert_allclose(intensity[finite], 100.0, rtol=1e-9)
+    # the same frame without the flags: hot pixels dominate
+    unflagged = tmp_path / "unflagged.h5"
+    with h5py.File(unflagged, "w") as h5:
+        h5.create_dataset("entry/data/data", data=frame[None])
+    done = invoke("integrate", "-p", data.poni, "--no-solid-angle", "--npt", 50, unflagged,
+                  "-o", tmp_path / "out2.h5")
+    assert done.exit_code == 0, done.output
+    with h5py.File(tmp_path / "out2.h5") as h5:
+        assert np.nanmax(h5["entry/data/intensity"][0]) > 1000
