@@ -195,20 +195,19 @@ class PythonEngine:
         order = by_key[np.argsort(bin_key[by_key], kind="stable")]
         weight = (entries.coef * entries.norm)[order]
         bins = entries.bin[order]
-        # Per-bin cumulative weights from one global cumulative sum: subtracting the running
-        # total reached before each bin's first fragment makes L exactly 0 there.
-        upper = np.cumsum(weight)
-        lower = np.zeros_like(upper)
-        lower[1:] = upper[:-1]
+        # Cumulative weights restart in each bin (a cumulative sum per bin, as the contract
+        # says: one global sum minus an offset would drift by the rounding of the offset).
         per_bin = np.bincount(bins, minlength=self.npt)
-        bin_start = np.concatenate(([0], np.cumsum(per_bin)[:-1]))
-        filled = per_bin > 0
-        offset = np.zeros(self.npt)
-        offset[filled] = lower[bin_start[filled]]
-        upper -= offset[bins]
-        lower -= offset[bins]
+        bin_end = np.cumsum(per_bin)
+        upper = np.empty_like(weight)
         total = np.zeros(self.npt)
-        total[filled] = upper[bin_start[filled] + per_bin[filled] - 1]
+        for k in np.flatnonzero(per_bin):
+            start, stop = bin_end[k] - per_bin[k], bin_end[k]
+            np.cumsum(weight[start:stop], out=upper[start:stop])
+            total[k] = upper[stop - 1]
+        lower = np.empty_like(upper)  # L_m = U_{m-1}, and 0 for the first fragment of a bin
+        lower[1:] = upper[:-1]
+        lower[bin_end[per_bin > 0] - per_bin[per_bin > 0]] = 0.0
         lo = float(quant_min) * total[bins]
         hi = float(quant_max) * total[bins]
         selected_sorted = (weight != 0) & (((lo <= lower) & (upper <= hi))
