@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.azfilter-installed
 # cython: they must be on PATH for every target that runs Python.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps demo test bench lint clean
+.PHONY: install system-deps demo test bench bench-cli bench-opencl lint clean
 
 # PoCL (CPU OpenCL runtime) so that the OpenCL backend runs without a GPU. Installed only when
 # we are root and no OpenCL driver is registered; otherwise the OpenCL tests skip (never in CI).
@@ -39,8 +39,17 @@ demo: system-deps install
 test: system-deps install
 	$(PY) -m pytest -q tests
 
+# Engine side by side with pyFAI (Pilatus 1M, Eiger 4M): the README's CPU table.
 bench: install
 	$(PY) bench/bench_engine.py
+
+# The whole command against pyFAI-integrate: one frame cold start, a 200-frame Eiger 4M stack.
+bench-cli: install
+	$(PY) bench/bench_cli.py
+
+# OpenCL backend against pyFAI's OpenCL (meant for a GPU; --quick runs on PoCL).
+bench-opencl: install
+	$(PY) bench/bench_opencl.py
 
 lint: install
 	$(VENV)/bin/ruff check azfilter tests bench examples
