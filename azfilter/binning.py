@@ -74,6 +74,8 @@ _DEGENERATE_AREA = 1e-12
 # (azfilter._engine.fullsplit_table, same table bit for bit; tests/test_engine_cython.py
 # checks it against the numpy code below) when the extension is built; False: numpy only.
 USE_COMPILED_FULLSPLIT = True
+# the same for no-split tables (azfilter._engine.nosplit_table: same table, a counting sort)
+USE_COMPILED_NOSPLIT = True
 
 
 # ---------------------------------------------------------------------------------- containers
@@ -345,6 +347,21 @@ def csr_nosplit(
     if not usable.any():
         raise AzfilterError("every pixel is masked: no radial range")
 
+    compiled = _compiled_nosplit() if USE_COMPILED_NOSPLIT else None  # [hook]
+    if compiled is not None:
+        table, extent = compiled
+        low, high, count = extent(radial, usable)
+        if count == 0:
+            raise AzfilterError("every pixel is masked: no radial range")
+        lo, hi = bin_bounds(low, high, radial_range_internal)
+        if azimuth_range_rad is not None:
+            if chi_center is None:
+                raise ValueError("an azimuth range needs chi_center")
+            chi = np.asarray(chi_center, dtype=np.float64).reshape(-1)
+            usable = usable & in_azimuth_range(chi, azimuth_range_rad)
+        indptr, indices = table(radial, usable, lo, (hi - lo) / npt, npt)
+        return CSRParts(indptr, indices, np.ones(indices.size, dtype=np.float32), lo, hi, npt)
+
     pixels = np.flatnonzero(usable)
     values = radial[pixels]
     lo, hi = bin_bounds(values.min(), values.max(), radial_range_internal)
@@ -502,6 +519,15 @@ def csr_fullsplit(
     indptr = _rows_to_indptr(bins, npt)
     del bins
     return CSRParts(indptr, pixels[order], coefs[order], lo, hi, npt)
+
+
+def _compiled_nosplit():
+    """[hook] ``azfilter._engine`` (nosplit_table, finite_extent), or None when not built."""
+    try:
+        from ._engine import finite_extent, nosplit_table
+    except ImportError:
+        return None
+    return nosplit_table, finite_extent
 
 
 def _compiled_fullsplit_table():

@@ -1217,3 +1217,79 @@ def fullsplit_table(radial_corners, chi_corners, usable, radial_center, double l
                        &work[openmp.omp_get_thread_num() * (2 * npt + 4)],
                        NULL, &positions[block, 0], &indices_view[0], &coefs_view[0])
     return indptr, indices_array, coefs_array
+
+
+def nosplit_table(radial_center, usable, double lo, double delta, Py_ssize_t npt):
+    """No-split lookup table: the compiled equivalent of ``binning.csr_nosplit``'s binning.
+
+    Pixel ``j`` (with ``usable[j]``) goes to bin ``floor((radial[j] - lo) / delta)`` when that is
+    in ``[0, npt)``; rows list their pixels in increasing index (a counting sort: count, prefix
+    sum, scatter in pixel order).
+
+    Parameters
+    ----------
+    radial_center : numpy.ndarray
+        float64, flat: radial value of each pixel centre (internal units).
+    usable : numpy.ndarray
+        bool, flat: the pixels that may enter the table.
+    lo, delta : float
+        Lower bin bound and bin width.
+    npt : int
+        Number of bins.
+
+    Returns
+    -------
+    indptr, indices : numpy.ndarray
+        int64 ``npt + 1`` and int32.
+    """
+    cdef const double[::1] radial = np.ascontiguousarray(radial_center, dtype=np.float64).ravel()
+    cdef const uint8_t[::1] use = np.ascontiguousarray(usable, dtype=bool).ravel().view(np.uint8)
+    cdef Py_ssize_t n = radial.shape[0], j, k
+    cdef double position
+    if use.shape[0] != n:
+        raise ValueError("usable must have one value per pixel")
+    if npt < 1 or not delta > 0:
+        raise ValueError("npt must be >= 1 and delta > 0")
+    bins_array = np.empty(n, dtype=np.int32)
+    indptr_array = np.zeros(npt + 1, dtype=np.int64)
+    cdef int32_t[::1] bins = bins_array
+    cdef int64_t[::1] indptr = indptr_array
+    with nogil:
+        for j in range(n):
+            bins[j] = -1
+            if use[j] and isfinite(radial[j]):
+                position = floor((radial[j] - lo) / delta)
+                if position >= 0 and position < npt:
+                    bins[j] = <int32_t> position
+                    indptr[bins[j] + 1] += 1
+        for k in range(npt):
+            indptr[k + 1] += indptr[k]
+    indices_array = np.empty(indptr_array[npt], dtype=np.int32)
+    cdef int32_t[::1] indices = indices_array
+    cdef int64_t[::1] fill = indptr_array[:npt].copy()
+    with nogil:
+        for j in range(n):
+            if bins[j] >= 0:
+                indices[fill[bins[j]]] = <int32_t> j
+                fill[bins[j]] += 1
+    return indptr_array, indices_array
+
+
+def finite_extent(radial_center, usable):
+    """``(min, max, count)`` of the finite values of ``radial_center`` where ``usable``."""
+    cdef const double[::1] radial = np.ascontiguousarray(radial_center, dtype=np.float64).ravel()
+    cdef const uint8_t[::1] use = np.ascontiguousarray(usable, dtype=bool).ravel().view(np.uint8)
+    cdef Py_ssize_t n = radial.shape[0], j, count = 0
+    cdef double low = math.inf, high = -math.inf, value
+    if use.shape[0] != n:
+        raise ValueError("usable must have one value per pixel")
+    with nogil:
+        for j in range(n):
+            value = radial[j]
+            if use[j] and isfinite(value):
+                count += 1
+                if value < low:
+                    low = value
+                if value > high:
+                    high = value
+    return low, high, count

@@ -457,3 +457,37 @@ def test_real_pilatus_frame_agrees(testdata, split):
     if split == "no":
         assert_sums_close(cy.sigma_clip(raw, 5.0, 5, "azimuthal"),
                           py.sigma_clip(raw, 5.0, 5, "azimuthal"), exact_count=True)
+
+
+@pytest.mark.parametrize("config", [
+    dict(unit="q", npt=60),
+    dict(unit="q", npt=3000),                                   # more bins than pixel rows
+    dict(unit="2th", npt=40, radial_range=(0.05, 0.2)),         # pixels outside the range
+    dict(unit="2th", npt=50, azimuth=(150.0, -160.0)),          # wedge across ±180°
+    dict(unit="r", npt=30, tilt=True),
+])
+def test_nosplit_table_matches_numpy_builder(config, monkeypatch):
+    """The compiled counting-sort builder gives the numpy builder's table exactly."""
+    import azfilter.binning as binning
+
+    tilt = dict(rot1=0.3, rot2=-0.2, rot3=0.1) if config.get("tilt") else {}
+    geometry = Geometry(dist=0.05, poni1=0.006, poni2=0.008, wavelength=1e-10,
+                        detector=generic_detector(172e-6, 172e-6, SHAPE), **tilt)
+    radial = geometry.center_array(config["unit"])
+    chi = geometry.center_array("chi")
+    mask = np.zeros(SHAPE, bool)
+    mask[::5, ::3] = True
+    radial = radial.copy()
+    radial[3, 4] = np.nan                                       # a pixel with no position
+    azimuth = config.get("azimuth")
+    azimuth_rad = binning.normalize_azimuth_range(azimuth) if azimuth else None
+    args = (radial, chi, mask, config["npt"], config.get("radial_range"), azimuth_rad)
+    assert binning._compiled_nosplit() is not None
+    compiled = binning.csr_nosplit(*args)
+    monkeypatch.setattr(binning, "USE_COMPILED_NOSPLIT", False)
+    reference = binning.csr_nosplit(*args)
+    assert (compiled.lo, compiled.hi) == (reference.lo, reference.hi)
+    np.testing.assert_array_equal(compiled.indptr, reference.indptr)
+    np.testing.assert_array_equal(compiled.indices, reference.indices)
+    np.testing.assert_array_equal(compiled.coefs, reference.coefs)
+    assert compiled.indices.dtype == np.int32 and compiled.indptr.dtype == np.int64
