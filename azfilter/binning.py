@@ -39,8 +39,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from .cache import cache_dir, store_npz
 from .errors import AzfilterError
 from .units import get_unit
 
@@ -671,27 +670,6 @@ def _area_left_of(edges: list, t: np.ndarray, subset: np.ndarray | None = None) 
 
 
 # ---------------------------------------------------------------------------------- disk cache
-_DISABLED = ("", "off", "0", "no", "false", "none")
-
-
-def cache_dir() -> Path | None:
-    """Where lookup tables are cached, or None when caching is off.
-
-    ``$AZFILTER_CACHE_DIR`` (``off``, ``0``, ``no``, ``false``, ``none`` or empty disable the
-    cache), else ``$XDG_CACHE_HOME/azfilter``, else ``~/.cache/azfilter``.
-    """
-    value = os.environ.get("AZFILTER_CACHE_DIR")
-    if value is not None:
-        if value.strip().lower() in _DISABLED:
-            return None
-        return Path(value).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore a relative path
-        return Path(xdg) / "azfilter"
-    try:
-        return Path.home() / ".cache" / "azfilter"
-    except RuntimeError:  # no home directory: nowhere to cache
-        return None
 
 
 def mask_digest(static_mask: np.ndarray) -> str:
@@ -784,40 +762,18 @@ def _load_cached(path: Path, key: str, shape: tuple[int, int], npt: int) -> CSRP
 
 
 def _store_cached(path: Path, key: str, parts: CSRParts) -> bool:
-    """Write the table atomically (temporary file in the same folder, then rename).
-
-    Returns whether it was stored; any failure (read-only or full disk...) only skips caching.
-    """
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp_name = handle.name
-            np.savez(
-                handle,
-                format=np.int64(CACHE_FORMAT_VERSION),
-                key=np.str_(key),
-                npt=np.int64(parts.npt),
-                lo=np.float64(parts.lo),
-                hi=np.float64(parts.hi),
-                indptr=parts.indptr,
-                indices=parts.indices,
-                coefs=parts.coefs,
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        return True
-    except Exception as err:  # caching is an optimisation: never fail the reduction for it
-        logger.debug("cannot cache lookup table in %s: %s", path.parent, err)
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
-        return False
+    """Write the table atomically; returns whether it was stored."""
+    return store_npz(
+        path,
+        format=np.int64(CACHE_FORMAT_VERSION),
+        key=np.str_(key),
+        npt=np.int64(parts.npt),
+        lo=np.float64(parts.lo),
+        hi=np.float64(parts.hi),
+        indptr=parts.indptr,
+        indices=parts.indices,
+        coefs=parts.coefs,
+    )
 
 
 # ---------------------------------------------------------------------------------- entry point

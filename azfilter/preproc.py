@@ -12,6 +12,8 @@ Two things live here (``docs/internals.md``, "Per-pixel preprocessing"):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .backends import ERROR_MODELS
+from .cache import cache_dir, store_npz
 from .errors import AzfilterError
 
 #: what a mask, dark, flat or variance argument may be: nothing, an array, or an image file
@@ -180,6 +183,47 @@ def build_static_mask(detector_mask: np.ndarray | None, shape: tuple[int, int], 
     return static.ravel()
 
 
+def geometric_factors(geometry: Any, shape: tuple[int, int],
+                      polarization: tuple[float, float] | None,
+                      solid_angle: bool) -> list[np.ndarray]:
+    """The float32 polarization and solid-angle arrays (those switched on), in that order.
+
+    They depend only on the geometry, so they are kept in the on-disk cache next to the lookup
+    tables: a fresh process with a known set-up skips the trigonometry (tens of ms for a
+    Pilatus 1M, most of a one-frame job's set-up).
+    """
+    if polarization is None and not solid_angle:
+        return []
+    record = json.dumps({"format": 1, "geometry": geometry.cache_key(),
+                         "shape": [int(n) for n in shape],
+                         "polarization": None if polarization is None
+                         else [float(v).hex() for v in polarization],
+                         "solid_angle": bool(solid_angle)}, sort_keys=True)
+    key = hashlib.sha256(record.encode()).hexdigest()
+    directory = cache_dir()
+    path = None if directory is None else directory / f"factors-{key}.npz"
+    names = (["polarization"] if polarization is not None else []) + \
+        (["solid_angle"] if solid_angle else [])
+    if path is not None:
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                if str(stored["key"]) == key:
+                    arrays = [stored[name] for name in names]
+                    if all(a.shape == tuple(shape) and a.dtype == np.float32 for a in arrays):
+                        return arrays
+        except Exception:  # absent, partial or damaged: compute it again
+            pass
+    arrays = []
+    if polarization is not None:
+        factor, offset = polarization
+        arrays.append(geometry.polarization(factor, offset, shape=shape).astype(np.float32))
+    if solid_angle:
+        arrays.append(geometry.solid_angle(shape=shape).astype(np.float32))
+    if path is not None:
+        store_npz(path, key=np.str_(key), **dict(zip(names, arrays, strict=True)))
+    return arrays
+
+
 def build_pixel_norm(geometry: Any, shape: tuple[int, int], static_mask: np.ndarray, *,
                      flat: np.ndarray | None = None,
                      polarization: tuple[float, float] | None = None,
@@ -211,11 +255,9 @@ def build_pixel_norm(geometry: Any, shape: tuple[int, int], static_mask: np.ndar
     if flat is not None:
         with np.errstate(invalid="ignore", over="ignore"):
             norm *= np.asarray(flat).astype(np.float32)
-    if polarization is not None:
-        factor, offset = polarization
-        norm *= geometry.polarization(factor, offset, shape=shape).astype(np.float32)
-    if solid_angle:
-        norm *= geometry.solid_angle(shape=shape).astype(np.float32)
+    factors = geometric_factors(geometry, shape, polarization, solid_angle)
+    for factor in factors:
+        norm *= factor
     norm = norm.ravel()
     norm[static_mask] = 0.0
     # a non-finite factor (overflowing flat) must not let a pixel through with a NaN norm

@@ -180,3 +180,40 @@ def test_preprocess_errors():
         preprocess(raw, NORM, error_model="poissonian")
     with pytest.raises(AzfilterError, match="image has 5 pixels"):
         preprocess(np.zeros(5), NORM)
+
+
+def test_geometric_factors_cached_on_disk_give_the_same_pixel_norm(tmp_path, monkeypatch):
+    """Polarization and solid angle are stored next to the lookup tables; a fresh geometry
+    (a new process) reads them back and the normalisation is bit-identical."""
+    from azfilter import preproc
+    from azfilter.detectors import get_detector
+    from azfilter.geometry import Geometry
+
+    monkeypatch.setenv("AZFILTER_CACHE_DIR", str(tmp_path))
+
+    def geometry():
+        return Geometry(dist=0.1, poni1=0.02, poni2=0.03, rot1=0.01, rot2=-0.02, rot3=0.03,
+                        wavelength=1e-10, detector=get_detector("Pilatus100k"))
+
+    first = preproc.pixel_constants(geometry(), polarization=0.95, normalization=2.0)
+    assert len(list(tmp_path.glob("factors-*.npz"))) == 1
+
+    computed = []
+    original = Geometry.polarization
+
+    def counting(self, *args, **kwargs):
+        computed.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Geometry, "polarization", counting)
+    second = preproc.pixel_constants(geometry(), polarization=0.95, normalization=2.0)
+    assert computed == []                                    # read from the cache
+    np.testing.assert_array_equal(second.pixel_norm, first.pixel_norm)
+    other = preproc.pixel_constants(geometry(), polarization=0.5, normalization=2.0)
+    assert computed                                          # another factor: a new entry
+    assert not np.array_equal(other.pixel_norm, first.pixel_norm)
+    # a damaged entry is recomputed, not trusted
+    for path in tmp_path.glob("factors-*.npz"):
+        path.write_bytes(b"garbage")
+    again = preproc.pixel_constants(geometry(), polarization=0.95, normalization=2.0)
+    np.testing.assert_array_equal(again.pixel_norm, first.pixel_norm)
