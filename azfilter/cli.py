@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -992,14 +993,83 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _read_block(block: Block, q: queue.Queue, stop: threading.Event) -> None:
+class _FrameBuffers:
+    """Reused frame buffers that the engine reads fastest (page-locked memory for OpenCL).
+
+    Readers decode HDF5 frames straight into them (``Dataset.read_direct``) and copy frames
+    of other formats into them; the reducer gives each back once its frame is reduced (the
+    engine has finished reading it by then). At most ``capacity`` buffers exist: when all
+    are in use a reader gets a plain array instead, so memory stays bounded and a reader
+    never waits for a buffer (no deadlock with the bounded queues).
+    """
+
+    def __init__(self, integrator: Any, capacity: int):
+        self._integrator = integrator
+        self._capacity = capacity
+        self._free: dict[tuple, list[Any]] = {}
+        # buffers handed out, by id; one dropped by a reader (read error) is forgotten
+        self._lent: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        self._failed = False     # page-locked allocation failed once: plain arrays from then on
+
+    def take(self, shape: tuple[int, ...], dtype: Any, fallback: bool = True) -> Any:
+        """A buffer of ``shape`` and ``dtype``; a plain array (or None without ``fallback``)
+        when all ``capacity`` are in use."""
+        import numpy as np
+
+        key = (tuple(int(n) for n in shape), np.dtype(dtype).str)
+        with self._lock:
+            free = self._free.get(key)
+            buffer = free.pop() if free else None
+            if buffer is None and not self._failed:
+                if self._count() >= self._capacity:
+                    for items in self._free.values():   # idle, of another shape: drop one
+                        if items:
+                            items.pop()
+                            break
+                if self._count() < self._capacity:
+                    try:
+                        buffer = self._integrator.frame_buffer(*key)
+                    except AzfilterError:
+                        self._failed = True
+            if buffer is not None:
+                self._lent[id(buffer)] = buffer
+                return buffer
+        return np.empty(key[0], dtype=key[1]) if fallback else None
+
+    def _count(self) -> int:
+        return len(self._lent) + sum(len(items) for items in self._free.values())
+
+    def fill(self, data: Any) -> Any:
+        """``data`` copied into a buffer (``data`` itself when it is one or none is free)."""
+        if self._lent.get(id(data)) is data or data.ndim != 2 or data.dtype.kind not in "biuf":
+            return data
+        buffer = self.take(data.shape, data.dtype, fallback=False)
+        if buffer is None:
+            return data
+        buffer[...] = data
+        return buffer
+
+    def give_back(self, data: Any) -> None:
+        """Return a buffer from :meth:`take` (anything else is ignored)."""
+        with self._lock:
+            if self._lent.get(id(data)) is data:
+                del self._lent[id(data)]
+                self._free.setdefault((data.shape, data.dtype.str), []).append(data)
+
+
+def _read_block(block: Block, q: queue.Queue, stop: threading.Event,
+                buffers: _FrameBuffers | None = None) -> None:
     """Reader task: decode the block's frames into ``q`` (then _END)."""
-    from .frames import open_frames
+    from .frames import Frame, open_frames
 
     first, last = block.frames[0].index, block.frames[-1].index
     item = block.item.select(range(first, last + 1))
     try:
-        for obj in open_frames([item], errors="report"):
+        for obj in open_frames([item], errors="report",
+                               buffer=None if buffers is None else buffers.take):
+            if buffers is not None and isinstance(obj, Frame):
+                obj.data = buffers.fill(obj.data)
             if not _put(q, obj, stop):
                 return
     except Exception as err:  # noqa: BLE001 - a reader must never die silently
@@ -1042,6 +1112,10 @@ def _pipeline(todo: list[Planned], integrator: Any, config: dict[str, Any], sink
     writer_thread.start()
     pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="azfilter-reader")
     window = readers + 1
+    # OpenCL: frames are read into page-locked buffers (DMA to the GPU, no staging copy);
+    # enough for every frame the queues can hold, plus the readers' and the reducer's
+    buffers = _FrameBuffers(integrator, window * (READ_AHEAD + 1) + 1) \
+        if config.get("backend") == "opencl" else None
     pending: list[tuple[Block, queue.Queue]] = []
     next_block = 0
     interrupted: BaseException | None = None
@@ -1049,12 +1123,12 @@ def _pipeline(todo: list[Planned], integrator: Any, config: dict[str, Any], sink
         while (pending or next_block < len(blocks)) and not stop.is_set():
             while next_block < len(blocks) and len(pending) < window:
                 block_queue: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
-                pool.submit(_read_block, blocks[next_block], block_queue, stop)
+                pool.submit(_read_block, blocks[next_block], block_queue, stop, buffers)
                 pending.append((blocks[next_block], block_queue))
                 next_block += 1
             block, block_queue = pending.pop(0)
             _consume_block(block, block_queue, integrator, config, write_queue, progress,
-                           counters, stop)
+                           counters, stop, buffers)
     except BaseException as err:  # KeyboardInterrupt, SIGTERM: clean up, then re-raise
         interrupted = err
         stop.set()
@@ -1077,7 +1151,8 @@ def _pipeline(todo: list[Planned], integrator: Any, config: dict[str, Any], sink
 
 def _consume_block(block: Block, block_queue: queue.Queue, integrator: Any,
                    config: dict[str, Any], write_queue: queue.Queue, progress: Progress,
-                   counters: Counters, stop: threading.Event) -> None:
+                   counters: Counters, stop: threading.Event,
+                   buffers: _FrameBuffers | None = None) -> None:
     expected = {planned.index: planned for planned in block.frames}
     while not stop.is_set():
         try:
@@ -1096,6 +1171,8 @@ def _consume_block(block: Block, block_queue: queue.Queue, integrator: Any,
             continue
         planned = expected.pop(obj.index, None)
         if planned is None:
+            if buffers is not None:
+                buffers.give_back(obj.data)
             continue
         try:
             result = _reduce(integrator, config, obj.data)
@@ -1108,6 +1185,9 @@ def _consume_block(block: Block, block_queue: queue.Queue, integrator: Any,
                 planned.source, planned.index,
                 f"reduction failed: {type(err).__name__}: {err}"), 1)
             continue
+        finally:
+            if buffers is not None:   # reduced (the engine has read it): reuse the buffer
+                buffers.give_back(obj.data)
         frame_source = obj.source if os.path.isabs(_file_part(obj.source)) else (
             os.path.abspath(_file_part(obj.source))
             + (obj.source[len(_file_part(obj.source)):]))

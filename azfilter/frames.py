@@ -25,7 +25,7 @@ import os
 import posixpath
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -886,16 +886,22 @@ class _Hdf5Source:
         self.header = _plain_attrs(dataset)
         return dataset
 
-    def read(self, block: _Block, index: int) -> np.ndarray:
+    def read(self, block: _Block, index: int, buffer: Callable | None = None) -> np.ndarray:
         try:
             dataset = self._open_dataset(block)
             local = index - block.first
             if dataset.ndim == 2:
-                data = dataset[()]
+                where: Any = ()
             elif dataset.ndim == 3:
-                data = dataset[local]
+                where = local
             else:
-                data = dataset[tuple(int(i) for i in np.unravel_index(local, dataset.shape[:-2]))]
+                where = tuple(int(i) for i in np.unravel_index(local, dataset.shape[:-2]))
+            if buffer is not None and dataset.dtype.kind in "iuf":
+                # decode straight into the caller's array (e.g. page-locked memory)
+                data = buffer(tuple(dataset.shape[-2:]), dataset.dtype.newbyteorder("="))
+                dataset.read_direct(data, np.s_[where] if dataset.ndim > 2 else None)
+            else:
+                data = dataset[where]
         except Exception as exc:
             raise FrameReadError(self.source, index, _exception_reason(exc, "HDF5")) from None
         return _check_image(data, self.source, index)
@@ -947,7 +953,8 @@ def _block_indices(block: _Block, wanted: range) -> range:
     return range(start, max(start, stop), wanted.step)
 
 
-def _item_frames(item: InputItem) -> Iterator[Frame | FrameReadError]:
+def _item_frames(item: InputItem,
+                 buffer: Callable | None = None) -> Iterator[Frame | FrameReadError]:
     """Frames of one item; read errors are yielded (not raised), the caller decides."""
     if item.is_hdf5:
         try:
@@ -965,7 +972,7 @@ def _item_frames(item: InputItem) -> Iterator[Frame | FrameReadError]:
                     continue
                 for index in _block_indices(block, wanted):
                     try:
-                        data = h5.read(block, index)
+                        data = h5.read(block, index, buffer)
                     except FrameReadError as exc:
                         yield exc
                         continue
@@ -993,7 +1000,8 @@ def _item_frames(item: InputItem) -> Iterator[Frame | FrameReadError]:
 
 
 def open_frames(inputs: str | os.PathLike | InputItem | Sequence, recursive: bool = False,
-                errors: str = "raise") -> Iterator[Frame | FrameReadError]:
+                errors: str = "raise",
+                buffer: Callable | None = None) -> Iterator[Frame | FrameReadError]:
     """Stream the frames of all inputs, one at a time.
 
     Parameters
@@ -1008,6 +1016,10 @@ def open_frames(inputs: str | os.PathLike | InputItem | Sequence, recursive: boo
         :class:`~azfilter.errors.FrameReadError`.  ``"report"``: the error is yielded in the
         stream in place of the frame(s) (``source``, ``index`` — None for a whole file —,
         ``reason``) and reading goes on with the next frame or file.
+    buffer : callable, optional
+        ``buffer(shape, dtype) -> numpy.ndarray``: HDF5 frames (numeric, in native byte
+        order) are decoded straight into the C-contiguous array it returns (e.g. page-locked
+        memory for the OpenCL backend); other formats ignore it.
 
     Yields
     ------
@@ -1029,7 +1041,7 @@ def open_frames(inputs: str | os.PathLike | InputItem | Sequence, recursive: boo
             if key in seen:
                 continue
             seen.add(key)
-            for result in _item_frames(item):
+            for result in _item_frames(item, buffer):
                 if isinstance(result, FrameReadError) and errors == "raise":
                     raise result
                 yield result

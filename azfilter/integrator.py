@@ -247,6 +247,29 @@ class Integrator:
             )
         return self._engines[key]
 
+    def frame_buffer(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
+        """An uninitialised frame array that this Integrator's engine reads fastest.
+
+        For the OpenCL backend it is page-locked host memory of the device (a frame decoded
+        into it goes to a discrete GPU by DMA, with no host-side copy); for the other
+        backends a plain :func:`numpy.empty`. Allocating page-locked memory is slow: readers
+        should keep a few such buffers and reuse them.
+
+        Parameters
+        ----------
+        shape : tuple of int
+        dtype : numpy dtype
+
+        Returns
+        -------
+        numpy.ndarray
+            C-contiguous, of ``shape`` and ``dtype``.
+        """
+        host_array = getattr(self._engine_class, "host_array", None)
+        if host_array is None:
+            return np.empty(tuple(shape), dtype=dtype)
+        return host_array(tuple(shape), dtype, device=self.device)
+
     # ------------------------------------------------------------------ checks
     def _check_image(self, img: Any, what: str = "image") -> np.ndarray:
         """The frame as an array of the detector's shape (fixing a generic detector's shape)."""

@@ -9,9 +9,11 @@ CI (``CI=true``) they must run on PoCL and fail, never skip, when it is missing.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -462,3 +464,247 @@ def test_kernel_sources_found_outside_the_package(monkeypatch, tmp_path):
     monkeypatch.setattr(opencl, "_REPO_KERNELS", tmp_path / "nowhere")
     with pytest.raises(AzfilterError, match="not found"):
         opencl.kernel_source()
+
+
+# ----------------------------------------------------------------------------- host memory
+def test_staged_uploads_equal_direct_uploads(small, device, monkeypatch):
+    """Frames copied through the page-locked staging buffers (in pieces, by several threads,
+    converting dtype and strides on the way) give bit-identical sums to direct uploads."""
+    csr = small.tables["no"]
+    direct = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
+                                 device=device, staging=False)
+    staged = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
+                                 device=device, staging=True, threads=3)
+    monkeypatch.setattr(opencl, "STAGING_UNIT_BYTES", 1 << 12)   # every frame: 3 threads
+    monkeypatch.setattr(opencl, "STAGING_ROUNDS", 2)
+    copies: list[str] = []
+    copy_piece = opencl._copy_piece
+
+    def counting_copy(*args):
+        copies.append(threading.current_thread().name)
+        copy_piece(*args)
+    monkeypatch.setattr(opencl, "_copy_piece", counting_copy)
+    raw = small.raw
+    frames = {
+        "int32": raw, "rows reversed (strided)": raw[::-1], "columns reversed": raw[:, ::-1],
+        "Fortran order": np.asfortranarray(raw), "big-endian": raw.astype(">i4"),
+        "uint16": np.clip(raw, 0, None).astype(np.uint16),
+        "float16": np.minimum(raw, 60000).astype(np.float16),
+        "bool": raw > 50,
+    }
+    for what, frame in frames.items():
+        copies.clear()
+        got = staged.integrate(frame, "poisson")
+        assert len(copies) == 2 * 3, what   # 2 rounds of 3 threads
+        assert all(name.startswith("azfilter-staging") for name in copies), what
+        expected = direct.integrate(frame, "poisson")
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(got, name), getattr(expected, name),
+                                          err_msg=f"{what}: {name}")
+    assert_agree(direct.sigma_clip(raw[::-1], 4.0, 5, "azimuthal"),
+                 staged.sigma_clip(raw[::-1], 4.0, 5, "azimuthal"), "staged sigma_clip")
+    # one thread: the calling thread copies the pieces (each sent as soon as it is copied)
+    single = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
+                                 device=device, staging=True, threads=1)
+    copies.clear()
+    got = single.integrate(raw[::-1], "azimuthal")
+    assert copies == [threading.current_thread().name] * 2
+    np.testing.assert_array_equal(got.signal, direct.integrate(raw[::-1], "azimuthal").signal)
+    with pytest.raises(AzfilterError, match="threads"):
+        opencl.OpenCLEngine(csr, small.pixel_norm, None, None, 0.0, device=device, threads=0)
+
+
+def test_process_many_staged_and_pinned_frames(small, device):
+    """Streams mixing pageable (staged) and page-locked (direct) frames, and a ring of two
+    page-locked buffers refilled as soon as the next frame is asked for."""
+    csr = small.tables["no"]
+    staged = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
+                                 device=device, staging=True, threads=2)
+    rng = np.random.default_rng(11)
+    frames = [(small.raw + rng.poisson(2, small.raw.shape) * (small.raw >= 0)).astype(np.int32)
+              for _ in range(9)]
+    frames[4] = np.clip(frames[4], 0, None).astype(np.uint16)   # another dtype, mid-stream
+    params = dict(thres=4.0, max_iter=5, error_model="azimuthal")
+    one_by_one = [staged.sigma_clip(frame, 4.0, 5, "azimuthal") for frame in frames]
+    ring = [staged.pinned_array(small.raw.shape, np.int32) for _ in range(2)]
+    kinds = []
+
+    def mixed():
+        """Page-locked ring buffers (overwritten as soon as the next frame is asked for),
+        pageable frames, a strided view, in runs of each."""
+        for index, frame in enumerate(frames):
+            if index in (2, 3, 7) and frame.dtype == np.int32:
+                buffer = ring[index % 2]
+                buffer[...] = frame
+                kinds.append("ring")
+                yield buffer
+                buffer[...] = -7   # uploaded: the engine no longer needs it
+            else:
+                kinds.append("pageable")
+                yield frame[::-1][::-1] if index == 5 else frame
+    streamed = list(staged.process_many(mixed(), "sigma_clip", **params))
+    assert kinds.count("ring") == 3 and len(streamed) == len(frames)
+    for index, (single, got) in enumerate(zip(one_by_one, streamed, strict=True)):
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(got, name), getattr(single, name),
+                                          err_msg=f"frame {index}: {name}")
+    # abandoned with frames still being copied: no error, the next stream is right
+    stream = staged.process_many(iter(frames), "sigma_clip", **params)
+    np.testing.assert_array_equal(next(stream).signal, one_by_one[0].signal)
+    stream.close()
+    again = list(staged.process_many(iter(frames[:3]), "sigma_clip", **params))
+    np.testing.assert_array_equal(again[2].signal, one_by_one[2].signal)
+
+
+def test_pinned_arrays_are_recognised_and_uploaded_directly(engines, small, device):
+    _, ocl = engines["no"]
+    pinned = opencl.pinned_array(small.raw.shape, small.raw.dtype, device=device)
+    assert pinned.flags.c_contiguous and pinned.shape == small.raw.shape
+    assert opencl.is_pinned(pinned) and opencl.is_pinned(pinned[10:20])
+    assert opencl.is_pinned(pinned, ocl.context)
+    assert not opencl.is_pinned(small.raw) and not opencl.is_pinned(np.empty_like(pinned))
+    extra = ocl.pinned_array(1000, np.uint16)
+    start = extra.__array_interface__["data"][0]
+    assert start in [r[0] for r in opencl._pinned_ranges()] and opencl.is_pinned(extra)
+    del extra
+    gc.collect()
+    assert start not in [r[0] for r in opencl._pinned_ranges()]   # freed: range forgotten
+
+    staged = opencl.OpenCLEngine(small.tables["no"], small.pixel_norm, small.dark, DUMMY,
+                                 DELTA_DUMMY, device=device, staging=True)
+
+    def refuse(*args):
+        raise AssertionError("a page-locked frame was staged")
+    staged._staged_upload = refuse
+    pinned[...] = small.raw
+    got = staged.integrate(pinned, "poisson")
+    np.testing.assert_array_equal(got.signal, ocl.integrate(small.raw, "poisson").signal)
+    with pytest.raises(AssertionError, match="staged"):   # strided: must be staged
+        staged.integrate(pinned[::-1], "poisson")
+
+
+def test_integrator_frame_buffer(small, device):
+    from synthetic import synthetic_case
+
+    import azfilter as az
+
+    case = synthetic_case(seed=3)
+    plain = az.Integrator(case.geometry, npt=200, backend="python").frame_buffer(
+        case.raw.shape, np.int32)
+    assert isinstance(plain, np.ndarray) and not opencl.is_pinned(plain)
+    assert plain.shape == case.raw.shape and plain.dtype == np.int32
+    gpu = az.Integrator(case.geometry, npt=200, backend="opencl", device=device)
+    buffer = gpu.frame_buffer(case.raw.shape, np.int32)
+    assert opencl.is_pinned(buffer) and buffer.shape == case.raw.shape
+    buffer[...] = case.raw
+    np.testing.assert_array_equal(gpu.sigma_clip(buffer).intensity,
+                                  gpu.sigma_clip(case.raw).intensity)
+
+
+def test_open_frames_decodes_hdf5_into_given_buffers(tmp_path):
+    """``open_frames(buffer=...)``: HDF5 frames are read into the caller's arrays (any
+    layout and byte order); fabio formats ignore it."""
+    import fabio.edfimage
+    import h5py
+
+    from azfilter.frames import open_frames
+
+    rng = np.random.default_rng(2)
+    stack = rng.integers(0, 60000, (2, 3, 12, 10)).astype(">u4")
+    path = tmp_path / "stack.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("s3", data=stack[0], chunks=(1, 12, 10), compression="gzip")
+        h5.create_dataset("s4", data=stack)
+        h5.create_dataset("one", data=stack[1, 2].astype(np.float32))
+    edf = tmp_path / "frame.edf"
+    fabio.edfimage.EdfImage(data=stack[0, 0].astype(np.int32)).write(str(edf))
+    given: list[np.ndarray] = []
+
+    def buffer(shape, dtype):
+        assert dtype.isnative
+        given.append(np.full(shape, 7, dtype=dtype))
+        return given[-1]
+    specs = [f"{path}::/s3", f"{path}::/s4", f"{path}::/one", str(edf)]
+    plain = list(open_frames(specs))
+    into = list(open_frames(specs, buffer=buffer))
+    assert len(plain) == len(into) == 3 + 6 + 1 + 1 and len(given) == 10
+    for expected, got in zip(plain, into, strict=True):
+        assert (got.source, got.index) == (expected.source, expected.index)
+        np.testing.assert_array_equal(got.data, expected.data)
+    assert all(any(frame.data is array for array in given) for frame in into[:-1])
+    assert not any(into[-1].data is array for array in given)
+
+
+def test_cli_reads_frames_into_page_locked_buffers(tmp_path, device, monkeypatch):
+    """``--backend opencl``: the reader decodes HDF5 frames straight into page-locked
+    buffers (and copies CBF frames into them), a bounded set reused; the output equals the
+    python backend's."""
+    import fabio.cbfimage
+    import h5py
+    from click.testing import CliRunner
+
+    from azfilter import cli
+    from azfilter.output import read_result
+
+    shape = (96, 120)
+    (tmp_path / "geo.poni").write_text(
+        "poni_version: 2.1\nDetector: Detector\nDetector_config: {\"pixel1\": 0.0001, "
+        "\"pixel2\": 0.0001, \"max_shape\": [96, 120], \"orientation\": 3}\n"
+        "Distance: 0.05\nPoni1: 0.0048\nPoni2: 0.006\nRot1: 0.01\nRot2: -0.02\nRot3: 0.0\n"
+        "Wavelength: 1e-10\n")
+    rng = np.random.default_rng(4)
+    rows, cols = np.indices(shape)
+    rings = 40 + 300 * np.exp(-0.5 * ((np.hypot(rows - 48, cols - 60) - 25) / 2.0) ** 2)
+    frames = [rng.poisson(rings).astype(np.uint32) for _ in range(20)]
+    for frame in frames:
+        frame.flat[rng.integers(0, frame.size, 6)] += 50_000
+    with h5py.File(tmp_path / "stack.h5", "w") as h5:
+        h5.create_dataset("entry/data/data", data=np.stack(frames[:18]), chunks=(1, *shape),
+                          compression="gzip")
+    cbfs = []
+    for k, frame in enumerate(frames[18:]):
+        cbfs.append(tmp_path / f"img_{k}.cbf")
+        fabio.cbfimage.CbfImage(data=frame.astype(np.int32)).write(str(cbfs[-1]))
+
+    allocated: list[tuple] = []
+    reduced_pinned: list[bool] = []
+    pinned_array = opencl.pinned_array
+    reduce = cli._reduce
+
+    def counting_pinned(shape, dtype, device=None):
+        allocated.append((tuple(shape), np.dtype(dtype)))
+        return pinned_array(shape, dtype, device=device)
+
+    def spying_reduce(integrator, config, data):
+        reduced_pinned.append(opencl.is_pinned(data))
+        return reduce(integrator, config, data)
+    direct_reads: list[int] = []
+    read_direct = h5py.Dataset.read_direct
+
+    def counting_read_direct(self, dest, *args, **kwargs):
+        direct_reads.append(opencl.is_pinned(dest))
+        return read_direct(self, dest, *args, **kwargs)
+    monkeypatch.setattr(opencl, "pinned_array", counting_pinned)
+    monkeypatch.setattr(cli, "_reduce", spying_reduce)
+    monkeypatch.setattr(h5py.Dataset, "read_direct", counting_read_direct)
+    outputs = {}
+    for backend in ("opencl", "python"):
+        out = tmp_path / f"{backend}.h5"
+        args = ["sigma-clip", "-p", tmp_path / "geo.poni", "--backend", backend, "--npt", 60,
+                "--thres", 3, tmp_path / "stack.h5", *cbfs, "-o", out, "--quiet"]
+        if backend == "opencl":
+            args[5:5] = ["--device", device]
+        result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        outputs[backend] = read_result(out)
+    assert len(reduced_pinned) == 40
+    assert len(direct_reads) == 18 and all(direct_reads)   # HDF5: decoded into the buffers
+    assert all(reduced_pinned[:20]) and not any(reduced_pinned[20:])   # opencl, then python
+    capacity = (2 + 1) * (cli.READ_AHEAD + 1) + 1
+    assert 1 <= len(allocated) <= capacity            # reused, bounded
+    assert set(allocated) <= {(shape, np.dtype(np.uint32)), (shape, np.dtype(np.int32))}
+    np.testing.assert_allclose(outputs["opencl"].intensity, outputs["python"].intensity,
+                               rtol=1e-5)
+    np.testing.assert_allclose(outputs["opencl"].sigma, outputs["python"].sigma, rtol=1e-5)
+    assert outputs["opencl"].frame_indices == outputs["python"].frame_indices
+    assert outputs["opencl"].intensity.shape == (20, 60)

@@ -18,6 +18,15 @@ kernels convert it on the device: the program is compiled once per raw dtype
 Accumulators are double where the device has ``cl_khr_fp64`` (per-pixel arithmetic then also
 runs in double, like the numpy reference), compensated float32 pairs otherwise.
 
+Host to device transfers. A frame in page-locked memory (:func:`pinned_array`, e.g. decoded
+there by a reader) goes to a discrete GPU by DMA, at PCIe speed. A frame in ordinary
+(pageable) memory cannot: the driver first copies it into page-locked memory of its own, with
+one thread. On discrete GPUs the engine does that copy itself instead ("staging"): a single
+frame in pieces copied by several threads, the DMA of each piece queued as soon as it is
+copied; in :meth:`OpenCLEngine.process_many`, whole frames copied ahead by several threads at
+once while earlier frames are uploaded and reduced. Dtype conversions the kernels need (byte
+order, ``bool``, ``float16``) happen in that same copy. docs/gpu-benchmark.md has the numbers.
+
 ``pyopencl`` is imported lazily: the rest of azfilter imports and runs without it.
 :func:`list_devices` and :func:`opencl_status` serve ``azfilter devices``.
 """
@@ -26,9 +35,14 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import os
+import threading
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,10 +78,33 @@ _MAX_LOCAL_SORT = 4096
 
 _REPO_KERNELS = Path(__file__).resolve().parent.parent.parent / "kernels"
 
+# Staged uploads of one pageable frame (as integrate() does): sqrt(frame bytes /
+# STAGING_UNIT_BYTES) copy threads, rounded to a power of two, at most ``threads``: on the H100
+# host, 4 MB frames copied fastest with 2 threads, 18 MB with 4, 41 MB with 8 (waking a pool
+# thread costs ~20 us, and the copy bandwidth stops growing at ~8 threads;
+# docs/gpu-benchmark.md). Each thread copies STAGING_ROUNDS pieces one after the other, so
+# that the DMA of the first pieces overlaps the copy of the later ones. Each piece has a
+# page-locked allocation of its own.
+STAGING_UNIT_BYTES = 1 << 20
+STAGING_ROUNDS = 2
+_MAX_PIECES = 64
+_PIECE_ALIGN_BYTES = 4096
+#: default number of threads copying a pageable frame into the staging buffer
+DEFAULT_COPY_THREADS = max(1, min(8, os.cpu_count() or 1))
+
 # Contexts and programs are shared by every engine of the process (compiling costs seconds).
 _CONTEXTS: dict[tuple[int, int], Any] = {}
 _PROGRAMS: dict[tuple[int, str], Any] = {}
 _SOURCE: str | None = None
+_MAP_QUEUES: dict[int, Any] = {}          # context -> queue that maps page-locked buffers
+# page-locked host allocations alive: start address -> (end address, context int_ptr);
+# freed ones are queued by their finalizer (which may run inside any allocation, in any
+# thread) and dropped under the lock
+_PINNED_RANGES: dict[int, tuple[int, int]] = {}
+_FREED_RANGES: list[int] = []
+_RANGES_LOCK = threading.Lock()
+_COPY_POOLS: dict[int, ThreadPoolExecutor] = {}
+_LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------------------ discovery
@@ -285,6 +322,136 @@ def _program(cl, context, options: list[str]) -> Any:
     return program
 
 
+# ------------------------------------------------------------------------------ host memory
+class _PinnedHost:
+    """Owner of one page-locked host allocation; arrays handed out are views of it.
+
+    numpy keeps this object alive (as the arrays' ``base``) while any view exists; when the
+    last one goes, the allocation is unmapped and freed and its address range forgotten.
+    """
+
+    __slots__ = ("buffer", "mapped", "__weakref__")
+
+    def __init__(self, buffer: Any, mapped: np.ndarray):
+        self.buffer = buffer      # the OpenCL buffer (ALLOC_HOST_PTR)
+        self.mapped = mapped      # its mapping; the MemoryMap behind it unmaps on release
+
+    @property
+    def __array_interface__(self) -> dict:
+        return self.mapped.__array_interface__
+
+
+def _forget_pinned(start: int) -> None:
+    _FREED_RANGES.append(start)   # list.append is atomic: no lock in a finalizer
+
+
+def _pinned_ranges() -> list[tuple[int, int, int]]:
+    """(start, end, context int_ptr) of every live page-locked allocation."""
+    with _RANGES_LOCK:
+        while _FREED_RANGES:
+            _PINNED_RANGES.pop(_FREED_RANGES.pop(), None)
+        return [(start, end, owner) for start, (end, owner) in list(_PINNED_RANGES.items())]
+
+
+def _pinned_in_context(cl, context, queue, shape: Any, dtype: Any) -> np.ndarray:
+    """A new page-locked host array of ``context`` (see :func:`pinned_array`)."""
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if np.isscalar(shape) else tuple(int(n) for n in shape)
+    nbytes = max(1, math.prod(shape) * dtype.itemsize)
+    try:
+        buffer = cl.Buffer(context, cl.mem_flags.ALLOC_HOST_PTR | cl.mem_flags.READ_WRITE,
+                           nbytes)
+        mapped, _ = cl.enqueue_map_buffer(queue, buffer, cl.map_flags.READ | cl.map_flags.WRITE,
+                                          0, shape, dtype)
+    except cl.Error as err:
+        raise AzfilterError(f"cannot allocate {nbytes} bytes of page-locked host memory for "
+                            f"OpenCL ({err})") from err
+    owner = _PinnedHost(buffer, mapped)
+    array = np.asarray(owner)
+    start = int(array.__array_interface__["data"][0])
+    with _RANGES_LOCK:
+        if start in _FREED_RANGES:   # an earlier allocation at this address, freed
+            _FREED_RANGES.remove(start)
+        _PINNED_RANGES[start] = (start + nbytes, int(context.int_ptr))
+    weakref.finalize(owner, _forget_pinned, start)
+    return array
+
+
+def _map_queue(cl, context, device) -> Any:
+    key = int(context.int_ptr)
+    with _LOCK:
+        if key not in _MAP_QUEUES:
+            _MAP_QUEUES[key] = cl.CommandQueue(context, device)
+        return _MAP_QUEUES[key]
+
+
+def pinned_array(shape: int | tuple[int, ...], dtype: Any,
+                 device: str | None = None) -> np.ndarray:
+    """A new host array in page-locked memory, uploaded to ``device`` at full DMA speed.
+
+    Readers that decode frames straight into such arrays (h5py's ``Dataset.read_direct``, a
+    copy out of a network receive buffer) spare every upload the copy into the driver's own
+    page-locked memory. Allocation is slow (it locks the pages): allocate a few and reuse them.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+    dtype : numpy dtype
+    device : str, optional
+        As for :class:`OpenCLEngine` (``"gpu"``, ``"cpu"``, ``"P:D"``, None: the best).
+
+    Returns
+    -------
+    numpy.ndarray
+        Uninitialised, C-contiguous; the memory stays valid while the array (or a view of it)
+        exists.
+
+    Raises
+    ------
+    AzfilterError
+        When OpenCL or the device is missing, or the memory cannot be allocated.
+    """
+    cl = _import_pyopencl()
+    info, dev = select_device(device)
+    context = _context(cl, info, dev)
+    return _pinned_in_context(cl, context, _map_queue(cl, context, dev), shape, dtype)
+
+
+def is_pinned(array: np.ndarray, context: Any = None) -> bool:
+    """Whether ``array`` lies in memory from :func:`pinned_array` (of ``context``, if given)."""
+    interface = getattr(array, "__array_interface__", None)
+    if not interface or not isinstance(array, np.ndarray):
+        return False
+    start = int(interface["data"][0])
+    stop = start + array.nbytes
+    wanted = None if context is None else int(context.int_ptr)
+    return any(first <= start and stop <= last and wanted in (None, owner)
+               for first, last, owner in _pinned_ranges())
+
+
+def _copy_pool(threads: int) -> ThreadPoolExecutor:
+    with _LOCK:
+        pool = _COPY_POOLS.get(threads)
+        if pool is None:
+            pool = _COPY_POOLS[threads] = ThreadPoolExecutor(
+                max_workers=threads, thread_name_prefix="azfilter-staging")
+        return pool
+
+
+def _copy_piece(source: np.ndarray, target: np.ndarray, start: int, stop: int,
+                columns: int) -> None:
+    """Copy flat elements [start, stop) of ``source`` into ``target`` (flat), converting.
+
+    ``source`` is either flat, or 2-D with ``columns`` columns and piece bounds on row
+    boundaries (a strided frame). numpy releases the GIL: pieces copy in parallel.
+    """
+    if source.ndim == 1:
+        np.copyto(target, source[start:stop], casting="unsafe")
+    else:
+        np.copyto(target.reshape(-1, columns), source[start // columns:stop // columns],
+                  casting="unsafe")
+
+
 # ------------------------------------------------------------------------------ the engine
 @dataclass
 class _Pending:
@@ -308,7 +475,8 @@ class OpenCLEngine:
     dummy, delta_dummy : float or None, float
         Raw value flagging invalid pixels and its tolerance.
     threads : int, optional
-        Ignored (the device decides).
+        Host threads that copy a frame from ordinary memory into the page-locked staging
+        buffer (default: the number of cores, at most 8).
     device : str, optional
         ``"gpu"``, ``"cpu"``, ``"P:D"`` or None (best GPU, else a CPU); see
         :func:`select_device`.
@@ -320,6 +488,10 @@ class OpenCLEngine:
     fp64 : bool, optional
         Force double (True) or compensated float32 (False) arithmetic; default: double when
         the device supports it.
+    staging : bool, optional
+        Copy frames from ordinary memory through the engine's page-locked staging buffers
+        (True) or hand them to the driver as they are (False). Default: True on GPUs that do
+        not share the host's memory.
 
     Notes
     -----
@@ -327,13 +499,12 @@ class OpenCLEngine:
     ``"variance"`` error model is uploaded once and reused while the same array object (with
     the same content) is passed again.
 
-    On a discrete GPU the upload of a frame from ordinary (pageable) memory runs at the
-    host's memory-copy speed (the driver copies it into a page-locked buffer first: about
-    11 GB/s on the H100 host measured, 1.3 ms for an Eiger 4M uint32 frame), while a frame
-    that already lives in page-locked memory goes by DMA at about 50 GB/s (0.35 ms). Readers
-    that can decode into a given buffer should use :meth:`pinned_array`. (Copying frames into
-    a page-locked buffer with several threads was tried and gained little: the host's memory
-    bandwidth is the limit.)
+    On a discrete GPU a frame in page-locked memory (:meth:`pinned_array`) goes to the device
+    by DMA at PCIe speed (about 52 GB/s on the H100 host measured, 0.35 ms for an Eiger 4M
+    uint32 frame). A frame in ordinary (pageable) memory must first be copied into page-locked
+    memory; the driver does that with one thread (about 6-12 GB/s there), this engine with
+    up to ``threads`` threads (16-30 GB/s there), overlapping the DMA (see the module's
+    docstring and docs/gpu-benchmark.md for the measured rates).
     """
 
     name = "opencl"
@@ -341,7 +512,8 @@ class OpenCLEngine:
     def __init__(self, csr, pixel_norm: np.ndarray, dark: np.ndarray | None,
                  dummy: float | None, delta_dummy: float, threads: int | None = None,
                  device: str | None = None, *, workgroup_size: int | None = None,
-                 local_sort_size: int | None = None, fp64: bool | None = None):
+                 local_sort_size: int | None = None, fp64: bool | None = None,
+                 staging: bool | None = None):
         cl = self._cl = _import_pyopencl()
         self.device_info, self._device = select_device(device)
         self.pixel_norm = np.ascontiguousarray(pixel_norm, dtype=np.float32).ravel()
@@ -390,7 +562,19 @@ class OpenCLEngine:
         self.context = _context(cl, self.device_info, self._device)
         self._queue = cl.CommandQueue(self.context, self._device)            # kernels
         self._transfer_queue = cl.CommandQueue(self.context, self._device)   # uploads
-        self._pinned: list[Any] = []   # keeps the buffers behind pinned_array alive
+        if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+            raise AzfilterError(f"threads must be a positive integer, got {threads!r}")
+        self.copy_threads = int(threads) if threads is not None else DEFAULT_COPY_THREADS
+        try:
+            shares_memory = bool(self._device.host_unified_memory)
+        except cl.Error:   # deprecated query some drivers refuse
+            shares_memory = False
+        discrete = is_gpu and not shares_memory
+        self.staging = discrete if staging is None else bool(staging)
+        # per slot: (piece sizes in bytes, one page-locked array per piece)
+        self._staging: list[tuple[tuple, list[np.ndarray]] | None] = [None, None]
+        # process_many's page-locked frame buffers (up to threads + 1 per dtype), reused
+        self._stream_buffers: dict[str, list[np.ndarray]] = {}
 
         # ---- geometry, once
         row_lengths = np.diff(indptr)
@@ -488,25 +672,29 @@ class OpenCLEngine:
                                     "the azfilter kernels")
         return self._kernels[raw_type]
 
-    def _prepare_frame(self, raw: Any) -> tuple[np.ndarray, str]:
-        """The frame as a C-contiguous array of a dtype the kernels read, and that type."""
+    def _device_dtype(self, dtype: np.dtype) -> np.dtype:
+        """The dtype a frame of ``dtype`` goes to the device in (kernels read it as is)."""
+        if dtype == np.bool_:
+            target = np.dtype(np.uint8)
+        elif dtype.kind == "f" and dtype.itemsize < 4:
+            target = np.dtype(np.float32)
+        elif dtype.kind in "iuf" and not dtype.isnative:
+            target = dtype.newbyteorder("=")
+        else:
+            target = dtype
+        if target == np.float64 and not self.fp64:
+            target = np.dtype(np.float32)
+        if target not in RAW_TYPES:
+            raise AzfilterError(f"image dtype {dtype} is not supported by the OpenCL backend")
+        return target
+
+    def _prepare_frame(self, raw: Any) -> tuple[np.ndarray, np.dtype]:
+        """The frame as an array (no copy) and the dtype it goes to the device in."""
         frame = np.asarray(raw)
         if frame.size != self.npix:
             raise AzfilterError(f"image has {frame.size} pixels (shape {frame.shape}), the "
                                 f"lookup table {self.npix}")
-        dtype = frame.dtype
-        if dtype == np.bool_:
-            frame = frame.view(np.uint8)
-        elif dtype.kind == "f" and dtype.itemsize < 4:
-            frame = frame.astype(np.float32)
-        elif dtype.kind in "iuf" and not dtype.isnative:
-            frame = frame.astype(dtype.newbyteorder("="))
-        if frame.dtype == np.float64 and not self.fp64:
-            frame = frame.astype(np.float32)
-        raw_type = RAW_TYPES.get(frame.dtype)
-        if raw_type is None:
-            raise AzfilterError(f"image dtype {dtype} is not supported by the OpenCL backend")
-        return np.ascontiguousarray(frame).reshape(-1), raw_type
+        return frame, self._device_dtype(frame.dtype)
 
     def _variance_buffer(self, error_model: str, variance: np.ndarray | None):
         if error_model != "variance":
@@ -536,10 +724,10 @@ class OpenCLEngine:
         return self._sort_buffers
 
     def pinned_array(self, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
-        """A new host array in page-locked memory, uploaded at full DMA speed.
+        """A new host array in page-locked memory of this engine's device.
 
-        A reader that decodes frames straight into such arrays (e.g. h5py's
-        ``Dataset.read_direct``) saves the host-side copy of every upload.
+        Same as the module's :func:`pinned_array` (any engine on the same device uploads it
+        by DMA).
 
         Parameters
         ----------
@@ -549,29 +737,105 @@ class OpenCLEngine:
         Returns
         -------
         numpy.ndarray
-            Uninitialised, C-contiguous; valid while the engine lives.
+            Uninitialised, C-contiguous; valid while the array (or a view of it) exists.
+        """
+        return _pinned_in_context(self._cl, self.context, self._transfer_queue, shape, dtype)
+
+    @staticmethod
+    def host_array(shape: int | tuple[int, ...], dtype: Any,
+                   device: str | None = None) -> np.ndarray:
+        """A frame buffer that engines on ``device`` upload fastest: page-locked memory.
+
+        What :meth:`azfilter.integrator.Integrator.frame_buffer` returns for this backend.
+        """
+        return pinned_array(shape, dtype, device=device)
+
+    def _upload(self, frame: np.ndarray, target: np.dtype, slot: int,
+                wait: list | None) -> list:
+        """Queue the copy of a frame into the raw buffer of ``slot``.
+
+        A frame in page-locked memory, or any frame when staging is off, is handed to the
+        driver as it is (non-blocking); other frames are staged (:meth:`_staged_upload`).
+        Returns the events of the copies, the last one completing last; they also keep the
+        host memory they read alive (pyopencl's NannyEvent).
         """
         cl = self._cl
-        dtype = np.dtype(dtype)
-        shape = (shape,) if np.isscalar(shape) else tuple(shape)
-        nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
-        buffer = cl.Buffer(self.context, cl.mem_flags.ALLOC_HOST_PTR | cl.mem_flags.READ_WRITE,
-                           nbytes)
-        array, _ = cl.enqueue_map_buffer(self._transfer_queue, buffer,
-                                         cl.map_flags.READ | cl.map_flags.WRITE, 0, shape,
-                                         dtype)
-        self._pinned.append(buffer)
-        return array
-
-    def _upload(self, frame: np.ndarray, slot: int, wait: list | None):
-        """Queue the copy of a frame into the raw buffer of ``slot``; return its event.
-
-        Non-blocking: pyopencl keeps the frame alive until the copy is done.
-        """
-        event = self._cl.enqueue_copy(self._transfer_queue, self._raw[slot], frame,
-                                      is_blocking=False, wait_for=wait)
+        direct = frame.dtype == target and frame.flags.c_contiguous
+        if direct and (not self.staging or is_pinned(frame, self.context)):
+            events = [cl.enqueue_copy(self._transfer_queue, self._raw[slot], frame.reshape(-1),
+                                      is_blocking=False, wait_for=wait)]
+        elif not self.staging:
+            converted = np.ascontiguousarray(frame, dtype=target).reshape(-1)
+            events = [cl.enqueue_copy(self._transfer_queue, self._raw[slot], converted,
+                                      is_blocking=False, wait_for=wait)]
+        else:
+            events = self._staged_upload(frame, target, slot)
         self._transfer_queue.flush()
-        return event
+        return events
+
+    def _staging_pieces(self, slot: int, sizes: tuple[int, ...]) -> list[np.ndarray]:
+        """The page-locked staging arrays (bytes) of ``slot``, one per piece of ``sizes``."""
+        staged = self._staging[slot]
+        if staged is None or staged[0] != sizes:
+            self._staging[slot] = None   # free the old ones first
+            staged = self._staging[slot] = (sizes, [self.pinned_array(size, np.uint8)
+                                                    for size in sizes])
+        return staged[1]
+
+    def _pieces(self, frame: np.ndarray, itemsize: int) -> tuple[np.ndarray, int, int, list]:
+        """How to stage a frame: (source as a flat or a row view, its columns, copy threads,
+        [(start, stop) flat element ranges, in order])."""
+        size = frame.size
+        if frame.flags.c_contiguous or frame.ndim != 2:
+            source = frame.reshape(-1)    # a view, except for a strided frame not 2-D (rare)
+            columns, align = 1, max(1, _PIECE_ALIGN_BYTES // itemsize)
+        else:   # a strided 2-D frame (a flipped or cropped view): pieces of whole rows
+            source = frame
+            columns = align = frame.shape[1]
+        nbytes = size * itemsize
+        octaves = round(math.log2(max(1.0, nbytes / STAGING_UNIT_BYTES)) / 2)
+        threads = max(1, min(self.copy_threads, 1 << octaves))
+        pieces = min(threads * max(1, STAGING_ROUNDS), _MAX_PIECES, max(1, size // align))
+        step = -(-size // pieces)
+        step = -(-step // align) * align
+        bounds = [(start, min(size, start + step)) for start in range(0, size, step)]
+        return source, columns, min(threads, len(bounds)), bounds
+
+    def _staged_upload(self, frame: np.ndarray, target: np.dtype, slot: int) -> list:
+        """Copy the frame into the slot's page-locked staging pieces with up to
+        ``copy_threads`` threads (converting to ``target``), queueing the DMA of each piece
+        as soon as it is copied. Returns the events of the DMAs, in order."""
+        cl = self._cl
+        itemsize = target.itemsize
+        previous = self._slot_free[slot]
+        if previous is not None:
+            previous.wait()   # the slot's last upload (and the kernels after it) are done
+        source, columns, threads, bounds = self._pieces(frame, itemsize)
+        staging = [piece.view(target) for piece in self._staging_pieces(
+            slot, tuple((stop - start) * itemsize for start, stop in bounds))]
+        queue, device_buffer = self._transfer_queue, self._raw[slot]
+        events = []
+
+        def send(index: int) -> None:
+            events.append(cl.enqueue_copy(queue, device_buffer, staging[index],
+                                          dst_offset=bounds[index][0] * itemsize,
+                                          is_blocking=False))
+            queue.flush()   # start this piece's DMA now
+        if threads == 1:   # this thread copies, piece after piece
+            for index, (start, stop) in enumerate(bounds):
+                _copy_piece(source, staging[index], start, stop, columns)
+                send(index)
+            return events
+        pool = _copy_pool(threads)
+        futures = [pool.submit(_copy_piece, source, staging[index], start, stop, columns)
+                   for index, (start, stop) in enumerate(bounds)]
+        try:
+            for index, future in enumerate(futures):
+                future.result()
+                send(index)
+        finally:
+            wait_futures(futures)   # never leave a thread writing into the staging buffers
+        return events
 
     def _frame_args(self, slot: int, error_model: str, variance: np.ndarray | None) -> list:
         has_dummy = self.dummy is not None
@@ -583,9 +847,11 @@ class OpenCLEngine:
                 self._real(self.delta_dummy)]
 
     def _submit(self, raw: Any, operation: str, params: dict, slot: int) -> _Pending:
-        """Queue the upload of one frame, the kernels and the read-back; return at once."""
+        """Queue the upload of one frame, the kernels and the read-back; return once the
+        frame is uploaded (the kernels and the read-back may still be running)."""
         cl = self._cl
-        frame, raw_type = self._prepare_frame(raw)
+        frame, target = self._prepare_frame(raw)
+        raw_type = RAW_TYPES[target]
         error_model = params["error_model"]
         if error_model not in ERROR_MODELS:
             raise AzfilterError(f"unknown error model {error_model!r}; choose one of "
@@ -593,7 +859,8 @@ class OpenCLEngine:
         kernels = self._kernels_for(raw_type)
         frame_args = self._frame_args(slot, error_model, params.get("variance"))
         wait = [self._slot_free[slot]] if self._slot_free[slot] is not None else None
-        uploaded = self._upload(frame, slot, wait)
+        uploads = self._upload(frame, target, slot, wait)
+        uploaded = uploads[-1]   # in-order queue: the last copy completes last
         wg = self.workgroup_size
         geometry = [self._indptr, self._indices, self._coefs]
         npt = np.int32(self.npt)
@@ -646,6 +913,9 @@ class OpenCLEngine:
         done = cl.enqueue_copy(queue, host, out, is_blocking=False)
         queue.flush()
         self._slot_free[slot] = done
+        # The frame's memory is free for reuse once this returns: the caller (a reader's ring
+        # of page-locked buffers) may overwrite it while the kernels run.
+        uploaded.wait()
         return _Pending(host, done)
 
     @staticmethod
@@ -685,6 +955,14 @@ class OpenCLEngine:
         kernels of frame n run; its sums are read back without blocking. Results come out in
         input order, each as soon as it is ready.
 
+        Frames in page-locked memory (:meth:`pinned_array`) go to the device by DMA; their
+        memory may be reused as soon as the next frame is asked for (a reader can cycle a
+        small ring of such buffers). Other frames, when the engine stages (discrete GPUs),
+        are read up to ``threads`` frames ahead and each copied whole into a page-locked
+        buffer by one of ``threads`` threads, several frames at once: their memory must stay
+        unchanged until their result is yielded (the engine keeps those ``threads + 1``
+        page-locked frame buffers per dtype for its next streams).
+
         Parameters
         ----------
         frames : iterable of numpy.ndarray
@@ -712,13 +990,51 @@ class OpenCLEngine:
             raise AzfilterError(f"{operation} needs {', '.join(missing)}")
         params.setdefault("variance", None)
         in_flight: deque[_Pending] = deque()
+        # frames being copied into page-locked buffers: (copy, frame to submit, its buffer)
+        copying: deque[tuple[Any, np.ndarray, np.ndarray | None]] = deque()
+        spare = self._stream_buffers    # page-locked frame buffers, by dtype, kept for reuse
+        submitted = 0
+
+        def submit_oldest() -> None:
+            nonlocal submitted
+            copy, frame, buffer = copying.popleft()
+            if copy is not None:
+                copy.result()
+            in_flight.append(self._submit(frame, operation, params, submitted % 2))
+            submitted += 1
+            if buffer is not None:   # uploaded: the buffer is free again
+                spare[buffer.dtype.str].append(buffer)
         try:
-            for index, frame in enumerate(frames):
-                in_flight.append(self._submit(frame, operation, params, index % 2))
-                if len(in_flight) == 2:
+            for raw in frames:
+                frame, target = self._prepare_frame(raw)
+                if self.staging and not (frame.dtype == target and frame.flags.c_contiguous
+                                         and is_pinned(frame, self.context)):
+                    buffers = spare.setdefault(target.str, [])
+                    buffer = buffers.pop() if buffers else self.pinned_array(self.npix, target)
+                    source, columns = ((frame, frame.shape[1]) if frame.ndim == 2
+                                       and not frame.flags.c_contiguous
+                                       else (frame.reshape(-1), 1))
+                    copy = _copy_pool(self.copy_threads).submit(
+                        _copy_piece, source, buffer, 0, frame.size, columns)
+                    copying.append((copy, buffer, buffer))
+                    ahead = self.copy_threads
+                else:   # uploaded before the next frame is asked for (a reader's ring)
+                    copying.append((None, frame, None))
+                    ahead = 0
+                while len(copying) > ahead:
+                    submit_oldest()
+                    if len(in_flight) == 2:
+                        yield self._finish(in_flight.popleft())
+            while copying or in_flight:
+                if copying:
+                    submit_oldest()
+                if len(in_flight) == 2 or not copying:
                     yield self._finish(in_flight.popleft())
-            while in_flight:
-                yield self._finish(in_flight.popleft())
         finally:
-            for pending in in_flight:   # abandoned generator: let the device finish
+            # abandoned generator: let the copying threads and the device finish
+            wait_futures([copy for copy, _, _ in copying if copy is not None])
+            for _, _, buffer in copying:
+                if buffer is not None:
+                    spare[buffer.dtype.str].append(buffer)
+            for pending in in_flight:
                 pending.done.wait()
