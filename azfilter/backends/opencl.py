@@ -25,7 +25,7 @@ one thread. On discrete GPUs the engine does that copy itself instead ("staging"
 frame in pieces copied by several threads, the DMA of each piece queued as soon as it is
 copied; in :meth:`OpenCLEngine.process_many`, whole frames copied ahead by several threads at
 once while earlier frames are uploaded and reduced. Dtype conversions the kernels need (byte
-order, ``bool``, ``float16``) happen in that same copy. docs/gpu-benchmark.md has the numbers.
+order, ``bool``, ``float16``) happen in that same copy. README.md (section "OpenCL backend on a GPU") has the numbers.
 
 ``pyopencl`` is imported lazily: the rest of azfilter imports and runs without it.
 :func:`list_devices` and :func:`opencl_status` serve ``azfilter devices``.
@@ -82,7 +82,7 @@ _REPO_KERNELS = Path(__file__).resolve().parent.parent.parent / "kernels"
 # STAGING_UNIT_BYTES) copy threads, rounded to a power of two, at most ``threads``: on the H100
 # host, 4 MB frames copied fastest with 2 threads, 18 MB with 4, 41 MB with 8 (waking a pool
 # thread costs ~20 us, and the copy bandwidth stops growing at ~8 threads;
-# docs/gpu-benchmark.md). Each thread copies STAGING_ROUNDS pieces one after the other, so
+# README.md (section "OpenCL backend on a GPU")). Each thread copies STAGING_ROUNDS pieces one after the other, so
 # that the DMA of the first pieces overlaps the copy of the later ones. Each piece has a
 # page-locked allocation of its own.
 STAGING_UNIT_BYTES = 1 << 20
@@ -504,7 +504,7 @@ class OpenCLEngine:
     uint32 frame). A frame in ordinary (pageable) memory must first be copied into page-locked
     memory; the driver does that with one thread (about 6-12 GB/s there), this engine with
     up to ``threads`` threads (16-30 GB/s there), overlapping the DMA (see the module's
-    docstring and docs/gpu-benchmark.md for the measured rates).
+    docstring and README.md (section "OpenCL backend on a GPU") for the measured rates).
     """
 
     name = "opencl"
