@@ -25,7 +25,8 @@ one thread. On discrete GPUs the engine does that copy itself instead ("staging"
 frame in pieces copied by several threads, the DMA of each piece queued as soon as it is
 copied; in :meth:`OpenCLEngine.process_many`, whole frames copied ahead by several threads at
 once while earlier frames are uploaded and reduced. Dtype conversions the kernels need (byte
-order, ``bool``, ``float16``) happen in that same copy. README.md (section "OpenCL backend on a GPU") has the numbers.
+order, ``bool``, ``float16``) happen in that same copy. The README's section "OpenCL backend
+on a GPU" has the numbers.
 
 ``pyopencl`` is imported lazily: the rest of azfilter imports and runs without it.
 :func:`list_devices` and :func:`opencl_status` serve ``azfilter devices``.
@@ -81,8 +82,8 @@ _REPO_KERNELS = Path(__file__).resolve().parent.parent.parent / "kernels"
 # Staged uploads of one pageable frame (as integrate() does): sqrt(frame bytes /
 # STAGING_UNIT_BYTES) copy threads, rounded to a power of two, at most ``threads``: on the H100
 # host, 4 MB frames copied fastest with 2 threads, 18 MB with 4, 41 MB with 8 (waking a pool
-# thread costs ~20 us, and the copy bandwidth stops growing at ~8 threads;
-# README.md (section "OpenCL backend on a GPU")). Each thread copies STAGING_ROUNDS pieces one after the other, so
+# thread costs ~20 us, and the copy bandwidth stops growing at ~8 threads; see the README's
+# GPU benchmark). Each thread copies STAGING_ROUNDS pieces one after the other, so
 # that the DMA of the first pieces overlaps the copy of the later ones. Each piece has a
 # page-locked allocation of its own.
 STAGING_UNIT_BYTES = 1 << 20
