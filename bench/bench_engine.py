@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -141,15 +140,10 @@ def run_worker(tool: str, detector: str, poni_path: str, repeat: int) -> dict:
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    from bench_cli import machine_info  # one description of the machine for both benchmarks
+
+    info = machine_info()
+    return f"{info['cpu']}, {info['cores']} cores, Python {info['python']}"
 
 
 def main() -> None:

@@ -191,3 +191,23 @@ def synthetic_frame(detector: str | Detector | Geometry = SMALL, geometry: Geome
                     seed: int = 0, **options) -> np.ndarray:
     """The raw frame of :func:`synthetic_case` (same arguments)."""
     return synthetic_case(detector, geometry, seed, **options).raw
+
+
+@dataclass
+class Table:
+    """The part of ``binning.CSR`` that engines read: a hand-made lookup table for tests."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    coefs: np.ndarray
+
+
+def table(rows: list[list[int]], coefs: list[list[float]] | None = None) -> Table:
+    """A CSR table from the pixel list of each bin (coefficients 1 unless given)."""
+    indptr = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
+    indices = np.array([p for r in rows for p in r], dtype=np.int32)
+    if coefs is None:
+        values = np.ones(indices.size, dtype=np.float32)
+    else:
+        values = np.array([c for r in coefs for c in r], dtype=np.float32)
+    return Table(indptr, indices, values)

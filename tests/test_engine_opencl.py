@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import synthetic_case
+from synthetic import synthetic_case, table
 
 from azfilter.backends import BinSums, get_engine_class, opencl
 from azfilter.backends.python import PythonEngine
@@ -135,21 +135,6 @@ def run(engine, operation: str, raw, model: str, variance, **params) -> BinSums:
     return engine.medfilt(raw, params["quant_min"], params["quant_max"], model, var)
 
 
-@dataclass
-class Table:
-    """The part of binning.CSR that engines read."""
-
-    indptr: np.ndarray
-    indices: np.ndarray
-    coefs: np.ndarray
-
-
-def table(rows: list[list[int]], coefs: list[list[float]] | None = None) -> Table:
-    indptr = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
-    indices = np.array([p for r in rows for p in r], dtype=np.int32)
-    values = np.ones(indices.size, np.float32) if coefs is None else \
-        np.array([c for r in coefs for c in r], dtype=np.float32)
-    return Table(indptr, indices, values)
 
 
 # ----------------------------------------------------------------------------- agreement

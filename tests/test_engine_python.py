@@ -8,34 +8,14 @@ docs/internals.md line by line.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from synthetic import table
 
 from azfilter.backends import BinSums, get_engine_class
 from azfilter.backends.python import PythonEngine
 from azfilter.errors import AzfilterError
-
-
-@dataclass
-class Table:
-    """The part of binning.CSR that engines read."""
-
-    indptr: np.ndarray
-    indices: np.ndarray
-    coefs: np.ndarray
-
-
-def table(rows: list[list[int]], coefs: list[list[float]] | None = None) -> Table:
-    """A CSR table from the pixel list of each bin (coefficients 1 unless given)."""
-    indptr = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
-    indices = np.array([p for r in rows for p in r], dtype=np.int32)
-    if coefs is None:
-        values = np.ones(indices.size, dtype=np.float32)
-    else:
-        values = np.array([c for r in coefs for c in r], dtype=np.float32)
-    return Table(indptr, indices, values)
 
 
 def engine(rows, norm, coefs=None, dark=None, dummy=None, delta_dummy=0.0) -> PythonEngine:
