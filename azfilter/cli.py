@@ -395,7 +395,7 @@ def _file_part(source: str) -> str:
 
 
 def _output_kind(output: str) -> str:
-    from .output import HDF5_SUFFIXES, TEXT_SUFFIXES
+    from .vocabulary import HDF5_SUFFIXES, TEXT_SUFFIXES
 
     if output == "-":
         return "stdout"
@@ -1228,7 +1228,8 @@ def info_command(paths: tuple[str, ...]) -> None:
 
 
 def _describe(path: str) -> list[str]:
-    from .output import HDF5_SUFFIXES, TEXT_SUFFIXES, geometry_lines
+    from .output import geometry_lines
+    from .vocabulary import HDF5_SUFFIXES, TEXT_SUFFIXES
 
     lower = path.lower()
     if lower.endswith(".poni"):

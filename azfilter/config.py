@@ -14,16 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import AzfilterError
-
-OPERATIONS = ("integrate", "sigma-clip", "medfilt")
-ERROR_MODELS = ("poisson", "azimuthal", "hybrid")
-SPLITS = ("no", "full")
-BACKENDS = ("python", "cython", "opencl")
+from .fileio import atomic_write_text
+from .vocabulary import BACKENDS, OPERATIONS, SPLITS
+from .vocabulary import CLI_ERROR_MODELS as ERROR_MODELS
 
 # Default of every key; None means "not set / not applied".
 DEFAULTS: dict[str, Any] = {
@@ -419,30 +416,6 @@ def to_toml(config: dict[str, Any]) -> str:
 def to_json(config: dict[str, Any]) -> str:
     """Format a config as one line of JSON (as embedded in outputs)."""
     return json.dumps(config, separators=(", ", ": "))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_config(config: dict[str, Any], path: str | os.PathLike) -> None:

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,15 +44,13 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import atomic_write_text
 from .errors import AzfilterError
+from .fileio import atomic_write_text, new_file_mode, temporary_path
 from .units import get_unit
+from .vocabulary import COMPRESSION_SUFFIXES
 
 PROGRAM = "azfilter"
 TEXT_CONFIG_PREFIX = "# config: "
-HDF5_SUFFIXES = (".h5", ".nxs", ".hdf5", ".hdf", ".nx5")
-TEXT_SUFFIXES = (".dat", ".xy", ".txt")
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".lz4", ".zst")
 
 # Per-bin arrays written to HDF5: (dataset name, Result attribute, dtype).
 ROW_ARRAYS = (
@@ -296,19 +293,6 @@ def write_text(path: str | os.PathLike, result: Any, meta: OutputMeta, source: s
 
 
 # ---------------------------------------------------------------------------- NeXus
-
-
-def _temp_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    return Path(tmp)
-
-
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def _chunk_rows(npt: int, itemsize: int) -> int:
@@ -668,7 +652,7 @@ class NexusWriter:
                 self._append_base = True
 
     def _open(self, radial: np.ndarray, arrays: Sequence[str]) -> _NexusFile:
-        self._tmp = _temp_path(self.path)
+        self._tmp = temporary_path(self.path, make_folder=True)
         if self._append_base:
             shutil.copyfile(self.path, self._tmp)
             handle = _NexusFile.reopen(self._tmp)
@@ -722,7 +706,7 @@ class NexusWriter:
         self.flush()
         self._file.finish()
         self._file = None
-        os.chmod(self._tmp, _file_mode())
+        os.chmod(self._tmp, new_file_mode())
         os.replace(self._tmp, self.path)
         self._tmp = None
         return True
@@ -853,7 +837,7 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                       parameters=first["parameters"], poni_text=first["poni"], geometry=[],
                       config=config)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(output)
+    tmp = temporary_path(output, make_folder=True)
     seen: set[tuple[str, int]] = set()
     written = duplicates = 0
     out = None
@@ -881,7 +865,7 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                     written += len(keep)
         out.finish()
         out = None
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, output)
     except BaseException:
         if out is not None:
