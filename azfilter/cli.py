@@ -372,17 +372,23 @@ def _merge_config(ctx: click.Context, operation: str | None,
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM (e.g. a SLURM time limit): stop like Ctrl-C, dropping unfinished outputs."""
+    """SIGTERM (a SLURM time limit) or SIGHUP (a closed terminal, a lost node): stop like
+    Ctrl-C, dropping unfinished outputs."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_signal(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+#: Signals that stop a run cleanly (temporary files removed, exit 143).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _run_reduction(ctx: click.Context, operation: str | None, params: dict[str, Any]) -> None:
-    previous = None
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        for signum in _STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, _on_signal)
     try:
         status = _reduction(ctx, operation, params)
     except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -397,8 +403,8 @@ def _run_reduction(ctx: click.Context, operation: str | None, params: dict[str, 
                     "unfinished outputs were removed")
         ctx.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     ctx.exit(status)
 
 

@@ -793,7 +793,8 @@ def test_python_m_azfilter_on_lambda_nexus_stack(testdata, tmp_path):
     assert np.isfinite(table.intensity).sum(axis=1).min() > 150
 
 
-def test_sigterm_leaves_no_partial_output(data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_leaves_no_partial_output(data, tmp_path, signum):
     stack = write_stack(tmp_path / "big.h5", [make_frame(k) for k in range(60)])
     out = tmp_path / "killed.h5"
     env = dict(os.environ, AZFILTER_LOG_INTERVAL="0")
@@ -803,7 +804,7 @@ def test_sigterm_leaves_no_partial_output(data, tmp_path):
         stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     first_line = proc.stderr.readline()  # the first progress line: frames are being written
     assert "frames" in first_line, first_line
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143, first_line + rest
     assert "terminated" in rest
