@@ -194,6 +194,9 @@ def _reduction_options(operation: str | None) -> list[Callable]:
             help="Threads of the compiled engine [default: all cores]."),
         opt("--dry-run", is_flag=True, default=False,
             help="Plan only: say what would be reduced, skipped, written."),
+        opt("-v", "--verbose", count=True, default=0,
+            help="More messages: -v the set-up (cores, threads, pools, device, cache), -vv "
+                 "debug logs. Log lines carry a timestamp when stderr is not a terminal."),
         opt("-q", "--quiet", is_flag=True, default=False,
             help="No progress and no summary (failures are still reported)."),
     ]
@@ -210,7 +213,7 @@ def _apply(decorators: list[Callable]) -> Callable:
 
 
 # Options whose value is not part of the job config.
-_NOT_CONFIG = {"config", "save_config", "dry_run", "inputs", "config_file"}
+_NOT_CONFIG = {"config", "save_config", "dry_run", "inputs", "config_file", "verbose"}
 
 
 def _given_options(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
@@ -408,8 +411,38 @@ def _run_reduction(ctx: click.Context, operation: str | None, params: dict[str, 
     ctx.exit(status)
 
 
+def setup_logging(verbose: int) -> None:
+    """Log azfilter's messages to stderr: warnings always, -v info, -vv debug.
+
+    On a terminal a line reads ``azfilter: message``; in a log file (cron, SLURM output) it
+    starts with the date and time.
+    """
+    import logging
+
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else \
+        logging.DEBUG
+    logger = logging.getLogger("azfilter")
+    logger.setLevel(level)
+    for handler in list(logger.handlers):
+        if getattr(handler, "_azfilter", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._azfilter = True  # type: ignore[attr-defined]
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    handler.setFormatter(logging.Formatter(
+        "azfilter: %(message)s" if terminal else
+        "%(asctime)s azfilter: %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
 def _reduction(ctx: click.Context, operation: str | None, params: dict[str, Any]) -> int:
     from .pipeline import run_job
+
+    setup_logging(int(params.get("verbose") or 0))
 
     config, _ = _merge_config(ctx, operation, params)
     if config["operation"] == "sigma-clip" and config.get("split") == "full":

@@ -692,6 +692,23 @@ def test_progress_bar_on_a_terminal(monkeypatch):
     assert quiet.text == ""
 
 
+def test_progress_bar_fits_a_narrow_terminal(monkeypatch):
+    import os as os_module
+    import shutil
+
+    terminal = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(shutil, "get_terminal_size",
+                        lambda fallback=None: os_module.terminal_size((50, 20)))
+    progress = progress_module.Progress(total=1000, quiet=False, label="sigma-clip shard 2/16")
+    assert "0/1000 frames" in terminal.text          # shown before the first frame
+    for _ in range(1000):
+        progress.step()
+    progress.close()
+    lines = [part for part in terminal.text.split("\r\033[K") if part]
+    assert lines and all(len(line) <= 49 for line in lines), max(lines, key=len)
+
+
 # ============================================================================ plot
 
 
@@ -985,3 +1002,16 @@ def test_run_job_is_the_command_without_click(data, tmp_path):
                      dry_run=True)
     assert [index for _, index, _ in dry.planned] == [0, 1, 2, 3]
     assert not (tmp_path / "dry.h5").exists()
+
+
+def test_verbose_prints_pools_and_follows_slurm_cpus(data, tmp_path):
+    result = invoke("integrate", "-v", "-p", data.poni, "--backend", "python", "--npt", 30,
+                    *data.cbfs, "-o", tmp_path / "v.h5", env={"SLURM_CPUS_PER_TASK": "1"})
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.stderr.splitlines() if "engine threads" in ln)
+    assert "engine threads 1" in line and "1 cores usable" in line and "reader threads" in line
+    # not a terminal: log lines start with a timestamp
+    assert line[:4].isdigit() and line[4] == "-"
+    quiet = invoke("integrate", "-p", data.poni, "--backend", "python", "--npt", 30,
+                   *data.cbfs, "-o", tmp_path / "q.h5")
+    assert "engine threads" not in quiet.stderr

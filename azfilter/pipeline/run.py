@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import queue
 import threading
@@ -38,10 +39,13 @@ from ..fileio import (
     sweep_stale_temporaries,
 )
 from ..manifest import Manifest
+from ..resources import usable_cores
 from ..vocabulary import METHOD_OF
 from . import plan as planning
 from .plan import Block, Planned
 from .progress import Progress, plural
+
+logger = logging.getLogger(__name__)
 
 # Frames each reader may have decoded ahead of the reducer (memory stays flat).
 READ_AHEAD = 2
@@ -177,8 +181,8 @@ def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | Non
         device=config["device"], mask=config["mask"], dark=config["dark"], flat=config["flat"],
         polarization=config["polarization"], solid_angle=config["solid_angle"],
         radial_range=config["radial_range"], azimuth_range=config["azimuth_range"],
-        normalization=config["normalization"], threads=config["threads"],
-        pixel_mask=pixel_mask,
+        normalization=config["normalization"],
+        threads=config["threads"] or usable_cores(), pixel_mask=pixel_mask,
     )
     if integrator.shape is not None:
         integrator.table(config["split"])
@@ -600,6 +604,10 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     readers = 1 if threads == 1 else 2
     buffers = _frame_buffers(integrator, (readers + 1) * (READ_AHEAD + 1) + 4)
     method, params = reduction_parameters(job.config)
+    logger.info("%s: %d frames; backend %s%s, engine threads %s, %d reader threads, "
+                "%d cores usable", job.label, len(job.todo), job.config["backend"],
+                f" (device {job.config['device']})" if job.config.get("device") else "",
+                integrator.threads, readers, usable_cores())
     interrupted: BaseException | None = None
     read_stop = threading.Event()
     # frame source and buffer of each frame in the engine, until its result is back
