@@ -21,6 +21,7 @@ from azfilter.errors import AzfilterError
 from azfilter.geometry import Geometry
 
 _engine = pytest.importorskip("azfilter._engine", reason="compiled extension not built")
+_tables = pytest.importorskip("azfilter._tables", reason="compiled extension not built")
 from azfilter.backends.cython import CythonEngine  # noqa: E402
 
 FIELDS = ("signal", "variance", "normalization", "normalization2", "count")
@@ -390,7 +391,7 @@ def test_fullsplit_table_matches_numpy_builder(config, monkeypatch):
                                         radial_center, chi_center, monkeypatch)
     delta = (parts.hi - parts.lo) / parts.npt
     for threads in (1, 3):
-        indptr, indices, coefs = _engine.fullsplit_table(
+        indptr, indices, coefs = _tables.fullsplit_table(
             radial_grid, chi_grid, usable, radial_center, parts.lo, delta, parts.npt,
             binning._DEGENERATE_AREA, threads)
         np.testing.assert_array_equal(indptr, parts.indptr)
@@ -414,7 +415,7 @@ def test_fullsplit_table_degenerate_and_non_finite_pixels(monkeypatch):
                                         radial_range=(1.0, 14.0), monkeypatch=monkeypatch)
     assert not usable[7, 9] and not usable[6, 8]
     delta = (parts.hi - parts.lo) / parts.npt
-    indptr, indices, coefs = _engine.fullsplit_table(radial_grid, chi_grid, usable, None,
+    indptr, indices, coefs = _tables.fullsplit_table(radial_grid, chi_grid, usable, None,
                                                      parts.lo, delta, parts.npt,
                                                      binning._DEGENERATE_AREA, 2)
     np.testing.assert_array_equal(indptr, parts.indptr)

@@ -345,8 +345,9 @@ def test_process_many_equals_one_by_one(engines, small, operation, params):
         frames.insert(2, np.clip(small.raw, 0, None).astype(np.uint32))   # by the dtype test)
     one_by_one = [run(ocl, operation, frame, params["error_model"], None, **params)
                   for frame in frames]
-    streamed = list(ocl.process_many(iter(frames), operation, **params))
-    assert len(streamed) == len(frames)
+    tagged = list(ocl.process_many(enumerate(frames), operation, params))
+    assert [tag for tag, _ in tagged] == list(range(len(frames)))
+    streamed = [sums for _, sums in tagged]
     for single, batch in zip(one_by_one, streamed, strict=True):
         for name in FIELDS:
             np.testing.assert_array_equal(getattr(batch, name), getattr(single, name))
@@ -371,11 +372,12 @@ def test_frames_in_pinned_memory(engines, small):
 def test_process_many_errors_and_early_stop(engines, small):
     _, ocl = engines["no"]
     with pytest.raises(AzfilterError, match="unknown operation"):
-        list(ocl.process_many([small.raw], "median"))
+        ocl.process_many([(0, small.raw)], "median", {})
     with pytest.raises(AzfilterError, match="thres"):
-        list(ocl.process_many([small.raw], "sigma_clip", error_model="poisson"))
-    stream = ocl.process_many([small.raw] * 4, "integrate", error_model="poisson")
-    first = next(stream)
+        ocl.process_many([(0, small.raw)], "sigma_clip", {"error_model": "poisson"})
+    stream = ocl.process_many(enumerate([small.raw] * 4), "integrate",
+                              {"error_model": "poisson"})
+    _, first = next(stream)
     stream.close()   # abandoned with frames in flight: waits for them, no error
     np.testing.assert_array_equal(first.signal, ocl.integrate(small.raw, "poisson").signal)
 
@@ -439,14 +441,14 @@ def test_azfilter_works_without_pyopencl():
 
 def test_kernel_sources_found_outside_the_package(monkeypatch, tmp_path):
     """Editable installs have no azfilter/kernels/: the repository's kernels/ is used."""
-    monkeypatch.setattr(opencl, "_SOURCE", None)
-    monkeypatch.setattr(opencl.importlib.resources, "files", lambda package: tmp_path)
+    monkeypatch.setattr(opencl.programs, "_SOURCE", None)
+    monkeypatch.setattr(opencl.programs.importlib.resources, "files", lambda package: tmp_path)
     source = opencl.kernel_source()
     for kernel in ("void integrate(", "void sigma_clip(", "void medfilt(",
                    "void medfilt_chunk_sort(", "void medfilt_merge("):
         assert kernel in source
-    monkeypatch.setattr(opencl, "_SOURCE", None)
-    monkeypatch.setattr(opencl, "_REPO_KERNELS", tmp_path / "nowhere")
+    monkeypatch.setattr(opencl.programs, "_SOURCE", None)
+    monkeypatch.setattr(opencl.programs, "_REPO_KERNELS", tmp_path / "nowhere")
     with pytest.raises(AzfilterError, match="not found"):
         opencl.kernel_source()
 
@@ -460,15 +462,15 @@ def test_staged_uploads_equal_direct_uploads(small, device, monkeypatch):
                                  device=device, staging=False)
     staged = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
                                  device=device, staging=True, threads=3)
-    monkeypatch.setattr(opencl, "STAGING_UNIT_BYTES", 1 << 12)   # every frame: 3 threads
-    monkeypatch.setattr(opencl, "STAGING_ROUNDS", 2)
+    monkeypatch.setattr(opencl.engine, "STAGING_UNIT_BYTES", 1 << 12)   # every frame: 3 threads
+    monkeypatch.setattr(opencl.engine, "STAGING_ROUNDS", 2)
     copies: list[str] = []
-    copy_piece = opencl._copy_piece
+    copy_piece = opencl.copy_piece
 
     def counting_copy(*args):
         copies.append(threading.current_thread().name)
         copy_piece(*args)
-    monkeypatch.setattr(opencl, "_copy_piece", counting_copy)
+    monkeypatch.setattr(opencl.engine, "copy_piece", counting_copy)
     raw = small.raw
     frames = {
         "int32": raw, "rows reversed (strided)": raw[::-1], "columns reversed": raw[:, ::-1],
@@ -527,17 +529,19 @@ def test_process_many_staged_and_pinned_frames(small, device):
             else:
                 kinds.append("pageable")
                 yield frame[::-1][::-1] if index == 5 else frame
-    streamed = list(staged.process_many(mixed(), "sigma_clip", **params))
+    streamed = [sums for _, sums in staged.process_many(enumerate(mixed()), "sigma_clip",
+                                                        params)]
     assert kinds.count("ring") == 3 and len(streamed) == len(frames)
     for index, (single, got) in enumerate(zip(one_by_one, streamed, strict=True)):
         for name in FIELDS:
             np.testing.assert_array_equal(getattr(got, name), getattr(single, name),
                                           err_msg=f"frame {index}: {name}")
     # abandoned with frames still being copied: no error, the next stream is right
-    stream = staged.process_many(iter(frames), "sigma_clip", **params)
-    np.testing.assert_array_equal(next(stream).signal, one_by_one[0].signal)
+    stream = staged.process_many(enumerate(frames), "sigma_clip", params)
+    np.testing.assert_array_equal(next(stream)[1].signal, one_by_one[0].signal)
     stream.close()
-    again = list(staged.process_many(iter(frames[:3]), "sigma_clip", **params))
+    again = [sums for _, sums in staged.process_many(enumerate(frames[:3]), "sigma_clip",
+                                                     params)]
     np.testing.assert_array_equal(again[2].signal, one_by_one[2].signal)
 
 
@@ -550,10 +554,10 @@ def test_pinned_arrays_are_recognised_and_uploaded_directly(engines, small, devi
     assert not opencl.is_pinned(small.raw) and not opencl.is_pinned(np.empty_like(pinned))
     extra = ocl.pinned_array(1000, np.uint16)
     start = extra.__array_interface__["data"][0]
-    assert start in [r[0] for r in opencl._pinned_ranges()] and opencl.is_pinned(extra)
+    assert start in [r[0] for r in opencl.pinned_ranges()] and opencl.is_pinned(extra)
     del extra
     gc.collect()
-    assert start not in [r[0] for r in opencl._pinned_ranges()]   # freed: range forgotten
+    assert start not in [r[0] for r in opencl.pinned_ranges()]   # freed: range forgotten
 
     staged = opencl.OpenCLEngine(small.tables["no"], small.pixel_norm, small.dark, DUMMY,
                                  DELTA_DUMMY, device=device, staging=True)
@@ -669,7 +673,7 @@ def test_cli_reads_frames_into_page_locked_buffers(tmp_path, device, monkeypatch
     def counting_read_direct(self, dest, *args, **kwargs):
         direct_reads.append(opencl.is_pinned(dest))
         return read_direct(self, dest, *args, **kwargs)
-    monkeypatch.setattr(opencl, "pinned_array", counting_pinned)
+    monkeypatch.setattr(opencl.hostmem, "pinned_array", counting_pinned)
     monkeypatch.setattr(cli, "_reduce", spying_reduce)
     monkeypatch.setattr(h5py.Dataset, "read_direct", counting_read_direct)
     outputs = {}
