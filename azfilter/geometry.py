@@ -305,9 +305,10 @@ class Geometry:
             t2 = row2[rows, None] + col2[None, :]
             block = out[rows]
             if quantity == "chi":
+                # atan2 as is, as pyFAI (2026.9): range [-pi, pi]; on the cut left of the PONI
+                # (t1 = ±0, t2 < 0) the sign of t1's zero decides: +pi, or -pi where the
+                # rotation leaves -0.0 (docs/internals.md, "The χ cut")
                 np.arctan2(t1, t2, out=block)
-                # atan2 gives -pi for (-0.0, negative); pyFAI's range is (-pi, pi]
-                block[block == -np.pi] = np.pi
             elif quantity == "r":
                 np.hypot(t1, t2, out=block)
             else:  # 2th
