@@ -138,16 +138,6 @@ def run(engine, operation: str, raw, model: str, variance, **params) -> BinSums:
 
 
 # ----------------------------------------------------------------------------- agreement
-@pytest.mark.parametrize("split", ["no", "full"])
-@pytest.mark.parametrize("model", MODELS)
-def test_integrate_matches_reference(engines, small, split, model):
-    ref, ocl = engines[split]
-    expected = run(ref, "integrate", small.raw, model, small.variance)
-    got = run(ocl, "integrate", small.raw, model, small.variance)
-    assert np.all(expected.count > 0)
-    assert_agree(expected, got, f"integrate {split} {model}")
-
-
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("thres, max_iter", [(5.0, 5), (0.0, 10), (3.0, 0), (2.0, 1)])
 def test_sigma_clip_matches_reference(engines, small, model, thres, max_iter):
@@ -172,8 +162,10 @@ def test_sigma_clip_full_split_table(engines, small):
 
 @pytest.mark.parametrize("split", ["no", "full"])
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("quantiles", [(0.5, 0.5), (0.25, 0.75), (0.0, 1.0)])
-def test_medfilt_matches_reference(engines, small, split, model, quantiles):
+def test_medfilt_matches_reference(engines, small, split, model):
+    """Rows of ~1000 fragments: the local-memory bitonic sort at its full size (the contract's
+    rows are ~100)."""
+    quantiles = (0.25, 0.75)
     ref, ocl = engines[split]
     params = dict(quant_min=quantiles[0], quant_max=quantiles[1])
     expected = run(ref, "medfilt", small.raw, model, small.variance, **params)
@@ -183,8 +175,9 @@ def test_medfilt_matches_reference(engines, small, split, model, quantiles):
 
 
 # ----------------------------------------------------------------------------- raw dtypes
-@pytest.mark.parametrize("dtype", ["uint16", "uint32", ">i4", "float32", "float64", "bool"])
-def test_raw_dtypes_are_converted_on_the_device(engines, small, dtype):
+# uint16, uint32, int32, float32, float64: the contract; these go through a host conversion
+@pytest.mark.parametrize("dtype", [">i4", "bool", "int8", "uint64"])
+def test_raw_dtypes_are_converted(engines, small, dtype):
     ref, ocl = engines["no"]
     raw = np.clip(small.raw, 0, None).astype(dtype)
     if dtype.startswith("float"):   # NaN pixels are invalid
@@ -192,9 +185,6 @@ def test_raw_dtypes_are_converted_on_the_device(engines, small, dtype):
         raw[small.raw == -2] = -2
     expected = ref.integrate(raw, "poisson")
     assert_agree(expected, ocl.integrate(raw, "poisson"), f"integrate raw {dtype}")
-    if dtype == "uint32":   # a second operation on the same compiled program
-        assert_agree(ref.sigma_clip(raw, 4.0, 3, "hybrid"),
-                     ocl.sigma_clip(raw, 4.0, 3, "hybrid"), "sigma_clip uint32")
 
 
 def test_unsupported_dtype_and_wrong_size(engines, small):
@@ -331,30 +321,7 @@ def test_compensated_float32_and_global_sort(small, device):
 
 
 # ----------------------------------------------------------------------------- batch mode
-@pytest.mark.parametrize("operation, params", [
-    ("integrate", dict(error_model="azimuthal")),
-    ("sigma_clip", dict(thres=4.0, max_iter=5, error_model="hybrid")),
-    ("medfilt", dict(quant_min=0.2, quant_max=0.8, error_model="poisson")),
-])
-def test_process_many_equals_one_by_one(engines, small, operation, params):
-    _, ocl = engines["no"]
-    rng = np.random.default_rng(5)
-    frames = [small.raw, (small.raw + rng.poisson(3, small.raw.shape)).astype(np.int32),
-              small.raw[::-1].copy(), small.raw * 2]
-    if operation != "medfilt":   # the dtype may change between frames (programs compiled
-        frames.insert(2, np.clip(small.raw, 0, None).astype(np.uint32))   # by the dtype test)
-    one_by_one = [run(ocl, operation, frame, params["error_model"], None, **params)
-                  for frame in frames]
-    tagged = list(ocl.process_many(enumerate(frames), operation, params))
-    assert [tag for tag, _ in tagged] == list(range(len(frames)))
-    streamed = [sums for _, sums in tagged]
-    for single, batch in zip(one_by_one, streamed, strict=True):
-        for name in FIELDS:
-            np.testing.assert_array_equal(getattr(batch, name), getattr(single, name))
-    # distinct frames gave distinct results (nothing was overwritten in flight)
-    assert not np.array_equal(streamed[0].signal, streamed[1].signal)
-
-
+# process_many's order, per-frame errors and early stop: the contract
 def test_frames_in_pinned_memory(engines, small):
     """pinned_array gives page-locked host arrays; frames there give the same results."""
     _, ocl = engines["no"]
@@ -367,19 +334,6 @@ def test_frames_in_pinned_memory(engines, small):
         single = ocl.sigma_clip(frame, 4.0, 5, "azimuthal")
         for name in FIELDS:
             np.testing.assert_array_equal(getattr(direct, name), getattr(single, name))
-
-
-def test_process_many_errors_and_early_stop(engines, small):
-    _, ocl = engines["no"]
-    with pytest.raises(AzfilterError, match="unknown operation"):
-        ocl.process_many([(0, small.raw)], "median", {})
-    with pytest.raises(AzfilterError, match="thres"):
-        ocl.process_many([(0, small.raw)], "sigma_clip", {"error_model": "poisson"})
-    stream = ocl.process_many(enumerate([small.raw] * 4), "integrate",
-                              {"error_model": "poisson"})
-    _, first = next(stream)
-    stream.close()   # abandoned with frames in flight: waits for them, no error
-    np.testing.assert_array_equal(first.signal, ocl.integrate(small.raw, "poisson").signal)
 
 
 # ----------------------------------------------------------------------------- devices
@@ -536,6 +490,14 @@ def test_process_many_staged_and_pinned_frames(small, device):
         for name in FIELDS:
             np.testing.assert_array_equal(getattr(got, name), getattr(single, name),
                                           err_msg=f"frame {index}: {name}")
+    # bad frames among staged ones: their errors in their places, the others unchanged
+    bad = [(0, frames[0]), (1, frames[1][:-1]), (2, frames[2]),
+           (3, frames[3].astype(np.complex64)), (4, frames[4]), (5, frames[5])]
+    got = list(staged.process_many(iter(bad), "sigma_clip", params))
+    assert [tag for tag, _ in got] == [0, 1, 2, 3, 4, 5]
+    assert isinstance(got[1][1], AzfilterError) and isinstance(got[3][1], AzfilterError)
+    for index in (0, 2, 4, 5):
+        np.testing.assert_array_equal(got[index][1].signal, one_by_one[index].signal)
     # abandoned with frames still being copied: no error, the next stream is right
     stream = staged.process_many(enumerate(frames), "sigma_clip", params)
     np.testing.assert_array_equal(next(stream)[1].signal, one_by_one[0].signal)
