@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from . import vocabulary
 from .cache import cache_dir, store_npz
 from .errors import AzfilterError
 from .units import get_unit
@@ -59,7 +60,7 @@ CACHE_FORMAT_VERSION = 1
 #: pyFAI's "EPS32": the upper bin bound is the data maximum times this
 UPPER_BOUND_FACTOR = 1.0 + 2.0**-23
 
-SPLITS = ("no", "full")
+SPLITS = vocabulary.SPLITS
 
 _TWO_PI = 2.0 * math.pi
 

@@ -17,16 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from . import vocabulary
 from .backends import BACKENDS, BinSums, FrameBufferRing, get_engine_class, parse_error_model
 from .errors import AzfilterError
 from .preproc import PixelConstants, describe_source, parse_polarization, pixel_constants
 from .units import get_unit
 
 #: pixel-splitting modes: none (each pixel in the bin of its centre) or exact area splitting
-SPLITS: tuple[str, ...] = ("no", "full")
+SPLITS: tuple[str, ...] = vocabulary.SPLITS
 
-#: the three operations, as recorded in :attr:`Result.operation`
-OPERATIONS: tuple[str, ...] = ("integrate", "sigma_clip", "medfilt")
+#: the three operations, as recorded in :attr:`Result.operation` (method names)
+OPERATIONS: tuple[str, ...] = vocabulary.METHODS
 
 
 @dataclass

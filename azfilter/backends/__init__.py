@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import importlib
 
+from .. import vocabulary
 from ..errors import AzfilterError
-from ..preproc import ERROR_MODELS
+from ..vocabulary import ERROR_MODELS
 from .base import OPERATION_PARAMETERS, Engine, FrameBufferRing, check_operation
 from .sums import BinSums
 
 #: backend name -> (module, class name)
+_ENGINE_CLASSES = {"python": "PythonEngine", "cython": "CythonEngine", "opencl": "OpenCLEngine"}
 BACKENDS: dict[str, tuple[str, str]] = {
-    "python": ("python", "PythonEngine"),
-    "cython": ("cython", "CythonEngine"),
-    "opencl": ("opencl", "OpenCLEngine"),
+    name: (name, _ENGINE_CLASSES[name]) for name in vocabulary.BACKENDS
 }
 
 # What to tell the user when a backend cannot be imported.

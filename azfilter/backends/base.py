@@ -24,7 +24,8 @@ import numpy as np
 from ..errors import AzfilterError
 from .sums import BinSums
 
-#: operation -> (required parameters, optional parameters) of :meth:`Engine.process_many`
+#: operation (:data:`azfilter.vocabulary.METHODS`) -> (required parameters, optional ones)
+#: of :meth:`Engine.process_many`
 OPERATION_PARAMETERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "integrate": (("error_model",), ("variance",)),
     "sigma_clip": (("thres", "max_iter", "error_model"), ("variance",)),

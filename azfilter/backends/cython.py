@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _engine
 from ..errors import AzfilterError
-from ..preproc import ERROR_MODELS
+from ..vocabulary import ERROR_MODELS
 from .base import Engine
 from .sums import BinSums
 

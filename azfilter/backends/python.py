@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import AzfilterError
-from ..preproc import ERROR_MODELS, preprocess
+from ..preproc import preprocess
+from ..vocabulary import ERROR_MODELS
 from .base import Engine
 from .sums import BinSums
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from .. import config as cfg
 from ..errors import AzfilterError, FrameReadError, RunFailed
+from ..poni import format_poni
 from ..vocabulary import METHOD_OF
 from . import plan as planning
 from .plan import Block, Planned
@@ -223,7 +224,7 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     job_config["output"] = os.path.abspath(output_arg) if output_arg != "-" else "-"
     meta = OutputMeta(
         operation=config["operation"], unit=config["unit"],
-        parameters=operation_parameters(config), poni_text=geometry.to_poni(),
+        parameters=operation_parameters(config), poni_text=format_poni(geometry),
         geometry=geometry_lines(geometry), config=job_config,
         shard=None if shard is None else f"{shard[0]}/{shard[1]}",
     )

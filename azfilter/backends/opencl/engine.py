@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import AzfilterError
-from ...preproc import ERROR_MODELS
+from ...vocabulary import ERROR_MODELS, METHODS
 from ..base import Engine, FrameBufferRing
 from ..sums import BinSums
 from . import hostmem
@@ -61,8 +61,8 @@ RAW_TYPES: dict[np.dtype, str] = {
     np.dtype(np.float32): "float", np.dtype(np.float64): "double",
 }
 
-#: operations the engine runs, for :meth:`OpenCLEngine.process_many`
-OPERATIONS: tuple[str, ...] = ("integrate", "sigma_clip", "medfilt")
+#: operations the engine runs (the method names of the vocabulary)
+OPERATIONS: tuple[str, ...] = METHODS
 
 _NSUMS = 5                  # S, V, W, W2, N: rows of the output array (kernels' NSUMS)
 _CLIP_MODEL = {"poisson": 0, "variance": 0, "azimuthal": 1, "hybrid": 2}
