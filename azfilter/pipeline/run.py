@@ -39,6 +39,7 @@ from ..fileio import (
     sweep_stale_temporaries,
 )
 from ..manifest import Manifest
+from ..poni import format_poni
 from ..resources import usable_cores
 from ..vocabulary import METHOD_OF
 from . import plan as planning
@@ -278,7 +279,7 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     job_config["output"] = os.path.abspath(output_arg) if output_arg != "-" else "-"
     meta = OutputMeta(
         operation=config["operation"], unit=config["unit"],
-        parameters=operation_parameters(config), poni_text=geometry.to_poni(),
+        parameters=operation_parameters(config), poni_text=format_poni(geometry),
         geometry=geometry_lines(geometry), config=job_config,
         shard=None if shard is None else f"{shard[0]}/{shard[1]}",
     )
@@ -602,7 +603,7 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     # enough for every frame the read-ahead queues can hold, plus the readers' and the
     # engine's own.
     readers = 1 if threads == 1 else 2
-    buffers = _frame_buffers(integrator, (readers + 1) * (READ_AHEAD + 1) + 4)
+    buffers = integrator.frame_buffers((readers + 1) * (READ_AHEAD + 1) + 4)
     method, params = reduction_parameters(job.config)
     logger.info("%s: %d frames; backend %s%s, engine threads %s, %d reader threads, "
                 "%d cores usable", job.label, len(job.todo), job.config["backend"],
@@ -619,7 +620,7 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
             yield planned, frame.data
 
     try:
-        for planned, outcome in _process_many(integrator, frames(), method, params):
+        for planned, outcome in integrator.process_many(frames(), method, **params):
             frame_source, data = in_flight.pop(id(planned))
             buffers.give_back(data)   # the engine has read it: reuse the buffer
             if stop.is_set():
@@ -651,32 +652,3 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
             raise RunFailed(f"{where}: cannot write the output: {err.strerror}")
         raise RunFailed(f"{job.output}: cannot write the output: {err}")
     sink.close()
-
-
-# TEMPORARY until the engines branch lands (Integrator.process_many / frame_buffers).
-class _NoBuffers:
-    def take(self, shape: Any, dtype: Any) -> None:
-        return None
-
-    def fill(self, data: Any) -> Any:
-        return data
-
-    def give_back(self, data: Any) -> None:
-        return None
-
-
-def _frame_buffers(integrator: Any, capacity: int) -> Any:
-    if hasattr(integrator, "frame_buffers"):
-        return integrator.frame_buffers(capacity)
-    return _NoBuffers()
-
-
-def _process_many(integrator: Any, frames: Any, method: str, params: dict) -> Iterator:
-    if hasattr(integrator, "process_many"):
-        yield from integrator.process_many(frames, method, **params)
-        return
-    for tag, data in frames:
-        try:
-            yield tag, getattr(integrator, method)(data, **params)
-        except Exception as err:  # noqa: BLE001
-            yield tag, err
