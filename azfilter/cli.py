@@ -31,6 +31,7 @@ from .commands.common import (
     EXIT_TERMINATED,
     Fatal,
     RunFailed,
+    setup_logging,
     stderr_line,
 )
 from .errors import AzfilterError
@@ -174,6 +175,18 @@ def _reduction_options(operation: str | None) -> list[Callable]:
         opt("--normalization", type=click.FloatRange(min=0, min_open=True),
             default=cfg.DEFAULTS["normalization"], show_default=True, metavar="FACTOR",
             help="Divide intensities by FACTOR (monitor)."),
+        opt("--wavelength", type=click.FloatRange(min=0, min_open=True), metavar="ANGSTROM",
+            help="Wavelength in angstrom, replacing the PONI file's."),
+        opt("--energy", type=click.FloatRange(min=0, min_open=True), metavar="KEV",
+            help="Photon energy in keV, replacing the PONI file's wavelength."),
+        opt("--dummy", type=float, metavar="VALUE",
+            help="Raw value of invalid pixels, replacing the detector's (Pilatus/Eiger: -1)."),
+        opt("--delta-dummy", type=click.FloatRange(min=0), metavar="TOL",
+            help="Pixels within TOL of --dummy are invalid [default: 0, or the detector's]."),
+        opt("--monitor", metavar="KEY",
+            help="Divide each frame by its monitor: a header key of EDF/CBF/TIFF frames, or "
+                 "an HDF5 dataset of one value per frame (/entry/instrument/i0/data in each "
+                 "input, or file.h5::/path). A missing or zero monitor fails the frame."),
         opt("--backend", type=click.Choice(cfg.BACKENDS), default=cfg.DEFAULTS["backend"],
             show_default=True,
             help="Engine: cython (compiled, all cores), opencl (GPU/CPU), python (reference)."),
@@ -192,6 +205,8 @@ def _reduction_options(operation: str | None) -> list[Callable]:
                  "input order. Default inside a SLURM array job: the task's index and count."),
         opt("--threads", type=click.IntRange(min=1), default=None,
             help="Threads of the compiled engine [default: all cores]."),
+        opt("--wait/--no-wait", default=True, show_default=True,
+            help="When another run is writing the same output: wait for it, or refuse."),
         opt("--dry-run", is_flag=True, default=False,
             help="Plan only: say what would be reduced, skipped, written."),
         opt("-v", "--verbose", count=True, default=0,
@@ -411,40 +426,14 @@ def _run_reduction(ctx: click.Context, operation: str | None, params: dict[str, 
     ctx.exit(status)
 
 
-def setup_logging(verbose: int) -> None:
-    """Log azfilter's messages to stderr: warnings always, -v info, -vv debug.
-
-    On a terminal a line reads ``azfilter: message``; in a log file (cron, SLURM output) it
-    starts with the date and time.
-    """
-    import logging
-
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else \
-        logging.DEBUG
-    logger = logging.getLogger("azfilter")
-    logger.setLevel(level)
-    for handler in list(logger.handlers):
-        if getattr(handler, "_azfilter", False):
-            logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._azfilter = True  # type: ignore[attr-defined]
-    try:
-        terminal = sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        terminal = False
-    handler.setFormatter(logging.Formatter(
-        "azfilter: %(message)s" if terminal else
-        "%(asctime)s azfilter: %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logger.addHandler(handler)
-    logger.propagate = False
-
-
 def _reduction(ctx: click.Context, operation: str | None, params: dict[str, Any]) -> int:
     from .pipeline import run_job
 
     setup_logging(int(params.get("verbose") or 0))
 
     config, _ = _merge_config(ctx, operation, params)
+    if config.get("wavelength") is not None and config.get("energy") is not None:
+        raise click.UsageError("--wavelength and --energy exclude each other", ctx)
     if config["operation"] == "sigma-clip" and config.get("split") == "full":
         raise click.UsageError(
             "sigma-clip works without pixel splitting only (--split no): a pixel shared "

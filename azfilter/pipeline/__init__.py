@@ -87,6 +87,8 @@ def run_job(config: dict[str, Any], *, dry_run: bool = False, quiet: bool | None
         The output could not be written; the unfinished output was removed.
     """
     merged = cfg.effective(cfg.normalize(config, "job"))
+    if merged.get("wavelength") is not None and merged.get("energy") is not None:
+        raise AzfilterError("job: wavelength and energy exclude each other")
     for key, what in (("operation", "an operation"), ("poni", "a PONI file"),
                       ("inputs", "inputs"), ("output", "an output")):
         if not merged.get(key):
@@ -109,7 +111,7 @@ def run_job(config: dict[str, Any], *, dry_run: bool = False, quiet: bool | None
         report.failures = [str(p.error) for p in job.failures]
         return report
     out_kind, output, _ = resolve_output(merged)
-    with output_lock(output, out_kind, wait=merged.get("lock_wait", True), note=note):
+    with output_lock(output, out_kind, wait=merged["wait"], note=note):
         # Under the lock: what the output holds now is what this run extends.
         sweep_temporaries(output, out_kind)
         job = prepare_job(merged, note=note)

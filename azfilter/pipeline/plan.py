@@ -230,6 +230,7 @@ def expand(inputs: list[str], recursive: bool, output: str | None = None,
 
     items: list[tuple[Any, str | None]] = []
     seen: set[tuple] = set()
+    duplicates = 0
     if output is not None and output != "-":
         seen.add((os.path.realpath(output), None))
     for spec in inputs:
@@ -247,6 +248,12 @@ def expand(inputs: list[str], recursive: bool, output: str | None = None,
             if key not in seen:
                 seen.add(key)
                 items.append((item, root))
+            elif key[0] != os.path.realpath(output or "\0"):
+                duplicates += 1
+    if duplicates and note is not None:
+        # Links to one file, a file named twice, overlapping globs: reduced once, said so.
+        note(f"{duplicates} input(s) name a file already in the job (the same file through "
+             "links or overlapping names); each file is reduced once")
     return items
 
 

@@ -43,6 +43,7 @@ from ..poni import format_poni
 from ..resources import usable_cores
 from ..vocabulary import METHOD_OF
 from . import plan as planning
+from .monitor import MonitorReader, divide_by_monitor
 from .plan import Block, Planned
 from .progress import Progress, plural
 
@@ -122,7 +123,8 @@ def operation_parameters(config: dict[str, Any]) -> dict[str, Any]:
     keys = ["npt", "unit", "split", "error_model"] + list(
         cfg.OPERATION_KEYS[config["operation"]]) + [
         "mask", "dark", "flat", "polarization", "solid_angle", "normalization",
-        "radial_range", "azimuth_range", "backend", "device"]
+        "radial_range", "azimuth_range", "backend", "device", "wavelength", "energy",
+        "dummy", "delta_dummy", "monitor"]
     parameters = {}
     for key in keys:
         value = config.get(key)
@@ -212,6 +214,30 @@ def resolve_output(config: dict[str, Any]) -> tuple[str, str, tuple[int, int] | 
 MAX_BINS_PER_PIXEL = 1
 
 
+#: h·c in keV·Å: wavelength [Å] = HC_KEV_ANGSTROM / energy [keV]
+HC_KEV_ANGSTROM = 12.398419843320026
+
+
+def apply_overrides(geometry: Any, config: dict[str, Any]) -> Any:
+    """The PONI geometry with the job's ``wavelength``/``energy`` and ``dummy``/
+    ``delta_dummy`` in place of the file's and the detector's."""
+    wavelength = config.get("wavelength")
+    if config.get("energy") is not None:
+        wavelength = HC_KEV_ANGSTROM / config["energy"]
+    if wavelength is not None:
+        geometry = dataclasses.replace(geometry, wavelength=wavelength * 1e-10)
+    if config.get("dummy") is not None or config.get("delta_dummy") is not None:
+        detector = geometry.detector
+        dummy = config["dummy"] if config.get("dummy") is not None else detector.dummy
+        if dummy is None:
+            raise AzfilterError("--delta-dummy needs --dummy (the detector has no dummy value)")
+        delta = config["delta_dummy"] if config.get("delta_dummy") is not None else (
+            detector.delta_dummy if config.get("dummy") is None else 0.0)
+        geometry = dataclasses.replace(
+            geometry, detector=dataclasses.replace(detector, dummy=dummy, delta_dummy=delta))
+    return geometry
+
+
 def check_npt(npt: int, shape: tuple[int, int] | None) -> None:
     """Refuse more radial bins than the detector has pixels.
 
@@ -252,7 +278,7 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
 
     out_kind, output, shard = resolve_output(config)
     output_arg = config["output"]
-    geometry = load_poni(config["poni"])
+    geometry = apply_overrides(load_poni(config["poni"]), config)
     check_npt(config["npt"], geometry.detector.shape)
     notes: list[str] = []
 
@@ -614,14 +640,25 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     # frame source and buffer of each frame in the engine, until its result is back
     in_flight: dict[int, tuple[str, Any]] = {}
 
+    monitor = MonitorReader(job.config["monitor"]) if job.config.get("monitor") else None
+    monitors: dict[int, float] = {}
+
     def frames() -> Iterator[tuple[Planned, Any]]:
         for planned, frame in _read_frames(job.todo, threads, buffers, read_stop, fail):
+            if monitor is not None:
+                try:
+                    monitors[id(planned)] = monitor.value(frame)
+                except FrameReadError as err:
+                    buffers.give_back(frame.data)
+                    fail(err, 1)
+                    continue
             in_flight[id(planned)] = (_frame_source(frame), frame.data)
             yield planned, frame.data
 
     try:
         for planned, outcome in integrator.process_many(frames(), method, **params):
             frame_source, data = in_flight.pop(id(planned))
+            frame_monitor = monitors.pop(id(planned), 1.0)
             buffers.give_back(data)   # the engine has read it: reuse the buffer
             if stop.is_set():
                 break
@@ -630,6 +667,8 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
                     f"reduction failed: {type(outcome).__name__}: {outcome}")
                 fail(FrameReadError(planned.source, planned.index, reason), 1)
                 continue
+            if monitor is not None:
+                outcome = divide_by_monitor(outcome, frame_monitor)
             if not _put(write_queue, (planned, frame_source, outcome), stop):
                 break
     except BaseException as err:  # KeyboardInterrupt, SIGTERM: clean up, then re-raise
