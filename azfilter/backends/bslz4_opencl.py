@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,25 +136,30 @@ def parse_chunk(chunk: bytes | np.ndarray, n_elements: int, itemsize: int) -> Ch
     blocked = n_elements - n_elements % BLOCK_MULTIPLE
     n_blocks = -(-blocked // block_elements)
     tail_bytes = (n_elements - blocked) * itemsize
-    ranges = np.empty((n_blocks, 2), dtype=np.uint32)
     if size >= 2**32:
         raise BitshuffleLZ4Error(f"bitshuffle-LZ4 chunk of {size} bytes is too large "
                                  "(4 GiB at most)")
     # the chain is sequential: each block's size says where the next one starts
+    starts = [0] * n_blocks
+    ends = [0] * n_blocks
     position = HEADER_BYTES
-    from_bytes = int.from_bytes
-    for block in range(n_blocks):
-        start = position + 4
-        if start > size:
-            raise BitshuffleLZ4Error(f"bitshuffle-LZ4 chunk truncated: {size} bytes end "
-                                     f"before block {block} of {n_blocks}")
-        end = start + from_bytes(data[position:start], "big")
-        if end > size:
-            raise BitshuffleLZ4Error(f"bitshuffle-LZ4 block {block} of {n_blocks} says it "
-                                     f"ends at byte {end}, past the chunk's {size} bytes")
-        ranges[block, 0] = start
-        ranges[block, 1] = end
-        position = end
+    unpack_size = struct.Struct(">I").unpack_from
+    try:
+        for block in range(n_blocks):
+            start = position + 4
+            position = start + unpack_size(data, position)[0]
+            if position > size:
+                raise BitshuffleLZ4Error(f"bitshuffle-LZ4 block {block} of {n_blocks} says it "
+                                         f"ends at byte {position}, past the chunk's {size} "
+                                         "bytes")
+            starts[block] = start
+            ends[block] = position
+    except struct.error:   # the 4-byte size itself lies past the end
+        raise BitshuffleLZ4Error(f"bitshuffle-LZ4 chunk truncated: its {size} bytes end "
+                                 f"before block {block} of {n_blocks}") from None
+    ranges = np.empty((n_blocks, 2), dtype=np.uint32)
+    ranges[:, 0] = starts
+    ranges[:, 1] = ends
     if position + tail_bytes != size:
         raise BitshuffleLZ4Error(f"bitshuffle-LZ4 chunk has {size} bytes, its blocks and "
                                  f"uncompressed tail end at {position + tail_bytes}")
@@ -222,6 +228,10 @@ class BitshuffleLZ4Decoder:
         buffer on the same queue and it runs after the decode.
     workgroup_size : int, optional
         Work-items per block (a power of two; default 64).
+    max_local_block : int, optional
+        Largest block (bytes) decoded in local memory; larger ones go through a global
+        scratch buffer. Default: what the device's local memory holds, at most 32 KiB
+        (Eiger's blocks are 8 KiB); 0 forces the global path.
 
     Notes
     -----
@@ -229,7 +239,8 @@ class BitshuffleLZ4Decoder:
     decoded in the device's byte order, which must be little-endian like the data.
     """
 
-    def __init__(self, context: Any, queue: Any, *, workgroup_size: int | None = None):
+    def __init__(self, context: Any, queue: Any, *, workgroup_size: int | None = None,
+                 max_local_block: int | None = None):
         import pyopencl as cl
 
         self._cl = cl
@@ -246,6 +257,8 @@ class BitshuffleLZ4Decoder:
         self.workgroup_size = wg
         self._local_capacity = min(_MAX_LOCAL_BLOCK,
                                    int(self.device.local_mem_size) - _LOCAL_OVERHEAD)
+        if max_local_block is not None:
+            self._local_capacity = min(self._local_capacity, int(max_local_block))
         self._kernels: dict[tuple[int, int], Any] = {}
         self._chunk_buffer = None
         self._chunk_capacity = 0
