@@ -292,7 +292,8 @@ class BitshuffleLZ4Decoder:
 
     # ------------------------------------------------------------------------- decoding
     def decode_async(self, chunk: bytes | np.ndarray, shape: int | tuple[int, ...],
-                     dtype: Any, out: Any = None) -> DecodeJob:
+                     dtype: Any, out: Any = None, layout: ChunkLayout | None = None
+                     ) -> DecodeJob:
         """Enqueue the upload and decode of one chunk; nothing waits.
 
         Parameters
@@ -305,6 +306,9 @@ class BitshuffleLZ4Decoder:
             Element type (1, 2, 4 or 8 bytes, native byte order).
         out : pyopencl.Buffer, optional
             Where to decode (at least ``prod(shape) * itemsize`` bytes); a new buffer if None.
+        layout : ChunkLayout, optional
+            The chunk's blocks, when the caller found them already (e.g. with compiled code,
+            outside the GIL); default: :func:`parse_chunk`.
 
         Returns
         -------
@@ -325,7 +329,11 @@ class BitshuffleLZ4Decoder:
         n_elements = math.prod(shape)
         nbytes = n_elements * dtype.itemsize
         data = _as_bytes(chunk)
-        layout = parse_chunk(data, n_elements, dtype.itemsize)
+        if layout is None:
+            layout = parse_chunk(data, n_elements, dtype.itemsize)
+        elif layout.n_elements != n_elements:
+            raise ValueError(f"layout is for {layout.n_elements} elements, the frame has "
+                             f"{n_elements}")
         if out is None:
             out = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, max(nbytes, 1))
         elif out.size < nbytes:
@@ -357,7 +365,7 @@ class BitshuffleLZ4Decoder:
         return DecodeJob(out, event, error, layout.n_blocks)
 
     def decode(self, chunk: bytes | np.ndarray, shape: int | tuple[int, ...], dtype: Any,
-               out: Any = None) -> Any:
+               out: Any = None, layout: ChunkLayout | None = None) -> Any:
         """Decode one chunk into a device buffer, checking the decoder's error flag.
 
         The only host synchronisation is the read back of the error flag (8 bytes, after the
@@ -365,7 +373,7 @@ class BitshuffleLZ4Decoder:
 
         Parameters
         ----------
-        chunk, shape, dtype, out
+        chunk, shape, dtype, out, layout
             As for :meth:`decode_async`.
 
         Returns
@@ -378,7 +386,7 @@ class BitshuffleLZ4Decoder:
         BitshuffleLZ4Error
             For a corrupt chunk (one line saying which block and what is wrong).
         """
-        return self.decode_async(chunk, shape, dtype, out).check()
+        return self.decode_async(chunk, shape, dtype, out, layout).check()
 
     def decode_to_host(self, chunk: bytes | np.ndarray, shape: int | tuple[int, ...],
                        dtype: Any) -> np.ndarray:

@@ -113,7 +113,6 @@ def test_engine_kernels(device, fp64, local_sort_size):
 def test_bslz4_decoder(device):
     """Blocks in local memory and in global scratch, a tail, and a corrupt chunk."""
     import pyopencl as cl
-
     from test_bslz4_opencl import bslz4_chunk, with_block
 
     from azfilter.backends.bslz4_opencl import BitshuffleLZ4Decoder, BitshuffleLZ4Error
@@ -121,21 +120,24 @@ def test_bslz4_decoder(device):
     info, dev = opencl.select_device(device)
     context = cl.Context([dev])
     queue = cl.CommandQueue(context)
-    decoder = BitshuffleLZ4Decoder(context, queue, workgroup_size=WORKGROUP,
-                                   max_local_block=4096)
     rng = np.random.default_rng(1)
     zeros_and_counts = np.where(rng.random(3000 + 5) < 0.7, 0, rng.poisson(3, 3005))
     cases = [
         (zeros_and_counts.astype(np.uint16), 256),                       # 12 blocks + tail
         (rng.integers(0, 2**31, 1000, dtype=np.int64).astype(np.int32), 512),   # random
-        (np.repeat(rng.poisson(9, 300), 30).astype(np.uint32), 8192),     # global scratch
+        (np.repeat(rng.poisson(9, 300), 30).astype(np.uint32), 8192),     # long runs
     ]
-    for array, block in cases:
-        chunk = bslz4_chunk(array, block)
-        if block == 8192:
-            assert decoder._local_block(block * array.itemsize) == 0
-        np.testing.assert_array_equal(decoder.decode_to_host(chunk, array.shape, array.dtype),
-                                      array, err_msg=f"{array.dtype} block {block}")
+    # work-groups of 16 with blocks over 4 KiB in global scratch; the default (64, local)
+    small_groups = BitshuffleLZ4Decoder(context, queue, workgroup_size=WORKGROUP,
+                                        max_local_block=4096)
+    assert small_groups._local_block(8192 * 4) == 0
+    for decoder in (small_groups, BitshuffleLZ4Decoder(context, queue)):
+        for array, block in cases:
+            chunk = bslz4_chunk(array, block)
+            np.testing.assert_array_equal(
+                decoder.decode_to_host(chunk, array.shape, array.dtype), array,
+                err_msg=f"{array.dtype} block {block} work-group {decoder.workgroup_size}")
+    decoder = small_groups
     array, block = cases[0]
     chunk = bslz4_chunk(array, block)
     n_blocks = array.size // block
