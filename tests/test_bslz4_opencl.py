@@ -10,6 +10,7 @@ crash. Runs on whatever OpenCL device is found (PoCL in CI, where it must not sk
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 
@@ -205,18 +206,31 @@ def test_decode_into_a_given_buffer_and_async(queue, decoder):
         decoder.decode(bslz4_chunk(bigger), (301, 200), np.uint32, out=buffers[0])
 
 
-def test_parse_chunk_layout():
+def test_parse_chunk_layout(decoder):
+    """The blocks found on the host; a caller may pass them (found by its own code)."""
     array = frame("counts", 5000 + 3, np.uint16)
-    layout = parse_chunk(bslz4_chunk(array), array.size, 2)
+    chunk = bslz4_chunk(array)
+    layout = parse_chunk(chunk, array.size, 2)
     assert layout.block_elements == 4096 and layout.n_blocks == 2
     assert layout.blocked_elements == 5000 and layout.tail_elements == 3
     assert layout.block_ranges.dtype == np.uint32 and layout.block_ranges[0, 0] == 16
+    assert layout.block_ranges[1, 1] == layout.tail_offset == len(chunk) - 6
+    buffer = decoder.decode(chunk, array.shape, array.dtype, layout=layout)
+    host = np.empty_like(array)
+    cl.enqueue_copy(decoder.queue, host, buffer, is_blocking=True)
+    np.testing.assert_array_equal(host, array)
+    with pytest.raises(ValueError, match="layout is for"):
+        decoder.decode(chunk, (array.size - 1,), array.dtype, layout=layout)
+    # a layout whose ranges lie outside the chunk is caught by the kernel
+    wrong = dataclasses.replace(layout, block_ranges=layout.block_ranges + len(chunk))
+    assert "outside the chunk" in _one_line_error(decoder, chunk, array.shape, array.dtype,
+                                                  layout=wrong)
 
 
 # ----------------------------------------------------------------------------- corruption
-def _one_line_error(decoder, chunk, shape, dtype) -> str:
+def _one_line_error(decoder, chunk, shape, dtype, **options) -> str:
     with pytest.raises(BitshuffleLZ4Error) as info:
-        decoder.decode(chunk, shape, dtype)
+        decoder.decode(chunk, shape, dtype, **options)
     message = str(info.value)
     assert "\n" not in message and "bitshuffle-LZ4" in message
     return message
