@@ -36,7 +36,6 @@ BLOCK_MULTIPLE = 8
 #: element sizes the kernel decodes (every numeric numpy dtype)
 ELEMENT_SIZES = (1, 2, 4, 8)
 
-_REPO_KERNELS = Path(__file__).resolve().parent.parent.parent / "kernels"
 _DEFAULT_WORKGROUP = 64
 _SEQUENCES_PER_BATCH = 128
 # local memory the kernel needs besides the block: the sequence batch (5 uint + 1 uchar per
@@ -180,11 +179,13 @@ def kernel_source() -> str:
     resource = importlib.resources.files("azfilter") / "kernels" / KERNEL_FILE
     if resource.is_file():
         return resource.read_text(encoding="utf-8")
-    path = _REPO_KERNELS / KERNEL_FILE
-    if not path.is_file():
-        raise AzfilterError(f"OpenCL kernel {KERNEL_FILE} not found in the azfilter package "
-                            f"nor in {_REPO_KERNELS}; reinstall azfilter")
-    return path.read_text(encoding="utf-8")
+    # editable install / source tree: the repository's kernels/, above this module
+    for parent in Path(__file__).resolve().parents:
+        path = parent / "kernels" / KERNEL_FILE
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    raise AzfilterError(f"OpenCL kernel {KERNEL_FILE} not found in the azfilter package nor "
+                        "in a kernels/ directory above it; reinstall azfilter")
 
 
 @dataclass
