@@ -4,8 +4,10 @@ An Eiger frame compressed with bitshuffle-LZ4 is about 5x smaller than the frame
 compressed chunk to the device and decoding it there saves most of the PCIe transfer, and the
 decoded frame stays on the device, where the OpenCL engine reduces it in place.
 
-The host reads the chunk's 12-byte header and walks the chain of 4-byte block sizes (a few
-microseconds per block, in :func:`parse_chunk`); the kernel ``bslz4_decode``
+The host reads the chunk's 12-byte header and walks the chain of 4-byte block sizes
+(:func:`parse_chunk`: about 0.6 us of CPU per block in Python, 1.3 ms for an Eiger 4M uint32
+frame of 2191 blocks, holding the GIL; a compiled walk can hand its result in as ``layout=``);
+the kernel ``bslz4_decode``
 (``kernels/azf_bslz4.cl``) decodes one block per work-group: LZ4 into local memory, then the
 bit-unshuffle into the output buffer, one typed store per element. The kernel checks every
 read and write against the block's bounds: a corrupt chunk raises
