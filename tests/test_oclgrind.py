@@ -2,7 +2,8 @@
 
 PoCL runs a work-group's items in an order where a missing barrier rarely changes a result,
 so the OpenCL suite cannot show one. Oclgrind (Debian package ``oclgrind``) simulates every
-work-item and reports data races, barrier divergence, out-of-bounds and uninitialized reads.
+work-item and reports data races, barrier divergence, out-of-bounds and uninitialized reads,
+and (``--check-api``) OpenCL calls made with wrong arguments.
 This test runs ``tests/oclgrind/kernels_small.py`` (integrate, sigma_clip, medfilt with the
 local and the global sort, in double and compensated float32, and the bitshuffle-LZ4
 decoder, on tiny cases) under ``oclgrind`` and fails on any report or any failing check.
@@ -30,8 +31,8 @@ KERNEL_CHECKS = REPO / "tests" / "oclgrind" / "kernels_small.py"
 
 # (pytest -k selection, Oclgrind checks)
 RUNS = {
-    "fp64_and_decoder": ("not fp32", ["--data-races", "--uninitialized"]),
-    "fp32": ("fp32", ["--data-races"]),
+    "fp64_and_decoder": ("not fp32", ["--data-races", "--uninitialized", "--check-api"]),
+    "fp32": ("fp32", ["--data-races", "--check-api"]),
 }
 
 
