@@ -27,7 +27,7 @@ pytestmark = pytest.mark.opencl
 bitshuffle = pytest.importorskip("bitshuffle")
 cl = pytest.importorskip("pyopencl")
 
-from azfilter.backends.bslz4_opencl import (  # noqa: E402  (after the importorskips)
+from azfilter.backends.opencl.bslz4 import (  # noqa: E402  (after the importorskips)
     BitshuffleLZ4Decoder,
     BitshuffleLZ4Error,
     parse_chunk,

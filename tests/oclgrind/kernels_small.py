@@ -115,7 +115,7 @@ def test_bslz4_decoder(device):
     import pyopencl as cl
     from test_bslz4_opencl import bslz4_chunk, with_block
 
-    from azfilter.backends.bslz4_opencl import BitshuffleLZ4Decoder, BitshuffleLZ4Error
+    from azfilter.backends.opencl.bslz4 import BitshuffleLZ4Decoder, BitshuffleLZ4Error
 
     info, dev = opencl.select_device(device)
     context = cl.Context([dev])

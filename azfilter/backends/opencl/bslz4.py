@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AzfilterError
+from ...errors import AzfilterError
 
 #: the kernel file (installed next to the other kernels)
 KERNEL_FILE = "azf_bslz4.cl"
