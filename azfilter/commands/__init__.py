@@ -1,0 +1,1 @@
+"""Subcommands of the ``azfilter`` launcher that live in their own modules."""
