@@ -9,6 +9,7 @@ missing OpenCL driver only matters to whoever asks for that backend.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +26,19 @@ BACKENDS: dict[str, tuple[str, str]] = {
 #: the error models every engine understands (``docs/internals.md``, per-pixel preprocessing)
 ERROR_MODELS: tuple[str, ...] = ("poisson", "azimuthal", "hybrid", "variance")
 
+#: how to install what the OpenCL backend needs from Python (pyopencl is an optional extra)
+OPENCL_INSTALL_HINT = "pip install 'azfilter[opencl]' (or pip install pyopencl)"
+
 # What to tell the user when a backend cannot be imported.
 _HINTS = {
     "cython": "the compiled extension is missing; build the package (pip install -e . or make "
     "install)",
     "opencl": "pyopencl or an OpenCL driver is missing (install pocl-opencl-icd for CPU OpenCL)",
 }
+
+# Optional packages a backend needs, checked before the backend is chosen, so that a missing
+# one is a usage error up front rather than a failure at the first frame.
+_REQUIRES = {"opencl": ("pyopencl", OPENCL_INSTALL_HINT)}
 
 
 @dataclass
@@ -113,7 +121,7 @@ def get_engine_class(backend: str) -> type:
     ------
     AzfilterError
         When the name is unknown, or the backend cannot be used here (compiled extension not
-        built, pyopencl or an OpenCL driver missing).
+        built, pyopencl or an OpenCL driver missing); a missing pyopencl says how to install it.
     """
     key = backend.strip().lower() if isinstance(backend, str) else backend
     if key not in BACKENDS:
@@ -121,6 +129,11 @@ def get_engine_class(backend: str) -> type:
             f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
         )
     module_name, class_name = BACKENDS[key]
+    if key in _REQUIRES:
+        package, install = _REQUIRES[key]
+        if importlib.util.find_spec(package) is None:
+            raise AzfilterError(f"backend {key!r} needs {package}, which is not installed: "
+                                f"{install}")
     try:
         module = importlib.import_module(f".{module_name}", __name__)
         return getattr(module, class_name)

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AzfilterError
-from . import ERROR_MODELS, BinSums
+from . import ERROR_MODELS, OPENCL_INSTALL_HINT, BinSums
 
 #: OpenCL sources, concatenated in this order into one program
 KERNEL_FILES: tuple[str, ...] = (
@@ -114,8 +114,8 @@ def _import_pyopencl():
     try:
         import pyopencl
     except ImportError as err:
-        raise AzfilterError(f"OpenCL backend unavailable: pyopencl is not installed ({err})") \
-            from err
+        raise AzfilterError(f"OpenCL backend unavailable: pyopencl is not installed: "
+                            f"{OPENCL_INSTALL_HINT}") from err
     return pyopencl
 
 
