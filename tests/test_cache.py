@@ -249,9 +249,9 @@ def test_two_processes_filling_one_cache(tmp_path):
     for name in names:  # every survivor is whole
         with np.load(folder / name) as stored:
             assert np.all(stored["data"] == float(name[:-4].rsplit("-", 1)[1]))
-    # the last entry each process stored was the newest when it was stored: kept
-    for tag in ("a", "b"):
-        assert any(name.startswith(f"{tag}-039-") for name in names), names
+    # the last trim of all kept the entry its process had just stored (the other process's
+    # last entry may have become the least recently used by then, and gone)
+    assert any(name.startswith(("a-039-", "b-039-")) for name in names), names
 
 
 # ---------------------------------------------------------------------------- info, clear
