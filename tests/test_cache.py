@@ -208,6 +208,12 @@ WORKER = textwrap.dedent("""
 
     folder, tag, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     rng = random.Random(tag)
+    # start together: each says it is ready, then waits for the other
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder.parent / f"ready-{tag}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(folder.parent.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
     reads = misses = 0
     for k in range(count):
         value = hash((tag, k)) % 1000
