@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import AzfilterError
+from .fileio import atomic_output, sweep_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ DEFAULT_MAX_BYTES = 2 * 1024**3
 #: environment variable holding the size bound (``"2G"``, ``"500MiB"``, ``"unlimited"``)
 MAX_ENV = "AZFILTER_CACHE_MAX"
 
-#: a hidden temporary file older than this is a leftover of a killed process, not a write in
-#: progress (a write refreshes its modification time with every block it writes)
+#: a temporary file older than this is a leftover of a killed process (of any host), not a
+#: write in progress (a write refreshes its modification time with every block it writes)
 STALE_TEMPORARY_SECONDS = 3600.0
 
 _NO_BOUND_WORDS = {"unlimited", "inf", "infinite", "none", "no"}
@@ -267,7 +267,17 @@ def _folder_lock(directory: Path) -> Iterator[None]:
             os.close(handle)  # closing releases the lock
 
 
-def _remove_stale_temporaries(temporaries: list[_Entry], now_ns: int) -> None:
+def _remove_stale_temporaries(folder: Path, temporaries: list[_Entry], now_ns: int) -> None:
+    """Remove the temporary files no process is writing any more.
+
+    Those of azfilter processes of this host that are gone (:func:`fileio.
+    sweep_stale_temporaries` knows them by name), and any older than
+    :data:`STALE_TEMPORARY_SECONDS` (another host's, on a shared file system).
+    """
+    targets = {item.path.name[1:item.path.name.rindex(".azf-")] for item in temporaries
+               if ".azf-" in item.path.name}
+    for target in targets:
+        sweep_stale_temporaries(folder / target)
     stale_ns = int(STALE_TEMPORARY_SECONDS * 1e9)
     for item in temporaries:
         if now_ns - item.mtime_ns > stale_ns:
@@ -301,7 +311,7 @@ def trim_cache(max_bytes: int | str | None | object = _UNSET,
     keep_name = None if keep is None else Path(keep).name  # an entry of this folder
     with _folder_lock(folder):
         entries, temporaries = _scan(folder)
-        _remove_stale_temporaries(temporaries, time.time_ns())
+        _remove_stale_temporaries(folder, temporaries, time.time_ns())
         if limit is None:
             return removed
         total = sum(entry.size for entry in entries)
@@ -371,7 +381,7 @@ def clear_cache(directory: str | os.PathLike | None = None) -> dict[str, Any]:
     if folder is not None and folder.is_dir():
         with _folder_lock(folder):
             entries, temporaries = _scan(folder)
-            _remove_stale_temporaries(temporaries, time.time_ns())
+            _remove_stale_temporaries(folder, temporaries, time.time_ns())
             for entry in entries:
                 if _unlink(entry.path):
                     removed += 1
@@ -422,27 +432,11 @@ def store_npz(path: Path, **arrays: np.ndarray) -> bool:
             logger.warning("not caching %s: %.0f MB is over the cache bound (%s=%.0f MB)",
                            path.name, size / 1e6, MAX_ENV, limit / 1e6)
         return False
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp_name = handle.name
+        with atomic_output(path, make_folder=True) as temporary, open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
     except Exception as err:  # caching is an optimisation: never fail the reduction for it
         logger.debug("cannot cache %s: %s", path, err)
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
         return False
     try:
         trim_cache(limit, path.parent, keep=path)

@@ -148,7 +148,8 @@ class Result:
             For an HDF5 name (the NeXus output is the command line's), or a file that cannot
             be written.
         """
-        from .output import HDF5_SUFFIXES, OutputMeta, geometry_lines, write_text
+        from .output import OutputMeta, geometry_lines, write_text
+        from .vocabulary import HDF5_SUFFIXES
 
         target = os.fspath(path)
         if target.lower().endswith(HDF5_SUFFIXES):

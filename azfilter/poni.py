@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .detectors import Detector, get_detector
 from .errors import AzfilterError
+from .fileio import atomic_write_text
 from .geometry import Geometry
 
 #: PONI versions read and written
@@ -359,18 +359,6 @@ def format_poni(geometry: Geometry, version: float = 2.1) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _new_file_mode() -> int:
-    """0o666 minus the process umask, read without changing it (os.umask is not thread-safe)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o644
-
-
 def write_poni_text(text: str, path: str | os.PathLike) -> None:
     """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename).
 
@@ -380,26 +368,8 @@ def write_poni_text(text: str, path: str | os.PathLike) -> None:
         When the file cannot be written.
     """
     target = Path(path)
-    temp_name = None
     try:
-        with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=target.parent if str(target.parent) else ".",
-            prefix=f".{target.name}.", suffix=".tmp", delete=False,
-        ) as handle:
-            temp_name = handle.name
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # the temporary file is created 0600; give it the permissions a plain open() would
-        os.chmod(temp_name, _new_file_mode())
-        os.replace(temp_name, target)
-        temp_name = None
+        atomic_write_text(target, text)
     except OSError as err:
         reason = err.strerror or err.__class__.__name__
         raise AzfilterError(f"cannot write PONI file {target}: {reason}") from None
-    finally:
-        if temp_name is not None:
-            try:
-                os.unlink(temp_name)
-            except OSError:
-                pass

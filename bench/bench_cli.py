@@ -550,7 +550,7 @@ PROFILE_PHASES = [
      ["_consume_block azfilter/cli.py"]),
     ("closing the output", "main", ["close azfilter/cli.py"]),
     ("reading + decoding frames (reader threads)", "reader",
-     ["open_frames azfilter/frames.py"]),
+     ["open_frames azfilter/frames/stream.py"]),
     ("writing results (writer thread)", "writer", ["write azfilter/cli.py"]),
     ("whole command, main thread (from the import of azfilter.cli)", "main",
      ["run_profiled_cli"]),

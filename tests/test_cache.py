@@ -155,6 +155,22 @@ def test_files_being_written_are_never_removed(folder):
     assert cache.cache_info()["entries"] == 0 and cache.cache_info()["bytes"] == 0
 
 
+def test_temporaries_of_dead_processes_are_removed_live_ones_kept(folder):
+    from azfilter.fileio import temporary_path, temporary_prefix
+
+    store(folder, "e0")
+    live = temporary_path(folder / "e1.npz")  # this process is writing e1.npz
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(done.stdout)  # a process that has exited
+    prefix = temporary_prefix(folder / "e2.npz").replace(f"-{os.getpid()}-", f"-{dead_pid}-")
+    dead = folder / f"{prefix}abc.tmp"
+    dead.write_bytes(b"partial")
+    cache.trim_cache()
+    assert live.exists() and not dead.exists()
+    assert cache.cache_info()["entries"] == 1
+
+
 def test_files_vanishing_under_trim_are_tolerated(folder, monkeypatch):
     for k in range(3):
         set_age(store(folder, f"e{k}"), 100 - k)

@@ -20,7 +20,11 @@ import fabio.edfimage
 import h5py
 import numpy as np
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from click.testing import CliRunner
 
 import azfilter as az
@@ -28,6 +32,7 @@ from azfilter import cli
 from azfilter import config as cfg
 from azfilter.errors import AzfilterError
 from azfilter.output import read_result, text_output_complete
+from azfilter.pipeline import progress as progress_module
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (96, 120)
@@ -459,7 +464,7 @@ def test_output_to_stdout(data, tmp_path):
 
 
 def test_progress_log_lines_and_quiet(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "LOG_INTERVAL", 0.0)
+    monkeypatch.setattr(progress_module, "LOG_INTERVAL", 0.0)
     result = invoke("integrate", "-p", data.poni, "--backend", "python", "--npt", 40,
                     data.stack, "-o", tmp_path / "a.h5")
     assert result.exit_code == 0
@@ -667,7 +672,7 @@ class _FakeTerminal:
 def test_progress_bar_on_a_terminal(monkeypatch):
     terminal = _FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    progress = cli.Progress(total=4, quiet=False, label="integrate")
+    progress = progress_module.Progress(total=4, quiet=False, label="integrate")
     progress.step()
     progress.message("azfilter: failed: x.cbf: corrupt")
     for _ in range(3):
@@ -680,7 +685,7 @@ def test_progress_bar_on_a_terminal(monkeypatch):
     assert terminal.text.endswith("\r\033[K")  # the bar is cleared at the end
     quiet = _FakeTerminal()
     monkeypatch.setattr(sys, "stderr", quiet)
-    progress = cli.Progress(total=2, quiet=True, label="x")
+    progress = progress_module.Progress(total=2, quiet=True, label="x")
     progress.step()
     progress.step()
     progress.close()
@@ -945,3 +950,37 @@ def test_detector_pixel_mask_in_nexus_file_is_applied(data, tmp_path):
     assert done.exit_code == 0, done.output
     with h5py.File(tmp_path / "out2.h5") as h5:
         assert np.nanmax(h5["entry/data/intensity"][0]) > 1000
+
+
+# ============================================================================ library call
+
+
+def test_run_job_is_the_command_without_click(data, tmp_path):
+    """azfilter.run_job(config) reduces a job as the command does; its report says what."""
+    import io
+
+    stream = io.StringIO()
+    bad = tmp_path / "broken.cbf"
+    bad.write_bytes(b"###CBF: not really\n")
+    report = az.run_job({"operation": "sigma-clip", "poni": str(data.poni), "npt": 40,
+                         "backend": "python", "thres": 3,
+                         "inputs": [str(p) for p in data.cbfs] + [str(bad)],
+                         "output": str(tmp_path / "lib.h5")}, stream=stream)
+    assert (report.reduced, report.skipped, report.failed) == (3, 0, 1)
+    assert not report.ok and "broken.cbf" in report.failures[0]
+    assert "broken.cbf" in stream.getvalue()
+    table = read_result(tmp_path / "lib.h5")
+    ref = integrator(data, npt=40).sigma_clip(make_frame(2), thres=3)
+    np.testing.assert_allclose(table.intensity[1], ref.intensity, rtol=1e-6)
+    # the same job through click gives the same numbers
+    result = invoke("sigma-clip", "-p", data.poni, "--npt", 40, "--backend", "python",
+                    "--thres", 3, *data.cbfs, "-o", tmp_path / "cli.h5", "--quiet")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(read_result(tmp_path / "cli.h5").intensity, table.intensity)
+    with pytest.raises(AzfilterError, match="poni missing"):
+        az.run_job({"operation": "integrate", "inputs": ["x"], "output": "y.h5"})
+    dry = az.run_job({"operation": "integrate", "poni": str(data.poni),
+                      "inputs": [str(data.stack)], "output": str(tmp_path / "dry.h5")},
+                     dry_run=True)
+    assert [index for _, index, _ in dry.planned] == [0, 1, 2, 3]
+    assert not (tmp_path / "dry.h5").exists()

@@ -9,42 +9,33 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import click
 
 from .. import cache
 from ..errors import AzfilterError
-
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class CacheCommandError(click.ClickException):
-    """A user error (bad ``AZFILTER_CACHE_MAX``): one line ``azfilter: error: ...``, exit 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:  # noqa: D102 - click's interface
-        click.echo(f"azfilter: error: {self.format_message()}", err=True)
+from .common import CONTEXT, Fatal
 
 
 def human_size(size: int | None) -> str:
     """``1536`` -> ``"1.5 KiB"``; None -> ``"unlimited"``."""
     if size is None:
         return "unlimited"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+    if size < 1024:
+        return f"{int(size)} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{value:.1f} TiB"
 
 
 def _limit_origin() -> str:
     return cache.MAX_ENV if os.environ.get(cache.MAX_ENV, "").strip() else "default"
 
 
-@click.group("cache", context_settings=_CONTEXT,
+@click.group("cache", context_settings=CONTEXT,
              epilog="\b\nExamples:\n  azfilter cache info\n  azfilter cache clear")
 def cache_command() -> None:
     """Inspect or empty the on-disk cache of lookup tables and correction factors.
@@ -56,14 +47,14 @@ def cache_command() -> None:
     """
 
 
-@cache_command.command("info", context_settings=_CONTEXT)
+@cache_command.command("info", context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info_command(as_json: bool) -> None:
     """Where the cache is, how many entries and bytes it holds, and its bound."""
     try:
         info = cache.cache_info()
     except AzfilterError as err:
-        raise CacheCommandError(str(err)) from None
+        raise Fatal(str(err)) from None
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -76,7 +67,7 @@ def info_command(as_json: bool) -> None:
     click.echo(f"limit:   {human_size(info['limit'])} ({_limit_origin()})")
 
 
-@cache_command.command("clear", context_settings=_CONTEXT)
+@cache_command.command("clear", context_settings=CONTEXT)
 def clear_command() -> None:
     """Delete every cache entry (tables are rebuilt when next needed)."""
     removed = cache.clear_cache()
