@@ -350,10 +350,11 @@ def test_q_without_wavelength_names_the_file(testdata):
     assert geo.center_array("2th", shape=shape).shape == shape  # 2theta needs no wavelength
     for call in (lambda: geo.center_array("q", shape=shape),
                  lambda: geo.corner_grid("q", shape=shape),
-                 lambda: geo.array("q_A^-1", shape=shape)):
+                 lambda: geo.array("q_A^-1", shape=shape),
+                 lambda: geo.array("d_A", shape=shape)):
         with pytest.raises(AzfilterError) as err:
             call()
-        assert str(err.value) == f"no wavelength in {path}: q units need one"
+        assert str(err.value) == f"no wavelength in {path}: q and d units need one"
 
 
 def test_shapeless_generic_detector_needs_a_shape(testdata):
