@@ -216,6 +216,19 @@ def compare_with_pyfai(geometry: Geometry, ai, shape, step: int, what: str) -> N
                          chi_atol, f"{what} chiArray")
     geometry.clear_cache()
 
+    # d-spacing, at the very end: pyFAI's d arrays leave values in its cache that change its
+    # later solidAngleArray
+    if has_wavelength:
+        for unit in ("d_nm", "d_A"):
+            ref = ai.array_from_unit(shape, "center", unit, scale=True)
+            assert_close(geometry.array(unit, shape=shape), ref, 1e-9, f"{what} {unit}")
+            # pyFAI's d corners are less precise than its q corners (worst measured on the
+            # test data: 4.2e-5 relative, next to the beam where d is largest)
+            ref = ai.array_from_unit(shape, "corner", unit, scale=True)
+            ours = gather_corners(geometry.array(unit, corners=True, shape=shape))
+            assert_close(ours, ref[..., 0], 1e-4, f"{what} {unit} corner_array")
+        geometry.clear_cache()
+
 
 def test_testdata_has_poni_files(testdata):
     assert len(list(testdata.glob("**/*.poni"))) >= 10
