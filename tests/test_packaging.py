@@ -30,6 +30,7 @@ from synthetic import synthetic_case
 
 import azfilter
 from azfilter.integrator import Integrator
+from azfilter.poni import save_poni
 
 fabio = pytest.importorskip("fabio")
 
@@ -42,7 +43,7 @@ def frame_files(tmp_path_factory):
     """geo.poni and frame.cbf (a synthetic Pilatus 300K frame) and the case behind them."""
     root = tmp_path_factory.mktemp("packaging")
     case = synthetic_case("small", seed=5)
-    case.geometry.to_poni(root / "geo.poni")
+    save_poni(case.geometry, root / "geo.poni")
     fabio.cbfimage.CbfImage(data=case.raw).write(os.fspath(root / "frame.cbf"))
     return root, case
 

@@ -11,6 +11,7 @@ from synthetic import synthetic_case
 from azfilter.errors import AzfilterError
 from azfilter.integrator import Integrator, as_geometry
 from azfilter.output import read_result
+from azfilter.poni import save_poni
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_save_refuses_hdf5_and_unwritable_paths(result, tmp_path):
 # ---------------------------------------------------------------------------- geometry
 def test_integrator_takes_a_poni_path(case, tmp_path):
     poni = tmp_path / "geo.poni"
-    case.geometry.to_poni(poni)
+    save_poni(case.geometry, poni)
     reference = Integrator(case.geometry, npt=200, backend="python").integrate(case.raw)
     for given in (poni, str(poni)):
         integrator = Integrator(given, npt=200, backend="python")
@@ -98,7 +99,7 @@ def test_integrator_takes_a_poni_path(case, tmp_path):
 def test_integrator_takes_a_pyfai_integrator(case, tmp_path):
     pyFAI = pytest.importorskip("pyFAI")
     poni = tmp_path / "geo.poni"
-    case.geometry.to_poni(poni)
+    save_poni(case.geometry, poni)
     ai = pyFAI.load(str(poni))  # a pyFAI AzimuthalIntegrator
     integrator = Integrator(ai, npt=200, backend="python")
     assert integrator.geometry == case.geometry
