@@ -307,7 +307,10 @@ def check_nexus(path: str | os.PathLike, block_rows: int = 4096) -> str:
                     dset[start:start + block_rows]
             read_job_records(h5)
     except AzfilterError as err:
-        raise AzfilterError(f"{str(err).rstrip('.')}; {hint}") from None
+        # an output we are asked to extend that is HDF5 but has no azfilter structure left
+        detail = str(err).split(": ", 1)[-1]
+        raise AzfilterError(f"{path}: damaged or not an azfilter result ({detail}); {hint}") \
+            from None
     except (json.JSONDecodeError, *READ_ERRORS) as err:
         text = " ".join(str(err).split())[:160] or type(err).__name__
         raise AzfilterError(f"{path}: damaged ({text}); {hint}") from None
