@@ -505,7 +505,7 @@ def _write_header(h5: Any, meta: OutputMeta, radial: np.ndarray, arrays: Sequenc
         itemsize = np.dtype(dtype).itemsize
         dset = data.create_dataset(
             name, shape=(0, npt), maxshape=(None, npt), dtype=dtype,
-            chunks=(_chunk_rows(npt, itemsize), npt), fillvalue=np.nan, fletcher32=True,
+            chunks=(_chunk_rows(npt, itemsize), npt), fillvalue=np.nan,
         )
         if name == SIGNAL:
             dset.attrs["interpretation"] = "spectrum"
