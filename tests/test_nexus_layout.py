@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from test_output import PONI_TEXT, make_meta, make_result
 
+from azfilter.commands.info import describe_result
 from azfilter.errors import AzfilterError
 from azfilter.manifest import Manifest
 from azfilter.output import (
@@ -350,6 +351,9 @@ def test_legacy_layout_is_still_read(tmp_path):
     assert read_stored_config(legacy)["thres"] == 5.0        # `azfilter run legacy.h5`
     assert stored_frames(legacy) == {("/x/a.cbf", 0), ("/x/b.h5::/entry/data/data", 0)}
     assert check_nexus(legacy) == "legacy"
+    text = "\n".join(describe_result(str(legacy)))
+    assert "frames: 2" in text and "layout: azfilter's layout before NXazint1d" in text
+    assert "job manifest: not recorded" in text
     meta = make_meta({"npt": 20})
     with pytest.raises(AzfilterError, match="older azfilter.*--overwrite"):
         NexusWriter(legacy, meta, mode="append")
@@ -606,3 +610,36 @@ def test_cli_full_disk_exit_3_one_line(small_disk, tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert str(small_disk / "out.h5") in lines[0] and "No space left on device" in lines[0]
     assert list(small_disk.iterdir()) == []
+
+
+def test_cli_skip_existing_on_a_damaged_output(tmp_path):
+    """``--skip-existing`` over a damaged ``.h5``: one line naming it ("damaged ... use
+    --overwrite"), exit 2, no temporary file, the file untouched; never taken as complete
+    (here: no new inputs at all)."""
+    poni = tmp_path / "geo.poni"
+    poni.write_text(PONI_TEXT)
+    stack = tmp_path / "stack.h5"
+    with h5py.File(stack, "w") as h5:
+        h5["entry/data/data"] = np.random.default_rng(0).poisson(100, (3, 64, 80)).astype(
+            np.int32)
+    out = tmp_path / "out" / "run.h5"
+    command = [sys.executable, "-m", "azfilter", "integrate", "-p", poni, "--npt", "100", "-q",
+               f"{stack}::/entry/data/data", "-o", out]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert read_result(out).layout == "nxazint1d"
+    again = subprocess.run([*command, "--skip-existing"], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr         # intact: nothing to add
+    raw = bytearray(out.read_bytes())
+    at = raw.find(b"TREE", 100)
+    raw[at:at + 4] = b"XXXX"
+    out.write_bytes(bytes(raw))
+    proc = subprocess.run([*command, "--skip-existing"], capture_output=True, text=True,
+                          timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert str(out) in lines[0] and "damaged" in lines[0] and "--overwrite" in lines[0]
+    assert out.read_bytes() == bytes(raw)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["run.h5"]
