@@ -10,11 +10,11 @@ caller once, as :class:`OutputWriteError` naming the file, and the temporary fil
 
 from __future__ import annotations
 
+import datetime
 import errno
 import io
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -165,7 +165,8 @@ def _chunk_rows(npt: int, itemsize: int) -> int:
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    # ISO 8601 with the local offset as NX_DATE_TIME wants it: 2026-11-28T19:07:22+01:00
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def _string_list(group: Any, name: str, values: Sequence[str], chunk: int = 1024) -> Any:
