@@ -278,6 +278,34 @@ def load_poni(path: str | os.PathLike) -> Geometry:
     return parse_poni(text, source=source)
 
 
+def save_poni(geometry: Geometry, path: str | os.PathLike | None = None,
+              version: float = 2.1) -> str:
+    """The PONI text of ``geometry`` and, when ``path`` is given, that text written atomically.
+
+    Parameters
+    ----------
+    geometry : Geometry
+    path : str or os.PathLike, optional
+        File to write (a temporary file in the same folder, then renamed over it).
+    version : float
+        PONI format version: 1, 2, 2.1 (default) or 3.
+
+    Returns
+    -------
+    str
+        The PONI text.
+
+    Raises
+    ------
+    AzfilterError
+        When the version cannot express the geometry, or the file cannot be written.
+    """
+    text = format_poni(geometry, version=version)
+    if path is not None:
+        write_poni_text(text, path)
+    return text
+
+
 def _format_float(value: float) -> str:
     # repr is the shortest string that reads back to the same float
     return repr(float(value))

@@ -691,6 +691,23 @@ def test_progress_bar_on_a_terminal(monkeypatch):
     assert quiet.text == ""
 
 
+def test_progress_bar_fits_a_narrow_terminal(monkeypatch):
+    import os as os_module
+    import shutil
+
+    terminal = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(shutil, "get_terminal_size",
+                        lambda fallback=None: os_module.terminal_size((50, 20)))
+    progress = progress_module.Progress(total=1000, quiet=False, label="sigma-clip shard 2/16")
+    assert "0/1000 frames" in terminal.text          # shown before the first frame
+    for _ in range(1000):
+        progress.step()
+    progress.close()
+    lines = [part for part in terminal.text.split("\r\033[K") if part]
+    assert lines and all(len(line) <= 49 for line in lines), max(lines, key=len)
+
+
 # ============================================================================ plot
 
 
@@ -792,7 +809,8 @@ def test_python_m_azfilter_on_lambda_nexus_stack(testdata, tmp_path):
     assert np.isfinite(table.intensity).sum(axis=1).min() > 150
 
 
-def test_sigterm_leaves_no_partial_output(data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_leaves_no_partial_output(data, tmp_path, signum):
     stack = write_stack(tmp_path / "big.h5", [make_frame(k) for k in range(60)])
     out = tmp_path / "killed.h5"
     env = dict(os.environ, AZFILTER_LOG_INTERVAL="0")
@@ -802,7 +820,7 @@ def test_sigterm_leaves_no_partial_output(data, tmp_path):
         stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     first_line = proc.stderr.readline()  # the first progress line: frames are being written
     assert "frames" in first_line, first_line
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143, first_line + rest
     assert "terminated" in rest
@@ -983,3 +1001,16 @@ def test_run_job_is_the_command_without_click(data, tmp_path):
                      dry_run=True)
     assert [index for _, index, _ in dry.planned] == [0, 1, 2, 3]
     assert not (tmp_path / "dry.h5").exists()
+
+
+def test_verbose_prints_pools_and_follows_slurm_cpus(data, tmp_path):
+    result = invoke("integrate", "-v", "-p", data.poni, "--backend", "python", "--npt", 30,
+                    *data.cbfs, "-o", tmp_path / "v.h5", env={"SLURM_CPUS_PER_TASK": "1"})
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.stderr.splitlines() if "engine threads" in ln)
+    assert "engine threads 1" in line and "1 cores usable" in line and "reader threads" in line
+    # not a terminal: log lines start with a timestamp
+    assert line[:4].isdigit() and line[4] == "-"
+    quiet = invoke("integrate", "-p", data.poni, "--backend", "python", "--npt", 30,
+                   *data.cbfs, "-o", tmp_path / "q.h5")
+    assert "engine threads" not in quiet.stderr
