@@ -643,3 +643,27 @@ def test_cli_skip_existing_on_a_damaged_output(tmp_path):
     assert str(out) in lines[0] and "damaged" in lines[0] and "--overwrite" in lines[0]
     assert out.read_bytes() == bytes(raw)
     assert sorted(p.name for p in out.parent.iterdir()) == ["run.h5"]
+
+
+def test_sinks_record_failures(tmp_path):
+    """What the pipeline calls for a failed frame: ``Sink.fail(planned, reason)`` or
+    ``record_failure(source, index, reason)``; text sinks keep a list, NeXus sinks the file."""
+    from types import SimpleNamespace
+
+    from azfilter.errors import FrameReadError
+    from azfilter.output import NexusSink, TextSink
+
+    planned = SimpleNamespace(source="/d/b.cbf", index=0, nframes=1, out_path=None)
+    text = TextSink(make_meta())
+    text.fail(planned, "bad\nheader")
+    text.record_failure("/d/c.h5", None, "truncated")
+    assert text.failures == [("/d/b.cbf", 0, "bad header"), ("/d/c.h5", -1, "truncated")]
+    writer = NexusWriter(tmp_path / "out.h5", make_meta())
+    sink = NexusSink(writer)
+    sink.write(SimpleNamespace(source="/d/a.cbf", index=0), "/d/a.cbf", make_result())
+    sink.fail(planned, "bad header")
+    error = FrameReadError("/d/s.h5", 3, "reduction failed: boom")
+    sink.record_failure(error.source, error.index, str(error))
+    sink.close()
+    assert read_result(tmp_path / "out.h5").failed == [
+        ("/d/b.cbf", 0, "bad header"), ("/d/s.h5", 3, "reduction failed: boom")]

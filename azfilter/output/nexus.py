@@ -668,8 +668,14 @@ class NexusWriter:
         reason : str
             One line: why.
         """
+        index = -1 if index is None else int(index)
         reason = " ".join(str(reason).split())
-        self.failures.append((str(source), -1 if index is None else int(index), reason))
+        # FrameReadError's text starts with "SOURCE frame I: "; the record has its own columns
+        for prefix in (f"{source} frame {index}: ", f"{source}: "):
+            if reason.startswith(prefix):
+                reason = reason[len(prefix):]
+                break
+        self.failures.append((str(source), index, reason))
 
     def flush(self) -> None:
         """Write the buffered rows to the (temporary) file."""
