@@ -609,7 +609,9 @@ def test_cli_full_disk_exit_3_one_line(small_disk, tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert str(small_disk / "out.h5") in lines[0] and "No space left on device" in lines[0]
-    assert list(small_disk.iterdir()) == []
+    # nothing that takes space: no output, no temporary file (the run's empty lock file may stay)
+    left = [p for p in small_disk.iterdir() if p.name != ".out.h5.lock"]
+    assert left == [] and all(p.stat().st_size == 0 for p in small_disk.iterdir())
 
 
 def test_cli_skip_existing_on_a_damaged_output(tmp_path):
@@ -642,7 +644,7 @@ def test_cli_skip_existing_on_a_damaged_output(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert str(out) in lines[0] and "damaged" in lines[0] and "--overwrite" in lines[0]
     assert out.read_bytes() == bytes(raw)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["run.h5"]
+    assert not list(out.parent.glob("*.tmp")) and not list(out.parent.glob(".*.tmp"))
 
 
 def test_sinks_record_failures(tmp_path):
@@ -667,3 +669,21 @@ def test_sinks_record_failures(tmp_path):
     sink.close()
     assert read_result(tmp_path / "out.h5").failed == [
         ("/d/b.cbf", 0, "bad header"), ("/d/s.h5", 3, "reduction failed: boom")]
+
+
+def test_wavelength_and_monitor_options(tmp_path):
+    """--wavelength/--energy/--monitor parameters: the wavelength used is the one recorded
+    (angstrom); monitor_applied follows --monitor."""
+    meta = make_meta()
+    meta.parameters.update(wavelength=0.7e-10, energy=None, monitor="i0", dummy=None,
+                           delta_dummy=None)
+    meta.wavelength = 0.7e-10
+    writer = NexusWriter(tmp_path / "out.h5", meta)
+    writer.write(make_result(), "/d/a.cbf", 0)
+    writer.close()
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert h5["entry/reduction/input/wavelength"][()] == pytest.approx(0.7)
+        assert h5["entry/instrument/monochromator/wavelength"][()] == pytest.approx(0.7)
+        assert _text(h5["entry/reduction/input/monitor"][()]) == "i0"
+        assert bool(h5["entry/monitor_applied"][()]) is True
+        assert nxdl_check(h5) == []

@@ -470,13 +470,14 @@ def _write_header(h5: Any, meta: OutputMeta, radial: np.ndarray, arrays: Sequenc
         process["shard"] = meta.shard
     inputs = _group(process, "input", "NXparameters")
     inputs["operation"] = meta.operation
+    # the wavelength used (PONI or --wavelength/--energy), in angstrom as azint writes it
+    inputs["wavelength"] = wavelength_a
+    inputs["wavelength"].attrs["units"] = "angstrom"
     for key, value in parameters.items():
         if key in inputs:
             continue
         inputs[key] = format_value(value) if value is None or isinstance(
             value, (list, tuple, dict)) else value
-    inputs["wavelength"] = wavelength_a
-    inputs["wavelength"].attrs["units"] = "angstrom"
     if "poni" not in inputs:
         inputs["poni"] = meta.poni_text
     configuration = _group(process, "configuration", "NXnote")
