@@ -245,3 +245,23 @@ def test_merge_command_exit_status_and_lines(tmp_path):
     complete = write_shards(tmp_path, manifest, name="ok")
     result = runner.invoke(merge_command, [*map(str, complete), "-o", str(tmp_path / "ok.h5")])
     assert result.exit_code == 0 and "8 frames, complete" in result.output
+
+
+def test_unsharded_output_and_earlier_merge_need_no_shard_names(tmp_path):
+    """An unsharded output (no ``I/N``) of a job, or the merge of some shards merged again
+    with the rest, is complete when its frames are there."""
+    whole = Manifest.of(ENTRIES, shards=1)
+    meta = make_meta()
+    meta.manifest = whole
+    writer = NexusWriter(tmp_path / "one.h5", meta)
+    for k, (source, index) in enumerate(ENTRIES):
+        writer.write(make_result(seed=k), source, index)
+    writer.close()
+    summary = merge_nexus([tmp_path / "one.h5"], tmp_path / "copy.h5")
+    assert summary["complete"] is True and summary["missing_shards"] == []
+    manifest = Manifest.of(ENTRIES, shards=3)
+    shards = write_shards(tmp_path, manifest)
+    merge_nexus(shards[:2], tmp_path / "part.h5")
+    summary = merge_nexus([tmp_path / "part.h5", shards[2]], tmp_path / "all.h5")
+    assert summary["complete"] is True and summary["missing_shards"] == []
+    assert summary["rows"] == 8

@@ -240,6 +240,11 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
         if manifest is not None:
             out.set_manifest(manifest.entries, manifest.digest, manifest.shards)
             missing = missing_entries(manifest.entries, seen, set(failures))
+            # A shard no input names is missing only when frames of it are: an unsharded
+            # output, or an earlier merge, holds the frames of every shard.
+            lost = set(missing)
+            missing_shards = [k for k in missing_shards
+                              if any(e in lost for e in manifest.shard_entries(k))]
             complete = not missing and not missing_shards
         elif missing_shards:
             complete = False
