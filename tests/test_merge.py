@@ -265,3 +265,18 @@ def test_unsharded_output_and_earlier_merge_need_no_shard_names(tmp_path):
     summary = merge_nexus([tmp_path / "part.h5", shards[2]], tmp_path / "all.h5")
     assert summary["complete"] is True and summary["missing_shards"] == []
     assert summary["rows"] == 8
+
+
+def test_legacy_and_new_layout_shards_merge(tmp_path):
+    """A shard of the old layout and one of the new (both without a manifest) merge."""
+    meta = make_meta({"npt": 20, "config_version": 1}, shard="1/2")
+    writer = NexusWriter(tmp_path / "new_shard1of2.h5", meta)
+    writer.write(make_result(npt=20, seed=5), "/x/c.cbf", 0)
+    writer.close()
+    summary = merge_nexus([tmp_path / "new_shard1of2.h5", DATA / "legacy_shard0of2.h5"],
+                          tmp_path / "all.h5")
+    assert summary["rows"] == 3 and summary["missing_shards"] == []
+    table = read_result(tmp_path / "all.h5")
+    assert table.sources == ["/x/a.cbf", "/x/b.h5::/entry/data/data", "/x/c.cbf"]
+    np.testing.assert_allclose(table.intensity[2], make_result(npt=20, seed=5).intensity,
+                               rtol=1e-6)
