@@ -22,7 +22,7 @@ from test_frames import assert_one_line, pattern, write_cbf, write_edf, write_ei
 
 import azfilter.frames.parallel as parallel
 from azfilter.errors import FrameReadError
-from azfilter.frames import Frame, InputItem, expand_inputs, iter_frames, open_frames
+from azfilter.frames import Frame, InputItem, chunks, expand_inputs, iter_frames, open_frames
 from azfilter.frames.chunks import direct_layout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,11 +86,14 @@ def results(inputs, **kwargs) -> list:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shape", [(40, 52), (21, 23)], ids=["2080px", "483px"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name", list(FILTERS))
-def test_direct_chunks_bit_identical_to_h5py(tmp_path, monkeypatch, name, dtype):
-    # 40 x 52 = 2080 pixels: not a multiple of the 256-element blocks (a partial last block)
-    stack = varied_frames(5, (40, 52), dtype)
+def test_direct_chunks_bit_identical_to_h5py(tmp_path, monkeypatch, name, dtype, shape):
+    # 2080 pixels: not a multiple of the 256-element blocks (a partial last block); 483
+    # pixels: bitshuffle stores the last 483 % 8 = 3 elements as they are (as for an Eiger 4M,
+    # 2167 x 2070 pixels)
+    stack = varied_frames(5, shape, dtype)
     path = write_stack(tmp_path / "stack.h5", stack, FILTERS[name])
     with h5py.File(path, "r") as h5:
         dset = h5["entry/data/data"]
@@ -107,11 +110,11 @@ def test_direct_chunks_bit_identical_to_h5py(tmp_path, monkeypatch, name, dtype)
     assert [f.index for f in got] == list(range(len(stack)))
 
 
-@pytest.mark.parametrize("case", ["odd pixel count", "fletcher32", "big-endian",
-                                  "several frames per chunk", "unchunked"])
+@pytest.mark.parametrize("case", ["fletcher32", "big-endian", "several frames per chunk",
+                                  "unchunked", "bitshuffle without LZ4"])
 def test_other_layouts_fall_back_to_h5py(tmp_path, monkeypatch, case):
     dtype = np.int32
-    shape = (21, 23) if case == "odd pixel count" else (16, 24)
+    shape = (16, 24)
     stack = varied_frames(4, shape, dtype)
     options = dict(FILTERS["bitshuffle-lz4"])
     chunks = (1, *shape)
@@ -121,6 +124,8 @@ def test_other_layouts_fall_back_to_h5py(tmp_path, monkeypatch, case):
         stack = stack.astype(">i4")
     elif case == "several frames per chunk":
         chunks = (2, *shape)
+    elif case == "bitshuffle without LZ4":
+        options = dict(**hdf5plugin.Bitshuffle(cname="none"))
     path = tmp_path / "stack.h5"
     with h5py.File(path, "w") as h5:
         if case == "unchunked":
@@ -129,11 +134,7 @@ def test_other_layouts_fall_back_to_h5py(tmp_path, monkeypatch, case):
             h5.create_dataset("entry/data/data", data=stack, chunks=chunks, **options)
     direct = DirectReads(monkeypatch)
     got = results(path)
-    if case == "odd pixel count":
-        # a layout the direct path accepts, but whose bitshuffle tail goes to h5py per chunk
-        assert direct.count == len(stack)
-    else:
-        assert direct.count == 0
+    assert direct.count == 0
     for frame, reference in zip(got, stack, strict=True):
         np.testing.assert_array_equal(frame.data, reference)
         assert frame.data.dtype.isnative
@@ -414,3 +415,25 @@ def test_real_cbf_files_identical_to_fabio(testdata):
         image = fabio.open(str(path))
         assert frame.data.dtype == image.data.dtype
         np.testing.assert_array_equal(frame.data, image.data)
+
+
+def test_bitshuffle_block_stored_at_full_size_goes_to_h5py(tmp_path, monkeypatch):
+    """imagecodecs' LZ4 framing would copy a block whose stored size equals its decoded size
+    verbatim (HDF5's LZ4 filter convention); bitshuffle never stores blocks that way, so such
+    chunks are left to h5py."""
+    header = chunks._HEADER.pack(3 * 8192 + 800, 8192)
+    blocks = [100, 8192, 8000, 800]
+    framed = header + b"".join(chunks._BLOCK_SIZE.pack(n) + bytes(n) for n in blocks)
+    assert not chunks._lz4_blocks_are_all_compressed(framed, 8192, 3 * 8192 + 800)
+    blocks = [100, 8191, 8000, 799]
+    framed = header + b"".join(chunks._BLOCK_SIZE.pack(n) + bytes(n) for n in blocks)
+    assert chunks._lz4_blocks_are_all_compressed(framed, 8192, 3 * 8192 + 800)
+    last_verbatim = header + b"".join(chunks._BLOCK_SIZE.pack(n) + bytes(n)
+                                      for n in [100, 8191, 8000, 800])
+    assert not chunks._lz4_blocks_are_all_compressed(last_verbatim, 8192, 3 * 8192 + 800)
+
+    stack = varied_frames(3, (24, 32), np.int32)
+    path = write_stack(tmp_path / "s.h5", stack, FILTERS["bitshuffle-lz4"])
+    monkeypatch.setattr(chunks, "_lz4_blocks_are_all_compressed", lambda *args: False)
+    got = results(path)
+    np.testing.assert_array_equal(np.stack([f.data for f in got]), stack)

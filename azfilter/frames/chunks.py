@@ -206,9 +206,17 @@ def _scratch_bytes(nbytes: int) -> np.ndarray:
     """A per-thread byte array of ``nbytes`` for intermediate results (reused: fresh memory
     costs page faults that take as long as the decoding)."""
     array = getattr(_scratch, "array", None)
-    if array is None or array.size != nbytes:
+    if array is None or array.size < nbytes:
         array = _scratch.array = np.empty(nbytes, np.uint8)
-    return array
+    return array[:nbytes]
+
+
+def chunk_scratch(nbytes: int) -> memoryview:
+    """A per-thread writable buffer of ``nbytes`` to read one raw chunk into (reused)."""
+    buffer = getattr(_scratch, "chunk", None)
+    if buffer is None or len(buffer) < nbytes:
+        buffer = _scratch.chunk = bytearray(nbytes)
+    return memoryview(buffer)[:nbytes]
 
 
 def _check_length(data, expected: int, what: str) -> None:
@@ -223,9 +231,49 @@ def _unshuffle(data: Any, out: np.ndarray) -> None:
     np.copyto(out.reshape(-1).view(np.uint8).reshape(-1, itemsize), planes.T)
 
 
+def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray) -> None:
+    if len(raw) < 12:
+        raise ChunkError(f"bitshuffle-LZ4 chunk of {len(raw)} bytes (no header)")
+    ic = _codecs()
+    nbytes = layout.nbytes
+    total, block_bytes = _HEADER.unpack_from(raw, 0)
+    itemsize = layout.dtype.itemsize
+    if total != nbytes:
+        raise ChunkError(f"bitshuffle-LZ4 header says {total} bytes, expected {nbytes}")
+    if block_bytes <= 0 or block_bytes % (8 * itemsize):
+        raise ChunkError(f"bitshuffle-LZ4 header has block size {block_bytes}")
+    # The last n % 8 elements (Eiger 4M: 2167 x 2070 pixels, 2 of them) follow the blocks
+    # as they are, neither shuffled nor compressed.
+    flat = out.reshape(-1)
+    nelements = flat.size
+    shuffled_count = nelements - nelements % 8
+    tail_bytes = (nelements - shuffled_count) * itemsize
+    blocks_bytes = shuffled_count * itemsize
+    if not _lz4_blocks_are_all_compressed(raw, block_bytes, blocks_bytes):
+        raise NeedsH5py
+    if tail_bytes:
+        if len(raw) < 12 + tail_bytes:
+            raise ChunkError(f"bitshuffle-LZ4 chunk of {len(raw)} bytes is too short")
+        flat[shuffled_count:] = np.frombuffer(raw, layout.dtype, count=nelements - shuffled_count,
+                                              offset=len(raw) - tail_bytes)
+        # imagecodecs' LZ4 framing decodes as many bytes as its header says: the header must
+        # count the blocks only (patched in place when the caller's buffer is writable)
+        if not (isinstance(raw, memoryview) and not raw.readonly):
+            raw = bytearray(raw)
+        _HEADER.pack_into(raw, 0, blocks_bytes, block_bytes)
+        raw = memoryview(raw)[:len(raw) - tail_bytes]
+    # decoded into scratch memory; a short result (blocks missing) is a view shorter than the
+    # scratch array
+    shuffled = ic.lz4h5_decode(raw, out=_scratch_bytes(blocks_bytes))
+    _check_length(shuffled, blocks_bytes, "bitshuffle-LZ4")
+    ic.bitshuffle_decode(np.frombuffer(shuffled, layout.dtype),
+                         blocksize=block_bytes // itemsize, out=flat[:shuffled_count])
+
+
 def decode_chunk(raw: Any, layout: DirectLayout, out: np.ndarray) -> np.ndarray:
     """Decode one frame's chunk bytes ``raw`` into ``out`` (C-contiguous, ``layout.shape``,
-    ``layout.dtype``); the codecs run outside the GIL.
+    ``layout.dtype``); the codecs run outside the GIL.  A writable ``raw`` (memoryview) may
+    be changed (bitshuffle-LZ4 headers are patched in place).
 
     Raises
     ------
@@ -242,26 +290,7 @@ def decode_chunk(raw: Any, layout: DirectLayout, out: np.ndarray) -> np.ndarray:
             _check_length(raw, nbytes, "uncompressed")
             np.copyto(out.reshape(-1).view(np.uint8), np.frombuffer(raw, np.uint8))
         elif filters == (FILTER_BITSHUFFLE,):
-            if len(raw) < 12:
-                raise ChunkError(f"bitshuffle-LZ4 chunk of {len(raw)} bytes (no header)")
-            total, block_bytes = _HEADER.unpack_from(raw, 0)
-            itemsize = layout.dtype.itemsize
-            if total != nbytes:
-                raise ChunkError(f"bitshuffle-LZ4 header says {total} bytes, expected {nbytes}")
-            nelements = nbytes // itemsize
-            if (block_bytes <= 0 or block_bytes % (8 * itemsize) or nelements % 8):
-                # the format's odd cases (a tail of < 8 elements stored raw) or a bad header
-                if block_bytes <= 0 or block_bytes % itemsize:
-                    raise ChunkError(f"bitshuffle-LZ4 header has block size {block_bytes}")
-                raise NeedsH5py
-            if not _lz4_blocks_are_all_compressed(raw, block_bytes, total):
-                raise NeedsH5py
-            # decoded into scratch memory; a short result (blocks missing) is a view shorter
-            # than the scratch array
-            shuffled = ic.lz4h5_decode(raw, out=_scratch_bytes(nbytes))
-            _check_length(shuffled, nbytes, "bitshuffle-LZ4")
-            ic.bitshuffle_decode(np.frombuffer(shuffled, layout.dtype).reshape(layout.shape),
-                                 blocksize=block_bytes // itemsize, out=out)
+            _decode_bitshuffle_lz4(raw, layout, out)
         elif filters == (FILTER_LZ4,):
             decoded = ic.lz4h5_decode(raw, out=out.reshape(-1).view(np.uint8))
             _check_length(decoded, nbytes, "LZ4")

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import FrameReadError
-from .chunks import ChunkError, NeedsH5py, chunk_location, decode_chunk, direct_layout, read_exactly
+from .chunks import (
+    ChunkError,
+    NeedsH5py,
+    chunk_location,
+    chunk_scratch,
+    decode_chunk,
+    direct_layout,
+    read_exactly,
+)
 from .common import Frame, _check_image, _exception_reason
 from .fabio_formats import _FabioSource
 from .hdf5 import _Block, _Hdf5Source
@@ -213,7 +221,7 @@ def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, head
                                      f"expected {layout.nbytes}")
                 read_exactly(fd, size, offset, out)
             else:
-                decode_chunk(read_exactly(fd, size, offset), layout, out)
+                decode_chunk(read_exactly(fd, size, offset, chunk_scratch(size)), layout, out)
         except NeedsH5py:
             return through_h5py()
         except ChunkError as exc:
