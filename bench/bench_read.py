@@ -43,16 +43,21 @@ from bench_cli import (  # noqa: E402  (after the path set-up)
 
 
 def rate(run, n: int, repeat: int) -> dict[str, float]:
-    """frames/s of ``run()`` (which reads ``n`` frames): best and median of ``repeat``."""
-    rates = []
+    """frames/s of ``run()`` (which reads ``n`` frames), best and median of ``repeat``; and
+    the cores it kept busy (process CPU time / wall time, of the best run): above 1 only when
+    threads decode at the same time, i.e. outside the GIL, and when other processes leave a
+    second core free."""
+    runs = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         got = run()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         if got != n:
             sys.exit(f"bench_read: read {got} frames, expected {n}")
-        rates.append(n / elapsed)
-    return {"best": round(max(rates), 1), "median": round(statistics.median(rates), 1)}
+        runs.append((n / elapsed, cpu / elapsed))
+    best = max(runs)
+    return {"best": round(best[0], 1), "median": round(statistics.median(r[0] for r in runs), 1),
+            "cores_busy": round(best[1], 2)}
 
 
 def count_frames_of(stream) -> int:
@@ -329,9 +334,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{machine['load_average_start'][0]:.1f} at start, "
           f"{machine['load_average_end'][0]:.1f} at end")
     for key in ("eiger", "cbf"):
-        print(f"\n## {report[key]['input']}: frames/s (best of {args.repeat}, median)")
+        print(f"\n## {report[key]['input']}: frames/s (best of {args.repeat}, median), "
+              "cores busy")
         for name, value in report[key]["frames_per_s"].items():
-            print(f"  {name:45s} {value['best']:8.1f} {value['median']:8.1f}")
+            print(f"  {name:45s} {value['best']:8.1f} {value['median']:8.1f} "
+                  f"{value['cores_busy']:6.2f}")
     print("\n## Eiger 4M decoding, CPU ms per frame (one thread)")
     for name, value in report["eiger"]["decoder_cpu_ms_per_frame"].items():
         print(f"  {name:45s} {value:8.2f}")
