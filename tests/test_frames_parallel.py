@@ -437,3 +437,36 @@ def test_bitshuffle_block_stored_at_full_size_goes_to_h5py(tmp_path, monkeypatch
     monkeypatch.setattr(chunks, "_lz4_blocks_are_all_compressed", lambda *args: False)
     got = results(path)
     np.testing.assert_array_equal(np.stack([f.data for f in got]), stack)
+
+
+@pytest.mark.parametrize("name", ["bitshuffle-lz4", "gzip", "none"])
+def test_raw_chunks_through_read_direct_chunk_when_offsets_are_unusable(tmp_path, monkeypatch,
+                                                                       name):
+    """Without chunk offsets (old HDF5, a driver other than sec2) the raw bytes come from
+    h5py's read_direct_chunk and are still decoded outside h5py; corrupt ones still fail
+    alone."""
+    stack = varied_frames(4, (21, 23), np.uint32)
+    path = write_stack(tmp_path / "s.h5", stack, FILTERS[name])
+
+    def no_offsets(*args):
+        raise AttributeError("get_chunk_info_by_coord")
+
+    decoded = []
+    original = parallel.decode_chunk
+    monkeypatch.setattr(parallel, "chunk_location", no_offsets)
+    monkeypatch.setattr(parallel, "decode_chunk",
+                        lambda raw, layout, out: decoded.append(1) or original(raw, layout, out))
+    direct = DirectReads(monkeypatch)
+    got = results(path)
+    assert len(decoded) == 4 and direct.count == 0
+    np.testing.assert_array_equal(np.stack([f.data for f in got]), stack)
+
+    if name != "none":
+        with h5py.File(path, "r") as h5:
+            chunk = h5["entry/data/data"].id.get_chunk_info_by_coord((2, 0, 0))
+        raw = bytearray(path.read_bytes())
+        raw[chunk.byte_offset:chunk.byte_offset + 16] = bytes(16)
+        path.write_bytes(bytes(raw))
+        got = results(path)
+        assert [type(r).__name__ for r in got] == ["Frame", "Frame", "FrameReadError", "Frame"]
+        assert got[2].index == 2

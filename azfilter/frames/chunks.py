@@ -66,6 +66,9 @@ class DirectLayout:
         The frame dtype (native byte order).
     leading : tuple of int
         The stack's leading dimensions (empty for a single 2-D frame).
+    pread : bool
+        True when the chunks can be read from ``filename`` with ``os.pread``; else their
+        bytes come from h5py's ``read_direct_chunk`` (under its lock; decoded outside it).
     """
 
     filename: str
@@ -74,6 +77,7 @@ class DirectLayout:
     shape: tuple[int, int]
     dtype: np.dtype
     leading: tuple[int, ...]
+    pread: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -123,22 +127,31 @@ def direct_layout(dataset) -> DirectLayout | None:
                 return None             # bitshuffle alone or with zstd: h5py reads it
         if dataset.id.get_offset() is not None:
             return None                 # contiguous storage (not chunked after all)
+        if not isinstance(dataset.id, h5py.h5d.DatasetID):
+            return None
         base = int(dataset.file.id.get_create_plist().get_userblock())
         filename = dataset.file.filename
-        if not isinstance(dataset.id, h5py.h5d.DatasetID) or not os.path.isfile(filename):
-            return None
+        # chunk addresses are offsets in the file only with HDF5's default (sec2) driver;
+        # get_chunk_info needs HDF5 >= 1.10.5
+        pread = (os.path.isfile(filename) and dataset.file.driver == "sec2"
+                 and hasattr(dataset.id, "get_chunk_info_by_coord"))
         return DirectLayout(filename, base, codes, shape, np.dtype(dtype),
-                            tuple(int(n) for n in dataset.shape[:-2]))
+                            tuple(int(n) for n in dataset.shape[:-2]), pread)
     except Exception:                   # any doubt: h5py reads it
         return None
+
+
+def chunk_coordinates(layout: DirectLayout, local: int) -> tuple[int, ...]:
+    """The chunk coordinates (dataset indices of its first element) of frame ``local``."""
+    leading = tuple(int(i) for i in np.unravel_index(local, layout.leading)) \
+        if layout.leading else ()
+    return leading + (0, 0)
 
 
 def chunk_location(dataset, layout: DirectLayout, local: int) -> tuple[int, int] | None:
     """(file offset, size) of the chunk holding frame ``local`` of ``dataset``, or None when
     the chunk is not stored (fill value) or a filter was skipped for it (h5py reads it)."""
-    coord = tuple(int(i) for i in np.unravel_index(local, layout.leading)) if layout.leading \
-        else ()
-    info = dataset.id.get_chunk_info_by_coord(coord + (0, 0))
+    info = dataset.id.get_chunk_info_by_coord(chunk_coordinates(layout, local))
     if info.byte_offset is None or info.filter_mask != 0 or info.size <= 0:
         return None
     return layout.base + int(info.byte_offset), int(info.size)

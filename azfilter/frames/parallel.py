@@ -32,6 +32,7 @@ from ..errors import FrameReadError
 from .chunks import (
     ChunkError,
     NeedsH5py,
+    chunk_coordinates,
     chunk_location,
     chunk_scratch,
     decode_chunk,
@@ -181,21 +182,31 @@ def _hdf5_tasks(item: InputItem, allocate: Callable) -> Iterator[_Task]:
                     yield _Task(h5.source, index,
                                 result=FrameReadError(h5.source, index, opened_error))
                     continue
-                location = None
-                if layout is not None:
+                location: Any = None
+                if layout is not None and layout.pread:
                     with shared.lock:
                         try:
                             location = chunk_location(dataset, layout, index - block.first)
-                        except Exception:      # noqa: BLE001 - h5py reads this frame instead
-                            location = None
-                yield _Task(h5.source, index, _hdf5_work(h5, shared, block, index, header,
-                                                         layout, location, allocate), shared)
+                        except Exception:      # noqa: BLE001 - raw bytes through h5py instead
+                            location = _VIA_H5PY
+                elif layout is not None:
+                    location = _VIA_H5PY
+                yield _Task(h5.source, index, _hdf5_work(
+                    h5, shared, block, index, header, layout, location, dataset, allocate),
+                    shared)
     finally:
         shared.release()
 
 
+# a chunk location meaning: raw chunk bytes from h5py's read_direct_chunk, decoded here
+_VIA_H5PY = "read_direct_chunk"
+
+
 def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, header: dict,
-               layout, location, allocate: Callable) -> Callable[[], Frame]:
+               layout, location, dataset, allocate: Callable) -> Callable[[], Frame]:
+    """The task reading one HDF5 frame: chunk bytes by ``os.pread`` (``location`` = offset and
+    size) or by ``read_direct_chunk`` (``_VIA_H5PY``), decoded outside h5py's lock; or the
+    whole read through h5py (``location`` None, or a chunk the decoders leave to h5py)."""
     source, nframes = h5.source, h5.nframes
 
     def through_h5py() -> Frame:
@@ -207,12 +218,23 @@ def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, head
         return through_h5py
 
     def direct() -> Frame:
-        offset, size = location
         try:
             out = allocate(layout.shape, layout.dtype)
             if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
                     and out.shape == layout.shape and out.dtype == layout.dtype):
                 out = np.empty(layout.shape, layout.dtype)
+            if location == _VIA_H5PY:
+                with shared.lock:
+                    try:
+                        mask, raw = dataset.id.read_direct_chunk(
+                            chunk_coordinates(layout, index - block.first))
+                    except Exception:          # noqa: BLE001 - unstored chunk: h5py's read
+                        mask, raw = None, None
+                if mask != 0:
+                    raise NeedsH5py
+                decode_chunk(raw, layout, out)
+                return Frame(_check_image(out, source, index), source, index, nframes, header)
+            offset, size = location
             fd = shared.fd(layout.filename)
             if layout.filters == ():
                 # uncompressed: read straight into the frame's memory
