@@ -245,8 +245,15 @@ def test_whole_file_failures(tmp_path):
     cut_cbf.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     not_hdf5 = tmp_path / "text.h5"
     not_hdf5.write_text("not HDF5\n" * 50)
-    got = results([selected, cut_cbf, not_hdf5, tmp_path / "missing_*.cbf", good])
-    assert [type(r).__name__ for r in got] == ["FrameReadError"] * 6 + ["Frame"]
+    bad_md5 = tmp_path / "bad_md5.cbf"
+    content = bytearray(good.read_bytes())
+    content[-100] ^= 0x01                        # one bit of the binary section flipped
+    bad_md5.write_bytes(bytes(content))
+    got = results([selected, cut_cbf, not_hdf5, tmp_path / "missing_*.cbf", good, bad_md5])
+    assert [type(r).__name__ for r in got] == ["FrameReadError"] * 6 + ["Frame",
+                                                                       "FrameReadError"]
+    assert got[7].index == 0 and "checksum" in got[7].reason.lower()
+    assert_one_line(got[7], str(bad_md5))
     assert [(e.source, e.index) for e in got[:6]] == [
         (str(counted), 1), (str(counted), 2), (str(counted), 3), (str(cut_cbf), 0),
         (str(not_hdf5), None), (str(tmp_path / "missing_*.cbf"), None)]

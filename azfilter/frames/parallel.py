@@ -393,8 +393,9 @@ def iter_frames(items: str | os.PathLike | InputItem | Sequence, *, workers: int
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="azfilter-decode")
 
     def planner() -> None:
+        tasks = _plan(items, allocate, copy)
         try:
-            for task in _plan(items, allocate, copy):
+            for task in tasks:
                 while not slots.acquire(timeout=0.1):
                     if stop.is_set():
                         task.discard()
@@ -411,6 +412,7 @@ def iter_frames(items: str | os.PathLike | InputItem | Sequence, *, workers: int
         except BaseException as exc:        # noqa: BLE001 - handed to the consumer
             ready.put((None, exc))
         finally:
+            tasks.close()                   # the files of a stopped plan are let go now
             ready.put(_END)
 
     thread = threading.Thread(target=planner, name="azfilter-plan", daemon=True)
