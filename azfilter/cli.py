@@ -135,7 +135,8 @@ def _reduction_options(operation: str | None) -> list[Callable]:
             help="Number of radial bins."),
         opt("--unit", type=click.Choice(_unit_names()), default=cfg.DEFAULTS["unit"],
             show_default=True,
-            help="Radial unit: q in nm^-1 or A^-1, 2theta in deg or rad, r in mm, d in nm or A."),
+            help="Radial unit: q in nm^-1 or A^-1, 2theta in deg or rad, r in mm, "
+                 "d-spacing in nm or A."),
         opt("--radial-range", type=float, nargs=2, metavar="LO HI", default=None,
             help="Radial range of the bins, in --unit [default: the extent of the unmasked "
                  "pixels]."),

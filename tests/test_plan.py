@@ -98,13 +98,6 @@ def test_output_kinds_and_shard_names(tmp_path):
     assert plan.shard_output("out.h5", None) == "out.h5"
 
 
-def test_blocks_group_consecutive_frames_of_one_file():
-    frames = _planned(20) + _planned(2, "/data/b.h5")
-    groups = plan.blocks(frames)
-    assert [len(g.frames) for g in groups] == [8, 8, 4, 2]
-    assert [p for g in groups for p in g.frames] == frames
-
-
 def test_collisions_are_refused(tmp_path):
     one = _planned(1, "/x/a/img_0000.cbf", tmp_path)
     two = _planned(1, "/x/b/img_0000.cbf", tmp_path)

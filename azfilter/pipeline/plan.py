@@ -17,10 +17,6 @@ from typing import Any
 from ..errors import AzfilterError, FrameReadError
 from ..vocabulary import HDF5_SUFFIXES, TEXT_SUFFIXES
 
-# Frames per reader task: a stack is cut into blocks read in parallel (each task opens the
-# file once); single-frame files are one block each.
-BLOCK_FRAMES = 8
-
 
 @dataclass
 class Planned:
@@ -48,14 +44,6 @@ class Planned:
     source: str
     out_path: Path | None = None
     error: FrameReadError | None = None
-
-
-@dataclass
-class Block:
-    """Consecutive frames of one file, read by one reader task."""
-
-    item: Any
-    frames: list[Planned]
 
 
 def _integer(environ: Mapping[str, str], name: str) -> int | None:
@@ -297,20 +285,6 @@ def select_shard(plan: list[Planned], shard: tuple[int, int] | None) -> list[Pla
         return plan
     index, count = shard
     return plan[index * len(plan) // count:(index + 1) * len(plan) // count]
-
-
-def blocks(plan: list[Planned]) -> list[Block]:
-    """Group consecutive frames of the same file into blocks of at most BLOCK_FRAMES."""
-    grouped: list[Block] = []
-    for planned in plan:
-        last = grouped[-1] if grouped else None
-        if (last is not None and planned.error is None and last.frames[-1].error is None
-                and last.item is planned.item and len(last.frames) < BLOCK_FRAMES
-                and last.frames[-1].index + 1 == planned.index):
-            last.frames.append(planned)
-        else:
-            grouped.append(Block(planned.item, [planned]))
-    return grouped
 
 
 def check_collisions(plan: list[Planned]) -> None:

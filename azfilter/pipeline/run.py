@@ -25,7 +25,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from ..resources import usable_cores
 from ..vocabulary import METHOD_OF
 from . import plan as planning
 from .monitor import MonitorReader, divide_by_monitor
-from .plan import Block, Planned
+from .plan import Planned
 from .progress import Progress, plural
 
 logger = logging.getLogger(__name__)
@@ -326,8 +325,9 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     # The integrator (lookup table) only when there is work: a cron run that finds nothing
     # new stays cheap. An HDF5 output with nothing to put in it is still written (empty) when
     # nothing failed, so that every shard of an array job leaves its file for `merge`.
-    empty_output = (out_kind == "hdf5" and not todo and not job.failures
-                    and not Path(output).exists())
+    # (A job whose every frame failed while planning writes it too: the file then lists the
+    # failures, so that a shard is never missing from the merge.)
+    empty_output = out_kind == "hdf5" and not todo and not Path(output).exists()
     if todo or empty_output:
         job.integrator = make_integrator(config, geometry, todo[0].item if todo else None)
         meta.geometry = geometry_lines(job.integrator.geometry)
@@ -505,89 +505,80 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _taker(buffers: Any) -> Callable[[Any, Any], Any]:
-    """The readers' ``buffer(shape, dtype)``: a ring buffer, or a new array when all are
-    lent (a reader never waits for a buffer: no deadlock with the bounded queues)."""
-    import numpy as np
-
-    def take(shape: Any, dtype: Any) -> Any:
-        buffer = buffers.take(shape, dtype)
-        return np.empty(shape, dtype=dtype) if buffer is None else buffer
-
-    return take
+def _reason(error: FrameReadError, planned: Planned | None) -> str:
+    """The reason of a read error, naming the file that failed when it is not the planned
+    source itself (an Eiger data file of a master file)."""
+    if planned is None or error.source == planned.source:
+        return error.reason
+    return str(error)
 
 
-def _read_block(block: Block, q: queue.Queue, stop: threading.Event,
-                buffers: Any | None = None) -> None:
-    """Reader task: decode the block's frames into ``q`` (then _END)."""
-    from ..frames import Frame, open_frames
-
-    first, last = block.frames[0].index, block.frames[-1].index
-    item = block.item.select(range(first, last + 1))
-    try:
-        for obj in open_frames([item], errors="report",
-                               buffer=None if buffers is None else _taker(buffers)):
-            if buffers is not None and isinstance(obj, Frame):
-                obj.data = buffers.fill(obj.data)
-            if not _put(q, obj, stop):
-                return
-    except Exception as err:  # noqa: BLE001 - a reader must never die silently
-        _put(q, FrameReadError(block.frames[0].source, None,
-                               f"read error: {type(err).__name__}: {err}"), stop)
-    finally:
-        _put(q, _END, stop)
+def _runs(todo: list[Planned]) -> list[tuple[Any, list[Planned]]]:
+    """Consecutive frames of one file as (item selecting them, their plans)."""
+    runs: list[tuple[Any, list[Planned]]] = []
+    for planned in todo:
+        if runs and runs[-1][1][-1].item is planned.item \
+                and runs[-1][1][-1].index + 1 == planned.index:
+            runs[-1][1].append(planned)
+        else:
+            runs.append((planned.item, [planned]))
+    return [(item.select(range(group[0].index, group[-1].index + 1)), group)
+            for item, group in runs]
 
 
-def _read_frames(todo: list[Planned], threads: int | None, buffers: Any,
-                 stop: threading.Event, fail: Callable[[Exception, int], None]
-                 ) -> Iterator[tuple[Planned, Any]]:
-    """The planned frames in order as (planned, Frame); read failures go to ``fail``.
+def _read_frames(todo: list[Planned], workers: int, buffers: Any,
+                 fail: Callable[[Exception, int], None]) -> Iterator[tuple[Planned, Any]]:
+    """The planned frames in plan order as (planned, Frame); read failures go to ``fail``,
+    one per planned frame.
 
-    A pool of reader threads decodes blocks of frames ahead into bounded queues.
+    Frames are decoded by :func:`azfilter.frames.iter_frames` on ``workers`` threads (HDF5
+    chunks read directly and decoded outside h5py's lock), into the engine's ring buffers.
     """
-    groups = planning.blocks(todo)
-    readers = 1 if threads == 1 else 2
-    window = readers + 1
-    pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="azfilter-reader")
-    pending: list[tuple[Block, queue.Queue]] = []
-    next_block = 0
+    from ..frames import iter_frames
+
+    runs = _runs(todo)
+    position = 0                       # runs[:position] have been opened
+    remaining: dict[int, Planned] = {}
+
+    def fail_remaining(reason: str) -> None:
+        for planned in remaining.values():
+            fail(FrameReadError(planned.source, planned.index, reason), 1)
+        remaining.clear()
+
+    def advance() -> None:
+        nonlocal position
+        fail_remaining("frame was not delivered by the reader")
+        remaining.update((p.index, p) for p in runs[position][1])
+        position += 1
+
+    stream = iter_frames([item for item, _ in runs], workers=workers, buffer=buffers.take,
+                         errors="report")
     try:
-        while (pending or next_block < len(groups)) and not stop.is_set():
-            while next_block < len(groups) and len(pending) < window:
-                block_queue: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
-                pool.submit(_read_block, groups[next_block], block_queue, stop, buffers)
-                pending.append((groups[next_block], block_queue))
-                next_block += 1
-            block, block_queue = pending.pop(0)
-            expected = {planned.index: planned for planned in block.frames}
-            while not stop.is_set():
-                try:
-                    obj = block_queue.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if obj is _END:
-                    break
-                if isinstance(obj, FrameReadError):
-                    if obj.index is None:
-                        fail(obj, len(expected))
-                        expected.clear()
-                    elif obj.index in expected:
-                        expected.pop(obj.index)
-                        fail(obj, 1)
-                    continue
-                planned = expected.pop(obj.index, None)
-                if planned is None:
-                    if buffers is not None:
-                        buffers.give_back(obj.data)
-                    continue
-                yield planned, obj
-            if expected and not stop.is_set():
-                for planned in expected.values():
-                    fail(FrameReadError(planned.source, planned.index,
-                                        "frame was not delivered by the reader"), 1)
+        for obj in stream:
+            if obj.index is None:          # a whole file failed: every frame of its run
+                if not remaining and position < len(runs):
+                    advance()
+                fail_remaining(_reason(obj, next(iter(remaining.values()), None)))
+                continue
+            while obj.index not in remaining and position < len(runs):
+                advance()
+            planned = remaining.pop(obj.index, None)
+            if isinstance(obj, FrameReadError):
+                if planned is not None:
+                    fail(FrameReadError(planned.source, planned.index, _reason(obj, planned)),
+                         1)
+                continue
+            if planned is None:            # not planned (cannot happen: selected runs)
+                buffers.give_back(obj.data)
+                continue
+            yield planned, obj
+        fail_remaining("frame was not delivered by the reader")
+        for _, group in runs[position:]:
+            for planned in group:
+                fail(FrameReadError(planned.source, planned.index,
+                                    "frame was not delivered by the reader"), 1)
     finally:
-        stop.set()   # readers still running (the consumer stopped early) put nothing more
-        pool.shutdown(wait=True, cancel_futures=True)
+        stream.close()
 
 
 def _frame_source(obj: Any) -> str:
@@ -628,15 +619,17 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     # Buffers the engine reads fastest (page-locked for OpenCL), reused frame after frame:
     # enough for every frame the read-ahead queues can hold, plus the readers' and the
     # engine's own.
-    readers = 1 if threads == 1 else 2
-    buffers = integrator.frame_buffers((readers + 1) * (READ_AHEAD + 1) + 4)
+    # decoder threads: the cores the job may use (they overlap with the engine's threads,
+    # which wait while a frame is decoded and the other way round)
+    readers = threads or usable_cores()
+    # every frame iter_frames may hold decoded ahead, plus those in the engine
+    buffers = integrator.frame_buffers(2 * readers + 2 + READ_AHEAD + 4)
     method, params = reduction_parameters(job.config)
     logger.info("%s: %d frames; backend %s%s, engine threads %s, %d reader threads, "
                 "%d cores usable", job.label, len(job.todo), job.config["backend"],
                 f" (device {job.config['device']})" if job.config.get("device") else "",
                 integrator.threads, readers, usable_cores())
     interrupted: BaseException | None = None
-    read_stop = threading.Event()
     # frame source and buffer of each frame in the engine, until its result is back
     in_flight: dict[int, tuple[str, Any]] = {}
 
@@ -644,7 +637,7 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     monitors: dict[int, float] = {}
 
     def frames() -> Iterator[tuple[Planned, Any]]:
-        for planned, frame in _read_frames(job.todo, threads, buffers, read_stop, fail):
+        for planned, frame in _read_frames(job.todo, readers, buffers, fail):
             if monitor is not None:
                 try:
                     monitors[id(planned)] = monitor.value(frame)
@@ -675,7 +668,6 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
         interrupted = err
         stop.set()
     finally:
-        read_stop.set()
         if writer_thread.is_alive():
             # The writer drains what was reduced, then stops (the queue has room as it runs).
             _put(write_queue, _END, threading.Event())
@@ -684,8 +676,14 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
         sink.abort()
     if interrupted is not None:
         raise interrupted
+    if job.writer is not None and integrator.shape is not None:
+        # a file even when every frame failed to read: it lists the failures (a no-op when
+        # rows were written)
+        job.writer.start(integrator.table(job.config["split"]).radial)
     if writer_error:
         err = writer_error[0]
+        if isinstance(err, AzfilterError):   # the writer's own one-line message
+            raise err
         if isinstance(err, OSError) and err.strerror:
             where = err.filename or job.output
             raise RunFailed(f"{where}: cannot write the output: {err.strerror}")
