@@ -708,8 +708,11 @@ def _check_range(value: Any, name: str, ordered: bool = True) -> tuple[float, fl
     return low, high
 
 
+SectorBounds = tuple[tuple[float, float], ...]
+
+
 def _check_sectors(sectors: Any, azimuth_range: tuple[float, float] | None
-                   ) -> tuple[int | list[list[float]] | None, tuple[tuple[float, float], ...] | None]:
+                   ) -> tuple[int | list[list[float]] | None, SectorBounds | None]:
     """(the option as given, JSON-ready; the sector bounds in degrees) or (None, None)."""
     if sectors is None:
         return None, None
