@@ -923,10 +923,11 @@ def csr_fullsplit_sectors(
     all χ). So the fraction of a pixel outside every sector (outside the span of the sectors,
     in a gap between explicit ranges) is lost, and over sectors that tile the circle a
     pixel's coefficients add up to those of :func:`csr_fullsplit` without sectors. A pixel
-    wholly inside a sector has exactly its coefficients of the table without sectors; a
-    pixel of zero area goes whole to its centre's cell (its centre's χ decides the sector, as
-    :func:`in_azimuth_range` decides). Each sector's rows depend on that sector alone, so a
-    table of one sector is bit for bit the rows of that sector in a table of many.
+    wholly inside a sector has there exactly its coefficients of the table without sectors;
+    a pixel of zero area that a sector's edge crosses goes whole to that sector's cell when
+    its centre is in the sector (as :func:`in_azimuth_range` decides). Each sector's rows
+    depend on that sector alone, so a table of one sector is bit for bit the rows of that
+    sector in a table of many.
 
     The radial range is that of the table without sectors (the whole detector).
 
@@ -952,6 +953,7 @@ def csr_fullsplit_sectors(
         ``n_sectors * npt`` rows, ``n_sectors = len(bands)``.
     """
     npt = _check_npt(npt)
+    n_sectors = len(bands)
     plain = csr_fullsplit(radial_corners, chi_corners, static_mask, npt, radial_range_internal,
                           None, radial_center=radial_center)
     radial_grid = np.asarray(radial_corners, dtype=np.float64)
@@ -959,66 +961,140 @@ def csr_fullsplit_sectors(
     n2 = radial_grid.shape[1] - 1
     n_pixels = (radial_grid.shape[0] - 1) * n2
     lo, delta = plain.lo, (plain.hi - plain.lo) / npt
+    present = np.flatnonzero(np.bincount(plain.indices, minlength=n_pixels))
+    extent = _chi_extent(chi_grid, present, n2)
+    candidates_of = _sector_candidates(extent.chi_a + extent.low, extent.high - extent.low,
+                                       bands)
+    chi_centre = None if chi_center is None else \
+        np.asarray(chi_center, dtype=np.float64).reshape(-1)
 
-    # the plain table by pixel: entries of pixel p are by_pixel[pixel_start[p]:pixel_start[p+1]]
-    # (rows come in increasing pixel order, so a stable sort keeps each pixel's bins rising)
-    row_of_entry = np.repeat(np.arange(npt, dtype=np.int32), np.diff(plain.indptr))
-    by_pixel = np.argsort(plain.indices, kind="stable")
-    pixel_start = np.zeros(n_pixels + 1, dtype=np.int64)
-    np.cumsum(np.bincount(plain.indices, minlength=n_pixels), out=pixel_start[1:])
-    present = np.flatnonzero(np.diff(pixel_start))  # pixels with an entry, increasing
+    # layers[k][p]: the k-th sector pixel p lies wholly inside (-1: none); a pixel is in
+    # several layers only where sectors overlap
+    layers: list[np.ndarray] = []
+    cut_keys: list[np.ndarray] = []   # cells of cut pixels: row * n_pixels + pixel
+    cut_coefs: list[np.ndarray] = []
+    for sector, (band, candidates) in enumerate(zip(bands, candidates_of, strict=True)):
+        local = extent.subset(candidates)
+        inside, touching = _band_overlap(local, band)
+        whole_pixels = [present[candidates[inside]]]
+        cut = candidates[touching & ~inside]
+        if cut.size:
+            pixels = present[cut]
+            corners = _pixel_corners(radial_grid, chi_grid, pixels, n2, lo, delta)
+            degenerate = corners.degenerate()
+            if degenerate.any():  # zero area: whole or nothing, by its centre
+                flat = pixels[degenerate]
+                if chi_centre is not None:
+                    centre = chi_centre[flat]
+                else:
+                    sub = corners.subset(degenerate)
+                    centre = sub.chi_a + 0.25 * (sub.ys[0] + sub.ys[1] + sub.ys[2] + sub.ys[3])
+                whole_pixels.append(flat[in_azimuth_range(centre, band)])
+                keep = ~degenerate
+                pixels, corners = pixels[keep], corners.subset(keep)
+            bins, rows, coefs = _band_split(corners, band, npt)
+            cut_keys.append((sector * npt + bins).astype(np.int64) * n_pixels + pixels[rows])
+            cut_coefs.append(coefs.astype(np.float32))
+        _place(layers, np.concatenate(whole_pixels), sector, n_pixels)
 
-    # each present pixel's χ extent: corner A's χ plus the unwrapped offsets of B, C, D
-    corners = _pixel_corners(radial_grid, chi_grid, present, n2, lo, delta)
-    extent_lo = np.minimum(np.minimum(corners.ys[0], corners.ys[1]),
-                           np.minimum(corners.ys[2], corners.ys[3]))
-    extent_hi = np.maximum(np.maximum(corners.ys[0], corners.ys[1]),
-                           np.maximum(corners.ys[2], corners.ys[3]))
-    candidates_of = _sector_candidates(corners.chi_a + extent_lo, extent_hi - extent_lo, bands)
-    del extent_lo, extent_hi
+    # entries of the pixels wholly inside: their plain entries, moved to their sector's rows;
+    # the plain rows list pixels in increasing order, so a stable sort by row keeps it
+    radial_row = np.repeat(np.arange(npt, dtype=np.int32), np.diff(plain.indptr))
+    parts = []
+    for layer in layers:
+        sector_of_entry = layer[plain.indices]
+        taken = np.flatnonzero(sector_of_entry >= 0)
+        rows = sector_of_entry[taken] * npt + radial_row[taken]
+        order = taken[_stable_order(rows, n_sectors * npt)]
+        rows = sector_of_entry[order] * npt + radial_row[order]
+        parts.append((rows.astype(np.int64) * n_pixels + plain.indices[order],
+                      plain.coefs[order]))
+    if cut_keys:  # few: one sort, then one merge into the large parts
+        keys = np.concatenate(cut_keys)
+        order = np.argsort(keys)
+        parts.append((keys[order], np.concatenate(cut_coefs)[order]))
+    keys, coefs = _merge_sorted(parts)
+    rows, indices = np.divmod(keys, n_pixels)
+    indptr = _rows_to_indptr(rows, n_sectors * npt)
+    return CSRParts(indptr, indices.astype(np.int32), coefs, plain.lo, plain.hi, npt,
+                    n_sectors)
 
-    if chi_center is not None:
-        chi_centre = np.asarray(chi_center, dtype=np.float64).reshape(-1)
-    per_sector = []
-    for band, candidates in zip(bands, candidates_of, strict=True):
-        local = corners.subset(candidates)
-        pixels = present[candidates]
-        whole_in, partial = _band_overlap(local, band)
-        degenerate = local.degenerate()
-        if chi_center is not None:
-            centre_chi = chi_centre[pixels]
-        else:  # mean of the unwrapped corners
-            centre_chi = local.chi_a + 0.25 * (local.ys[0] + local.ys[1] + local.ys[2]
-                                               + local.ys[3])
-        # zero-area pixels: whole or nothing, by their centre (as without sectors)
-        whole_in = np.where(degenerate, in_azimuth_range(centre_chi, band), whole_in)
-        partial &= ~degenerate
-        # entries copied from the plain table: pixels wholly inside
-        taken = pixels[whole_in]
-        starts = pixel_start[taken]
-        lengths = pixel_start[taken + 1] - starts
-        offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-        entries = by_pixel[offsets + np.arange(offsets.size)]
-        bins_parts = [row_of_entry[entries].astype(np.int64)]
-        pixel_parts = [plain.indices[entries].astype(np.int64)]
-        coef_parts = [plain.coefs[entries]]
-        # entries computed: pixels cut by the sector's edges
-        chosen = np.flatnonzero(partial)
-        if chosen.size:
-            cut = local.subset(chosen)
-            bins, rows, coefs = _band_split(cut, band, npt)
-            bins_parts.append(bins.astype(np.int64))
-            pixel_parts.append(pixels[chosen][rows].astype(np.int64))
-            coef_parts.append(coefs.astype(np.float32))
-        bins = np.concatenate(bins_parts)
-        sector_pixels = np.concatenate(pixel_parts)
-        sector_coefs = np.concatenate(coef_parts)
-        # rows in increasing pixel order (each pixel is at most once in a cell)
-        order = np.argsort(bins * n_pixels + sector_pixels)
-        per_sector.append((_rows_to_indptr(bins, npt), sector_pixels[order].astype(np.int32),
-                           sector_coefs[order]))
-    indptr, indices, coefs = _sector_rows(npt, per_sector)
-    return CSRParts(indptr, indices, coefs, plain.lo, plain.hi, npt, len(bands))
+
+def _place(layers: list[np.ndarray], pixels: np.ndarray, sector: int, n_pixels: int) -> None:
+    """Record that ``pixels`` lie wholly inside ``sector``, in the first free layer of each."""
+    for layer in layers:
+        if pixels.size == 0:
+            return
+        free = layer[pixels] < 0
+        layer[pixels[free]] = sector
+        pixels = pixels[~free]
+    while pixels.size:  # pixels already inside an earlier sector of every layer: a new layer
+        layers.append(np.full(n_pixels, -1, dtype=np.int32))
+        layers[-1][pixels] = sector
+        pixels = pixels[:0]
+
+
+def _merge_sorted(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Merge (sorted unique int64 keys, values) pairs whose keys never repeat across parts."""
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    parts = sorted(parts, key=lambda part: -part[0].size)  # merge the small into the large
+    keys, values = parts[0]
+    for more_keys, more_values in parts[1:]:
+        if more_keys.size == 0:
+            continue
+        # final places: each new key goes after the old keys below it and the new ones before
+        at = np.searchsorted(keys, more_keys) + np.arange(more_keys.size)
+        merged_keys = np.empty(keys.size + more_keys.size, dtype=np.int64)
+        merged_values = np.empty(merged_keys.size, dtype=values.dtype)
+        old = np.ones(merged_keys.size, dtype=bool)
+        old[at] = False
+        merged_keys[at], merged_values[at] = more_keys, more_values
+        merged_keys[old], merged_values[old] = keys, values
+        keys, values = merged_keys, merged_values
+    return keys, values
+
+
+@dataclass
+class _Extent:
+    """The χ extent of a set of pixels: corner A's χ and the lowest and highest χ of the
+    corners relative to it (unwrapped across the ±π cut)."""
+
+    chi_a: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    def subset(self, keep: np.ndarray) -> _Extent:
+        return _Extent(self.chi_a[keep], self.low[keep], self.high[keep])
+
+
+def _unwrapped(chi: np.ndarray, chi_a: np.ndarray) -> np.ndarray:
+    """χ relative to corner A, unwrapped across the ±π cut as the plain builder does."""
+    rel = chi - chi_a
+    rel[rel > math.pi] -= _TWO_PI
+    rel[rel < -math.pi] += _TWO_PI
+    return rel
+
+
+def _corner_offsets(pixels: np.ndarray, n2: int) -> tuple[np.ndarray, ...]:
+    """Flat corner-grid indices of corners A=(i,j), B=(i+1,j), C=(i+1,j+1), D=(i,j+1)."""
+    rows, cols = np.divmod(pixels, n2)
+    a = rows * (n2 + 1) + cols
+    return a, a + (n2 + 1), a + (n2 + 2), a + 1
+
+
+def _chi_extent(chi_grid: np.ndarray, pixels: np.ndarray, n2: int) -> _Extent:
+    """The χ extent of the flat ``pixels``."""
+    chi_flat = chi_grid.reshape(-1)
+    at = _corner_offsets(pixels, n2)
+    chi_a = chi_flat[at[0]]
+    low = np.zeros(pixels.size)
+    high = np.zeros(pixels.size)
+    for k in at[1:]:
+        rel = _unwrapped(chi_flat[k], chi_a)
+        np.minimum(low, rel, out=low)
+        np.maximum(high, rel, out=high)
+    return _Extent(chi_a, low, high)
 
 
 @dataclass
@@ -1033,6 +1109,12 @@ class _Corners:
         return _Corners([x[keep] for x in self.xs], [y[keep] for y in self.ys],
                         self.chi_a[keep])
 
+    def extent(self) -> _Extent:
+        low = np.minimum(np.minimum(self.ys[0], self.ys[1]), np.minimum(self.ys[2], self.ys[3]))
+        high = np.maximum(np.maximum(self.ys[0], self.ys[1]),
+                          np.maximum(self.ys[2], self.ys[3]))
+        return _Extent(self.chi_a, low, high)
+
     def degenerate(self) -> np.ndarray:
         """Zero area to rounding, against the bounding box (the test of the plain builder)."""
         whole = np.zeros(self.chi_a.size)
@@ -1042,57 +1124,42 @@ class _Corners:
             whole += (x1 - x0) * (y0 + y1) * 0.5
         x_lo = np.minimum(np.minimum(self.xs[0], self.xs[1]), np.minimum(self.xs[2], self.xs[3]))
         x_hi = np.maximum(np.maximum(self.xs[0], self.xs[1]), np.maximum(self.xs[2], self.xs[3]))
-        y_lo = np.minimum(np.minimum(self.ys[0], self.ys[1]), np.minimum(self.ys[2], self.ys[3]))
-        y_hi = np.maximum(np.maximum(self.ys[0], self.ys[1]), np.maximum(self.ys[2], self.ys[3]))
-        return np.abs(whole) <= _DEGENERATE_AREA * (x_hi - x_lo) * (y_hi - y_lo)
+        extent = self.extent()
+        return np.abs(whole) <= _DEGENERATE_AREA * (x_hi - x_lo) * (extent.high - extent.low)
 
 
 def _pixel_corners(radial_grid: np.ndarray, chi_grid: np.ndarray, pixels: np.ndarray, n2: int,
                    lo: float, delta: float) -> _Corners:
     """Corners A=(i,j), B=(i+1,j), C=(i+1,j+1), D=(i,j+1) of the flat ``pixels``."""
-    rows, cols = np.divmod(pixels, n2)
-    grid_cols = n2 + 1
-    a = rows * grid_cols + cols
-    at = (a, a + grid_cols, a + grid_cols + 1, a + 1)
+    at = _corner_offsets(pixels, n2)
     radial_flat = radial_grid.reshape(-1)
     chi_flat = chi_grid.reshape(-1)
     xs = [(radial_flat[k] - lo) / delta for k in at]
-    chi_a = chi_flat[a]
-    ys = [np.zeros(pixels.size)]
-    for k in at[1:]:  # unwrapped across the ±π cut, as the plain builder does
-        rel = chi_flat[k] - chi_a
-        rel[rel > math.pi] -= _TWO_PI
-        rel[rel < -math.pi] += _TWO_PI
-        ys.append(rel)
+    chi_a = chi_flat[at[0]]
+    ys = [np.zeros(pixels.size)] + [_unwrapped(chi_flat[k], chi_a) for k in at[1:]]
     return _Corners(xs, ys, chi_a)
 
 
-def _band_copies(corners: _Corners, band: tuple[float, float]) -> list[tuple[np.ndarray, ...]]:
+def _band_copies(extent: _Extent, band: tuple[float, float]) -> list[tuple[np.ndarray, ...]]:
     """The band in each pixel's frame (χ relative to corner A): the two 2π copies that can
     meet a pixel, as ``(low, high, overlaps, contains)`` arrays."""
     lo, hi = band
     width = hi - lo
-    low = np.mod(lo - corners.chi_a + math.pi, _TWO_PI) - math.pi  # in [−π, π)
-    y_lo = np.minimum(np.minimum(corners.ys[0], corners.ys[1]),
-                      np.minimum(corners.ys[2], corners.ys[3]))
-    y_hi = np.maximum(np.maximum(corners.ys[0], corners.ys[1]),
-                      np.maximum(corners.ys[2], corners.ys[3]))
+    low = np.mod(lo - extent.chi_a + math.pi, _TWO_PI) - math.pi  # in [−π, π)
     copies = []
     for shift in (0.0, -_TWO_PI):
         c0 = low + shift
         c1 = c0 + width
-        overlaps = (c0 < y_hi) & (c1 > y_lo)
-        contains = (c0 <= y_lo) & (y_hi <= c1)
+        overlaps = (c0 < extent.high) & (c1 > extent.low)
+        contains = (c0 <= extent.low) & (extent.high <= c1)
         copies.append((c0, c1, overlaps, contains))
     return copies
 
 
-def _band_overlap(corners: _Corners, band: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """(wholly inside the band, partly inside it) for each pixel."""
-    copies = _band_copies(corners, band)
-    inside = copies[0][3] | copies[1][3]
-    touching = copies[0][2] | copies[1][2]
-    return inside, touching & ~inside
+def _band_overlap(extent: _Extent, band: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(wholly inside the band, touching it) for each pixel."""
+    copies = _band_copies(extent, band)
+    return copies[0][3] | copies[1][3], copies[0][2] | copies[1][2]
 
 
 def _excess_integral(xa, ya, xb, yb, c):
@@ -1137,7 +1204,7 @@ def _band_split(corners: _Corners, band: tuple[float, float],
         return (np.concatenate([head[0], tail[0]]), np.concatenate([head[1], tail[1] + half]),
                 np.concatenate([head[2], tail[2]]))
 
-    copies = [(c0, c1, overlaps) for c0, c1, overlaps, _ in _band_copies(corners, band)]
+    copies = [(c0, c1, overlaps) for c0, c1, overlaps, _ in _band_copies(corners.extent(), band)]
     slopes = []
     for k in range(4):
         dx = xs[(k + 1) % 4] - xs[k]

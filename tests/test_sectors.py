@@ -307,7 +307,9 @@ def area(polygon: list[tuple[float, float]]) -> float:
 def test_full_split_cut_pixels_have_exact_areas(texture):
     """Cut pixels against polygon clipping of the quadrilateral by strip, range and sector."""
     geometry, _ = texture
-    integ = Integrator(geometry, npt=NPT, backend="python", sectors=[(10, 55), (-100, 170)])
+    # overlapping sectors, and one across ±180°
+    integ = Integrator(geometry, npt=NPT, backend="python",
+                       sectors=[(10, 55), (-100, 170), (170, -170)])
     table = integ.table("full")
     shape = table.shape
     radial = geometry.corner_grid("q", shape)
@@ -317,7 +319,10 @@ def test_full_split_cut_pixels_have_exact_areas(texture):
     cut = sorted({pixel for (row, pixel), coef in entries.items()
                   if plain.get((row % NPT, pixel)) != coef})
     assert len(cut) > 100
-    for pixel in cut[::max(1, len(cut) // 60)]:
+    near_180 = [p for p in cut if abs(abs(chi.reshape(-1)[p // shape[1] * (shape[1] + 1)
+                                                   + p % shape[1]]) - math.pi) < 0.01]
+    assert near_180
+    for pixel in cut[::max(1, len(cut) // 60)] + near_180[:10]:
         i, j = divmod(pixel, shape[1])
         corners = [(i, j), (i + 1, j), (i + 1, j + 1), (i, j + 1)]
         chi_a = chi[i, j]
@@ -338,6 +343,20 @@ def test_full_split_cut_pixels_have_exact_areas(texture):
                                for c0 in (low, low - 2 * math.pi))
                 got = entries.get((sector * NPT + b, pixel), 0.0)
                 assert got == pytest.approx(expected / total, abs=2e-6), (pixel, sector, b)
+
+
+@pytest.mark.parametrize("split", ["no", "full"])
+def test_overlapping_sectors_tables_are_one_sector_tables_stacked(texture, split):
+    geometry, _ = texture
+    sectors = [(10, 55), (-100, 170), (170, -170), (-180, 180)]
+    table = Integrator(geometry, npt=NPT, backend="python", sectors=sectors).table(split)
+    for k, bounds in enumerate(sectors):
+        alone = Integrator(geometry, npt=NPT, backend="python", sectors=[bounds]).table(split)
+        rows = slice(table.indptr[k * NPT], table.indptr[(k + 1) * NPT])
+        np.testing.assert_array_equal(table.indptr[k * NPT:(k + 1) * NPT + 1] - rows.start,
+                                      alone.indptr)
+        np.testing.assert_array_equal(table.indices[rows], alone.indices)
+        np.testing.assert_array_equal(table.coefs[rows], alone.coefs)
 
 
 def test_full_split_numpy_and_compiled_plain_tables_give_the_same_sectors(texture,
