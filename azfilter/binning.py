@@ -724,8 +724,9 @@ def sector_ranges(
     Raises
     ------
     AzfilterError
-        For a count that is not a positive integer, a range that is not two finite numbers,
-        an empty list, or explicit ranges together with an azimuth range.
+        For a count that is not a positive integer, a range that is not two finite numbers
+        or is wider than 360°, an empty list, or explicit ranges together with an azimuth
+        range.
     """
     if sectors is None:
         return None
@@ -742,6 +743,9 @@ def sector_ranges(
         first, second = (float(v) for v in span)
         # the end as normalize_azimuth_range reads it: hi, or hi + 360 when hi <= lo
         last = second if second > first else second + 360.0
+        if last - first > 360.0:
+            raise AzfilterError(f"the azimuth range that sectors span is wider than 360°: "
+                                f"{tuple(span)!r}")
         edges = [first] + [first + (last - first) * k / count for k in range(1, count)] + [last]
         return tuple((edges[k], edges[k + 1]) for k in range(count))
     if isinstance(sectors, (str, bytes)) or not isinstance(sectors, (Sequence, np.ndarray)):
@@ -761,7 +765,10 @@ def sector_ranges(
                 f"each sector must be two numbers (lo, hi) in degrees, got {pair!r}") from None
         if not (math.isfinite(first) and math.isfinite(second)):
             raise AzfilterError(f"sector range must be finite, got {pair!r}")
-        ranges.append((first, second if second > first else second + 360.0))
+        second = second if second > first else second + 360.0
+        if second - first > 360.0:
+            raise AzfilterError(f"sector range is wider than 360°: {pair!r}")
+        ranges.append((first, second))
     return tuple(ranges)
 
 

@@ -146,6 +146,8 @@ def test_explicit_ranges_read_as_azimuth_ranges():
     ([(0, math.inf)], None, "finite"),
     ([(0, 10)], (0, 90), "not both"),
     (3, (0, math.nan), "finite"),
+    ([(0, 400)], None, "wider than 360"),
+    (4, (-180, 360), "wider than 360"),
 ])
 def test_bad_sectors_are_one_line_errors(sectors, azimuth_range, message):
     with pytest.raises(AzfilterError, match=message) as caught:
@@ -241,6 +243,22 @@ def test_every_pixel_in_one_sector_of_a_full_circle(texture):
     np.testing.assert_array_equal(table.row_sums().reshape(36, NPT).sum(axis=0),
                                   plain.row_sums())
     np.testing.assert_array_equal(table.radial, plain.radial)
+
+
+def test_more_bins_than_16_bits(texture):
+    """70 sectors x 1000 bins: row numbers past 65535 (the 16-bit radix sorts step aside)."""
+    geometry, raw = texture
+    python = Integrator(geometry, npt=1000, backend="python", sectors=70)
+    cython = Integrator(geometry, npt=1000, backend="cython", sectors=70)
+    assert python.table("no").n_bins == 70_000
+    for operation in ("integrate", "medfilt"):
+        ours = reduce(python, raw, operation, "no", {})
+        assert_same(reduce(cython, raw, operation, "no", {}), ours, 1e-6, operation)
+        for k in (3, 69):
+            alone = Integrator(geometry, npt=1000, backend="python",
+                               azimuth_range=python.sectors[k])
+            assert_same(ours.sector(k), reduce(alone, raw, operation, "no", {}), 0.0,
+                        f"{operation} sector {k}")
 
 
 # ------------------------------------------------------------------------------ full split
