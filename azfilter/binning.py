@@ -796,30 +796,33 @@ def _sector_candidates(
     Item ``i`` covers χ from ``chi_start[i]`` to ``chi_start[i] + chi_width[i]`` (a point
     without ``chi_width``). The result for a band is a superset of the items that overlap it
     (one bucket of margin on each side, far above rounding), in increasing position: the
-    caller decides exactly on these.
+    caller decides exactly on these. Items with a non-finite χ overlap nothing.
     """
-    n = chi_start.size
-    everything = np.arange(n)
-    step = _TWO_PI / _CHI_BUCKETS
     theta = np.mod(chi_start, _TWO_PI)
-    bucket = np.minimum((theta / step).astype(np.intp), _CHI_BUCKETS - 1)
+    finite = np.isfinite(theta) if chi_width is None else np.isfinite(theta + chi_width)
+    everything = np.flatnonzero(finite)
+    step = _TWO_PI / _CHI_BUCKETS
+    bucket = np.zeros(theta.size, dtype=np.intp)
+    bucket[everything] = np.minimum((theta[everything] / step).astype(np.intp),
+                                    _CHI_BUCKETS - 1)
     if chi_width is None:
         wide = np.zeros(0, dtype=np.intp)
         narrow = everything
         reach = 0.0
     else:
-        is_wide = ~(chi_width <= _WIDE_PIXEL_BUCKETS * step)  # NaN widths are wide too
-        wide = np.flatnonzero(is_wide)
-        narrow = np.flatnonzero(~is_wide)
+        is_wide = chi_width[everything] > _WIDE_PIXEL_BUCKETS * step
+        wide = everything[is_wide]
+        narrow = everything[~is_wide]
         reach = float(chi_width[narrow].max()) if narrow.size else 0.0
     order = narrow[np.argsort(bucket[narrow].astype(np.uint16), kind="stable")]
-    bucket_end = np.cumsum(np.bincount(bucket[narrow], minlength=_CHI_BUCKETS))
-    bucket_start = bucket_end - np.bincount(bucket[narrow], minlength=_CHI_BUCKETS)
+    per_bucket = np.bincount(bucket[narrow], minlength=_CHI_BUCKETS)
+    bucket_end = np.cumsum(per_bucket)
+    bucket_start = bucket_end - per_bucket
 
     result = []
     for lo, hi in bands:
-        start = math.floor((math.fmod(lo, _TWO_PI) % _TWO_PI - reach) / step) - 1
-        stop = math.floor((math.fmod(lo, _TWO_PI) % _TWO_PI + (hi - lo)) / step) + 1
+        start = math.floor((lo % _TWO_PI - reach) / step) - 1
+        stop = math.floor((lo % _TWO_PI + (hi - lo)) / step) + 1
         if stop - start + 1 >= _CHI_BUCKETS:
             result.append(everything)
             continue

@@ -233,6 +233,25 @@ def test_equal_sectors_of_a_span_across_180(texture):
     np.testing.assert_array_equal(result.count.sum(axis=0), whole.count)
 
 
+def test_nosplit_sectors_by_hand():
+    """A pixel centre on a shared edge is in both sectors; a NaN χ is in none."""
+    radial = np.array([[1.5, 2.5, 3.5, 0.5, 2.2, 9.9]])
+    chi = np.array([[0.0, math.pi / 2, math.nan, -math.pi / 2, -0.1, 3.0]])
+    mask = np.array([[0, 0, 0, 0, 0, 1]], dtype=bool)
+    bands = binning.sectors_rad(binning.sector_ranges([(-90, 0), (0, 90)]))
+    parts = binning.csr_nosplit_sectors(radial, chi, mask, 4, None, bands)
+    assert parts.n_sectors == 2 and parts.npt == 4 and parts.indptr.size == 9
+    rows = np.repeat(np.arange(8), np.diff(parts.indptr))
+    assert sorted(zip(rows.tolist(), parts.indices.tolist(), strict=True)) == [
+        (0, 3), (1, 0), (2, 4), (5, 0), (6, 1)]
+    for k, band in enumerate(bands):
+        alone = binning.csr_nosplit(radial, chi, mask, 4, None, band)
+        assert (alone.lo, alone.hi) == (parts.lo, parts.hi)
+        rows = slice(parts.indptr[4 * k], parts.indptr[4 * k + 4])
+        np.testing.assert_array_equal(parts.indices[rows], alone.indices)
+        np.testing.assert_array_equal(parts.indptr[4 * k:4 * k + 5] - rows.start, alone.indptr)
+
+
 def test_every_pixel_in_one_sector_of_a_full_circle(texture):
     """Equal sectors of the full circle partition the pixels (no pixel centre on an edge)."""
     geometry, _ = texture
