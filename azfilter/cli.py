@@ -135,7 +135,7 @@ def _reduction_options(operation: str | None) -> list[Callable]:
             help="Number of radial bins."),
         opt("--unit", type=click.Choice(_unit_names()), default=cfg.DEFAULTS["unit"],
             show_default=True,
-            help="Radial unit: q in nm^-1 or A^-1, 2theta in deg or rad, r in mm."),
+            help="Radial unit: q in nm^-1 or A^-1, 2theta in deg or rad, r in mm, d in nm or A."),
         opt("--radial-range", type=float, nargs=2, metavar="LO HI", default=None,
             help="Radial range of the bins, in --unit [default: the extent of the unmasked "
                  "pixels]."),
@@ -262,6 +262,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
              "Plot 1-D patterns from azfilter results."),
     "merge": ("azfilter.commands.merge:merge_command",
               "Join the shard files of one job into one HDF5 file."),
+    "cache": ("azfilter.commands.cache:cache_command",
+              "Show or empty the on-disk cache of lookup tables."),
 }
 
 

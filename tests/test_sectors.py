@@ -458,6 +458,11 @@ def test_result_with_sectors(texture):
     assert one.parameters["sector"] == 2 and one.parameters["sector_range"] == [60.0, 180.0]
     with pytest.raises(IndexError):
         result.sector(3)
+    assert "sectors=3" in repr(result) and len(repr(result)) < 300
+    radial, intensity, sigma = result
+    assert intensity.shape == sigma.shape == (3, NPT) and radial.shape == (NPT,)
+    with pytest.raises(AzfilterError, match=r"result.sector\(k\).save"):
+        result.save("/nonexistent/x.dat")
     explicit = Integrator(geometry, npt=NPT, backend="python", sectors=[(0, 10), (20, -20)])
     assert explicit.config()["sectors"] == [[0.0, 10.0], [20.0, -20.0]]
     # the recorded configuration rebuilds the same Integrator
