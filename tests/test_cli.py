@@ -221,18 +221,17 @@ def test_sigma_clip_hdf5_output_matches_integrator(data, tmp_path):
     with h5py.File(out, "r") as h5:
         assert h5.attrs["default"] == "entry" and h5["entry"].attrs["default"] == "data"
         nxdata = h5["entry/data"]
-        assert list(nxdata.attrs["axes"]) == [".", "2th"]
-        assert nxdata["intensity"].shape == (7, 90)
+        assert list(nxdata.attrs["axes"]) == [".", "radial_axis"]
+        assert nxdata["I"].shape == (7, 90)
         sources = [s.decode() for s in nxdata["source"][()]]
         assert sources == [str(p) for p in data.cbfs] + [str(data.stack)] * 4
         assert list(nxdata["frame_index"][()]) == [0, 0, 0, 0, 1, 2, 3]
         for row, frame in enumerate(frames):
             expected = reference.sigma_clip(frame, thres=3, max_iter=3)
-            np.testing.assert_allclose(nxdata["intensity"][row], expected.intensity, rtol=2e-6)
-            np.testing.assert_allclose(nxdata["intensity_errors"][row], expected.sigma,
-                                       rtol=2e-6)
+            np.testing.assert_allclose(nxdata["I"][row], expected.intensity, rtol=2e-6)
+            np.testing.assert_allclose(nxdata["I_errors"][row], expected.sigma, rtol=2e-6)
             np.testing.assert_array_equal(nxdata["count"][row], expected.count)
-        np.testing.assert_allclose(nxdata["2th"][()], expected.radial)
+        np.testing.assert_allclose(nxdata["radial_axis"][()], expected.radial)
         config = json.loads(h5["entry/reduction/configuration/data"][()])
     assert config["operation"] == "sigma-clip" and config["thres"] == 3.0
     assert config["max_iter"] == 3 and config["error_model"] == "azimuthal"
@@ -955,7 +954,7 @@ def test_detector_pixel_mask_in_nexus_file_is_applied(data, tmp_path):
                   "-o", out)
     assert done.exit_code == 0, done.output
     with h5py.File(out) as h5:
-        intensity = h5["entry/data/intensity"][0]
+        intensity = h5["entry/data/I"][0]
     finite = np.isfinite(intensity)
     assert finite.sum() > 40
     np.testing.assert_allclose(intensity[finite], 100.0, rtol=1e-9)
@@ -967,7 +966,7 @@ def test_detector_pixel_mask_in_nexus_file_is_applied(data, tmp_path):
                   "-o", tmp_path / "out2.h5")
     assert done.exit_code == 0, done.output
     with h5py.File(tmp_path / "out2.h5") as h5:
-        assert np.nanmax(h5["entry/data/intensity"][0]) > 1000
+        assert np.nanmax(h5["entry/data/I"][0]) > 1000
 
 
 # ============================================================================ library call

@@ -176,3 +176,46 @@ def test_uneven_slurm_array_is_refused_through_the_command(poni, tmp_path):
     assert refused.exit_code == 2 and "--shard I/N" in refused.stderr
     assert not list(tmp_path.glob("uneven*"))
     assert read_result(tmp_path / "even_shard1of2.h5").intensity.shape == (1, 20)
+
+
+def test_sharded_runs_merge_and_prove_completeness_end_to_end(poni, tmp_path):
+    """Items 2 and 5 through the command: shards of one job merge complete; a failed frame
+    is carried into the merged file and shown by info; a different N, a different input list
+    or a missing shard is refused or marked incomplete (exit 3)."""
+    data = tmp_path / "data"
+    files = [write_cbf(data / f"img_{k:02d}.cbf", make_frame(k)) for k in range(7)]
+    (data / "img_03.cbf").write_bytes(b"broken")          # one frame fails in its shard
+    out = tmp_path / "run.h5"
+    statuses = []
+    for shard in range(3):
+        result = invoke("integrate", "-p", poni, "--backend", "python", "--npt", 30,
+                        f"{data}/", "--shard", f"{shard}/3", "-o", out)
+        statuses.append(result.exit_code)
+    assert statuses == [0, 3, 0]
+    shards = sorted(tmp_path.glob("run_shard*of3.h5"))
+    merged = invoke("merge", *shards, "-o", tmp_path / "all.h5")
+    assert merged.exit_code == 3, merged.output             # complete, but one frame failed
+    table = read_result(tmp_path / "all.h5")
+    assert len(table.sources) == 6 and table.complete
+    assert len(table.failed) == 1 and "img_03.cbf" in table.failed[0][0]
+    info = invoke("info", tmp_path / "all.h5")
+    assert "img_03.cbf" in info.output and "failed" in info.output
+    # a missing shard: exit 3, the file says it is incomplete
+    partial = invoke("merge", shards[0], shards[2], "-o", tmp_path / "partial.h5")
+    assert partial.exit_code == 3 and "missing" in partial.stderr
+    assert read_result(tmp_path / "partial.h5").complete is False
+    # a shard of the same job over a different input list (a file arrived in between)
+    write_cbf(data / "img_07.cbf", make_frame(7))
+    late = invoke("integrate", "-p", poni, "--backend", "python", "--npt", 30, f"{data}/",
+                  "--shard", "1/3", "-o", tmp_path / "late" / "run.h5")
+    assert late.exit_code == 3
+    mixed = invoke("merge", shards[0], tmp_path / "late" / "run_shard1of3.h5", shards[2],
+                   "-o", tmp_path / "mixed.h5")
+    assert mixed.exit_code == 2 and not (tmp_path / "mixed.h5").exists()
+    # shards of different N
+    other = invoke("integrate", "-p", poni, "--backend", "python", "--npt", 30, *files[:2],
+                   "--shard", "1/4", "-o", tmp_path / "n4.h5")
+    assert other.exit_code == 0
+    different = invoke("merge", shards[0], tmp_path / "n4_shard1of4.h5",
+                       "-o", tmp_path / "diff.h5")
+    assert different.exit_code == 2 and len(different.stderr.strip().splitlines()) == 1

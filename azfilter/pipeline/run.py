@@ -307,7 +307,7 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
         operation=config["operation"], unit=config["unit"],
         parameters=operation_parameters(config), poni_text=format_poni(geometry),
         geometry=geometry_lines(geometry), config=job_config,
-        shard=None if shard is None else f"{shard[0]}/{shard[1]}",
+        shard=None if shard is None else f"{shard[0]}/{shard[1]}", manifest=manifest,
     )
     mode = "overwrite" if config["overwrite"] else (
         "append" if config["skip_existing"] else "new")
