@@ -4,6 +4,10 @@ It is the glue between the pieces: it builds the per-geometry constants (:mod:`.
 the radial lookup tables (:func:`azfilter.binning.build_csr`, cached on disk) lazily for each
 pixel-splitting mode, one engine per table (reused across frames), and turns the engine's
 per-bin sums into a :class:`Result`.
+
+With ``sectors`` the tables bin (sector, radial) cells, so one pass over a frame reduces every
+χ sector; the engines see only more bins, and the Result's arrays take the shape
+``(n_sectors, npt)``.
 """
 
 from __future__ import annotations
@@ -34,12 +38,16 @@ OPERATIONS: tuple[str, ...] = vocabulary.METHODS
 
 @dataclass
 class Result:
-    """A reduced 1-D pattern and the sums it came from.
+    """A reduced 1-D pattern and the sums it came from, or one per χ sector.
+
+    Without sectors every per-bin array has shape ``(npt,)``; with sectors it has shape
+    ``(n_sectors, npt)`` (row ``s`` is sector ``s``) while ``radial`` stays ``(npt,)``: every
+    sector has the same radial bins. :meth:`sector` gives one sector as a plain 1-D Result.
 
     Attributes
     ----------
     radial : numpy.ndarray
-        Bin centres in ``unit``.
+        Bin centres in ``unit``, ``(npt,)``.
     intensity : numpy.ndarray
         ``S/W``: the (filtered) mean corrected intensity of each bin; NaN for empty bins.
     sigma : numpy.ndarray
@@ -58,13 +66,17 @@ class Result:
         Every option that produced this result (JSON-serialisable).
     error_model : str
         The error model used.
+    sectors : numpy.ndarray or None
+        ``(n_sectors, 2)``: each sector's χ range ``(lo, hi)`` in degrees, ``lo < hi`` (a
+        sector across ±180° has ``hi > 180``); None without sectors.
     geometry : azfilter.geometry.Geometry or None
         The geometry it was reduced with (for :meth:`save`'s header).
 
     Notes
     -----
     As pyFAI's ``Integrate1dResult``, a Result unpacks into its three columns:
-    ``radial, intensity, sigma = result``.
+    ``radial, intensity, sigma = result`` (with sectors, ``intensity`` and ``sigma`` are
+    ``(n_sectors, npt)``).
     """
 
     radial: np.ndarray
@@ -80,15 +92,19 @@ class Result:
     operation: str
     parameters: dict[str, Any] = field(default_factory=dict)
     error_model: str = "poisson"
+    sectors: np.ndarray | None = None
     geometry: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_sums(cls, radial: np.ndarray, sums: BinSums, unit: str, operation: str,
                   parameters: dict[str, Any], error_model: str,
+                  sectors: Sequence[Sequence[float]] | None = None,
                   geometry: Any = None) -> Result:
         """Final values per bin: ``I = S/W``, ``sigma = sqrt(V)/W``, ``std = sqrt(V/W2)``.
 
-        Bins with a count of 0 get NaN for all three.
+        Bins with a count of 0 get NaN for all three. With ``sectors`` (``(lo, hi)`` degrees
+        each) the sums are ``n_sectors * npt`` long, sector after sector, and every array is
+        reshaped to ``(n_sectors, npt)``.
         """
         count = np.array(sums.count, dtype=np.float64)
         empty = ~(count > 0)
@@ -99,17 +115,29 @@ class Result:
         for values in (intensity, sigma, std):
             values[empty] = np.nan
         count[empty] = 0.0
+        per_bin = {
+            "intensity": intensity, "sigma": sigma, "std": std, "count": count,
+            "sum_signal": sums.signal.copy(), "sum_variance": sums.variance.copy(),
+            "sum_normalization": sums.normalization.copy(),
+            "sum_normalization2": sums.normalization2.copy(),
+        }
+        bounds = None
+        if sectors is not None:
+            bounds = np.array(sectors, dtype=np.float64).reshape(-1, 2)
+            shape = (bounds.shape[0], int(np.shape(radial)[0]))
+            if sums.npt != shape[0] * shape[1]:
+                raise ValueError(f"{sums.npt} bins are not {shape[0]} sectors of "
+                                 f"{shape[1]} radial bins")
+            per_bin = {name: values.reshape(shape) for name, values in per_bin.items()}
         return cls(
-            radial=np.array(radial, dtype=np.float64), intensity=intensity, sigma=sigma,
-            std=std, count=count, sum_signal=sums.signal.copy(),
-            sum_variance=sums.variance.copy(), sum_normalization=sums.normalization.copy(),
-            sum_normalization2=sums.normalization2.copy(), unit=unit, operation=operation,
-            parameters=parameters, error_model=error_model, geometry=geometry,
+            radial=np.array(radial, dtype=np.float64), **per_bin, unit=unit,
+            operation=operation, parameters=parameters, error_model=error_model,
+            sectors=bounds, geometry=geometry,
         )
 
     @property
     def npt(self) -> int:
-        """Number of bins."""
+        """Number of radial bins."""
         return int(self.radial.shape[0])
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -129,8 +157,10 @@ class Result:
                      f"max={values.max():.4g}")
         else:
             stats = "I: no filled bin"
-        return (f"<Result {self.operation} {self.unit} npt={self.npt} range={span} {stats} "
-                f"empty={int(self.npt - filled.sum())} error_model={self.error_model}>")
+        sectors = "" if self.sectors is None else f" sectors={self.sectors.shape[0]}"
+        return (f"<Result {self.operation} {self.unit} npt={self.npt}{sectors} range={span} "
+                f"{stats} empty={int(filled.size - filled.sum())} "
+                f"error_model={self.error_model}>")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the pattern as azfilter's text output (``radial intensity sigma`` columns).
@@ -147,14 +177,20 @@ class Result:
         Raises
         ------
         AzfilterError
-            For an HDF5 name (the NeXus output is the command line's), or a file that cannot
-            be written.
+            For an HDF5 name (the NeXus output is the command line's), a result with sectors
+            (save each sector: ``result.sector(k).save(...)``), or a file that cannot be
+            written.
         """
         from .output import OutputMeta, geometry_lines, write_text
         from .poni import format_poni
         from .vocabulary import HDF5_SUFFIXES
 
         target = os.fspath(path)
+        if self.sectors is not None:
+            raise AzfilterError(
+                f"{target}: a result of {self.sectors.shape[0]} sectors is one text file per "
+                "sector: result.sector(k).save(path)"
+            )
         if target.lower().endswith(HDF5_SUFFIXES):
             raise AzfilterError(
                 f"{target}: Result.save writes text (.dat, .xy, .txt); NeXus files are "
@@ -174,6 +210,49 @@ class Result:
             write_text(target, self, meta, source=None, index=None, nframes=None)
         except OSError as err:
             raise AzfilterError(f"cannot write {target}: {err.strerror or err}") from None
+
+    @property
+    def n_sectors(self) -> int | None:
+        """Number of χ sectors; None for a result without sectors (1-D arrays)."""
+        return None if self.sectors is None else int(self.sectors.shape[0])
+
+    @property
+    def chi(self) -> np.ndarray | None:
+        """Centre of each sector, ``(lo + hi) / 2`` in degrees; None without sectors."""
+        return None if self.sectors is None else self.sectors.mean(axis=1)
+
+    def sector(self, index: int) -> Result:
+        """Sector ``index`` as a plain 1-D Result (arrays of shape ``(npt,)``, copies).
+
+        Its ``parameters`` add ``sector`` (the index) and ``sector_range`` (``[lo, hi]``,
+        degrees) to those of the whole result.
+
+        Raises
+        ------
+        ValueError
+            For a result without sectors.
+        IndexError
+            For an index outside ``-n_sectors .. n_sectors - 1``.
+        """
+        if self.sectors is None:
+            raise ValueError("this result has no sectors")
+        n_sectors = self.sectors.shape[0]
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) \
+                or not -n_sectors <= index < n_sectors:
+            raise IndexError(f"sector index {index!r} out of range for {n_sectors} sectors")
+        index = int(index) % n_sectors
+        lo, hi = (float(v) for v in self.sectors[index])
+        per_bin = {name: np.array(getattr(self, name)[index]) for name in _PER_BIN_FIELDS}
+        return Result(
+            radial=self.radial.copy(), **per_bin, unit=self.unit, operation=self.operation,
+            parameters={**self.parameters, "sector": index, "sector_range": [lo, hi]},
+            error_model=self.error_model, geometry=self.geometry,
+        )
+
+
+#: the per-bin arrays of a Result (shape (npt,), or (n_sectors, npt) with sectors)
+_PER_BIN_FIELDS = ("intensity", "sigma", "std", "count", "sum_signal", "sum_variance",
+                   "sum_normalization", "sum_normalization2")
 
 
 class Integrator:
@@ -212,6 +291,16 @@ class Integrator:
         Threads of the compiled engines (default: all cores).
     pixel_mask : array or path, optional
         Eiger ``pixel_mask`` (non-zero = bad), OR-ed with the other masks.
+    sectors : None, int or list of (float, float)
+        χ sectors reduced in one pass: ``N`` equal sectors spanning ``azimuth_range``
+        (default the full circle, −180°..180°), or explicit ``(lo, hi)`` ranges in degrees
+        (each read as an azimuth range: ``hi <= lo`` crosses ±180°; ranges may overlap or
+        leave gaps; not together with ``azimuth_range``). Every sector has the same ``npt``
+        radial bins over the same radial range, and results have per-bin arrays of shape
+        ``(n_sectors, npt)``. Without splitting, sector ``s`` holds exactly the pixels that
+        ``azimuth_range=sectors[s]`` selects (a pixel in two overlapping sectors counts in
+        both, and sigma-clipping judges it in each separately); full splitting also cuts
+        pixels by area at the sectors' edges.
 
     Raises
     ------
@@ -224,7 +313,7 @@ class Integrator:
                  dark: Any = None, flat: Any = None, polarization: Any = None,
                  solid_angle: bool = True, radial_range: Sequence[float] | None = None,
                  azimuth_range: Sequence[float] | None = None, normalization: float = 1.0,
-                 threads: int | None = None, pixel_mask: Any = None):
+                 threads: int | None = None, pixel_mask: Any = None, sectors: Any = None):
         self.geometry = as_geometry(geometry)
         self.npt = _check_positive_int(npt, "npt")
         self.unit = get_unit(unit).name
@@ -238,6 +327,7 @@ class Integrator:
         self.solid_angle = bool(solid_angle)
         self.radial_range = _check_range(radial_range, "radial_range")
         self.azimuth_range = _check_range(azimuth_range, "azimuth_range", ordered=False)
+        self.sectors_option, self.sectors = _check_sectors(sectors, self.azimuth_range)
         try:
             self.normalization = float(normalization)
         except (TypeError, ValueError):
@@ -256,7 +346,8 @@ class Integrator:
         """The Integrator's settings as a JSON-serialisable dict (constructor argument names).
 
         Arrays given for mask, dark, flat or pixel_mask are recorded as ``"array"``, files by
-        their path.
+        their path. ``sectors`` is there only when sectors were asked for, as given (a count,
+        or the list of ``[lo, hi]`` ranges).
         """
         return {
             "npt": self.npt,
@@ -273,7 +364,20 @@ class Integrator:
             "azimuth_range": None if self.azimuth_range is None else list(self.azimuth_range),
             "normalization": self.normalization,
             "threads": self.threads,
+            **({} if self.sectors_option is None else {"sectors": self.sectors_option}),
         }
+
+    @property
+    def n_sectors(self) -> int | None:
+        """Number of χ sectors; None without sectors."""
+        return None if self.sectors is None else len(self.sectors)
+
+    @property
+    def chi(self) -> np.ndarray | None:
+        """Centre of each sector in degrees; None without sectors."""
+        if self.sectors is None:
+            return None
+        return np.array(self.sectors, dtype=np.float64).mean(axis=1)
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -297,14 +401,19 @@ class Integrator:
         )
 
     def table(self, split: str = "no"):
-        """The CSR lookup table for ``split`` (built, or read from the disk cache, once)."""
+        """The CSR lookup table for ``split`` (built, or read from the disk cache, once).
+
+        With sectors its rows are the (sector, radial) cells, row ``s * npt + b``.
+        """
         split = _check_split(split)
         if split not in self._tables:
             from .binning import build_csr  # lazily: only needed once a frame comes
 
             self._tables[split] = build_csr(
                 self.geometry, self.unit, self.npt, split, self.constants.static_mask,
-                radial_range=self.radial_range, azimuth_range=self.azimuth_range,
+                radial_range=self.radial_range,
+                azimuth_range=None if self.sectors is not None else self.azimuth_range,
+                sectors=self.sectors,
             )
         return self._tables[split]
 
@@ -414,7 +523,7 @@ class Integrator:
                       "error_model": error_model, **options,
                       "detector": self.geometry.detector.name}
         return Result.from_sums(table.radial, sums, self.unit, operation, parameters,
-                                error_model, geometry=self.geometry)
+                                error_model, sectors=table.sectors, geometry=self.geometry)
 
     # ------------------------------------------------------------------ operations
     def integrate(self, img: Any, error_model: str = "poisson", split: str = "no",
@@ -758,6 +867,22 @@ def _check_range(value: Any, name: str, ordered: bool = True) -> tuple[float, fl
     if ordered and not low < high:
         raise AzfilterError(f"{name} must have low < high, got {value!r}")
     return low, high
+
+
+SectorBounds = tuple[tuple[float, float], ...]
+
+
+def _check_sectors(sectors: Any, azimuth_range: tuple[float, float] | None
+                   ) -> tuple[int | list[list[float]] | None, SectorBounds | None]:
+    """(the option as given, JSON-ready; the sector bounds in degrees) or (None, None)."""
+    if sectors is None:
+        return None, None
+    from .binning import sector_ranges
+
+    bounds = sector_ranges(sectors, azimuth_range)
+    if isinstance(sectors, (int, np.integer, float, np.floating)):
+        return len(bounds), bounds
+    return [[float(v) for v in pair] for pair in sectors], bounds
 
 
 def _check_percentile(percentile: Any) -> tuple[float, float]:
