@@ -34,72 +34,11 @@ from .commands.common import (
     setup_logging,
     stderr_line,
 )
+from .commands.options import PercentileType, ReductionCommand, ShardType
 from .errors import AzfilterError
 from .errors import RunFailed as OutputFailed
 
 # ============================================================================ option plumbing
-
-
-class _ReductionCommand(click.Command):
-    """A click command whose ``--percentile`` takes one or two numbers (``40`` or ``40 60``)."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, _join_percentile(list(args)))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _join_percentile(args: list[str]) -> list[str]:
-    """Rewrite ``--percentile 40 60`` as ``--percentile 40,60`` (click options take a fixed
-    number of values)."""
-    out: list[str] = []
-    k = 0
-    while k < len(args):
-        arg = args[k]
-        if arg == "--":
-            out.extend(args[k:])
-            break
-        if arg == "--percentile" and k + 1 < len(args):
-            value = args[k + 1]
-            if k + 2 < len(args) and _is_number(value) and _is_number(args[k + 2]):
-                out += [arg, f"{value},{args[k + 2]}"]
-                k += 3
-                continue
-            out += [arg, value]
-            k += 2
-            continue
-        out.append(arg)
-        k += 1
-    return out
-
-
-class _ShardType(click.ParamType):
-    name = "I/N"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> str:
-        try:
-            shard = cfg.parse_shard(value, "--shard")
-        except AzfilterError as err:
-            self.fail(str(err).removeprefix("--shard: "), param, ctx)
-        return f"{shard[0]}/{shard[1]}" if shard else ""
-
-
-class _PercentileType(click.ParamType):
-    name = "P [P]"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> list[float]:
-        if isinstance(value, list):
-            return value
-        try:
-            return cfg.parse_percentile(value, "--percentile")
-        except AzfilterError as err:
-            self.fail(str(err).removeprefix("--percentile: "), param, ctx)
 
 
 def _unit_names() -> list[str]:
@@ -143,6 +82,12 @@ def _reduction_options(operation: str | None) -> list[Callable]:
         opt("--azimuth-range", type=float, nargs=2, metavar="LO HI", default=None,
             help="Azimuthal range in deg, chi in (-180, 180]; LO > HI crosses 180 "
                  "[default: all]."),
+        opt("--sectors", type=click.IntRange(min=1), metavar="N", default=None,
+            help="N equal azimuthal sectors (over --azimuth-range, default the full circle), "
+                 "reduced in one pass: HDF5 rows of shape (sectors, npt), one text file per "
+                 "sector."),
+        opt("--sector", "sector_ranges", type=float, nargs=2, multiple=True,
+            metavar="LO HI", help="One sector's chi range in deg (repeat for several)."),
         opt("--split", type=click.Choice(cfg.SPLITS), default=None, show_default=split_default,
             help="Pixel splitting: no (each pixel in the bin of its centre) or full (exact "
                  "area). sigma-clip is no-split only."),
@@ -157,7 +102,7 @@ def _reduction_options(operation: str | None) -> list[Callable]:
         opt("--max-iter", ops=("sigma-clip",), type=click.IntRange(min=0),
             default=cfg.DEFAULTS["max_iter"], show_default=True,
             help="sigma-clip: maximum clipping passes."),
-        opt("--percentile", ops=("medfilt",), type=_PercentileType(), default="50",
+        opt("--percentile", ops=("medfilt",), type=PercentileType(), default="50",
             show_default=True,
             help="medfilt: one percentile (50 = median) or two (40 60: mean of the fragments "
                  "between them), in 0-100."),
@@ -201,7 +146,7 @@ def _reduction_options(operation: str | None) -> list[Callable]:
         opt("--skip-existing", is_flag=True, default=False,
             help="Only reduce frames whose output is missing or incomplete; HDF5: add the new "
                  "frames to the file."),
-        opt("--shard", type=_ShardType(), default=None,
+        opt("--shard", type=ShardType(), default=None,
             help="Reduce only part I of N (0 <= I < N) of the frames: contiguous blocks in "
                  "input order. Default inside a SLURM array job: the task's index and count."),
         opt("--threads", type=click.IntRange(min=1), default=None,
@@ -229,7 +174,8 @@ def _apply(decorators: list[Callable]) -> Callable:
 
 
 # Options whose value is not part of the job config.
-_NOT_CONFIG = {"config", "save_config", "dry_run", "inputs", "config_file", "verbose"}
+_NOT_CONFIG = {"config", "save_config", "dry_run", "inputs", "config_file", "verbose",
+               "sector_ranges"}
 
 
 def _given_options(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
@@ -248,6 +194,10 @@ def _given_options(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]
     inputs = params.get("inputs")
     if inputs:
         given["inputs"] = list(inputs)
+    if params.get("sector_ranges"):
+        if "sectors" in given:
+            raise click.UsageError("--sectors N and --sector LO HI exclude each other", ctx)
+        given["sectors"] = [list(pair) for pair in params["sector_ranges"]]
     return given
 
 # ============================================================================ the group
@@ -347,7 +297,7 @@ def _make_reduction_command(operation: str | None, name: str) -> click.Command:
     if operation is None:
         function = click.argument("config_file", metavar="JOB",
                                   type=click.Path(dir_okay=False))(function)
-    return click.command(name, cls=_ReductionCommand, help=_SUMMARIES[name], epilog=epilog,
+    return click.command(name, cls=ReductionCommand, help=_SUMMARIES[name], epilog=epilog,
                          context_settings=CONTEXT)(function)
 
 

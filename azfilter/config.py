@@ -100,6 +100,7 @@ DEFAULTS: dict[str, Any] = {
     "dummy": None,          # raw value of invalid pixels; overrides the detector's
     "delta_dummy": None,    # tolerance around dummy
     "monitor": None,        # header key or HDF5 dataset each frame is divided by
+    "sectors": None,        # N equal chi sectors, or a list of [lo, hi] degree ranges
 }
 
 # Operation-dependent defaults (design §6: sigma-clip defaults to the azimuthal model).
@@ -128,6 +129,7 @@ RESULT_KEYS = (
     "operation", "poni", "npt", "unit", "mask", "dark", "flat", "polarization", "solid_angle",
     "radial_range", "azimuth_range", "error_model", "normalization", "split", "thres",
     "max_iter", "percentile", "wavelength", "energy", "dummy", "delta_dummy", "monitor",
+    "sectors",
 )
 
 
@@ -185,6 +187,32 @@ def parse_percentile(value: Any, where: str = "percentile") -> list[float]:
     if len(numbers) == 2 and numbers[0] > numbers[1]:
         raise AzfilterError(f"{where}: percentile low {numbers[0]} is above high {numbers[1]}")
     return numbers
+
+
+def parse_sectors(value: Any, where: str = "sectors") -> int | list[list[float]]:
+    """``sectors``: a number of equal sectors (a positive integer) or a list of
+    ``[lo, hi]`` degree ranges.
+
+    Raises
+    ------
+    AzfilterError
+        For anything else.
+    """
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise AzfilterError(f"{where}: sectors: give a number or at least one [lo, hi]")
+        return [_as_pair(pair, "sectors", where) for pair in value]
+    number = _as_number(value, "sectors", where, int)
+    if number < 1:
+        raise AzfilterError(f"{where}: sectors must be at least 1, not {number}")
+    return int(number)
+
+
+def sector_count(value: int | list | None) -> int | None:
+    """How many sectors a ``sectors`` value makes (None without sectors)."""
+    if value is None:
+        return None
+    return len(value) if isinstance(value, (list, tuple)) else int(value)
 
 
 def parse_shard(value: Any, where: str = "--shard") -> tuple[int, int] | None:
@@ -274,6 +302,8 @@ def normalize(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> 
             value = float(_as_number(value, name, where))
             if value < 0 or (value == 0 and key != "delta_dummy"):
                 raise AzfilterError(f"{where}: {name} must be positive, not {value}")
+        elif key == "sectors":
+            value = parse_sectors(value, where)
         elif key == "monitor":
             value = str(value)
             if not value.strip():

@@ -30,6 +30,7 @@ from click.testing import CliRunner
 import azfilter as az
 from azfilter import cli
 from azfilter import config as cfg
+from azfilter.commands import options
 from azfilter.errors import AzfilterError
 from azfilter.output import read_result, text_output_complete
 from azfilter.pipeline import progress as progress_module
@@ -173,7 +174,7 @@ def test_other_help(command):
 
 
 def test_percentile_argument_joining():
-    join = cli._join_percentile
+    join = options.join_percentile
     assert join(["--percentile", "40", "60", "a.cbf"]) == ["--percentile", "40,60", "a.cbf"]
     assert join(["--percentile", "40", "a.cbf"]) == ["--percentile", "40", "a.cbf"]
     assert join(["a.cbf", "--percentile", "10", "90"]) == ["a.cbf", "--percentile", "10,90"]

@@ -109,3 +109,35 @@ def test_duplicate_inputs_are_reduced_once_with_a_note(data, tmp_path):
     assert result.exit_code == 0, result.output
     assert "5 input(s) name a file already in the job" in result.stderr
     assert len(read_result(tmp_path / "dup.h5").sources) == 1
+
+
+def test_sectors_text_one_file_per_sector(data, tmp_path):
+    frames = [write_cbf(tmp_path / f"s_{k}.cbf", make_frame(k)) for k in range(2)]
+    out = tmp_path / "sec"
+    result = _run("sigma-clip", "-p", data.poni, "--backend", "python", "--npt", 30,
+                  "--sectors", 4, *frames, "-o", f"{out}/")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"s_{k}_sector{j}.dat" for k in range(2) for j in range(4)]
+    reference = az.Integrator(az.load_poni(data.poni), npt=30, backend="python", sectors=4)
+    expected = reference.sigma_clip(make_frame(1))
+    for j in range(4):
+        values = np.loadtxt(out / f"s_1_sector{j}.dat")
+        np.testing.assert_allclose(values[:, 1], expected.intensity[j], rtol=1e-6)
+        header = (out / f"s_1_sector{j}.dat").read_text()
+        assert f"# sector: {j}" in header and "# sector_range:" in header
+    # --skip-existing: a frame is complete when all its sector files are
+    (out / "s_0_sector2.dat").unlink()
+    again = _run("sigma-clip", "-p", data.poni, "--backend", "python", "--npt", 30,
+                 "--sectors", 4, *frames, "-o", f"{out}/", "--skip-existing")
+    assert again.exit_code == 0 and "1 frame reduced, 1 skipped" in again.stderr
+    assert (out / "s_0_sector2.dat").exists()
+    # explicit ranges
+    explicit = _run("integrate", "-p", data.poni, "--backend", "python", "--npt", 30,
+                    "--sector", -30, 30, "--sector", 150, -150, frames[0],
+                    "-o", tmp_path / "one.dat")
+    assert explicit.exit_code == 0, explicit.output
+    assert (tmp_path / "one_sector0.dat").exists() and (tmp_path / "one_sector1.dat").exists()
+    both = _run("integrate", "-p", data.poni, "--sectors", 2, "--sector", 0, 10, frames[0],
+                "-o", tmp_path / "x.dat")
+    assert both.exit_code == 2 and "exclude each other" in both.stderr

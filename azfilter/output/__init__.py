@@ -73,6 +73,7 @@ from .read import (
 from .sinks import NexusSink, Sink, TextSink
 from .text import (
     format_text,
+    sector_paths,
     source_stem,
     text_header,
     text_output_complete,
@@ -86,7 +87,8 @@ __all__ = [
     "NexusWriter", "OutputMeta", "OutputWriteError", "ResultTable", "Sink", "TextSink",
     "beam_centre", "check_nexus", "format_text", "geometry_lines", "merge_nexus",
     "nexus_axis_attributes", "radial_dataset_name", "read_nexus_config",
-    "read_result", "read_stored_config", "read_text_config", "source_stem", "stored_frames",
+    "read_result", "read_stored_config", "read_text_config", "sector_paths", "source_stem",
+    "stored_frames",
     "text_header", "text_output_complete", "text_output_name", "text_suffix", "to_json",
     "write_text",
 ]

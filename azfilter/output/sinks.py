@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from .meta import OutputMeta
 from .nexus import NexusWriter
-from .text import format_text, write_text
+from .text import format_text, sector_paths, write_text
 
 
 class PlannedFrame(Protocol):
@@ -71,20 +71,34 @@ class TextSink(Sink):
         return dataclasses.replace(self.meta, config=config)
 
     def write(self, planned: PlannedFrame, frame_source: str, result: Any) -> None:
-        meta = self._meta_for(planned)
+        if getattr(result, "sectors", None) is not None:
+            # one file (or one block on stdout) per sector, each a plain 1-D result
+            paths = sector_paths(planned.out_path, result.sectors.shape[0]) \
+                if planned.out_path is not None else [None] * result.sectors.shape[0]
+            for k, path in enumerate(paths):
+                one = result.sector(k)
+                meta = self._meta_for(planned)
+                meta = dataclasses.replace(meta, parameters=dict(
+                    meta.parameters, sector=k, sector_range=one.parameters["sector_range"]))
+                self._write_one(planned, frame_source, one, meta, path)
+            return
+        self._write_one(planned, frame_source, result, self._meta_for(planned),
+                        planned.out_path)
+
+    def _write_one(self, planned: PlannedFrame, frame_source: str, result: Any,
+                   meta: OutputMeta, out_path: Path | None) -> None:
         if self.stdout:
             sys.stdout.write(format_text(result, meta, frame_source, planned.index,
                                          planned.nframes))
             sys.stdout.flush()
             return
-        if planned.out_path is None:
+        if out_path is None:
             raise ValueError(f"{planned.source} frame {planned.index}: no output path planned")
-        parent = planned.out_path.parent
+        parent = out_path.parent
         if parent not in self._made:
             parent.mkdir(parents=True, exist_ok=True)
             self._made.add(parent)
-        write_text(planned.out_path, result, meta, frame_source, planned.index,
-                   planned.nframes)
+        write_text(out_path, result, meta, frame_source, planned.index, planned.nframes)
 
 
 class NexusSink(Sink):

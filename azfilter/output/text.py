@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,16 @@ def text_output_name(source: str, index: int, nframes: int | None, unit: str) ->
     if nframes is None or nframes > 1:
         stem = f"{stem}_{index:05d}"
     return stem + text_suffix(unit)
+
+
+def sector_paths(path: Path, n_sectors: int | None) -> list[Path]:
+    """The text files of one frame: ``path`` itself, or with sectors one file per sector,
+    ``<stem>_sector<k>.<suffix>`` (k zero-padded to the width of the last index)."""
+    if not n_sectors:
+        return [path]
+    width = len(str(n_sectors - 1))
+    return [path.with_name(f"{path.stem}_sector{k:0{width}d}{path.suffix}")
+            for k in range(n_sectors)]
 
 
 # ---------------------------------------------------------------------------- text

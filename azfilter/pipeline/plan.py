@@ -310,18 +310,19 @@ def check_collisions(plan: list[Planned]) -> None:
 
 
 def skip_existing(plan: list[Planned], out_kind: str, output: str, mode: str,
-                  npt: int) -> tuple[list[Planned], int]:
+                  npt: int, n_sectors: int | None = None) -> tuple[list[Planned], int]:
     """Frames still to reduce and the number skipped because their text output is complete.
 
     ``mode`` is ``"new"`` (refuse existing outputs), ``"overwrite"`` or ``"append"``
-    (``--skip-existing``). HDF5 outputs are checked by the writer, which knows their rows.
+    (``--skip-existing``). With ``n_sectors``, a frame is complete when every sector's file
+    is. HDF5 outputs are checked by the writer, which knows their rows.
 
     Raises
     ------
     AzfilterError
         In mode ``"new"`` when an output exists.
     """
-    from ..output import text_output_complete
+    from ..output import sector_paths, text_output_complete
 
     if out_kind == "hdf5":
         if mode == "new" and Path(output).exists():
@@ -330,17 +331,23 @@ def skip_existing(plan: list[Planned], out_kind: str, output: str, mode: str,
         return plan, 0
     if out_kind not in ("textdir", "textfile"):
         return plan, 0
-    existing = [p for p in plan if p.out_path is not None and p.out_path.exists()]
+    def paths(planned: Planned) -> list[Path]:
+        return sector_paths(planned.out_path, n_sectors)
+
+    existing = [p for p in plan if p.out_path is not None
+                and any(path.exists() for path in paths(p))]
     if not existing:
         return plan, 0
     if mode == "new":
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        first = next(path for path in paths(existing[0]) if path.exists())
         raise AzfilterError(
-            f"{existing[0].out_path}: output exists{more}; use --overwrite to replace or "
+            f"{first}: output exists{more}; use --overwrite to replace or "
             "--skip-existing to reduce only the missing frames")
     if mode == "overwrite":
         return plan, 0
-    done = {id(p) for p in existing if text_output_complete(p.out_path, npt)}
+    done = {id(p) for p in existing
+            if all(text_output_complete(path, npt) for path in paths(p))}
     return [p for p in plan if id(p) not in done], len(done)
 
 

@@ -123,7 +123,7 @@ def operation_parameters(config: dict[str, Any]) -> dict[str, Any]:
         cfg.OPERATION_KEYS[config["operation"]]) + [
         "mask", "dark", "flat", "polarization", "solid_angle", "normalization",
         "radial_range", "azimuth_range", "backend", "device", "wavelength", "energy",
-        "dummy", "delta_dummy", "monitor"]
+        "dummy", "delta_dummy", "monitor", "sectors"]
     parameters = {}
     for key in keys:
         value = config.get(key)
@@ -146,6 +146,12 @@ def reduction_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         params = {"percentile": percentile[0] if len(percentile) == 1 else tuple(percentile),
                   "split": config["split"], "error_model": config["error_model"]}
     return METHOD_OF[operation], params
+
+
+def _sectors(value: Any) -> Any:
+    if isinstance(value, list):
+        return [tuple(pair) for pair in value]
+    return value
 
 
 def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | None) -> Any:
@@ -185,6 +191,7 @@ def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | Non
         radial_range=config["radial_range"], azimuth_range=config["azimuth_range"],
         normalization=config["normalization"],
         threads=config["threads"] or usable_cores(), pixel_mask=pixel_mask,
+        sectors=_sectors(config.get("sectors")),
     )
     if integrator.shape is not None:
         integrator.table(config["split"])
@@ -310,7 +317,8 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     )
     mode = "overwrite" if config["overwrite"] else (
         "append" if config["skip_existing"] else "new")
-    todo, skipped = planning.skip_existing(frames, out_kind, output, mode, config["npt"])
+    todo, skipped = planning.skip_existing(frames, out_kind, output, mode, config["npt"],
+                                           cfg.sector_count(config.get("sectors")))
     writer = None
     if out_kind == "hdf5":
         writer = NexusWriter(output, meta, mode=mode)
