@@ -70,6 +70,9 @@ def _reduction_options(operation: str | None) -> list[Callable]:
         opt("--save-config", type=click.Path(dir_okay=False), metavar="JOB",
             help="Write the effective options to JOB (.toml or .json); without inputs, only "
                  "write it."),
+        opt("--freeze-inputs", is_flag=True, default=False,
+            help="With --save-config: store the inputs as expanded now (every file), so the "
+                 "job reruns on exactly these frames."),
         opt("--npt", type=click.IntRange(min=1), default=cfg.DEFAULTS["npt"], show_default=True,
             help="Number of radial bins."),
         opt("--unit", type=click.Choice(_unit_names()), default=cfg.DEFAULTS["unit"],
@@ -175,7 +178,7 @@ def _apply(decorators: list[Callable]) -> Callable:
 
 # Options whose value is not part of the job config.
 _NOT_CONFIG = {"config", "save_config", "dry_run", "inputs", "config_file", "verbose",
-               "sector_ranges"}
+               "sector_ranges", "freeze_inputs"}
 
 
 def _given_options(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
@@ -278,7 +281,8 @@ _SUMMARIES = {
 
 def _make_reduction_command(operation: str | None, name: str) -> click.Command:
     epilog = (
-        "\b\nINPUT: files, globs, directories, or file.h5::/path/to/dataset; stacks are "
+        "\b\nINPUT: files, globs, directories, file.h5::/path/to/dataset, or @LIST (a file "
+        "naming one input per line); stacks are "
         "streamed frame by frame.\n"
         f"\b\nExample:\n  {_EXAMPLES[name]}"
     )
@@ -396,7 +400,7 @@ def _reduction(ctx: click.Context, operation: str | None, params: dict[str, Any]
     if not config.get("poni"):
         raise click.UsageError("Missing option '-p' / '--poni' (the geometry PONI file)", ctx)
     if save_path and not config.get("inputs") and not config.get("output"):
-        _save_config(config, save_path)
+        _save_config(config, save_path, bool(params.get("freeze_inputs")))
         stderr_line(f"azfilter: wrote {save_path}")
         return EXIT_OK
     if not config.get("inputs"):
@@ -408,7 +412,7 @@ def _reduction(ctx: click.Context, operation: str | None, params: dict[str, Any]
     if dry_run:
         report = run_job(config, dry_run=True)
         if save_path:
-            _save_config(config, save_path)
+            _save_config(config, save_path, bool(params.get("freeze_inputs")))
         for source, index, target in report.planned:
             click.echo(f"{source} frame {index} -> {target}")
         for failure in report.failures:
@@ -418,14 +422,19 @@ def _reduction(ctx: click.Context, operation: str | None, params: dict[str, Any]
                     f"{report.output}")
         return EXIT_OK
     if save_path:
-        _save_config(config, save_path)
+        _save_config(config, save_path, bool(params.get("freeze_inputs")))
     report = run_job(config)
     if not config["quiet"] or report.failed:
         stderr_line(report.summary())
     return EXIT_FAILED if report.failed else EXIT_OK
 
 
-def _save_config(config: dict[str, Any], path: str) -> None:
+def _save_config(config: dict[str, Any], path: str, freeze: bool = False) -> None:
+    if freeze and config.get("inputs"):
+        from .pipeline.plan import frozen_inputs
+
+        config = dict(config, inputs=frozen_inputs(config["inputs"], config["recursive"]),
+                      recursive=False)
     try:
         cfg.save_config(cfg.job_config(config), path)
     except AzfilterError as err:

@@ -351,7 +351,9 @@ def _resolve_path(path: str, base_dir: Path | None) -> str:
 
 
 def _resolve_input(spec: str, base_dir: Path | None) -> str:
-    # "file.h5::/entry/data" — only the file part is a path.
+    # "file.h5::/entry/data" — only the file part is a path; "@list.txt" names a file list.
+    if spec.startswith("@"):
+        return "@" + _resolve_path(spec[1:], base_dir)
     return _resolve_path(spec, base_dir)
 
 
@@ -392,6 +394,8 @@ def job_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _abs_input(spec: str) -> str:
+    if spec.startswith("@"):
+        return "@" + _abs_input(spec[1:])
     return spec if os.path.isabs(spec) else os.path.abspath(spec)
 
 

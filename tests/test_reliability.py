@@ -219,3 +219,31 @@ def test_sharded_runs_merge_and_prove_completeness_end_to_end(poni, tmp_path):
     different = invoke("merge", shards[0], tmp_path / "n4_shard1of4.h5",
                        "-o", tmp_path / "diff.h5")
     assert different.exit_code == 2 and len(different.stderr.strip().splitlines()) == 1
+
+
+def test_file_lists_and_frozen_inputs(poni, tmp_path):
+    """--save-config --freeze-inputs stores the expanded inputs; @LIST names inputs."""
+    data = tmp_path / "data"
+    for k in range(3):
+        write_cbf(data / f"img_{k}.cbf", make_frame(k))
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("# the frames of run 1\ndata/img_0.cbf\n\ndata/img_2.cbf\n")
+    result = invoke("integrate", "-p", poni, "--backend", "python", "--npt", 30, f"@{listing}",
+                    "-o", tmp_path / "list.h5")
+    assert result.exit_code == 0, result.output
+    assert [os.path.basename(s) for s in read_result(tmp_path / "list.h5").sources] == [
+        "img_0.cbf", "img_2.cbf"]
+    job = tmp_path / "job.json"
+    saved = invoke("integrate", "-p", poni, "--backend", "python", "--npt", 30, f"{data}/",
+                   "--save-config", job, "--freeze-inputs", "--dry-run", "-o",
+                   tmp_path / "frozen.h5")
+    assert saved.exit_code == 0, saved.output
+    frozen = json.loads(job.read_text())
+    assert [os.path.basename(s) for s in frozen["inputs"]] == ["img_0.cbf", "img_1.cbf",
+                                                                "img_2.cbf"]
+    write_cbf(data / "img_3.cbf", make_frame(3))   # the directory fills later
+    rerun = invoke("run", job)
+    assert rerun.exit_code == 0, rerun.output
+    assert len(read_result(tmp_path / "frozen.h5").sources) == 3
+    missing = invoke("integrate", "-p", poni, "@nowhere.txt", "-o", tmp_path / "x.h5")
+    assert missing.exit_code == 2 and "input list" in missing.stderr

@@ -206,6 +206,40 @@ def shard_output(path: str, shard: tuple[int, int] | None) -> str:
     return f"{root}_shard{index:0{width}d}of{count}{ext}"
 
 
+def read_file_list(spec: str) -> list[str]:
+    """The inputs listed in ``@FILE``: one per line (blank lines and ``#`` comments
+    skipped); relative names are relative to the list's folder.
+
+    Raises
+    ------
+    AzfilterError
+        When the list cannot be read or is not text.
+    """
+    path = os.path.expanduser(spec[1:])
+    try:
+        with open(path, encoding="utf-8") as stream:
+            lines = stream.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise AzfilterError(f"input list {path}: cannot read: {reason}") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    entries = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        entries.append(line if os.path.isabs(os.path.expanduser(line))
+                       else os.path.join(folder, line))
+    return entries
+
+
+def frozen_inputs(inputs: list[str], recursive: bool) -> list[str]:
+    """The job's inputs expanded now into the concrete list of sources (files, or
+    ``file.h5::/dataset``), for a job file that must not change when a directory fills or a
+    glob matches more later (``--save-config JOB --freeze-inputs``)."""
+    return [absolute_source(item) for item, _ in expand(inputs, recursive)]
+
+
 def expand(inputs: list[str], recursive: bool, output: str | None = None,
            note: Callable[[str], None] | None = None) -> list[tuple[Any, str | None]]:
     """Input items and, for items found in a directory input, the directory they came from.
@@ -221,7 +255,10 @@ def expand(inputs: list[str], recursive: bool, output: str | None = None,
     duplicates = 0
     if output is not None and output != "-":
         seen.add((os.path.realpath(output), None))
+    specs: list[str] = []
     for spec in inputs:
+        specs += read_file_list(spec) if spec.startswith("@") else [spec]
+    for spec in specs:
         root = spec if os.path.isdir(os.path.expanduser(spec)) else None
         try:
             found = expand_inputs([spec], recursive=recursive)
