@@ -5,8 +5,9 @@
 #
 # Frames whose output already exists (and is complete) are skipped, so each run only reduces
 # what arrived since the last one.  Nothing is printed when all goes well (cron sends no mail);
-# unreadable or corrupt frames are named on stderr and the exit status is 3.  A lock keeps two
-# runs from overlapping when one takes longer than a minute.
+# unreadable or corrupt frames are named on stderr and the exit status is 3.  No wrapper lock
+# is needed: azfilter locks its output, so a run that starts while the previous one is still
+# writing waits for it and then reduces only what is left (never the same frame twice).
 #
 # Usage: cron_reduce.sh GEOMETRY.poni INCOMING_DIR REDUCED_DIR [extra azfilter options...]
 set -uo pipefail
@@ -14,7 +15,4 @@ poni=$1 incoming=$2 reduced=$3
 shift 3
 
 mkdir -p "$reduced"
-exec 9>"$reduced/.azfilter-cron.lock"
-flock -n 9 || exit 0          # the previous run is still going: leave it alone
-
 azfilter sigma-clip -p "$poni" --recursive --skip-existing --quiet "$@" "$incoming" -o "$reduced"/
