@@ -617,18 +617,24 @@ def test_cli_reads_frames_into_page_locked_buffers(tmp_path, device, monkeypatch
         cbfs.append(tmp_path / f"img_{k}.cbf")
         fabio.cbfimage.CbfImage(data=frame.astype(np.int32)).write(str(cbfs[-1]))
 
+    from azfilter.integrator import Integrator
+    from azfilter.pipeline import run as pipeline_run
+
     allocated: list[tuple] = []
     reduced_pinned: list[bool] = []
-    pinned_array = opencl.pinned_array
-    reduce = cli._reduce
+    pinned_array = opencl.hostmem.pinned_array
+    process_many = Integrator.process_many
 
     def counting_pinned(shape, dtype, device=None):
         allocated.append((tuple(shape), np.dtype(dtype)))
         return pinned_array(shape, dtype, device=device)
 
-    def spying_reduce(integrator, config, data):
-        reduced_pinned.append(opencl.is_pinned(data))
-        return reduce(integrator, config, data)
+    def spying_process_many(self, frames, operation, **params):
+        def spied():
+            for tag, data in frames:
+                reduced_pinned.append(opencl.is_pinned(data))
+                yield tag, data
+        return process_many(self, spied(), operation, **params)
     direct_reads: list[int] = []
     read_direct = h5py.Dataset.read_direct
 
@@ -636,7 +642,7 @@ def test_cli_reads_frames_into_page_locked_buffers(tmp_path, device, monkeypatch
         direct_reads.append(opencl.is_pinned(dest))
         return read_direct(self, dest, *args, **kwargs)
     monkeypatch.setattr(opencl.hostmem, "pinned_array", counting_pinned)
-    monkeypatch.setattr(cli, "_reduce", spying_reduce)
+    monkeypatch.setattr(Integrator, "process_many", spying_process_many)
     monkeypatch.setattr(h5py.Dataset, "read_direct", counting_read_direct)
     outputs = {}
     for backend in ("opencl", "python"):
@@ -651,7 +657,7 @@ def test_cli_reads_frames_into_page_locked_buffers(tmp_path, device, monkeypatch
     assert len(reduced_pinned) == 40
     assert len(direct_reads) == 18 and all(direct_reads)   # HDF5: decoded into the buffers
     assert all(reduced_pinned[:20]) and not any(reduced_pinned[20:])   # opencl, then python
-    capacity = (2 + 1) * (cli.READ_AHEAD + 1) + 1
+    capacity = (2 + 1) * (pipeline_run.READ_AHEAD + 1) + 4
     assert 1 <= len(allocated) <= capacity            # reused, bounded
     assert set(allocated) <= {(shape, np.dtype(np.uint32)), (shape, np.dtype(np.int32))}
     np.testing.assert_allclose(outputs["opencl"].intensity, outputs["python"].intensity,
