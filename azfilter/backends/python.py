@@ -1,10 +1,18 @@
-"""PythonEngine: the readable numpy reference of integrate, sigma_clip and medfilt.
+"""PythonEngine: the readable numpy / scipy.sparse reference of integrate, sigma_clip, medfilt.
 
-Everything is expressed over the *entries* of the CSR lookup table: entry ``e`` puts pixel
-``pixel[e]`` into radial bin ``bin[e]`` with coefficient ``coef[e]``. Per-bin sums are
-``np.bincount(bin, weights)``; there is no Python loop over bins or pixels. The rules are
-those of ``docs/internals.md`` ("Engine interface"); the other engines must agree with this
-one.
+The lookup table is a sparse matrix ``M`` (``npt × pixels``, entry ``M[k, j] = c``: pixel ``j``
+enters radial bin ``k`` with coefficient ``c``), and ``M²`` holds the squared coefficients. The
+per-bin sums of a frame are sparse matrix products with per-pixel vectors (the preprocessed
+signal, normalisation, validity and variance, zero where a pixel is invalid)::
+
+    S = M·signal    W = M·norm    N = M·valid    W2 = M²·norm²    V = M²·var
+
+(``scipy.sparse`` multiplies by several vectors in one pass over the table). What depends on
+a bin's own mean (the azimuthal scatter, sigma-clipping's rejections, medfilt's order) is
+written over the table's *entries*: entry ``e`` puts pixel ``pixel[e]`` into bin ``bin[e]``
+with coefficient ``coef[e]``, and per-bin sums are ``np.bincount(bin, weights)``. There is no
+Python loop over pixels. The rules are those of ``docs/internals.md`` ("Engine interface");
+the other engines must agree with this one.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse
 
 from ..errors import AzfilterError
 from ..preproc import preprocess
@@ -77,8 +86,43 @@ class PythonEngine(Engine):
         self._coef = np.asarray(csr.coefs, dtype=np.float64)
         if self._pixel.size != self._bin.size or self._coef.size != self._bin.size:
             raise ValueError("CSR indptr, indices and coefs disagree in length")
+        if self._pixel.size and (self._pixel.min() < 0
+                                 or self._pixel.max() >= self.pixel_norm.size):
+            raise AzfilterError(f"lookup table refers to pixels outside the detector "
+                                f"({self.pixel_norm.size} pixels)")
+        shape = (self.npt, self.pixel_norm.size)
+        self._matrix = scipy.sparse.csr_matrix((self._coef, self._pixel, indptr), shape=shape)
+        # without splitting every coefficient is 1 and M² is M: one product gives all sums
+        self._unit_coefs = bool(np.all(self._coef == 1.0))
+        self._matrix2 = self._matrix if self._unit_coefs else scipy.sparse.csr_matrix(
+            (self._coef * self._coef, self._pixel, indptr), shape=shape)
 
     # ------------------------------------------------------------------ building blocks
+    def pixels(self, raw: np.ndarray, error_model: str,
+               variance: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """Preprocess a frame: per-pixel ``signal, var, norm, valid``, zero where invalid.
+
+        Parameters
+        ----------
+        raw : numpy.ndarray
+            The frame, in its own dtype.
+        error_model : str
+            Decides the per-pixel variance (see :func:`azfilter.preproc.preprocess`).
+        variance : numpy.ndarray, optional
+            For the ``"variance"`` model.
+        """
+        if error_model not in ERROR_MODELS:
+            raise AzfilterError(f"unknown error model {error_model!r}; choose one of "
+                                f"{', '.join(ERROR_MODELS)}")
+        if np.asarray(raw).dtype.kind not in "biuf":
+            raise AzfilterError(f"image has unsupported dtype {np.asarray(raw).dtype}")
+        if np.size(raw) != self.pixel_norm.size:
+            raise AzfilterError(
+                f"image has {np.size(raw)} pixels, the lookup table {self.pixel_norm.size}"
+            )
+        return preprocess(raw, self.pixel_norm, self.dark, self.dummy, self.delta_dummy,
+                          error_model, variance)
+
     def entries(self, raw: np.ndarray, error_model: str,
                 variance: np.ndarray | None = None) -> Entries:
         """Preprocess the frame and keep the table entries whose pixel is valid.
@@ -97,17 +141,7 @@ class PythonEngine(Engine):
         Entries
             One element per valid (bin, pixel) entry, in table order (bin, then pixel).
         """
-        if error_model not in ERROR_MODELS:
-            raise AzfilterError(f"unknown error model {error_model!r}; choose one of "
-                                f"{', '.join(ERROR_MODELS)}")
-        if np.asarray(raw).dtype.kind not in "biuf":
-            raise AzfilterError(f"image has unsupported dtype {np.asarray(raw).dtype}")
-        if np.size(raw) != self.pixel_norm.size:
-            raise AzfilterError(
-                f"image has {np.size(raw)} pixels, the lookup table {self.pixel_norm.size}"
-            )
-        signal, var, norm, valid = preprocess(raw, self.pixel_norm, self.dark, self.dummy,
-                                              self.delta_dummy, error_model, variance)
+        signal, var, norm, valid = self.pixels(raw, error_model, variance)
         keep = valid[self._pixel]
         pixel = self._pixel[keep]
         return Entries(self._bin[keep], pixel, self._coef[keep], signal[pixel], var[pixel],
@@ -116,25 +150,53 @@ class PythonEngine(Engine):
     def _per_bin(self, bins: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         return np.bincount(bins, weights, minlength=self.npt).astype(np.float64, copy=False)
 
-    def _sums(self, entries: Entries, azimuthal: bool) -> BinSums:
-        """S, V, W, W2, N of the given entries.
+    def _pixel_sums(self, signal: np.ndarray, var: np.ndarray, norm: np.ndarray,
+                    valid: np.ndarray, azimuthal: bool) -> BinSums:
+        """S, V, W, W2, N of a preprocessed frame, as sparse matrix products.
+
+        With ``azimuthal`` V is the exact two-pass scatter ``Σ ω²(x − S/W)²`` with
+        ``ω = c·norm``, over the table's entries; otherwise ``M²·var``.
+        """
+        count = valid.astype(np.float64)
+        if self._unit_coefs:   # M² = M: all five sums in one pass over the table
+            sums = self._matrix @ np.column_stack((signal, norm, norm * norm, count, var))
+            signal_sum, normalization, normalization2, count_sum, variance = sums.T
+        else:
+            signal_sum, normalization, count_sum = (
+                self._matrix @ np.column_stack((signal, norm, count))).T
+            normalization2, variance = (self._matrix2 @ np.column_stack((norm * norm, var))).T
+        if azimuthal:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(normalization > 0, signal_sum / normalization, 0.0)
+                corrected = np.where(valid, signal / norm, 0.0)
+            weighted = self._coef * norm[self._pixel]   # ω of each entry, 0 where invalid
+            weighted *= corrected[self._pixel] - mean[self._bin]
+            variance = self._per_bin(self._bin, weighted * weighted)
+        return BinSums(signal_sum, variance, normalization, normalization2, count_sum)
+
+    def _sums(self, entries: Entries, azimuthal: bool,
+              kept: np.ndarray | None = None) -> BinSums:
+        """S, V, W, W2, N of the given entries (only the ``kept`` ones, when given).
 
         With ``azimuthal`` V is the exact two-pass scatter ``Σ ω²(x − S/W)²`` with
         ``ω = c·norm``; otherwise it is the propagated pixel variance ``Σ c²·var``.
         """
-        c, bins = entries.coef, entries.bin
-        weight = c * entries.norm
+        c = entries.coef if kept is None else entries.coef * kept
+        bins = entries.bin
+        weight = c * entries.norm                      # ω, 0 for an entry not kept
         signal = self._per_bin(bins, c * entries.signal)
         normalization = self._per_bin(bins, weight)
         normalization2 = self._per_bin(bins, weight * weight)
         count = self._per_bin(bins, c)
         if azimuthal:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = signal / normalization
+            # a bin whose entries were all rejected has W = 0: its (unused) mean is 0
+            mean = np.divide(signal, normalization, out=np.zeros_like(signal),
+                             where=normalization != 0)
             deviation = entries.corrected - mean[bins]
-            variance = self._per_bin(bins, weight * weight * deviation * deviation)
+            deviation *= weight
+            variance = self._per_bin(bins, deviation * deviation)
         else:
-            variance = self._per_bin(bins, c * c * entries.var)
+            variance = self._per_bin(bins, c * entries.coef * entries.var)
         return BinSums(signal, variance, normalization, normalization2, count)
 
     # ------------------------------------------------------------------ operations
@@ -145,8 +207,8 @@ class PythonEngine(Engine):
         Poisson and hybrid sum ``c²·max(raw, 1)``; variance sums ``c²·variance``; azimuthal
         takes the two-pass scatter of the corrected values.
         """
-        entries = self.entries(raw, error_model, variance)
-        return self._sums(entries, azimuthal=error_model == "azimuthal")
+        signal, var, norm, valid = self.pixels(raw, error_model, variance)
+        return self._pixel_sums(signal, var, norm, valid, azimuthal=error_model == "azimuthal")
 
     def sigma_clip(self, raw: np.ndarray, thres: float, max_iter: int, error_model: str,
                    variance: np.ndarray | None = None) -> BinSums:
@@ -154,13 +216,13 @@ class PythonEngine(Engine):
 
         A bin where nothing is rejected keeps its sums, so it would reject nothing again:
         iterating every bin until no bin rejects anything is the same as stopping each bin on
-        its own.
+        its own. The entries stay in place; a kept flag (1 or 0) weighs them.
         """
         entries = self.entries(raw, error_model, variance)
         # hybrid clips with the azimuthal scatter and reports the Poisson error
         clip_azimuthal = error_model in ("azimuthal", "hybrid")
         corrected = entries.corrected
-        kept = np.ones(entries.bin.size, dtype=bool)
+        kept = np.ones(entries.bin.size, dtype=np.float64)
         sums = self._sums(entries, clip_azimuthal)
         threshold_floor = float(thres)
         for _ in range(int(max_iter)):
@@ -172,14 +234,14 @@ class PythonEngine(Engine):
                                                  / math.sqrt(2.0 * math.pi)))
             cutoff = np.maximum(threshold_floor, chauvenet) * std
             # NaN mean/std (empty bins) compare False: nothing is rejected there
-            rejected = kept & (np.abs(corrected - mean[entries.bin]) > cutoff[entries.bin])
+            rejected = (kept > 0) & (np.abs(corrected - mean[entries.bin])
+                                     > cutoff[entries.bin])
             if not rejected.any():
                 break
-            kept &= ~rejected
-            sums = self._sums(entries.subset(kept), clip_azimuthal)
+            kept[rejected] = 0.0
+            sums = self._sums(entries, clip_azimuthal, kept)
         if error_model == "hybrid":
-            final = self._sums(entries.subset(kept), azimuthal=False)
-            sums.variance = final.variance
+            sums.variance = self._sums(entries, False, kept).variance
         return sums
 
     def medfilt(self, raw: np.ndarray, quant_min: float, quant_max: float, error_model: str,
