@@ -7,7 +7,7 @@ signal, normalisation, validity and variance, zero where a pixel is invalid)::
 
     S = M·signal    W = M·norm    N = M·valid    W2 = M²·norm²    V = M²·var
 
-(``scipy.sparse`` multiplies by several vectors in one pass over the table). What depends on
+(``M`` is stored by columns, so a product streams through the pixels). What depends on
 a bin's own mean (the azimuthal scatter, sigma-clipping's rejections, medfilt's order) is
 written over the table's *entries*: entry ``e`` puts pixel ``pixel[e]`` into bin ``bin[e]``
 with coefficient ``coef[e]``, and per-bin sums are ``np.bincount(bin, weights)``. There is no
@@ -91,11 +91,19 @@ class PythonEngine(Engine):
             raise AzfilterError(f"lookup table refers to pixels outside the detector "
                                 f"({self.pixel_norm.size} pixels)")
         shape = (self.npt, self.pixel_norm.size)
-        self._matrix = scipy.sparse.csr_matrix((self._coef, self._pixel, indptr), shape=shape)
-        # without splitting every coefficient is 1 and M² is M: one product gives all sums
+        # M is kept by columns (CSC: the entries of each pixel together): a product then
+        # reads the pixel vector in order and adds into the few bins, instead of gathering
+        # pixels at random for each bin (3x faster on a Pilatus 1M table)
+        matrix = scipy.sparse.csr_matrix((self._coef, self._pixel, indptr), shape=shape)
+        self._matrix = matrix.tocsc()
         self._unit_coefs = bool(np.all(self._coef == 1.0))
         self._matrix2 = self._matrix if self._unit_coefs else scipy.sparse.csr_matrix(
-            (self._coef * self._coef, self._pixel, indptr), shape=shape)
+            (self._coef * self._coef, self._pixel, indptr), shape=shape).tocsc()
+        # the same entries in that order, for the azimuthal scatter's second pass
+        self._entry_bin = self._matrix.indices.astype(np.intp)
+        self._entry_pixel = np.repeat(np.arange(shape[1], dtype=np.intp),
+                                      np.diff(self._matrix.indptr))
+        self._entry_coef = np.asarray(self._matrix.data, dtype=np.float64)
 
     # ------------------------------------------------------------------ building blocks
     def pixels(self, raw: np.ndarray, error_model: str,
@@ -139,13 +147,14 @@ class PythonEngine(Engine):
         Returns
         -------
         Entries
-            One element per valid (bin, pixel) entry, in table order (bin, then pixel).
+            One element per valid (bin, pixel) entry, by pixel (then bin).
         """
         signal, var, norm, valid = self.pixels(raw, error_model, variance)
-        keep = valid[self._pixel]
-        pixel = self._pixel[keep]
-        return Entries(self._bin[keep], pixel, self._coef[keep], signal[pixel], var[pixel],
-                       norm[pixel])
+        # entries by pixel (the column order of M): the per-pixel arrays are read in order
+        keep = valid[self._entry_pixel]
+        pixel = self._entry_pixel[keep]
+        return Entries(self._entry_bin[keep], pixel, self._entry_coef[keep], signal[pixel],
+                       var[pixel], norm[pixel])
 
     def _per_bin(self, bins: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         return np.bincount(bins, weights, minlength=self.npt).astype(np.float64, copy=False)
@@ -157,39 +166,38 @@ class PythonEngine(Engine):
         With ``azimuthal`` V is the exact two-pass scatter ``Σ ω²(x − S/W)²`` with
         ``ω = c·norm``, over the table's entries; otherwise ``M²·var``.
         """
-        count = valid.astype(np.float64)
-        if self._unit_coefs:   # M² = M: all five sums in one pass over the table
-            sums = self._matrix @ np.column_stack((signal, norm, norm * norm, count, var))
-            signal_sum, normalization, normalization2, count_sum, variance = sums.T
-        else:
-            signal_sum, normalization, count_sum = (
-                self._matrix @ np.column_stack((signal, norm, count))).T
-            normalization2, variance = (self._matrix2 @ np.column_stack((norm * norm, var))).T
+        matrix, matrix2 = self._matrix, self._matrix2
+        signal_sum = matrix @ signal
+        normalization = matrix @ norm
+        count_sum = matrix @ valid.astype(np.float64)
+        normalization2 = matrix2 @ (norm * norm)
         if azimuthal:
             with np.errstate(invalid="ignore", divide="ignore"):
                 mean = np.where(normalization > 0, signal_sum / normalization, 0.0)
                 corrected = np.where(valid, signal / norm, 0.0)
-            weighted = self._coef * norm[self._pixel]   # ω of each entry, 0 where invalid
-            weighted *= corrected[self._pixel] - mean[self._bin]
-            variance = self._per_bin(self._bin, weighted * weighted)
+            pixel, bins = self._entry_pixel, self._entry_bin
+            weighted = self._entry_coef * norm[pixel]   # ω of each entry, 0 where invalid
+            weighted *= corrected[pixel] - mean[bins]
+            variance = self._per_bin(bins, weighted * weighted)
+        else:
+            variance = matrix2 @ var
         return BinSums(signal_sum, variance, normalization, normalization2, count_sum)
 
-    def _sums(self, entries: Entries, azimuthal: bool,
-              kept: np.ndarray | None = None) -> BinSums:
-        """S, V, W, W2, N of the given entries (only the ``kept`` ones, when given).
+    def _sums(self, entries: Entries, azimuthal: bool) -> BinSums:
+        """S, V, W, W2, N of the given entries.
 
         With ``azimuthal`` V is the exact two-pass scatter ``Σ ω²(x − S/W)²`` with
         ``ω = c·norm``; otherwise it is the propagated pixel variance ``Σ c²·var``.
         """
-        c = entries.coef if kept is None else entries.coef * kept
+        c = entries.coef
         bins = entries.bin
-        weight = c * entries.norm                      # ω, 0 for an entry not kept
+        weight = c * entries.norm                      # ω
         signal = self._per_bin(bins, c * entries.signal)
         normalization = self._per_bin(bins, weight)
         normalization2 = self._per_bin(bins, weight * weight)
         count = self._per_bin(bins, c)
         if azimuthal:
-            # a bin whose entries were all rejected has W = 0: its (unused) mean is 0
+            # a bin of zero weight has no mean: 0 (its entries all have ω = 0)
             mean = np.divide(signal, normalization, out=np.zeros_like(signal),
                              where=normalization != 0)
             deviation = entries.corrected - mean[bins]
@@ -216,14 +224,15 @@ class PythonEngine(Engine):
 
         A bin where nothing is rejected keeps its sums, so it would reject nothing again:
         iterating every bin until no bin rejects anything is the same as stopping each bin on
-        its own. The entries stay in place; a kept flag (1 or 0) weighs them.
+        its own. So after each pass only the bins that rejected something are summed again,
+        over their kept entries.
         """
         entries = self.entries(raw, error_model, variance)
         # hybrid clips with the azimuthal scatter and reports the Poisson error
         clip_azimuthal = error_model in ("azimuthal", "hybrid")
-        corrected = entries.corrected
-        kept = np.ones(entries.bin.size, dtype=np.float64)
+        bins, corrected = entries.bin, entries.corrected
         sums = self._sums(entries, clip_azimuthal)
+        kept = np.ones(bins.size, dtype=bool)
         threshold_floor = float(thres)
         for _ in range(int(max_iter)):
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -234,14 +243,25 @@ class PythonEngine(Engine):
                                                  / math.sqrt(2.0 * math.pi)))
             cutoff = np.maximum(threshold_floor, chauvenet) * std
             # NaN mean/std (empty bins) compare False: nothing is rejected there
-            rejected = (kept > 0) & (np.abs(corrected - mean[entries.bin])
-                                     > cutoff[entries.bin])
+            rejected = kept & (np.abs(corrected - mean[bins]) > cutoff[bins])
             if not rejected.any():
                 break
-            kept[rejected] = 0.0
-            sums = self._sums(entries, clip_azimuthal, kept)
+            kept &= ~rejected
+            changed = np.zeros(self.npt, dtype=bool)
+            changed[bins[rejected]] = True
+            sums = self._replace_bins(sums, entries.subset(kept & changed[bins]), changed,
+                                      clip_azimuthal)
         if error_model == "hybrid":
-            sums.variance = self._sums(entries, False, kept).variance
+            sums.variance = self._sums(entries.subset(kept), azimuthal=False).variance
+        return sums
+
+    def _replace_bins(self, sums: BinSums, entries: Entries, changed: np.ndarray,
+                      azimuthal: bool) -> BinSums:
+        """``sums`` with the ``changed`` bins summed again over ``entries`` (theirs)."""
+        fresh = self._sums(entries, azimuthal)
+        for name in ("signal", "variance", "normalization", "normalization2", "count"):
+            values = getattr(sums, name)
+            values[changed] = getattr(fresh, name)[changed]
         return sums
 
     def medfilt(self, raw: np.ndarray, quant_min: float, quant_max: float, error_model: str,
@@ -253,9 +273,9 @@ class PythonEngine(Engine):
         ``[quant_min·T, quant_max·T]`` or covers it entirely.
         """
         entries = self.entries(raw, error_model, variance)
-        # Sort by (bin, key, pixel index). The entries are already in (bin, pixel) order, so a
-        # stable sort on the key followed by a stable sort on the bin (a radix sort for
-        # integer keys) gives exactly that order, faster than np.lexsort.
+        # Sort by (bin, key, pixel index). The entries are in pixel order, so a stable sort on
+        # the key followed by a stable sort on the bin (a radix sort for integer keys) gives
+        # exactly that order, faster than np.lexsort.
         by_key = np.argsort(entries.corrected, kind="stable")
         bin_key = entries.bin.astype(np.uint16) if self.npt <= 1 << 16 else entries.bin
         order = by_key[np.argsort(bin_key[by_key], kind="stable")]
