@@ -147,14 +147,13 @@ class PythonEngine(Engine):
         Returns
         -------
         Entries
-            One element per valid (bin, pixel) entry, by pixel (then bin).
+            One element per valid (bin, pixel) entry, in table order (bin, then pixel).
         """
         signal, var, norm, valid = self.pixels(raw, error_model, variance)
-        # entries by pixel (the column order of M): the per-pixel arrays are read in order
-        keep = valid[self._entry_pixel]
-        pixel = self._entry_pixel[keep]
-        return Entries(self._entry_bin[keep], pixel, self._entry_coef[keep], signal[pixel],
-                       var[pixel], norm[pixel])
+        keep = valid[self._pixel]
+        pixel = self._pixel[keep]
+        return Entries(self._bin[keep], pixel, self._coef[keep], signal[pixel], var[pixel],
+                       norm[pixel])
 
     def _per_bin(self, bins: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         return np.bincount(bins, weights, minlength=self.npt).astype(np.float64, copy=False)
@@ -172,12 +171,13 @@ class PythonEngine(Engine):
         count_sum = matrix @ valid.astype(np.float64)
         normalization2 = matrix2 @ (norm * norm)
         if azimuthal:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = np.where(normalization > 0, signal_sum / normalization, 0.0)
-                corrected = np.where(valid, signal / norm, 0.0)
             pixel, bins = self._entry_pixel, self._entry_bin
-            weighted = self._entry_coef * norm[pixel]   # ω of each entry, 0 where invalid
-            weighted *= corrected[pixel] - mean[bins]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = signal_sum / normalization   # NaN in a bin of zero weight, as V there
+                corrected = signal / norm
+                # invalid entries take no part (not even a NaN mean)
+                weighted = np.where(valid[pixel], corrected[pixel] - mean[bins], 0.0)
+            weighted *= self._entry_coef * norm[pixel]   # ω of each entry
             variance = self._per_bin(bins, weighted * weighted)
         else:
             variance = matrix2 @ var
@@ -197,9 +197,8 @@ class PythonEngine(Engine):
         normalization2 = self._per_bin(bins, weight * weight)
         count = self._per_bin(bins, c)
         if azimuthal:
-            # a bin of zero weight has no mean: 0 (its entries all have ω = 0)
-            mean = np.divide(signal, normalization, out=np.zeros_like(signal),
-                             where=normalization != 0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = signal / normalization
             deviation = entries.corrected - mean[bins]
             deviation *= weight
             variance = self._per_bin(bins, deviation * deviation)
@@ -273,9 +272,9 @@ class PythonEngine(Engine):
         ``[quant_min·T, quant_max·T]`` or covers it entirely.
         """
         entries = self.entries(raw, error_model, variance)
-        # Sort by (bin, key, pixel index). The entries are in pixel order, so a stable sort on
-        # the key followed by a stable sort on the bin (a radix sort for integer keys) gives
-        # exactly that order, faster than np.lexsort.
+        # Sort by (bin, key, pixel index). The entries are already in (bin, pixel) order, so a
+        # stable sort on the key followed by a stable sort on the bin (a radix sort for
+        # integer keys) gives exactly that order, faster than np.lexsort.
         by_key = np.argsort(entries.corrected, kind="stable")
         bin_key = entries.bin.astype(np.uint16) if self.npt <= 1 << 16 else entries.bin
         order = by_key[np.argsort(bin_key[by_key], kind="stable")]
