@@ -26,7 +26,7 @@ system-deps:
 $(STAMP): pyproject.toml meson.build kernels/meson.build
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "meson-python>=0.15" "meson>=1.2" ninja "cython>=3.0" numpy
+	$(PIP) install -q "meson-python>=0.18" "meson>=1.2" ninja "cython>=3.0" numpy
 	CYTHON="$(abspath $(VENV))/bin/cython" $(PIP) install -q --no-build-isolation -e ".[test,plot]"
 	touch $(STAMP)
 

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from . import vocabulary
-from .cache import cache_dir, store_npz
+from .cache import cache_dir, open_npz, store_npz
 from .errors import AzfilterError
 from .units import get_unit
 
@@ -723,7 +723,7 @@ def _load_cached(path: Path, key: str, shape: tuple[int, int], npt: int) -> CSRP
     engine that trusts the table.
     """
     try:
-        with np.load(path, allow_pickle=False) as stored:
+        with open_npz(path) as stored:  # a hit makes it the most recently used
             if (
                 int(stored["format"]) != CACHE_FORMAT_VERSION
                 or str(stored["key"]) != key

@@ -31,6 +31,7 @@ from .commands.common import (
     EXIT_TERMINATED,
     Fatal,
     RunFailed,
+    setup_logging,
     stderr_line,
 )
 from .errors import AzfilterError
@@ -134,7 +135,7 @@ def _reduction_options(operation: str | None) -> list[Callable]:
             help="Number of radial bins."),
         opt("--unit", type=click.Choice(_unit_names()), default=cfg.DEFAULTS["unit"],
             show_default=True,
-            help="Radial unit: q in nm^-1 or A^-1, 2theta in deg or rad, r in mm."),
+            help="Radial unit: q in nm^-1 or A^-1, 2theta in deg or rad, r in mm, d in nm or A."),
         opt("--radial-range", type=float, nargs=2, metavar="LO HI", default=None,
             help="Radial range of the bins, in --unit [default: the extent of the unmasked "
                  "pixels]."),
@@ -174,6 +175,18 @@ def _reduction_options(operation: str | None) -> list[Callable]:
         opt("--normalization", type=click.FloatRange(min=0, min_open=True),
             default=cfg.DEFAULTS["normalization"], show_default=True, metavar="FACTOR",
             help="Divide intensities by FACTOR (monitor)."),
+        opt("--wavelength", type=click.FloatRange(min=0, min_open=True), metavar="ANGSTROM",
+            help="Wavelength in angstrom, replacing the PONI file's."),
+        opt("--energy", type=click.FloatRange(min=0, min_open=True), metavar="KEV",
+            help="Photon energy in keV, replacing the PONI file's wavelength."),
+        opt("--dummy", type=float, metavar="VALUE",
+            help="Raw value of invalid pixels, replacing the detector's (Pilatus/Eiger: -1)."),
+        opt("--delta-dummy", type=click.FloatRange(min=0), metavar="TOL",
+            help="Pixels within TOL of --dummy are invalid [default: 0, or the detector's]."),
+        opt("--monitor", metavar="KEY",
+            help="Divide each frame by its monitor: a header key of EDF/CBF/TIFF frames, or "
+                 "an HDF5 dataset of one value per frame (/entry/instrument/i0/data in each "
+                 "input, or file.h5::/path). A missing or zero monitor fails the frame."),
         opt("--backend", type=click.Choice(cfg.BACKENDS), default=cfg.DEFAULTS["backend"],
             show_default=True,
             help="Engine: cython (compiled, all cores), opencl (GPU/CPU), python (reference)."),
@@ -192,8 +205,13 @@ def _reduction_options(operation: str | None) -> list[Callable]:
                  "input order. Default inside a SLURM array job: the task's index and count."),
         opt("--threads", type=click.IntRange(min=1), default=None,
             help="Threads of the compiled engine [default: all cores]."),
+        opt("--wait/--no-wait", default=True, show_default=True,
+            help="When another run is writing the same output: wait for it, or refuse."),
         opt("--dry-run", is_flag=True, default=False,
             help="Plan only: say what would be reduced, skipped, written."),
+        opt("-v", "--verbose", count=True, default=0,
+            help="More messages: -v the set-up (cores, threads, pools, device, cache), -vv "
+                 "debug logs. Log lines carry a timestamp when stderr is not a terminal."),
         opt("-q", "--quiet", is_flag=True, default=False,
             help="No progress and no summary (failures are still reported)."),
     ]
@@ -210,7 +228,7 @@ def _apply(decorators: list[Callable]) -> Callable:
 
 
 # Options whose value is not part of the job config.
-_NOT_CONFIG = {"config", "save_config", "dry_run", "inputs", "config_file"}
+_NOT_CONFIG = {"config", "save_config", "dry_run", "inputs", "config_file", "verbose"}
 
 
 def _given_options(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
@@ -244,6 +262,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
              "Plot 1-D patterns from azfilter results."),
     "merge": ("azfilter.commands.merge:merge_command",
               "Join the shard files of one job into one HDF5 file."),
+    "cache": ("azfilter.commands.cache:cache_command",
+              "Show or empty the on-disk cache of lookup tables."),
 }
 
 
@@ -372,17 +392,23 @@ def _merge_config(ctx: click.Context, operation: str | None,
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM (e.g. a SLURM time limit): stop like Ctrl-C, dropping unfinished outputs."""
+    """SIGTERM (a SLURM time limit) or SIGHUP (a closed terminal, a lost node): stop like
+    Ctrl-C, dropping unfinished outputs."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_signal(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+#: Signals that stop a run cleanly (temporary files removed, exit 143).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _run_reduction(ctx: click.Context, operation: str | None, params: dict[str, Any]) -> None:
-    previous = None
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        for signum in _STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, _on_signal)
     try:
         status = _reduction(ctx, operation, params)
     except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -397,15 +423,19 @@ def _run_reduction(ctx: click.Context, operation: str | None, params: dict[str, 
                     "unfinished outputs were removed")
         ctx.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     ctx.exit(status)
 
 
 def _reduction(ctx: click.Context, operation: str | None, params: dict[str, Any]) -> int:
     from .pipeline import run_job
 
+    setup_logging(int(params.get("verbose") or 0))
+
     config, _ = _merge_config(ctx, operation, params)
+    if config.get("wavelength") is not None and config.get("energy") is not None:
+        raise click.UsageError("--wavelength and --energy exclude each other", ctx)
     if config["operation"] == "sigma-clip" and config.get("split") == "full":
         raise click.UsageError(
             "sigma-clip works without pixel splitting only (--split no): a pixel shared "

@@ -94,6 +94,12 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "shard": None,
     "quiet": False,
+    "wait": True,           # wait for another run's lock on the output (else refuse)
+    "wavelength": None,     # angstrom; overrides the PONI file's
+    "energy": None,         # keV; overrides the PONI file's wavelength
+    "dummy": None,          # raw value of invalid pixels; overrides the detector's
+    "delta_dummy": None,    # tolerance around dummy
+    "monitor": None,        # header key or HDF5 dataset each frame is divided by
 }
 
 # Operation-dependent defaults (design §6: sigma-clip defaults to the azimuthal model).
@@ -115,13 +121,13 @@ OPERATION_ONLY = {key for keys in OPERATION_KEYS.values() for key in keys}
 PATH_KEYS = ("poni", "output", "mask", "dark", "flat")
 
 # Keys describing one run rather than the job: never written into saved configs.
-RUN_ONLY_KEYS = ("shard", "quiet")
+RUN_ONLY_KEYS = ("shard", "quiet", "wait")
 
 # Keys that change what the numbers are; two outputs can only be joined when these agree.
 RESULT_KEYS = (
     "operation", "poni", "npt", "unit", "mask", "dark", "flat", "polarization", "solid_angle",
     "radial_range", "azimuth_range", "error_model", "normalization", "split", "thres",
-    "max_iter", "percentile",
+    "max_iter", "percentile", "wavelength", "energy", "dummy", "delta_dummy", "monitor",
 )
 
 
@@ -262,13 +268,21 @@ def normalize(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> 
             value = _as_number(value, name, where, int)
             if value < 1:
                 raise AzfilterError(f"{where}: threads must be at least 1, not {value}")
-        elif key in ("thres", "normalization"):
+        elif key in ("thres", "normalization", "dummy"):
             value = float(_as_number(value, name, where))
+        elif key in ("wavelength", "energy", "delta_dummy"):
+            value = float(_as_number(value, name, where))
+            if value < 0 or (value == 0 and key != "delta_dummy"):
+                raise AzfilterError(f"{where}: {name} must be positive, not {value}")
+        elif key == "monitor":
+            value = str(value)
+            if not value.strip():
+                raise AzfilterError(f"{where}: monitor must name a header key or a dataset")
         elif key == "polarization":
             value = float(_as_number(value, name, where))
             if not -1.0 <= value <= 1.0:
                 raise AzfilterError(f"{where}: polarization factor must lie in [-1, 1]")
-        elif key in ("solid_angle", "recursive", "overwrite", "skip_existing", "quiet"):
+        elif key in ("solid_angle", "recursive", "overwrite", "skip_existing", "quiet", "wait"):
             value = _as_bool(value, name, where)
         elif key in ("radial_range", "azimuth_range"):
             value = _as_pair(value, name, where)

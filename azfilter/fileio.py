@@ -137,6 +137,37 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def sweep_folder(folder: str | os.PathLike) -> list[Path]:
+    """Remove every stale azfilter temporary file in ``folder`` (see
+    :func:`sweep_stale_temporaries`), whatever final name it was for."""
+    host = _host_tag()
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or match["host"] != host or _process_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file that guards every read-modify-write of the output ``path``.
+
+    ``.NAME.lock`` next to the output, for a file as for a directory of text outputs (kept
+    outside the directory, whose listing stays the outputs). The empty lock file stays after
+    the run: removing a ``flock`` file while another process waits on it would let two runs
+    hold "the" lock at once.
+    """
+    target = Path(os.path.abspath(path))
+    return target.parent / f".{target.name}.lock"
+
+
 def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files that killed azfilter processes left next to ``path``.
 

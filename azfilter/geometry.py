@@ -10,7 +10,8 @@ orientation (1-4) only remaps the pixel index before the +0.5 step. The offsets 
 - ``2θ = atan2(sqrt(t1² + t2²), t3)`` (rad),
 - ``χ = atan2(t1, t2)`` in (-π, π] (rad),
 - ``q = 4π·1e-9/λ · sin(θ)`` (nm⁻¹),
-- ``r = sqrt(t1² + t2²)`` (m, distance to the beam axis).
+- ``r = sqrt(t1² + t2²)`` (m, distance to the beam axis),
+- ``d = 2π/(1e9·q)`` (m, d-spacing; infinite where q = 0).
 
 Every array is float64 and is computed from one-dimensional row and column terms broadcast
 block by block over the rows, so an Eiger 16M needs only the output array plus a few small
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # detectors imports nothing from here; the name is only neede
 HC_KEV_ANGSTROM = 12.398419843320026
 
 #: the quantities of :meth:`Geometry.center_array` and their internal units
-QUANTITIES = ("2th", "q", "r", "chi")
+QUANTITIES = ("2th", "q", "r", "chi", "d")
 
 # Rows per block when filling a per-pixel array: ~256 k elements (2 MB) per temporary.
 _BLOCK_ELEMENTS = 1 << 18
@@ -294,9 +295,17 @@ class Geometry:
         q *= 4.0e-9 * math.pi / wavelength
         return q
 
+    @staticmethod
+    def _d_from_q(q: np.ndarray) -> np.ndarray:
+        """d-spacing (m) from q (nm^-1): ``2π/(1e9·q)``, +inf where q = 0."""
+        d = np.multiply(q, 1e9)
+        with np.errstate(divide="ignore"):
+            np.divide(2.0 * math.pi, d, out=d)
+        return d
+
     def _require_wavelength(self) -> float:
         if self.wavelength is None:
-            raise AzfilterError(f"no wavelength in {self.name}: q units need one")
+            raise AzfilterError(f"no wavelength in {self.name}: q and d units need one")
         return float(self.wavelength)
 
     @staticmethod
@@ -313,8 +322,9 @@ class Geometry:
 
         Parameters
         ----------
-        quantity : {"2th", "q", "r", "chi"}
-            2θ (rad), q (nm⁻¹), r (m, distance to the beam axis), χ (rad, in (-π, π]).
+        quantity : {"2th", "q", "r", "chi", "d"}
+            2θ (rad), q (nm⁻¹), r (m, distance to the beam axis), χ (rad, in (-π, π]),
+            d (m, d-spacing, +inf at q = 0).
         shape : (int, int), optional
             Array shape; required when the detector has no shape.
 
@@ -329,6 +339,9 @@ class Geometry:
             self._require_wavelength()
             tth = self.center_array("2th", shape)
             return self._cached(("center", "q", shape), lambda: self._q_from_tth(tth))
+        if quantity == "d":
+            q = self.center_array("q", shape)
+            return self._cached(("center", "d", shape), lambda: self._d_from_q(q))
         return self._cached(
             ("center", quantity, shape), lambda: self._compute(quantity, shape, corners=False)
         )
@@ -347,6 +360,9 @@ class Geometry:
             self._require_wavelength()
             tth = self.corner_grid("2th", shape)
             return self._cached(("corner", "q", shape), lambda: self._q_from_tth(tth))
+        if quantity == "d":
+            q = self.corner_grid("q", shape)
+            return self._cached(("corner", "d", shape), lambda: self._d_from_q(q))
         return self._cached(
             ("corner", quantity, shape), lambda: self._compute(quantity, shape, corners=True)
         )
@@ -359,8 +375,8 @@ class Geometry:
         Parameters
         ----------
         unit_name : str
-            ``"q_nm^-1"``, ``"q_A^-1"``, ``"2th_deg"``, ``"2th_rad"``, ``"r_mm"``, ``"chi_deg"``,
-            ``"chi_rad"``.
+            ``"q_nm^-1"``, ``"q_A^-1"``, ``"2th_deg"``, ``"2th_rad"``, ``"r_mm"``, ``"d_nm"``,
+            ``"d_A"``, ``"chi_deg"``, ``"chi_rad"``.
         corners : bool
             Return the ``(N1 + 1, N2 + 1)`` corner grid instead of the centres.
         shape : (int, int), optional

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,13 @@ class Result:
         Every option that produced this result (JSON-serialisable).
     error_model : str
         The error model used.
+    geometry : azfilter.geometry.Geometry or None
+        The geometry it was reduced with (for :meth:`save`'s header).
+
+    Notes
+    -----
+    As pyFAI's ``Integrate1dResult``, a Result unpacks into its three columns:
+    ``radial, intensity, sigma = result``.
     """
 
     radial: np.ndarray
@@ -71,10 +80,12 @@ class Result:
     operation: str
     parameters: dict[str, Any] = field(default_factory=dict)
     error_model: str = "poisson"
+    geometry: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_sums(cls, radial: np.ndarray, sums: BinSums, unit: str, operation: str,
-                  parameters: dict[str, Any], error_model: str) -> Result:
+                  parameters: dict[str, Any], error_model: str,
+                  geometry: Any = None) -> Result:
         """Final values per bin: ``I = S/W``, ``sigma = sqrt(V)/W``, ``std = sqrt(V/W2)``.
 
         Bins with a count of 0 get NaN for all three.
@@ -93,7 +104,7 @@ class Result:
             std=std, count=count, sum_signal=sums.signal.copy(),
             sum_variance=sums.variance.copy(), sum_normalization=sums.normalization.copy(),
             sum_normalization2=sums.normalization2.copy(), unit=unit, operation=operation,
-            parameters=parameters, error_model=error_model,
+            parameters=parameters, error_model=error_model, geometry=geometry,
         )
 
     @property
@@ -101,14 +112,79 @@ class Result:
         """Number of bins."""
         return int(self.radial.shape[0])
 
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """``radial, intensity, sigma = result``, as pyFAI's ``Integrate1dResult``."""
+        return iter((self.radial, self.intensity, self.sigma))
+
+    def __repr__(self) -> str:
+        """One short line: operation, unit, bins, range and a few statistics."""
+        filled = np.isfinite(self.intensity)
+        if self.npt:
+            span = f"[{self.radial[0]:.6g}, {self.radial[-1]:.6g}]"
+        else:
+            span = "[]"
+        if filled.any():
+            values = self.intensity[filled]
+            stats = (f"I mean={values.mean():.4g} min={values.min():.4g} "
+                     f"max={values.max():.4g}")
+        else:
+            stats = "I: no filled bin"
+        return (f"<Result {self.operation} {self.unit} npt={self.npt} range={span} {stats} "
+                f"empty={int(self.npt - filled.sum())} error_model={self.error_model}>")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the pattern as azfilter's text output (``radial intensity sigma`` columns).
+
+        The header holds the operation, every parameter and, when known, the geometry (PONI
+        lines), as the command line's text outputs; ``numpy.loadtxt(path)`` reads the
+        columns. The file appears atomically.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A text file (``.dat``, ``.xy``, ``.txt`` or any other name but an HDF5 one).
+
+        Raises
+        ------
+        AzfilterError
+            For an HDF5 name (the NeXus output is the command line's), or a file that cannot
+            be written.
+        """
+        from .output import OutputMeta, geometry_lines, write_text
+        from .poni import format_poni
+        from .vocabulary import HDF5_SUFFIXES
+
+        target = os.fspath(path)
+        if target.lower().endswith(HDF5_SUFFIXES):
+            raise AzfilterError(
+                f"{target}: Result.save writes text (.dat, .xy, .txt); NeXus files are "
+                "written by the command line (azfilter integrate ... -o out.h5)"
+            )
+        geometry = self.geometry
+        meta = OutputMeta(
+            # the command line's spelling (sigma-clip), so both outputs say the same
+            operation=self.operation.replace("_", "-"), unit=self.unit,
+            # the operation has its own header line
+            parameters={k: v for k, v in self.parameters.items() if k != "operation"},
+            poni_text="" if geometry is None else format_poni(geometry),
+            geometry=[] if geometry is None else geometry_lines(geometry),
+            config=dict(self.parameters),
+        )
+        try:
+            write_text(target, self, meta, source=None, index=None, nframes=None)
+        except OSError as err:
+            raise AzfilterError(f"cannot write {target}: {err.strerror or err}") from None
+
 
 class Integrator:
     """Azimuthal integration, sigma-clipping and median filtering with one set of options.
 
     Parameters
     ----------
-    geometry : azfilter.geometry.Geometry
-        Detector position and detector (``azfilter.load_poni``).
+    geometry : azfilter.geometry.Geometry, path or pyFAI AzimuthalIntegrator
+        Detector position and detector: a Geometry (``azfilter.load_poni``), the path of a
+        PONI file, or a pyFAI ``AzimuthalIntegrator`` (its dist, poni1, poni2, rot1-3,
+        wavelength and detector are read; pyFAI itself is not needed).
     npt : int
         Number of radial bins.
     unit : str
@@ -149,7 +225,7 @@ class Integrator:
                  solid_angle: bool = True, radial_range: Sequence[float] | None = None,
                  azimuth_range: Sequence[float] | None = None, normalization: float = 1.0,
                  threads: int | None = None, pixel_mask: Any = None):
-        self.geometry = geometry
+        self.geometry = as_geometry(geometry)
         self.npt = _check_positive_int(npt, "npt")
         self.unit = get_unit(unit).name
         backend_name = backend.strip().lower() if isinstance(backend, str) else backend
@@ -171,7 +247,7 @@ class Integrator:
         self._constants: PixelConstants | None = None
         self._tables: dict[str, Any] = {}
         self._engines: dict[tuple, Any] = {}
-        if geometry.detector.shape is not None:
+        if self.geometry.detector.shape is not None:
             # read mask/dark/flat files now, so that a bad file fails before any frame
             self._prepare()
 
@@ -338,7 +414,7 @@ class Integrator:
                       "error_model": error_model, **options,
                       "detector": self.geometry.detector.name}
         return Result.from_sums(table.radial, sums, self.unit, operation, parameters,
-                                error_model)
+                                error_model, geometry=self.geometry)
 
     # ------------------------------------------------------------------ operations
     def integrate(self, img: Any, error_model: str = "poisson", split: str = "no",
@@ -556,6 +632,82 @@ class Integrator:
 
 
 # ---------------------------------------------------------------------------- validation
+_PYFAI_GEOMETRY_ATTRIBUTES = ("dist", "poni1", "poni2", "rot1", "rot2", "rot3", "detector")
+
+
+def as_geometry(geometry: Any) -> Any:
+    """The :class:`~azfilter.geometry.Geometry` of ``geometry``.
+
+    Parameters
+    ----------
+    geometry : Geometry, str, os.PathLike or pyFAI AzimuthalIntegrator
+        A Geometry (returned as is), the path of a PONI file, or any object with pyFAI's
+        geometry attributes (``dist``, ``poni1``, ``poni2``, ``rot1``-``rot3``,
+        ``wavelength``, ``detector``). The latter is written out as PONI 2.1 text (detector
+        class name and ``detector.get_config()``, as pyFAI writes them) and read back, so it
+        goes through the same checks as a PONI file.
+
+    Raises
+    ------
+    AzfilterError
+        For anything else, or a geometry azfilter cannot use (a spline-distorted detector).
+    """
+    from .geometry import Geometry
+    from .poni import load_poni, parse_poni
+
+    if isinstance(geometry, Geometry):
+        return geometry
+    if isinstance(geometry, (str, os.PathLike)):
+        return load_poni(geometry)
+    kind = type(geometry).__name__
+    if all(hasattr(geometry, name) for name in _PYFAI_GEOMETRY_ATTRIBUTES):
+        source = f"pyFAI {kind}"
+        try:
+            text = _pyfai_poni_text(geometry)
+        except (AttributeError, TypeError, ValueError) as err:
+            raise AzfilterError(f"{source}: cannot read its geometry ({err})") from None
+        return parse_poni(text, source=source)
+    raise AzfilterError(
+        f"geometry must be an azfilter Geometry, a PONI file path or a pyFAI "
+        f"AzimuthalIntegrator, got {kind}"
+    )
+
+
+def _pyfai_poni_text(integrator: Any) -> str:
+    """PONI 2.1 text of a pyFAI-like integrator (what pyFAI's own ``write`` produces)."""
+    detector = integrator.detector
+    if detector is None:
+        raise ValueError("it has no detector")
+    get_config = getattr(detector, "get_config", None)
+    if callable(get_config):
+        config = dict(get_config())
+    else:  # a minimal detector: pixel sizes (and shape) only
+        config = {"pixel1": float(detector.pixel1), "pixel2": float(detector.pixel2)}
+        max_shape = getattr(detector, "max_shape", None)
+        if max_shape is not None:
+            config["max_shape"] = [int(n) for n in max_shape]
+
+    def plain(value: Any) -> Any:  # numpy scalars and pyFAI's enums to JSON
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, (tuple, np.ndarray)):
+            return list(value)
+        return int(value) if hasattr(value, "__index__") else str(value)
+
+    lines = [
+        "poni_version: 2.1",
+        f"Detector: {type(detector).__name__}",
+        f"Detector_config: {json.dumps(config, default=plain)}",
+    ]
+    for key in ("dist", "poni1", "poni2", "rot1", "rot2", "rot3"):
+        name = "Distance" if key == "dist" else key.capitalize()
+        lines.append(f"{name}: {float(getattr(integrator, key))!r}")
+    wavelength = getattr(integrator, "wavelength", None)
+    if wavelength:  # pyFAI: None (or 0) when not set
+        lines.append(f"Wavelength: {float(wavelength)!r}")
+    return "\n".join(lines) + "\n"
+
+
 def _check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)):
         raise AzfilterError(f"{name} must be a positive integer, got {value!r}")
@@ -622,4 +774,4 @@ def _check_percentile(percentile: Any) -> tuple[float, float]:
     return low, high
 
 
-__all__ = ["Integrator", "Result", "SPLITS", "OPERATIONS", "BACKENDS"]
+__all__ = ["Integrator", "Result", "SPLITS", "OPERATIONS", "BACKENDS", "as_geometry"]

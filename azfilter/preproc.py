@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import cache_dir, store_npz
+from .cache import cache_dir, open_npz, store_npz
 from .errors import AzfilterError
 from .vocabulary import ERROR_MODELS
 
@@ -206,7 +206,7 @@ def geometric_factors(geometry: Any, shape: tuple[int, int],
         (["solid_angle"] if solid_angle else [])
     if path is not None:
         try:
-            with np.load(path, allow_pickle=False) as stored:
+            with open_npz(path) as stored:  # a hit makes it the most recently used
                 if str(stored["key"]) == key:
                     arrays = [stored[name] for name in names]
                     if all(a.shape == tuple(shape) and a.dtype == np.float32 for a in arrays):

@@ -17,8 +17,9 @@ class Unit:
     name : str
         The unit's name as users write it (``"q_nm^-1"``).
     quantity : str
-        The internal quantity: ``"2th"`` (radians), ``"q"`` (nm^-1), ``"r"`` (metres), or
-        ``"chi"`` (radians, in (-pi, pi]) for the azimuthal units.
+        The internal quantity: ``"2th"`` (radians), ``"q"`` (nm^-1), ``"r"`` (metres), ``"d"``
+        (d-spacing ``2π/q``, metres, as pyFAI), or ``"chi"`` (radians, in (-pi, pi]) for the
+        azimuthal units.
     scale : float
         Internal value times ``scale`` gives the value in this unit.
     symbol : str
@@ -45,6 +46,11 @@ UNITS: dict[str, Unit] = {
     "2th_deg": Unit("2th_deg", "2th", 180.0 / math.pi, "deg", "2theta (deg)"),
     "2th_rad": Unit("2th_rad", "2th", 1.0, "rad", "2theta (rad)"),
     "r_mm": Unit("r_mm", "r", 1000.0, "mm", "r (mm)"),
+    # d-spacing, bins uniform in d (pyFAI's d_nm, d_A). d falls as 2θ rises: the bins (and
+    # outputs) run from small to large d, i.e. from the detector's edge towards the beam; the
+    # pixel at the beam (q = 0) has an infinite d and is left out.
+    "d_nm": Unit("d_nm", "d", 1e9, "nm", "d (nm)"),
+    "d_A": Unit("d_A", "d", 1e10, "A", "d (A)"),
 }
 
 

@@ -382,9 +382,11 @@ def azfilter_h5_result(path: Path) -> tuple[Any, Any]:
 
     with h5py.File(path, "r") as h5:
         data = h5["entry/data"]
-        axis = [name for name in data if name not in ("intensity",) and data[name].ndim == 1
-                and data[name].shape[0] == data["intensity"].shape[1]]
-        return data[axis[0]][()], data["intensity"][()]
+        signal = data.attrs["signal"]               # "I" (NXazint1d) or "intensity" (older)
+        signal = signal.decode() if isinstance(signal, bytes) else str(signal)
+        axis = data.attrs["axes"][-1]
+        axis = axis.decode() if isinstance(axis, bytes) else str(axis)
+        return data[axis][()], data[signal][()]
 
 
 def pyfai_h5_result(path: Path) -> tuple[Any, Any]:

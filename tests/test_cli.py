@@ -221,18 +221,17 @@ def test_sigma_clip_hdf5_output_matches_integrator(data, tmp_path):
     with h5py.File(out, "r") as h5:
         assert h5.attrs["default"] == "entry" and h5["entry"].attrs["default"] == "data"
         nxdata = h5["entry/data"]
-        assert list(nxdata.attrs["axes"]) == [".", "2th"]
-        assert nxdata["intensity"].shape == (7, 90)
+        assert list(nxdata.attrs["axes"]) == [".", "radial_axis"]
+        assert nxdata["I"].shape == (7, 90)
         sources = [s.decode() for s in nxdata["source"][()]]
         assert sources == [str(p) for p in data.cbfs] + [str(data.stack)] * 4
         assert list(nxdata["frame_index"][()]) == [0, 0, 0, 0, 1, 2, 3]
         for row, frame in enumerate(frames):
             expected = reference.sigma_clip(frame, thres=3, max_iter=3)
-            np.testing.assert_allclose(nxdata["intensity"][row], expected.intensity, rtol=2e-6)
-            np.testing.assert_allclose(nxdata["intensity_errors"][row], expected.sigma,
-                                       rtol=2e-6)
+            np.testing.assert_allclose(nxdata["I"][row], expected.intensity, rtol=2e-6)
+            np.testing.assert_allclose(nxdata["I_errors"][row], expected.sigma, rtol=2e-6)
             np.testing.assert_array_equal(nxdata["count"][row], expected.count)
-        np.testing.assert_allclose(nxdata["2th"][()], expected.radial)
+        np.testing.assert_allclose(nxdata["radial_axis"][()], expected.radial)
         config = json.loads(h5["entry/reduction/configuration/data"][()])
     assert config["operation"] == "sigma-clip" and config["thres"] == 3.0
     assert config["max_iter"] == 3 and config["error_model"] == "azimuthal"
@@ -692,6 +691,23 @@ def test_progress_bar_on_a_terminal(monkeypatch):
     assert quiet.text == ""
 
 
+def test_progress_bar_fits_a_narrow_terminal(monkeypatch):
+    import os as os_module
+    import shutil
+
+    terminal = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(shutil, "get_terminal_size",
+                        lambda fallback=None: os_module.terminal_size((50, 20)))
+    progress = progress_module.Progress(total=1000, quiet=False, label="sigma-clip shard 2/16")
+    assert "0/1000 frames" in terminal.text          # shown before the first frame
+    for _ in range(1000):
+        progress.step()
+    progress.close()
+    lines = [part for part in terminal.text.split("\r\033[K") if part]
+    assert lines and all(len(line) <= 49 for line in lines), max(lines, key=len)
+
+
 # ============================================================================ plot
 
 
@@ -793,7 +809,8 @@ def test_python_m_azfilter_on_lambda_nexus_stack(testdata, tmp_path):
     assert np.isfinite(table.intensity).sum(axis=1).min() > 150
 
 
-def test_sigterm_leaves_no_partial_output(data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_leaves_no_partial_output(data, tmp_path, signum):
     stack = write_stack(tmp_path / "big.h5", [make_frame(k) for k in range(60)])
     out = tmp_path / "killed.h5"
     env = dict(os.environ, AZFILTER_LOG_INTERVAL="0")
@@ -803,7 +820,7 @@ def test_sigterm_leaves_no_partial_output(data, tmp_path):
         stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     first_line = proc.stderr.readline()  # the first progress line: frames are being written
     assert "frames" in first_line, first_line
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143, first_line + rest
     assert "terminated" in rest
@@ -937,7 +954,7 @@ def test_detector_pixel_mask_in_nexus_file_is_applied(data, tmp_path):
                   "-o", out)
     assert done.exit_code == 0, done.output
     with h5py.File(out) as h5:
-        intensity = h5["entry/data/intensity"][0]
+        intensity = h5["entry/data/I"][0]
     finite = np.isfinite(intensity)
     assert finite.sum() > 40
     np.testing.assert_allclose(intensity[finite], 100.0, rtol=1e-9)
@@ -949,7 +966,7 @@ def test_detector_pixel_mask_in_nexus_file_is_applied(data, tmp_path):
                   "-o", tmp_path / "out2.h5")
     assert done.exit_code == 0, done.output
     with h5py.File(tmp_path / "out2.h5") as h5:
-        assert np.nanmax(h5["entry/data/intensity"][0]) > 1000
+        assert np.nanmax(h5["entry/data/I"][0]) > 1000
 
 
 # ============================================================================ library call
@@ -984,3 +1001,16 @@ def test_run_job_is_the_command_without_click(data, tmp_path):
                      dry_run=True)
     assert [index for _, index, _ in dry.planned] == [0, 1, 2, 3]
     assert not (tmp_path / "dry.h5").exists()
+
+
+def test_verbose_prints_pools_and_follows_slurm_cpus(data, tmp_path):
+    result = invoke("integrate", "-v", "-p", data.poni, "--backend", "python", "--npt", 30,
+                    *data.cbfs, "-o", tmp_path / "v.h5", env={"SLURM_CPUS_PER_TASK": "1"})
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.stderr.splitlines() if "engine threads" in ln)
+    assert "engine threads 1" in line and "1 cores usable" in line and "reader threads" in line
+    # not a terminal: log lines start with a timestamp
+    assert line[:4].isdigit() and line[4] == "-"
+    quiet = invoke("integrate", "-p", data.poni, "--backend", "python", "--npt", 30,
+                   *data.cbfs, "-o", tmp_path / "q.h5")
+    assert "engine threads" not in quiet.stderr

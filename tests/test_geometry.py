@@ -216,6 +216,19 @@ def compare_with_pyfai(geometry: Geometry, ai, shape, step: int, what: str) -> N
                          chi_atol, f"{what} chiArray")
     geometry.clear_cache()
 
+    # d-spacing, at the very end: pyFAI's d arrays leave values in its cache that change its
+    # later solidAngleArray
+    if has_wavelength:
+        for unit in ("d_nm", "d_A"):
+            ref = ai.array_from_unit(shape, "center", unit, scale=True)
+            assert_close(geometry.array(unit, shape=shape), ref, 1e-9, f"{what} {unit}")
+            # pyFAI's d corners are less precise than its q corners (worst measured on the
+            # test data: 4.2e-5 relative, next to the beam where d is largest)
+            ref = ai.array_from_unit(shape, "corner", unit, scale=True)
+            ours = gather_corners(geometry.array(unit, corners=True, shape=shape))
+            assert_close(ours, ref[..., 0], 1e-4, f"{what} {unit} corner_array")
+        geometry.clear_cache()
+
 
 def test_testdata_has_poni_files(testdata):
     assert len(list(testdata.glob("**/*.poni"))) >= 10
@@ -365,10 +378,11 @@ def test_q_without_wavelength_names_the_file(testdata):
     assert geo.center_array("2th", shape=shape).shape == shape  # 2theta needs no wavelength
     for call in (lambda: geo.center_array("q", shape=shape),
                  lambda: geo.corner_grid("q", shape=shape),
-                 lambda: geo.array("q_A^-1", shape=shape)):
+                 lambda: geo.array("q_A^-1", shape=shape),
+                 lambda: geo.array("d_A", shape=shape)):
         with pytest.raises(AzfilterError) as err:
             call()
-        assert str(err.value) == f"no wavelength in {path}: q units need one"
+        assert str(err.value) == f"no wavelength in {path}: q and d units need one"
 
 
 def test_shapeless_generic_detector_needs_a_shape(testdata):

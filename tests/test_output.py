@@ -166,21 +166,21 @@ def test_nexus_layout_is_plottable_nxdata(tmp_path):
         data = entry[_attr(entry.attrs["default"])]
         assert _attr(data.attrs["NX_class"]) == "NXdata"
         signal = _attr(data.attrs["signal"])
-        assert signal == "intensity"
+        assert signal == "I"
         axes = [_attr(a) for a in data.attrs["axes"]]
-        assert axes == [".", "q"]
-        assert int(data.attrs["q_indices"]) == 1
+        assert axes == [".", "radial_axis"]
+        assert int(data.attrs["radial_axis_indices"]) == 1
         assert data[signal].shape == (3, 50) and data[signal].dtype == np.float32
-        assert data["intensity_errors"].shape == (3, 50)
-        assert data["q"].shape == (50,)
-        assert _attr(data["q"].attrs["units"]) == "nm^-1"
-        assert _attr(data["q"].attrs["unit_name"]) == "q_nm^-1"
-        assert data["q"].attrs["long_name"]
+        assert data["I_errors"].shape == (3, 50)
+        assert data["radial_axis"].shape == (50,)
+        assert _attr(data["radial_axis"].attrs["units"]) == "1/nm"
+        assert _attr(data["radial_axis"].attrs["unit_name"]) == "q_nm^-1"
+        assert _attr(data["radial_axis"].attrs["long_name"]) == "q"
         for name in ("std", "count", "sum_signal", "sum_variance", "sum_normalization",
                      "sum_normalization2"):
             assert data[name].shape == (3, 50)
-        np.testing.assert_allclose(data["intensity"][1], results[1].intensity, rtol=1e-6)
-        np.testing.assert_allclose(data["intensity_errors"][2], results[2].sigma, rtol=1e-6)
+        np.testing.assert_allclose(data["I"][1], results[1].intensity, rtol=1e-6)
+        np.testing.assert_allclose(data["I_errors"][2], results[2].sigma, rtol=1e-6)
         np.testing.assert_array_equal(data["sum_signal"][0], results[0].sum_signal)
         assert [int(i) for i in data["frame_index"][()]] == [0, 1, 2]
         assert [_attr(s) for s in data["source"][()]] == ["/data/scan.h5"] * 3
@@ -197,18 +197,23 @@ def test_nexus_layout_is_plottable_nxdata(tmp_path):
     assert stored_frames(path) == {("/data/scan.h5", k) for k in range(3)}
 
 
-@pytest.mark.parametrize("unit,name,symbol", [("2th_deg", "2th", "deg"), ("r_mm", "r", "mm"),
-                                              ("q_A^-1", "q", "A^-1")])
-def test_nexus_radial_axis_named_after_quantity(tmp_path, unit, name, symbol):
+@pytest.mark.parametrize("unit,name,symbol", [("2th_deg", "2theta", "degree"),
+                                              ("2th_rad", "2theta", "rad"), ("r_mm", "r", "mm"),
+                                              ("q_A^-1", "q", "1/angstrom"),
+                                              ("q_nm^-1", "q", "1/nm")])
+def test_nexus_radial_axis_units_as_nexus_writes_them(tmp_path, unit, name, symbol):
     path = tmp_path / "u.nxs"
     writer = NexusWriter(path, make_meta(unit=unit))
     writer.write(make_result(unit=unit), "/d/a.cbf", 0)
     writer.close()
     with h5py.File(path, "r") as h5:
         data = h5["entry/data"]
-        assert [_attr(a) for a in data.attrs["axes"]] == [".", name]
-        assert _attr(data[name].attrs["units"]) == symbol
-        assert int(data.attrs[f"{name}_indices"]) == 1
+        assert [_attr(a) for a in data.attrs["axes"]] == [".", "radial_axis"]
+        assert _attr(data["radial_axis"].attrs["units"]) == symbol
+        assert _attr(data["radial_axis"].attrs["long_name"]) == name
+        assert _attr(data["radial_axis"].attrs["unit_name"]) == unit
+        assert int(data.attrs["radial_axis_indices"]) == 1
+    assert read_result(path).unit == unit
 
 
 def test_nexus_refuses_existing_and_abort_leaves_nothing(tmp_path):
@@ -261,7 +266,8 @@ def test_merge_orders_by_shard_and_drops_duplicates(tmp_path):
     s2 = _shard_file(tmp_path / "s2.h5", "2/3", [("/d/c.cbf", 0, 5)])
     out = tmp_path / "all.h5"
     summary = merge_nexus([s2, s1, s0], out)
-    assert summary == {"rows": 4, "duplicates": 1, "missing_shards": []}
+    assert summary == {"rows": 4, "duplicates": 1, "missing_shards": [], "missing_frames": 0,
+                       "failed": 0, "complete": None}
     table = read_result(out)
     assert list(zip(table.sources, table.frame_indices, strict=True)) == [
         ("/d/a.cbf", 0), ("/d/b.h5", 0), ("/d/b.h5", 1), ("/d/c.cbf", 0)]
@@ -346,6 +352,6 @@ def test_count_nan_handling_in_nexus(tmp_path):
     writer.write(make_result(empty=(0, 49)), "/d/a.cbf", 0)
     writer.close()
     with h5py.File(path, "r") as h5:
-        intensity = h5["entry/data/intensity"][0]
+        intensity = h5["entry/data/I"][0]
         count = h5["entry/data/count"][0]
     assert math.isnan(intensity[0]) and math.isnan(intensity[49]) and count[0] == 0

@@ -33,13 +33,55 @@ def test_shards_cover_the_plan_once_in_order(total, count):
 
 def test_environment_shard_from_slurm_variables():
     env = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3",
-           "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "2"}
+           "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "5",
+           "SLURM_ARRAY_TASK_STEP": "2"}
     assert plan.environment_shard(env) == (2, 3)
     assert plan.environment_shard({}) is None
     with pytest.raises(AzfilterError, match="--shard I/N"):
         plan.environment_shard({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "3"})
     with pytest.raises(AzfilterError, match="cannot read"):
         plan.environment_shard({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"})
+
+
+@pytest.mark.parametrize("ids", [[1, 3], [1, 3, 8], [0, 1, 5]])
+def test_unevenly_spaced_slurm_arrays_are_refused(ids):
+    for task in ids:
+        env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(len(ids)),
+               "SLURM_ARRAY_TASK_MIN": str(min(ids)), "SLURM_ARRAY_TASK_MAX": str(max(ids)),
+               "SLURM_ARRAY_TASK_STEP": "1"}
+        with pytest.raises(AzfilterError, match="not evenly spaced.*--shard I/N"):
+            plan.environment_shard(env)
+
+
+def test_a_single_array_task_is_refused_not_guessed():
+    env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "1",
+           "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "1",
+           "SLURM_ARRAY_TASK_STEP": "1"}
+    with pytest.raises(AzfilterError, match="one task.*--shard I/N"):
+        plan.environment_shard(env)
+
+
+def test_srun_tasks_and_their_combination_with_arrays():
+    assert plan.environment_shard({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}) == (1, 2)
+    # a batch script's SLURM_NTASKS alone does not shard it (srun sets STEP_NUM_TASKS)
+    assert plan.environment_shard({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None
+    env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3",
+           "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "2",
+           "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}
+    assert plan.environment_shard(env) == (3, 6)
+
+
+def test_sge_lsf_and_pbs_arrays():
+    sge = {"SGE_TASK_ID": "7", "SGE_TASK_FIRST": "1", "SGE_TASK_LAST": "9",
+           "SGE_TASK_STEPSIZE": "2"}
+    assert plan.environment_shard(sge) == (3, 5)
+    assert plan.environment_shard({"SGE_TASK_ID": "undefined"}) is None
+    lsf = {"LSB_JOBINDEX": "4", "LSB_JOBNAME": "reduce[1-8]"}
+    assert plan.environment_shard(lsf) == (3, 8)
+    with pytest.raises(AzfilterError, match="LSF.*--shard I/N"):
+        plan.environment_shard({"LSB_JOBINDEX": "3", "LSB_JOBNAME": "reduce[1,3,8]"})
+    with pytest.raises(AzfilterError, match="PBS.*--shard I/N"):
+        plan.environment_shard({"PBS_ARRAY_INDEX": "3"})
 
 
 def test_output_kinds_and_shard_names(tmp_path):

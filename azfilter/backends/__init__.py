@@ -10,6 +10,7 @@ asks for that backend.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from .. import vocabulary
 from ..errors import AzfilterError
@@ -23,12 +24,19 @@ BACKENDS: dict[str, tuple[str, str]] = {
     name: (name, _ENGINE_CLASSES[name]) for name in vocabulary.BACKENDS
 }
 
+#: how to install what the OpenCL backend needs from Python (pyopencl is an optional extra)
+OPENCL_INSTALL_HINT = "pip install 'azfilter[opencl]' (or pip install pyopencl)"
+
 # What to tell the user when a backend cannot be imported.
 _HINTS = {
     "cython": "the compiled extension is missing; build the package (pip install -e . or make "
     "install)",
     "opencl": "pyopencl or an OpenCL driver is missing (install pocl-opencl-icd for CPU OpenCL)",
 }
+
+# Optional packages a backend needs, checked before the backend is chosen, so that a missing
+# one is a usage error up front rather than a failure at the first frame.
+_REQUIRES = {"opencl": ("pyopencl", OPENCL_INSTALL_HINT)}
 
 
 def parse_error_model(name: str) -> str:
@@ -72,7 +80,7 @@ def get_engine_class(backend: str) -> type:
     ------
     AzfilterError
         When the name is unknown, or the backend cannot be used here (compiled extension not
-        built, pyopencl or an OpenCL driver missing).
+        built, pyopencl or an OpenCL driver missing); a missing pyopencl says how to install it.
     """
     key = backend.strip().lower() if isinstance(backend, str) else backend
     if key not in BACKENDS:
@@ -80,6 +88,11 @@ def get_engine_class(backend: str) -> type:
             f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
         )
     module_name, class_name = BACKENDS[key]
+    if key in _REQUIRES:
+        package, install = _REQUIRES[key]
+        if importlib.util.find_spec(package) is None:
+            raise AzfilterError(f"backend {key!r} needs {package}, which is not installed: "
+                                f"{install}")
     try:
         module = importlib.import_module(f".{module_name}", __name__)
         return getattr(module, class_name)

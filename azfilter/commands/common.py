@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -29,3 +30,31 @@ class RunFailed(Fatal):
 def stderr_line(text: str) -> None:
     """One line on stderr."""
     click.echo(text, err=True)
+
+
+def setup_logging(verbose: int) -> None:
+    """Log azfilter's messages to stderr: warnings always, -v info, -vv debug.
+
+    On a terminal a line reads ``azfilter: message``; in a log file (cron, SLURM output) it
+    starts with the date and time.
+    """
+    import logging
+
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else \
+        logging.DEBUG
+    logger = logging.getLogger("azfilter")
+    logger.setLevel(level)
+    for handler in list(logger.handlers):
+        if getattr(handler, "_azfilter", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._azfilter = True  # type: ignore[attr-defined]
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    handler.setFormatter(logging.Formatter(
+        "azfilter: %(message)s" if terminal else
+        "%(asctime)s azfilter: %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.propagate = False

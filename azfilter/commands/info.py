@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -93,4 +94,39 @@ def describe_result(path: str) -> list[str]:
                         "polarization", "solid_angle") if k in config]
     if keys:
         lines.append("  options: " + ", ".join(f"{k}={config[k]}" for k in keys))
+    if table.layout != "text":
+        lines.extend(job_record_lines(table))
+    return lines
+
+
+def job_record_lines(table: Any, shown: int = 5) -> list[str]:
+    """Lines on a NeXus result's layout, job manifest, completeness and failed frames."""
+    layout = {"nxazint1d": "NXazint1d", "legacy": "azfilter's layout before NXazint1d"}
+    lines = [f"  layout: {layout.get(table.layout, table.layout)}"]
+    if table.manifest_entries is None:
+        lines.append("  job manifest: not recorded (completeness cannot be checked)")
+    else:
+        shards = f", {table.shards} shards" if table.shards and table.shards > 1 else ""
+        lines.append(f"  job manifest: {table.manifest_entries} planned frames{shards} "
+                     f"(sha256 {table.manifest_digest[:12]})")
+    if table.complete is True:
+        lines.append("  complete: yes (every planned frame is a row or listed as failed)")
+    elif table.complete is False:
+        parts = []
+        if table.missing_shards:
+            parts.append("shard(s) " + ", ".join(str(k) for k in table.missing_shards)
+                         + " missing")
+        if table.missing:
+            parts.append(f"{len(table.missing)} planned frame(s) missing")
+        lines.append("  complete: NO (" + ("; ".join(parts) or "see entry/azfilter") + ")")
+        for source, index in table.missing[:shown]:
+            lines.append(f"    missing: {source}" + ("" if index < 0 else f" frame {index}"))
+        if len(table.missing) > shown:
+            lines.append(f"    ... and {len(table.missing) - shown} more")
+    lines.append(f"  failed frames: {len(table.failed)}")
+    for source, index, reason in table.failed[:shown]:
+        where = source if index < 0 else f"{source} frame {index}"
+        lines.append(f"    failed: {where}: {reason}")
+    if len(table.failed) > shown:
+        lines.append(f"    ... and {len(table.failed) - shown} more")
     return lines

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..errors import AzfilterError
-from .common import CONTEXT, EXIT_FAILED, EXIT_OK, Fatal, stderr_line
+from .common import CONTEXT, EXIT_FAILED, EXIT_OK, Fatal, RunFailed, stderr_line
 
 
 @click.command("merge", context_settings=CONTEXT,
@@ -20,11 +20,16 @@ from .common import CONTEXT, EXIT_FAILED, EXIT_OK, Fatal, stderr_line
 @click.option("-q", "--quiet", is_flag=True, help="No summary line.")
 def merge_command(shards: tuple[str, ...], output: str, overwrite: bool, quiet: bool) -> None:
     """Join the HDF5 outputs of the shards of one job (--shard I/N) into one file, in
-    source/frame order. Exit status 3 when shards are missing (the file is still written)."""
-    from ..output import merge_nexus
+    source/frame order, and check that every planned frame of the job is in it or listed as
+    failed. Shards of different jobs (another input list or shard count) are refused.
+    Exit status 3 when shards or frames are missing or frames failed (the file is still
+    written, and says it is incomplete)."""
+    from ..output import OutputWriteError, merge_nexus
 
     try:
         summary = merge_nexus(shards, output, overwrite=overwrite)
+    except OutputWriteError as err:
+        raise RunFailed(str(err)) from None
     except AzfilterError as err:
         raise Fatal(str(err)) from None
     status = EXIT_OK
@@ -32,10 +37,19 @@ def merge_command(shards: tuple[str, ...], output: str, overwrite: bool, quiet: 
         missing = ", ".join(str(k) for k in summary["missing_shards"])
         stderr_line(f"azfilter: merge: shard(s) {missing} missing from the inputs")
         status = EXIT_FAILED
+    if summary["missing_frames"]:
+        stderr_line(f"azfilter: merge: {summary['missing_frames']} planned frame(s) are "
+                    "neither in the shards nor listed as failed (see 'azfilter info')")
+        status = EXIT_FAILED
+    if summary["failed"]:
+        stderr_line(f"azfilter: merge: {summary['failed']} frame(s) failed in the shards "
+                    "(listed in the output; see 'azfilter info')")
+        status = EXIT_FAILED
     if not quiet or status:
         extra = f", {summary['duplicates']} duplicate rows dropped" if summary["duplicates"] \
             else ""
+        state = {True: ", complete", False: ", INCOMPLETE", None: ""}[summary["complete"]]
         stderr_line(f"azfilter: merge: {len(shards)} file(s), {summary['rows']} frames"
-                    f"{extra} -> {output}")
+                    f"{extra}{state} -> {output}")
     if status:
         sys.exit(status)

@@ -18,7 +18,9 @@ stacks over all leading axes.
 
 Modules: :mod:`.inputs` (specs, globs, directories -> :class:`InputItem`), :mod:`.fabio_formats`
 (EDF/CBF/TIFF through fabio), :mod:`.hdf5` (HDF5/NeXus/Eiger through h5py), :mod:`.stream`
-(:func:`open_frames`), :mod:`.images` (single images, pixel masks, file descriptions).
+(:func:`open_frames`), :mod:`.parallel` (:func:`iter_frames`: decoding on a thread pool, in
+order), :mod:`.chunks` (HDF5 chunks read and decoded without h5py), :mod:`.images` (single
+images, pixel masks, file descriptions).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 from .common import DATA_EXTENSIONS, FABIO_EXTENSIONS, HDF5_EXTENSIONS, Frame
 from .images import describe_file, load_image, pixel_mask_for
 from .inputs import InputItem, expand_inputs
+from .parallel import iter_frames
 from .stream import count_frames, open_frames
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "count_frames",
     "describe_file",
     "expand_inputs",
+    "iter_frames",
     "load_image",
     "open_frames",
     "pixel_mask_for",

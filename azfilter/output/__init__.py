@@ -5,25 +5,39 @@ geometry, detector, source file and frame, the job config as one JSON line), a `
 line, then three columns ``radial intensity sigma`` that ``numpy.loadtxt`` reads (empty bins
 are ``nan``).
 
-NeXus (design §5), one file for all frames::
+NeXus (design §5), one file for all frames, conforming to the NXazint1d application
+definition (NeXus definitions v2026.01) plus azfilter's own records::
 
-    /                     @default="entry"
-    /entry                NXentry, @default="data"
-        reduction         NXprocess: program, version, date, operation,
-                          configuration (NXnote, JSON), poni (NXnote, PONI text)
-        data              NXdata, @signal="intensity", @axes=[".", <radial>], @<radial>_indices=1
-            intensity            (n_frames, npt) float32
-            intensity_errors     (n_frames, npt) float32   sigma (standard error of the mean)
+    /                     NXroot @default="entry"
+    /entry                NXentry @default="data"
+        definition = "NXazint1d", title, program_name, start_time, end_time
+        solid_angle_applied, polarization_applied, normalization_applied, monitor_applied
+        instrument        NXinstrument: name; monochromator (NXmonochromator: wavelength
+                          in angstrom, energy in keV); source (NXsource: name, type, probe)
+        reduction         NXprocess: program, version, date, reference, note, operation,
+                          [shard "I/N"], input (NXparameters: every reduction parameter,
+                          wavelength, PONI text), configuration (NXnote, job JSON),
+                          poni (NXnote, PONI text)
+        data              NXdata @signal="I" @axes=[".", "radial_axis"]
+                          @interpretation="spectrum"
+            I                    (n_frames, npt) float32   @long_name="intensity"
+            I_errors             (n_frames, npt) float32   sigma (standard error of the mean)
             std                  (n_frames, npt) float32   spread of the pixels in the ring
             count                (n_frames, npt) float32   pixels (fragments) per bin
             sum_signal, sum_variance, sum_normalization, sum_normalization2
                                  (n_frames, npt) float64   accumulators, to re-bin or merge
-            <radial>             (npt,) float64, @units, @long_name, @unit_name
+            radial_axis          (npt,) float64 @long_name ("q", "2theta", "r"),
+                                 @units ("1/nm", "1/angstrom", "degree", "rad", "mm"),
+                                 @unit_name (azfilter's unit name)
             source               (n_frames,) str  input file (``file.h5::/path`` for datasets)
             frame_index          (n_frames,) int64 frame index inside the source
+        azfilter          NXcollection @complete (every planned frame a row or failed)
+            manifest      @digest @shards @entries; source, frame_index: the planned frames
+            failed        source, frame_index (-1: the whole source), reason
+            missing       @shards; source, frame_index (only when not complete)
 
-``<radial>`` is the quantity: ``q``, ``2th`` or ``r``; its ``units`` attribute gives the unit
-(``nm^-1``, ``A^-1``, ``deg``, ``rad``, ``mm``) and ``unit_name`` azfilter's unit name.
+Files of the layout before NXazint1d (``intensity``, ``intensity_errors``, an axis named
+``q``/``2th``/``r``) are still read and merged.
 
 Modules: ``meta`` (what every output records), ``text``, ``nexus`` (the writer), ``read``
 (results and stored job configs back), ``merge`` (shard files into one), ``sinks`` (what the
@@ -42,12 +56,14 @@ from .meta import (
     OutputMeta,
     beam_centre,
     geometry_lines,
+    nexus_axis_attributes,
     radial_dataset_name,
     to_json,
 )
-from .nexus import NexusWriter
+from .nexus import NexusWriter, OutputWriteError
 from .read import (
     ResultTable,
+    check_nexus,
     read_nexus_config,
     read_result,
     read_stored_config,
@@ -67,8 +83,9 @@ from .text import (
 
 __all__ = [
     "PROGRAM", "REQUIRED_ROW_ARRAYS", "ROW_ARRAYS", "TEXT_CONFIG_PREFIX", "NexusSink",
-    "NexusWriter", "OutputMeta", "ResultTable", "Sink", "TextSink", "beam_centre",
-    "format_text", "geometry_lines", "merge_nexus", "radial_dataset_name", "read_nexus_config",
+    "NexusWriter", "OutputMeta", "OutputWriteError", "ResultTable", "Sink", "TextSink",
+    "beam_centre", "check_nexus", "format_text", "geometry_lines", "merge_nexus",
+    "nexus_axis_attributes", "radial_dataset_name", "read_nexus_config",
     "read_result", "read_stored_config", "read_text_config", "source_stem", "stored_frames",
     "text_header", "text_output_complete", "text_output_name", "text_suffix", "to_json",
     "write_text",

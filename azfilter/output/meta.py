@@ -5,19 +5,23 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..units import get_unit
 
+if TYPE_CHECKING:
+    from ..manifest import Manifest
+
 PROGRAM = "azfilter"
 TEXT_CONFIG_PREFIX = "# config: "
 
-# Per-bin arrays written to HDF5: (dataset name, Result attribute, dtype).
+# Per-bin arrays written to HDF5: (dataset name, Result attribute, dtype). ``I`` and
+# ``I_errors`` are NXazint1d's names; the others are what azfilter adds.
 ROW_ARRAYS = (
-    ("intensity", "intensity", np.float32),
-    ("intensity_errors", "sigma", np.float32),
+    ("I", "intensity", np.float32),
+    ("I_errors", "sigma", np.float32),
     ("std", "std", np.float32),
     ("count", "count", np.float32),
     ("sum_signal", "sum_signal", np.float64),
@@ -25,7 +29,16 @@ ROW_ARRAYS = (
     ("sum_normalization", "sum_normalization", np.float64),
     ("sum_normalization2", "sum_normalization2", np.float64),
 )
-REQUIRED_ROW_ARRAYS = ("intensity", "intensity_errors")
+REQUIRED_ROW_ARRAYS = ("I", "I_errors")
+# Names of the same arrays in files written before the NXazint1d layout (azfilter <= 0.x).
+LEGACY_ROW_NAMES = {"I": "intensity", "I_errors": "intensity_errors"}
+
+# NeXus ``units`` of the radial axis, by azfilter unit symbol (pint and the NeXus manual read
+# these; ``A^-1`` would read as 1/ampere), and the axis ``long_name`` by quantity
+# (NXazint1d enumerates ``q`` and ``2theta``).
+NEXUS_UNITS = {"nm^-1": "1/nm", "A^-1": "1/angstrom", "deg": "degree", "rad": "rad",
+               "mm": "mm", "nm": "nm", "A": "angstrom"}
+NEXUS_LONG_NAMES = {"q": "q", "2th": "2theta", "r": "r", "d": "d-spacing"}
 
 
 # ---------------------------------------------------------------------------- metadata
@@ -52,6 +65,13 @@ class OutputMeta:
         The job config (JSON-serialisable) that reruns the job.
     shard : str or None
         ``"I/N"`` when this output holds one shard of the job.
+    manifest : Manifest or None
+        The whole job's planned (source, frame) list; stored in HDF5 outputs so that
+        ``azfilter merge`` can prove completeness. None: not recorded (older callers).
+    wavelength : float or None
+        Wavelength in metres; None: read from :attr:`poni_text`.
+    instrument_name, source_name, source_type, source_probe : str
+        What NXazint1d records of the instrument and its source (``unknown`` unless told).
     """
 
     operation: str
@@ -61,6 +81,48 @@ class OutputMeta:
     geometry: list[str]
     config: dict[str, Any]
     shard: str | None = None
+    manifest: Manifest | None = None
+    wavelength: float | None = None
+    instrument_name: str = "unknown"
+    source_name: str = "unknown"
+    source_type: str = "unknown"
+    source_probe: str = "x-ray"
+
+    def wavelength_m(self) -> float | None:
+        """The wavelength in metres: :attr:`wavelength`, else the PONI text's, else None."""
+        if self.wavelength is not None:
+            return float(self.wavelength)
+        return poni_wavelength(self.poni_text)
+
+    def shard_index(self) -> int | None:
+        """I of :attr:`shard` ``"I/N"``, or None."""
+        return None if not self.shard else int(self.shard.split("/")[0])
+
+
+def poni_wavelength(poni_text: str) -> float | None:
+    """The ``Wavelength:`` value (metres) of a PONI text, or None when absent or unusable."""
+    for line in poni_text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "wavelength":
+            try:
+                wavelength = float(value.strip())
+            except ValueError:
+                return None
+            return wavelength if math.isfinite(wavelength) and wavelength > 0 else None
+    return None
+
+
+def nexus_axis_attributes(unit: str) -> tuple[str, str]:
+    """(``long_name``, ``units``) of the radial axis of a NeXus file for an azfilter unit.
+
+    Examples
+    --------
+    >>> nexus_axis_attributes("q_A^-1")
+    ('q', '1/angstrom')
+    """
+    info = get_unit(unit)
+    return (NEXUS_LONG_NAMES.get(info.quantity, info.quantity),
+            NEXUS_UNITS.get(info.symbol, info.symbol))
 
 
 def beam_centre(geometry: Any) -> tuple[float, float, float, float]:
@@ -118,8 +180,11 @@ def geometry_lines(geometry: Any) -> list[str]:
 
 
 def radial_dataset_name(unit: str) -> str:
-    """Name of the radial-axis dataset: the unit's quantity (``q``, ``2th``, ``r``)."""
-    return get_unit(unit).quantity
+    """Name of the radial-axis dataset of a NeXus output: NXazint1d's ``radial_axis`` (the
+    quantity and unit are its ``long_name`` and ``units`` attributes). Files written before
+    the NXazint1d layout named it after the quantity (``q``, ``2th``, ``r``)."""
+    get_unit(unit)  # an unknown unit raises here, as before
+    return "radial_axis"
 
 
 # ---------------------------------------------------------------------------- helpers

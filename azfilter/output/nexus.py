@@ -1,18 +1,29 @@
+"""The NeXus writer: rows of one job appended to one NXazint1d file, renamed into place.
+
+Writes go through :class:`GuardedFile` (h5py's file-object driver): when the disk is full,
+over quota, read-only or not writable, the first failed write is remembered and the following
+ones are dropped, so that HDF5 still closes its handles cleanly. Letting HDF5 itself hit
+ENOSPC leaves it with handles that cannot be closed; their clean-up at exit crashed the
+process (segmentation fault) and printed a traceback per handle. The error then reaches the
+caller once, as :class:`OutputWriteError` naming the file, and the temporary file is removed.
+"""
+
 from __future__ import annotations
 
+import datetime
+import errno
+import io
 import os
 import shutil
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .. import __version__
-from ..errors import AzfilterError
-from ..fileio import new_file_mode, temporary_path
-from ..units import get_unit
+from ..errors import AzfilterError, RunFailed
+from ..fileio import commit_temporary, remove_quietly, temporary_path
 from .meta import (
     PROGRAM,
     REQUIRED_ROW_ARRAYS,
@@ -20,10 +31,132 @@ from .meta import (
     OutputMeta,
     comparable,
     format_value,
+    nexus_axis_attributes,
     row_array,
     to_json,
 )
-from .read import read_nexus_config, stored_keys
+from .read import (
+    DEFINITION,
+    RADIAL_AXIS,
+    SIGNAL,
+    check_nexus,
+    missing_entries,
+    read_nexus_config,
+    stored_keys,
+)
+
+REFERENCE = ("azfilter (azimuthal integration with sigma-clipping and median filtering); "
+             "algorithms after pyFAI: Kieffer et al., J. Synchrotron Rad. 27 (2020) 558-566, "
+             "https://doi.org/10.1107/S1600577520000776")
+NOTE = ("Radial bins as pyFAI (PONI geometry); I = sum_signal / sum_normalization; I_errors is "
+        "the standard error of I, std the spread of the pixels in the ring; rows are frames, "
+        "named by source and frame_index.")
+
+# errno values that mean "this output cannot be written here": one line, exit 3, no retry.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                errno.EIO}
+
+T = TypeVar("T")
+
+
+class OutputWriteError(RunFailed):
+    """An output file could not be written (disk full, quota, read-only, permission).
+
+    ``str(err)`` is one line naming the file; the unfinished temporary file is already removed.
+    """
+
+    def __init__(self, path: str | os.PathLike, error: BaseException | str):
+        self.path = Path(path)
+        self.errno = getattr(error, "errno", None)
+        super().__init__(f"{self.path}: cannot write: {describe_os_error(error)}")
+
+
+def describe_os_error(error: BaseException | str) -> str:
+    """A short reason for an OS error: ``No space left on device (ENOSPC)``."""
+    if isinstance(error, str):
+        return error
+    number = getattr(error, "errno", None)
+    if isinstance(error, OSError) and number:
+        name = errno.errorcode.get(number, str(number))
+        return f"{os.strerror(number)} ({name})"
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+class GuardedFile(io.RawIOBase):
+    """A read/write file for h5py's file-object driver that never fails a write.
+
+    The first OSError of a write, truncate or flush is kept in :attr:`error`; from then on
+    writes are dropped (reported as done). HDF5 thus never sees a failed write and can always
+    close its objects; the owner checks :attr:`error` after each operation and discards the
+    file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = Path(path)
+        self._raw = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - closed by close()
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        return self._raw.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):   # an unbuffered write may be short
+                    written = self._raw.write(view[done:])
+                    if not written:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    done += written
+                return done
+            except OSError as err:
+                self.error = err
+        self._raw.seek(len(view), io.SEEK_CUR)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._raw.truncate(size)
+            except OSError as err:
+                self.error = err
+        return self.tell() if size is None else size
+
+    def flush(self) -> None:
+        return None
+
+    def fsync(self) -> None:
+        """Flush the file to disk (an error is kept like a failed write)."""
+        if self.error is None:
+            try:
+                os.fsync(self._raw.fileno())
+            except OSError as err:
+                self.error = err
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+        super().close()
 
 
 def _chunk_rows(npt: int, itemsize: int) -> int:
@@ -31,95 +164,127 @@ def _chunk_rows(npt: int, itemsize: int) -> int:
     return int(max(1, min(64, (256 * 1024) // max(1, npt * itemsize))))
 
 
-class NexusFile:
-    """An open azfilter NeXus file being written (rows appended to resizable datasets)."""
+def _now() -> str:
+    # ISO 8601 with the local offset as NX_DATE_TIME wants it: 2026-11-28T19:07:22+01:00
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
-    def __init__(self, handle: Any):
+
+def _string_list(group: Any, name: str, values: Sequence[str], chunk: int = 1024) -> Any:
+    import h5py
+
+    return group.create_dataset(
+        name, data=np.array(list(values), dtype=object), maxshape=(None,),
+        dtype=h5py.string_dtype("utf-8"), chunks=(chunk,))
+
+
+def _int_list(group: Any, name: str, values: Sequence[int], chunk: int = 1024) -> Any:
+    return group.create_dataset(name, data=np.asarray(list(values), dtype=np.int64),
+                                maxshape=(None,), chunks=(chunk,))
+
+
+def _extend(dset: Any, values: Sequence[Any]) -> None:
+    start = dset.shape[0]
+    dset.resize(start + len(values), axis=0)
+    if len(values):
+        dset[start:] = np.array(list(values), dtype=dset.dtype if dset.dtype.kind != "O"
+                                else object)
+
+
+def _group(parent: Any, name: str, nx_class: str) -> Any:
+    group = parent.require_group(name)
+    group.attrs["NX_class"] = nx_class
+    return group
+
+
+class NexusFile:
+    """An open azfilter NeXus file being written (rows appended to resizable datasets).
+
+    Every h5py call goes through :meth:`guarded`, which turns a failed write into
+    :class:`OutputWriteError` naming :attr:`name` (the final output, not the temporary file).
+    """
+
+    def __init__(self, handle: Any, guard: GuardedFile, name: Path):
         self.h5 = handle
+        self.guard = guard
+        self.name = name
         self.data = handle["entry/data"]
+
+    # -------------------------------------------------------------- opening
+
+    @staticmethod
+    def _open_guarded(filename: Path, mode: str, name: Path) -> tuple[Any, GuardedFile]:
+        import h5py
+
+        try:
+            guard = GuardedFile(filename)
+        except OSError as err:
+            raise OutputWriteError(name, err) from None
+        try:
+            handle = h5py.File(guard, mode, locking=False)
+        except BaseException as err:
+            guard.close()
+            if guard.error is not None:
+                raise OutputWriteError(name, guard.error) from None
+            if mode == "r+":
+                raise AzfilterError(f"{name}: damaged HDF5 file ({describe_os_error(err)}); "
+                                    "use --overwrite to replace it") from None
+            raise
+        if guard.error is not None:
+            NexusFile._drop(handle, guard)
+            raise OutputWriteError(name, guard.error)
+        return handle, guard
 
     @classmethod
     def create(cls, filename: Path, meta: OutputMeta, radial: np.ndarray,
-               arrays: Sequence[str]) -> NexusFile:
-        import h5py
-
-        unit = get_unit(meta.unit)
-        radial_name = unit.quantity
-        npt = int(radial.shape[0])
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        h5 = h5py.File(filename, "w")
-        h5.attrs["NX_class"] = "NXroot"
-        h5.attrs["creator"] = f"{PROGRAM} {__version__}"
-        h5.attrs["file_time"] = now
-        h5.attrs["default"] = "entry"
-        entry = h5.create_group("entry")
-        entry.attrs["NX_class"] = "NXentry"
-        entry.attrs["default"] = "data"
-        entry["title"] = f"azfilter {meta.operation}"
-        entry["program_name"] = PROGRAM
-        entry["program_name"].attrs["version"] = __version__
-        entry["start_time"] = now
-        entry["end_time"] = now
-
-        process = entry.create_group("reduction")
-        process.attrs["NX_class"] = "NXprocess"
-        process["program"] = PROGRAM
-        process["version"] = __version__
-        process["date"] = now
-        process["sequence_index"] = 1
-        process["operation"] = meta.operation
-        if meta.shard:
-            process["shard"] = meta.shard
-        configuration = process.create_group("configuration")
-        configuration.attrs["NX_class"] = "NXnote"
-        configuration["type"] = "application/json"
-        configuration["description"] = "azfilter job configuration (reruns the job)"
-        configuration["data"] = to_json(meta.config)
-        poni = process.create_group("poni")
-        poni.attrs["NX_class"] = "NXnote"
-        poni["type"] = "text/plain"
-        poni["description"] = "geometry (pyFAI PONI format)"
-        poni["data"] = meta.poni_text
-        parameters = process.create_group("parameters")
-        parameters.attrs["NX_class"] = "NXparameters"
-        for key, value in meta.parameters.items():
-            parameters[key] = format_value(value) if value is None or isinstance(
-                value, (list, tuple, dict)) else value
-
-        data = entry.create_group("data")
-        data.attrs["NX_class"] = "NXdata"
-        data.attrs["signal"] = "intensity"
-        data.attrs["axes"] = [".", radial_name]
-        data.attrs[f"{radial_name}_indices"] = 1
-        data.attrs["source_indices"] = 0
-        data.attrs["frame_index_indices"] = 0
-        data["title"] = f"{meta.operation} ({meta.unit})"
-        axis = data.create_dataset(radial_name, data=np.asarray(radial, dtype=np.float64))
-        axis.attrs["units"] = unit.symbol
-        axis.attrs["long_name"] = unit.label
-        axis.attrs["unit_name"] = unit.name
-        for name, _attr, dtype in ROW_ARRAYS:
-            if name not in arrays:
-                continue
-            itemsize = np.dtype(dtype).itemsize
-            dset = data.create_dataset(
-                name, shape=(0, npt), maxshape=(None, npt), dtype=dtype,
-                chunks=(_chunk_rows(npt, itemsize), npt), fillvalue=np.nan,
-            )
-            if name == "intensity":
-                dset.attrs["interpretation"] = "spectrum"
-                dset.attrs["long_name"] = f"intensity ({meta.operation})"
-        data.create_dataset("source", shape=(0,), maxshape=(None,),
-                            dtype=h5py.string_dtype("utf-8"), chunks=(256,))
-        data.create_dataset("frame_index", shape=(0,), maxshape=(None,), dtype=np.int64,
-                            chunks=(256,))
-        return cls(h5)
+               arrays: Sequence[str], name: Path | None = None) -> NexusFile:
+        """A new NXazint1d file at ``filename`` (an existing empty temporary file)."""
+        name = Path(name or filename)
+        handle, guard = cls._open_guarded(filename, "w", name)
+        try:
+            _write_header(handle, meta, radial, arrays)
+        except BaseException as err:
+            cls._drop(handle, guard)
+            if guard.error is not None:
+                raise OutputWriteError(name, guard.error) from None
+            raise AzfilterError(f"{name}: cannot write the NeXus header: "
+                                f"{describe_os_error(err)}") from err
+        out = cls(handle, guard, name)
+        out.check()
+        return out
 
     @classmethod
-    def reopen(cls, filename: Path) -> NexusFile:
-        import h5py
+    def reopen(cls, filename: Path, name: Path | None = None) -> NexusFile:
+        """Open a copy of an existing NXazint1d output to append rows to it."""
+        name = Path(name or filename)
+        handle, guard = cls._open_guarded(filename, "r+", name)
+        try:
+            out = cls(handle, guard, name)
+        except KeyError:
+            cls._drop(handle, guard)
+            raise AzfilterError(f"{name}: damaged: no /entry/data; use --overwrite") from None
+        return out
 
-        return cls(h5py.File(filename, "r+"))
+    # -------------------------------------------------------------- guarded calls
+
+    def check(self) -> None:
+        """Raise :class:`OutputWriteError` when a write has failed."""
+        if self.guard.error is not None:
+            raise OutputWriteError(self.name, self.guard.error)
+
+    def guarded(self, operation: Callable[[], T]) -> T:
+        """Run an h5py operation; a failed write becomes :class:`OutputWriteError`."""
+        try:
+            result = operation()
+        except Exception as err:
+            if self.guard.error is not None:
+                raise OutputWriteError(self.name, self.guard.error) from None
+            if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+                raise OutputWriteError(self.name, err) from None
+            raise
+        self.check()
+        return result
+
+    # -------------------------------------------------------------- rows
 
     @property
     def rows(self) -> int:
@@ -131,52 +296,259 @@ class NexusFile:
 
     def append(self, arrays: dict[str, np.ndarray], sources: Sequence[str],
                frame_indices: Sequence[int]) -> None:
+        """Append rows (one per source/frame) to every per-bin dataset."""
         n_new = len(sources)
         if n_new == 0:
             return
-        start = self.rows
-        for name in self.array_names:
-            dset = self.data[name]
-            dset.resize(start + n_new, axis=0)
-            if name in arrays:
-                dset[start:] = np.asarray(arrays[name]).reshape(n_new, -1)
-        for name, values in (("source", list(sources)), ("frame_index", list(frame_indices))):
-            dset = self.data[name]
-            dset.resize(start + n_new, axis=0)
-            dset[start:] = values
+
+        def write() -> None:
+            start = self.rows
+            for name in self.array_names:
+                dset = self.data[name]
+                dset.resize(start + n_new, axis=0)
+                if name in arrays:
+                    dset[start:] = np.asarray(arrays[name]).reshape(n_new, -1)
+            _extend(self.data["source"], list(sources))
+            _extend(self.data["frame_index"], [int(i) for i in frame_indices])
+
+        self.guarded(write)
+
+    # -------------------------------------------------------------- job records
+
+    def job_group(self) -> Any:
+        return _group(self.h5["entry"], "azfilter", "NXcollection")
+
+    def set_manifest(self, entries: Sequence[tuple[str, int]], digest: str,
+                     shards: int) -> None:
+        """Store (replace) the job manifest: every planned (source, frame), its digest, N."""
+
+        def write() -> None:
+            job = self.job_group()
+            if "manifest" in job:
+                del job["manifest"]
+            group = _group(job, "manifest", "NXcollection")
+            group.attrs["digest"] = digest
+            group.attrs["shards"] = int(shards)
+            group.attrs["entries"] = len(entries)
+            group.attrs["description"] = (
+                "the job's planned (source, frame_index); frame_index -1: the whole file")
+            _string_list(group, "source", [s for s, _i in entries])
+            _int_list(group, "frame_index", [i for _s, i in entries])
+
+        self.guarded(write)
+
+    def set_failures(self, failures: Sequence[tuple[str, int, str]]) -> None:
+        """Store (replace) the list of failed frames: source, frame_index (-1: the whole
+        source), reason."""
+
+        def write() -> None:
+            job = self.job_group()
+            if "failed" in job:
+                del job["failed"]
+            group = _group(job, "failed", "NXcollection")
+            group.attrs["description"] = "planned frames that could not be reduced, and why"
+            _string_list(group, "source", [f[0] for f in failures], chunk=256)
+            _int_list(group, "frame_index", [f[1] for f in failures], chunk=256)
+            _string_list(group, "reason", [f[2] for f in failures], chunk=256)
+
+        self.guarded(write)
+
+    def set_completeness(self, complete: bool | None,
+                         missing: Sequence[tuple[str, int]] = (),
+                         missing_shards: Sequence[int] = ()) -> None:
+        """Record whether every planned frame is a row or a failed frame (None: unknown, no
+        manifest); the missing entries and shard indices when not."""
+
+        def write() -> None:
+            job = self.job_group()
+            for key in ("complete",):
+                if key in job.attrs:
+                    del job.attrs[key]
+            if "missing" in job:
+                del job["missing"]
+            if complete is None:
+                return
+            job.attrs["complete"] = bool(complete)
+            if complete:
+                return
+            group = _group(job, "missing", "NXcollection")
+            group.attrs["description"] = (
+                "planned frames neither in the rows nor in failed (shard files not merged?)")
+            group.attrs["shards"] = np.asarray(list(missing_shards), dtype=np.int64)
+            _string_list(group, "source", [s for s, _i in missing])
+            _int_list(group, "frame_index", [i for _s, i in missing])
+
+        self.guarded(write)
+
+    # -------------------------------------------------------------- closing
 
     def finish(self) -> None:
-        self.h5["entry/end_time"][()] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.h5.close()
+        """Set the end time and close; raises :class:`OutputWriteError` (the file is then
+        closed and must be discarded)."""
+
+        def write() -> None:
+            self.h5["entry/end_time"][()] = _now()
+            self.h5.flush()
+
+        try:
+            self.guarded(write)
+            self.guard.fsync()
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        if self.guard.error is not None:
+            raise OutputWriteError(self.name, self.guard.error)
 
     def close(self) -> None:
+        """Close the HDF5 file and its file object; never raises (after a failure)."""
+        self._drop(self.h5, self.guard)
+        self.data = None
+
+    @staticmethod
+    def _drop(handle: Any, guard: GuardedFile) -> None:
         try:
-            self.h5.close()
+            handle.close()
         except Exception:  # noqa: BLE001 - closing after a failure, keep the first error
             pass
+        guard.close()
 
 
+def _write_header(h5: Any, meta: OutputMeta, radial: np.ndarray, arrays: Sequence[str]) -> None:
+    """Everything of an NXazint1d file but the rows (NeXus definitions v2026.01)."""
+    import h5py
 
+    long_name, nexus_units = nexus_axis_attributes(meta.unit)
+    npt = int(radial.shape[0])
+    now = _now()
+    config = meta.config
+    parameters = meta.parameters
+    h5.attrs["NX_class"] = "NXroot"
+    h5.attrs["creator"] = f"{PROGRAM} {__version__}"
+    h5.attrs["file_time"] = now
+    h5.attrs["default"] = "entry"
+    entry = _group(h5, "entry", "NXentry")
+    entry.attrs["default"] = "data"
+    entry["definition"] = DEFINITION
+    entry["title"] = f"azfilter {meta.operation}"
+    entry["program_name"] = PROGRAM
+    entry["program_name"].attrs["version"] = __version__
+    entry["start_time"] = now
+    entry["end_time"] = now
+    solid_angle = parameters.get("solid_angle", config.get("solid_angle", True))
+    polarization = parameters.get("polarization", config.get("polarization"))
+    entry["solid_angle_applied"] = bool(solid_angle)
+    entry["polarization_applied"] = polarization is not None
+    # I = sum_signal / sum_normalization: divided by the pixels' (weighted) contribution.
+    entry["normalization_applied"] = True
+    entry["monitor_applied"] = bool(parameters.get("monitor", config.get("monitor")))
 
+    instrument = _group(entry, "instrument", "NXinstrument")
+    instrument["name"] = meta.instrument_name
+    mono = _group(instrument, "monochromator", "NXmonochromator")
+    wavelength = meta.wavelength_m()
+    # 12.398419843320026 keV·Å = h·c (CODATA 2018)
+    wavelength_a = wavelength * 1e10 if wavelength else float("nan")
+    mono["wavelength"] = wavelength_a
+    mono["wavelength"].attrs["units"] = "angstrom"
+    mono["energy"] = 12.398419843320026 / wavelength_a if wavelength else float("nan")
+    mono["energy"].attrs["units"] = "keV"
+    source = _group(instrument, "source", "NXsource")
+    source["name"] = meta.source_name
+    source["type"] = meta.source_type
+    source["probe"] = meta.source_probe
 
+    process = _group(entry, "reduction", "NXprocess")
+    process["program"] = PROGRAM
+    process["version"] = __version__
+    process["date"] = now
+    process["reference"] = REFERENCE
+    process["note"] = NOTE
+    process["sequence_index"] = 1
+    process["operation"] = meta.operation
+    if meta.shard:
+        process["shard"] = meta.shard
+    inputs = _group(process, "input", "NXparameters")
+    inputs["operation"] = meta.operation
+    # the wavelength used (PONI or --wavelength/--energy), in angstrom as azint writes it
+    inputs["wavelength"] = wavelength_a
+    inputs["wavelength"].attrs["units"] = "angstrom"
+    for key, value in parameters.items():
+        if key in inputs:
+            continue
+        inputs[key] = format_value(value) if value is None or isinstance(
+            value, (list, tuple, dict)) else value
+    if "poni" not in inputs:
+        inputs["poni"] = meta.poni_text
+    configuration = _group(process, "configuration", "NXnote")
+    configuration["type"] = "application/json"
+    configuration["description"] = "azfilter job configuration (reruns the job)"
+    configuration["data"] = to_json(config)
+    poni = _group(process, "poni", "NXnote")
+    poni["type"] = "text/plain"
+    poni["description"] = "geometry (pyFAI PONI format)"
+    poni["data"] = meta.poni_text
 
+    data = _group(entry, "data", "NXdata")
+    data.attrs["signal"] = SIGNAL
+    data.attrs["axes"] = [".", RADIAL_AXIS]
+    data.attrs["interpretation"] = "spectrum"
+    data.attrs[f"{RADIAL_AXIS}_indices"] = 1
+    data.attrs["source_indices"] = 0
+    data.attrs["frame_index_indices"] = 0
+    data["title"] = f"{meta.operation} ({meta.unit})"
+    axis = data.create_dataset(RADIAL_AXIS, data=np.asarray(radial, dtype=np.float64))
+    axis.attrs["long_name"] = long_name
+    axis.attrs["units"] = nexus_units
+    axis.attrs["unit_name"] = meta.unit
+    for name, _attr, dtype in ROW_ARRAYS:
+        if name not in arrays:
+            continue
+        itemsize = np.dtype(dtype).itemsize
+        dset = data.create_dataset(
+            name, shape=(0, npt), maxshape=(None, npt), dtype=dtype,
+            chunks=(_chunk_rows(npt, itemsize), npt), fillvalue=np.nan,
+        )
+        if name == SIGNAL:
+            dset.attrs["interpretation"] = "spectrum"
+            dset.attrs["long_name"] = "intensity"
+            dset.attrs["units"] = "arbitrary units"
+            dset.attrs["operation"] = meta.operation
+        elif name == f"{SIGNAL}_errors":
+            dset.attrs["long_name"] = "estimated intensity error"
+            dset.attrs["units"] = "arbitrary units"
+    data.create_dataset("source", shape=(0,), maxshape=(None,),
+                        dtype=h5py.string_dtype("utf-8"), chunks=(256,))
+    data.create_dataset("frame_index", shape=(0,), maxshape=(None,), dtype=np.int64,
+                        chunks=(256,))
+    _group(entry, "azfilter", "NXcollection").attrs["description"] = (
+        "azfilter's job records: manifest (planned frames), failed frames, completeness")
 
 
 class NexusWriter:
-    """Write the rows of one job into one NeXus file, atomically.
+    """Write the rows of one job into one NeXus (NXazint1d) file, atomically.
 
     Rows are appended to resizable datasets of a temporary file in the output's folder,
     created at the first row; :meth:`close` renames it over ``path``.  With ``mode="append"``
-    an existing output is copied first and its rows kept (``--skip-existing``).
+    an existing output is checked, copied, and its rows kept (``--skip-existing``).
 
     Parameters
     ----------
     path : str or Path
         The final file name.
     meta : OutputMeta
+        With ``meta.manifest`` set, the file stores the job manifest and says whether every
+        planned frame of this output's shard is a row or a failed frame.
     mode : {"new", "overwrite", "append"}
         ``"new"`` refuses an existing file; ``"append"`` keeps its rows (the existing file
         must come from the same job: same operation, geometry, bins and parameters).
+
+    Raises
+    ------
+    AzfilterError
+        In append mode, when the existing file is damaged, of an older layout or of another
+        job. Writing raises :class:`OutputWriteError` (one line naming the file) when the
+        disk is full or the folder not writable; the temporary file is then removed.
     """
 
     def __init__(self, path: str | os.PathLike, meta: OutputMeta, mode: str = "new"):
@@ -187,11 +559,14 @@ class NexusWriter:
         self.mode = mode
         self._file: NexusFile | None = None
         self._tmp: Path | None = None
+        self._radial: np.ndarray | None = None
         self._buffer: dict[str, list[np.ndarray]] = {}
         self._buffer_keys: list[tuple[str, int]] = []
         self.buffer_rows = 64
         self.written = 0
         self.existing: set[tuple[str, int]] = set()
+        self._keys: set[tuple[str, int]] = set()
+        self.failures: list[tuple[str, int, str]] = []
         self._append_base = False
         if self.path.exists():
             if mode == "new":
@@ -200,6 +575,11 @@ class NexusWriter:
                     "--skip-existing to add only new frames"
                 )
             if mode == "append":
+                layout = check_nexus(self.path)   # damaged or foreign: AzfilterError
+                if layout != "nxazint1d":
+                    raise AzfilterError(
+                        f"{self.path}: written by an older azfilter (layout before NXazint1d); "
+                        "use --overwrite, or write to a new file and 'azfilter merge' both")
                 stored = read_nexus_config(self.path)
                 mine, theirs = result_signature(meta.config), result_signature(stored)
                 differ = sorted(k for k in set(mine) | set(theirs)
@@ -212,34 +592,61 @@ class NexusWriter:
                 self.existing = set(stored_keys(self.path))
                 self._append_base = True
 
+    # -------------------------------------------------------------- opening
+
     def _open(self, radial: np.ndarray, arrays: Sequence[str]) -> NexusFile:
-        self._tmp = temporary_path(self.path, make_folder=True)
-        if self._append_base:
-            shutil.copyfile(self.path, self._tmp)
-            handle = NexusFile.reopen(self._tmp)
-            npt_stored = handle.data["intensity"].shape[1]
-            if npt_stored != len(radial):
-                handle.close()
-                raise AzfilterError(f"{self.path}: holds {npt_stored} bins, not "
-                                    f"{len(radial)}; use --overwrite")
-            return handle
         missing = [name for name in REQUIRED_ROW_ARRAYS if name not in arrays]
-        if missing:
+        if missing and not self._append_base:
             raise AzfilterError(f"result has no {', '.join(missing)}")
-        return NexusFile.create(self._tmp, self.meta, np.asarray(radial), arrays)
+        try:
+            self._tmp = temporary_path(self.path, make_folder=True)
+        except OSError as err:
+            raise OutputWriteError(self.path, err) from None
+        try:
+            if self._append_base:
+                try:
+                    shutil.copyfile(self.path, self._tmp)
+                except OSError as err:
+                    raise OutputWriteError(self.path, err) from None
+                handle = NexusFile.reopen(self._tmp, name=self.path)
+                npt_stored = handle.data[SIGNAL].shape[1]
+                if npt_stored != len(radial):
+                    handle.close()
+                    raise AzfilterError(f"{self.path}: holds {npt_stored} bins, not "
+                                        f"{len(radial)}; use --overwrite")
+                return handle
+            return NexusFile.create(self._tmp, self.meta, np.asarray(radial), arrays,
+                                    name=self.path)
+        except BaseException:
+            remove_quietly(self._tmp)
+            self._tmp = None
+            raise
 
     def start(self, radial: np.ndarray) -> None:
         """Create the file now, with every per-bin dataset, so that :meth:`close` writes it
-        even with no rows (e.g. a shard that was given no frames)."""
+        even with no rows (e.g. a shard that was given no frames, or whose frames all failed:
+        the file then records the failures)."""
+        self._radial = np.asarray(radial)
         if self._file is None:
-            self._file = self._open(radial, [name for name, _a, _d in ROW_ARRAYS])
+            self._file = self._run(lambda: self._open(
+                self._radial, [name for name, _a, _d in ROW_ARRAYS]))
+
+    def _run(self, operation: Callable[[], T]) -> T:
+        """Run a write step; on a write error drop the temporary file, then re-raise."""
+        try:
+            return operation()
+        except OutputWriteError:
+            self.abort()
+            raise
+
+    # -------------------------------------------------------------- rows and failures
 
     def write(self, result: Any, source: str, index: int) -> None:
         """Append one frame's result (buffered: rows reach the file in blocks, since one
         resize of every dataset per row costs milliseconds)."""
         if self._file is None:
             arrays = [name for name, attr, _d in ROW_ARRAYS if row_array(result, attr) is not None]
-            self._file = self._open(np.asarray(result.radial), arrays)
+            self._file = self._run(lambda: self._open(np.asarray(result.radial), arrays))
         for name, attr, _dtype in ROW_ARRAYS:
             value = row_array(result, attr)
             if value is not None:
@@ -249,6 +656,28 @@ class NexusWriter:
         if len(self._buffer_keys) >= self.buffer_rows:
             self.flush()
 
+    def record_failure(self, source: str, index: int | None, reason: str) -> None:
+        """Record a planned frame that could not be reduced (stored in the file by
+        :meth:`close`, in ``entry/azfilter/failed``).
+
+        Parameters
+        ----------
+        source : str
+            The planned source, as in the rows (``file.h5::/path`` for datasets).
+        index : int or None
+            The frame index; None when the whole source failed (stored as -1).
+        reason : str
+            One line: why.
+        """
+        index = -1 if index is None else int(index)
+        reason = " ".join(str(reason).split())
+        # FrameReadError's text starts with "SOURCE frame I: "; the record has its own columns
+        for prefix in (f"{source} frame {index}: ", f"{source}: "):
+            if reason.startswith(prefix):
+                reason = reason[len(prefix):]
+                break
+        self.failures.append((str(source), index, reason))
+
     def flush(self) -> None:
         """Write the buffered rows to the (temporary) file."""
         if self._file is None or not self._buffer_keys:
@@ -256,19 +685,62 @@ class NexusWriter:
         arrays = {name: np.stack(rows) for name, rows in self._buffer.items()}
         sources = [key[0] for key in self._buffer_keys]
         indices = [key[1] for key in self._buffer_keys]
+        self._keys.update(self._buffer_keys)
         self._buffer, self._buffer_keys = {}, []
-        self._file.append(arrays, sources, indices)
+        file = self._file
+        self._run(lambda: file.append(arrays, sources, indices))
+
+    # -------------------------------------------------------------- closing
+
+    def _job_records(self, file: NexusFile) -> None:
+        manifest = self.meta.manifest
+        rows = self.existing | self._keys
+        # A frame that failed before and is a row now (a rerun) is no longer a failure.
+        failures = [f for f in self.failures if (f[0], f[1]) not in rows]
+        file.set_failures(failures)
+        if manifest is None:
+            file.set_completeness(None)
+            return
+        file.set_manifest(manifest.entries, manifest.digest, manifest.shards)
+        shard = self.meta.shard_index()
+        planned: Iterable[tuple[str, int]] = manifest.entries
+        if shard is not None and manifest.shards > 1:
+            planned = manifest.shard_entries(shard)
+        missing = missing_entries(planned, rows, {(f[0], f[1]) for f in failures})
+        file.set_completeness(not missing, missing)
 
     def close(self) -> bool:
         """Finish the file and rename it into place; returns False when no row was written
-        (then nothing is created or changed)."""
+        and nothing failed (then nothing is created or changed).
+
+        Raises
+        ------
+        OutputWriteError
+            When the file cannot be written (the temporary file is removed).
+        """
+        if self._file is None and self.failures and self._radial is not None:
+            self.start(self._radial)
         if self._file is None:
             return False
         self.flush()
-        self._file.finish()
-        self._file = None
-        os.chmod(self._tmp, new_file_mode())
-        os.replace(self._tmp, self.path)
+        file = self._file
+        try:
+            self._run(lambda: self._job_records(file))
+            self._file = None
+            file.finish()
+            commit_temporary(self._tmp, self.path, fsync=False)   # finish() synced it
+        except OutputWriteError:
+            self._file = None
+            self.abort()
+            raise
+        except OSError as err:
+            self._file = None
+            self.abort()
+            raise OutputWriteError(self.path, err) from None
+        except BaseException:
+            self._file = None
+            self.abort()
+            raise
         self._tmp = None
         return True
 
@@ -279,10 +751,5 @@ class NexusWriter:
             self._file.close()
             self._file = None
         if self._tmp is not None:
-            try:
-                os.unlink(self._tmp)
-            except OSError:
-                pass
+            remove_quietly(self._tmp)
             self._tmp = None
-
-

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,24 @@ import numpy as np
 
 from ..errors import AzfilterError
 from ..vocabulary import HDF5_SUFFIXES
-from .meta import TEXT_CONFIG_PREFIX
+from .meta import LEGACY_ROW_NAMES, ROW_ARRAYS, TEXT_CONFIG_PREFIX
 from .text import source_stem
+
+DEFINITION = "NXazint1d"
+SIGNAL = "I"
+RADIAL_AXIS = "radial_axis"
+
+# What reading a damaged HDF5 file raises (h5py: OSError "wrong B-tree signature", KeyError
+# for a missing object, RuntimeError/ValueError for inconsistent metadata).
+READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError)
+
+
+def read_error(path: Path, err: BaseException) -> AzfilterError:
+    """One line for an HDF5 file that cannot be read."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return AzfilterError(f"{path}: damaged or not an azfilter result ({text})")
 
 
 def _is_hdf5(path: Path) -> bool:
@@ -55,8 +72,10 @@ def read_nexus_config(path: str | os.PathLike) -> dict[str, Any]:
             process = find_process(h5, path)
             config = process["configuration"]
             text = as_text(config["data"][()] if isinstance(config, h5py.Group) else config[()])
-    except OSError as err:
-        raise AzfilterError(f"{path}: cannot read HDF5: {err}") from None
+    except AzfilterError:
+        raise
+    except READ_ERRORS as err:
+        raise read_error(path, err) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -80,6 +99,20 @@ class ResultTable:
     config : dict
         The stored job config ({} when absent).
     operation : str or None
+    layout : str
+        ``"nxazint1d"``, ``"legacy"`` (NeXus written before NXazint1d) or ``"text"``.
+    failed : list of (str, int, str)
+        Failed frames recorded in the file: source, frame index (-1: whole source), reason.
+    manifest_entries : int or None
+        Number of planned frames of the job (None: no manifest stored).
+    manifest_digest : str or None
+    shards : int or None
+        N of the job's manifest.
+    complete : bool or None
+        Whether every planned frame is a row or a failed frame (None: not recorded).
+    missing : list of (str, int)
+        Planned frames neither in the rows nor failed (recorded when incomplete).
+    missing_shards : list of int
     """
 
     radial: np.ndarray
@@ -91,6 +124,14 @@ class ResultTable:
     path: str
     config: dict[str, Any] = field(default_factory=dict)
     operation: str | None = None
+    layout: str = "text"
+    failed: list[tuple[str, int, str]] = field(default_factory=list)
+    manifest_entries: int | None = None
+    manifest_digest: str | None = None
+    shards: int | None = None
+    complete: bool | None = None
+    missing: list[tuple[str, int]] = field(default_factory=list)
+    missing_shards: list[int] = field(default_factory=list)
 
     @property
     def labels(self) -> list[str]:
@@ -122,6 +163,65 @@ def read_result(path: str | os.PathLike) -> ResultTable:
     return _read_text(path)
 
 
+def nexus_layout(h5: Any) -> str:
+    """``"nxazint1d"`` or ``"legacy"`` (azfilter files before NXazint1d: ``intensity``)."""
+    data = h5["entry/data"]
+    signal = as_text(data.attrs.get("signal", ""))
+    if signal == SIGNAL and SIGNAL in data:
+        return "nxazint1d"
+    if "intensity" in data:
+        return "legacy"
+    raise KeyError("no signal dataset in /entry/data")
+
+
+def row_dataset(data: Any, name: str, layout: str) -> Any:
+    """The per-bin dataset ``name`` (NXazint1d name) of either layout, or None."""
+    if layout == "legacy":
+        name = LEGACY_ROW_NAMES.get(name, name)
+    return data.get(name)
+
+
+def radial_axis_of(data: Any) -> tuple[Any, str]:
+    """(radial dataset, azfilter unit name) of an NXdata group of either layout."""
+    axes = data.attrs.get("axes")
+    radial_name = as_text(axes[-1]) if axes is not None and len(axes) else RADIAL_AXIS
+    axis = data[radial_name]
+    return axis, as_text(axis.attrs.get("unit_name", "q_nm^-1"))
+
+
+def _text_list(dset: Any) -> list[str]:
+    return [as_text(v) for v in dset[()]]
+
+
+def read_job_records(h5: Any) -> dict[str, Any]:
+    """The job records of an azfilter NeXus file (``entry/azfilter``): manifest, failures,
+    completeness. Absent parts read as None / empty."""
+    out: dict[str, Any] = {"entries": None, "digest": None, "shards": None, "failed": [],
+                           "complete": None, "missing": [], "missing_shards": []}
+    job = h5.get("entry/azfilter")
+    if job is None:
+        return out
+    manifest = job.get("manifest")
+    if manifest is not None:
+        out["entries"] = list(zip(_text_list(manifest["source"]),
+                                  (int(i) for i in manifest["frame_index"][()]), strict=True))
+        out["digest"] = as_text(manifest.attrs["digest"])
+        out["shards"] = int(manifest.attrs["shards"])
+    failed = job.get("failed")
+    if failed is not None:
+        out["failed"] = list(zip(_text_list(failed["source"]),
+                                 (int(i) for i in failed["frame_index"][()]),
+                                 _text_list(failed["reason"]), strict=True))
+    if "complete" in job.attrs:
+        out["complete"] = bool(job.attrs["complete"])
+    missing = job.get("missing")
+    if missing is not None:
+        out["missing"] = list(zip(_text_list(missing["source"]),
+                                  (int(i) for i in missing["frame_index"][()]), strict=True))
+        out["missing_shards"] = [int(k) for k in np.atleast_1d(missing.attrs.get("shards", []))]
+    return out
+
+
 def _read_nexus(path: Path) -> ResultTable:
     import h5py
 
@@ -129,25 +229,117 @@ def _read_nexus(path: Path) -> ResultTable:
         with h5py.File(path, "r") as h5:
             process = find_process(h5, path)
             data = h5["entry/data"]
-            axes = data.attrs.get("axes")
-            radial_name = as_text(axes[-1]) if axes is not None else "q"
-            axis = data[radial_name]
-            unit = as_text(axis.attrs.get("unit_name", "q_nm^-1"))
+            layout = nexus_layout(h5)
+            axis, unit = radial_axis_of(data)
             config_text = as_text(process["configuration/data"][()])
+            records = read_job_records(h5)
             table = ResultTable(
                 radial=axis[()],
                 unit=unit,
-                intensity=data["intensity"][()].astype(np.float64),
-                sigma=data["intensity_errors"][()].astype(np.float64),
+                intensity=row_dataset(data, "I", layout)[()].astype(np.float64),
+                sigma=row_dataset(data, "I_errors", layout)[()].astype(np.float64),
                 sources=[as_text(s) for s in data["source"][()]],
                 frame_indices=[int(i) for i in data["frame_index"][()]],
                 path=str(path),
                 config=json.loads(config_text),
                 operation=as_text(process["operation"][()]) if "operation" in process else None,
+                layout=layout,
+                failed=records["failed"],
+                manifest_entries=None if records["entries"] is None else len(records["entries"]),
+                manifest_digest=records["digest"],
+                shards=records["shards"],
+                complete=records["complete"],
+                missing=records["missing"],
+                missing_shards=records["missing_shards"],
             )
-    except (OSError, KeyError) as err:
-        raise AzfilterError(f"{path}: not a readable azfilter result: {err}") from None
+    except AzfilterError:
+        raise
+    except (json.JSONDecodeError, *READ_ERRORS) as err:
+        raise read_error(path, err) from None
     return table
+
+
+def check_nexus(path: str | os.PathLike, block_rows: int = 4096) -> str:
+    """Read every part of an azfilter NeXus output (each per-bin dataset in full, block by
+    block) and return its layout; a damaged file raises.
+
+    Used before an output is extended (``--skip-existing``): a file whose metadata or data
+    chunks cannot be read back is refused, never taken as holding its frames.
+
+    Returns
+    -------
+    str
+        ``"nxazint1d"`` or ``"legacy"``.
+
+    Raises
+    ------
+    AzfilterError
+        ``damaged ...; use --overwrite``: the file cannot be read in full, its datasets
+        disagree in length, or it is not an azfilter result.
+    """
+    import h5py
+
+    path = Path(path)
+    hint = "use --overwrite to replace it"
+    if not _is_hdf5(path):
+        raise AzfilterError(f"{path}: damaged or not an HDF5 file; {hint}")
+    try:
+        with h5py.File(path, "r") as h5:
+            find_process(h5, path)
+            json.loads(as_text(find_process(h5, path)["configuration/data"][()]))
+            layout = nexus_layout(h5)
+            data = h5["entry/data"]
+            axis, _unit = radial_axis_of(data)
+            npt = axis.shape[0]
+            rows = data["source"].shape[0]
+            if data["frame_index"].shape[0] != rows:
+                raise ValueError("source and frame_index differ in length")
+            data["source"][()]
+            data["frame_index"][()]
+            axis[()]
+            for name, _attr, _dtype in ROW_ARRAYS:
+                dset = row_dataset(data, name, layout)
+                if dset is None:
+                    continue
+                if dset.shape != (rows, npt):
+                    raise ValueError(f"{name} has shape {dset.shape}, not ({rows}, {npt})")
+                for start in range(0, rows, block_rows):
+                    dset[start:start + block_rows]
+            read_job_records(h5)
+    except AzfilterError as err:
+        # an output we are asked to extend that is HDF5 but has no azfilter structure left
+        detail = str(err).split(": ", 1)[-1]
+        raise AzfilterError(f"{path}: damaged or not an azfilter result ({detail}); {hint}") \
+            from None
+    except (json.JSONDecodeError, *READ_ERRORS) as err:
+        text = " ".join(str(err).split())[:160] or type(err).__name__
+        raise AzfilterError(f"{path}: damaged ({text}); {hint}") from None
+    return layout
+
+
+def missing_entries(planned: Iterable[tuple[str, int]], rows: set[tuple[str, int]],
+                    failed: set[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Planned (source, frame) pairs that are neither a row nor a failed frame.
+
+    A planned frame index -1 (a file that could not be counted when the job was planned) is
+    accounted for by any row or failure of that source; a failure with index -1 (the whole
+    source failed) accounts for every planned frame of its source.
+    """
+    whole_failed = {source for source, index in failed if index < 0}
+    seen_sources: set[str] | None = None
+    missing = []
+    for source, index in planned:
+        if index < 0:
+            if seen_sources is None:
+                seen_sources = {s for s, _i in rows} | {s for s, _i in failed}
+            if source not in seen_sources:
+                missing.append((source, index))
+            continue
+        key = (source, index)
+        if key in rows or key in failed or source in whole_failed:
+            continue
+        missing.append(key)
+    return missing
 
 
 def _read_text(path: Path) -> ResultTable:
@@ -193,12 +385,18 @@ def _read_text(path: Path) -> ResultTable:
 
 
 def stored_keys(path: Path) -> list[tuple[str, int]]:
+    """The (source, frame_index) of every row of an azfilter NeXus output, in order."""
     import h5py
 
-    with h5py.File(path, "r") as h5:
-        data = h5["entry/data"]
-        sources = [as_text(s) for s in data["source"][()]]
-        indices = [int(i) for i in data["frame_index"][()]]
+    try:
+        with h5py.File(path, "r") as h5:
+            data = h5["entry/data"]
+            sources = [as_text(s) for s in data["source"][()]]
+            indices = [int(i) for i in data["frame_index"][()]]
+    except READ_ERRORS as err:
+        raise read_error(Path(path), err) from None
+    if len(sources) != len(indices):
+        raise AzfilterError(f"{path}: damaged: source and frame_index differ in length")
     return list(zip(sources, indices, strict=True))
 
 

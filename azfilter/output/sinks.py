@@ -34,6 +34,13 @@ class Sink:
         """Store one frame's result."""
         raise NotImplementedError
 
+    def fail(self, planned: PlannedFrame, reason: str) -> None:
+        """Record a planned frame that could not be reduced (kept in HDF5 outputs)."""
+        self.record_failure(planned.source, planned.index, reason)
+
+    def record_failure(self, source: str, index: int | None, reason: str) -> None:
+        """Record a failed frame by source and index (None or -1: the whole source)."""
+
     def close(self) -> None:
         """Finish: make a shared output final (atomic rename)."""
 
@@ -48,6 +55,14 @@ class TextSink(Sink):
         self.meta = meta
         self.stdout = stdout
         self._made: set[Path] = set()
+        # (source, frame index, reason) of each failed frame, for the run's summary
+        self.failures: list[tuple[str, int, str]] = []
+
+    def record_failure(self, source: str, index: int | None, reason: str) -> None:
+        """Remember a failed frame in :attr:`failures` (text outputs have no shared file to
+        record it in)."""
+        self.failures.append((source, -1 if index is None else int(index),
+                              " ".join(str(reason).split())))
 
     def _meta_for(self, planned: PlannedFrame) -> OutputMeta:
         # Each text file's config reruns that file's reduction (a config line listing
@@ -80,6 +95,10 @@ class NexusSink(Sink):
 
     def write(self, planned: PlannedFrame, frame_source: str, result: Any) -> None:
         self.writer.write(result, planned.source, planned.index)
+
+    def record_failure(self, source: str, index: int | None, reason: str) -> None:
+        """Record the failed frame in the file (``entry/azfilter/failed``)."""
+        self.writer.record_failure(source, index, reason)
 
     def close(self) -> None:
         self.writer.close()

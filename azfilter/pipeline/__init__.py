@@ -22,7 +22,16 @@ from typing import Any, TextIO
 from .. import config as cfg
 from ..errors import AzfilterError
 from .progress import Progress
-from .run import Job, JobReport, execute, prepare_job
+from .run import (
+    Job,
+    JobReport,
+    execute,
+    output_lock,
+    prepare_job,
+    resolve_output,
+    sweep_temporaries,
+    write_summary,
+)
 
 __all__ = ["Job", "JobReport", "load_job", "prepare_job", "execute", "run_job"]
 
@@ -78,6 +87,8 @@ def run_job(config: dict[str, Any], *, dry_run: bool = False, quiet: bool | None
         The output could not be written; the unfinished output was removed.
     """
     merged = cfg.effective(cfg.normalize(config, "job"))
+    if merged.get("wavelength") is not None and merged.get("energy") is not None:
+        raise AzfilterError("job: wavelength and energy exclude each other")
     for key, what in (("operation", "an operation"), ("poni", "a PONI file"),
                       ("inputs", "inputs"), ("output", "an output")):
         if not merged.get(key):
@@ -90,8 +101,8 @@ def run_job(config: dict[str, Any], *, dry_run: bool = False, quiet: bool | None
             stream.write(f"azfilter: note: {text}\n")
             stream.flush()
 
-    job = prepare_job(merged, dry_run=dry_run, note=note)
     if dry_run:
+        job = prepare_job(merged, dry_run=True, note=note)
         report = JobReport(label=job.label, output=job.output, skipped=job.skipped,
                            failed=len(job.failures), notes=list(job.notes))
         for planned in job.todo:
@@ -99,5 +110,13 @@ def run_job(config: dict[str, Any], *, dry_run: bool = False, quiet: bool | None
             report.planned.append((planned.source, planned.index, str(target)))
         report.failures = [str(p.error) for p in job.failures]
         return report
-    progress = Progress(len(job.todo) + len(job.failures), quiet, job.label, stream=stream)
-    return execute(job, progress)
+    out_kind, output, _ = resolve_output(merged)
+    with output_lock(output, out_kind, wait=merged["wait"], note=note):
+        # Under the lock: what the output holds now is what this run extends.
+        sweep_temporaries(output, out_kind)
+        job = prepare_job(merged, note=note)
+        progress = Progress(len(job.todo) + len(job.failures), quiet, job.label,
+                            stream=stream)
+        report = execute(job, progress)
+    write_summary(job, report)
+    return report

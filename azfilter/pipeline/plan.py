@@ -58,33 +58,118 @@ class Block:
     frames: list[Planned]
 
 
+def _integer(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(name, "").strip()
+    if not value or value.lower() == "undefined":   # SGE writes "undefined" outside arrays
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise AzfilterError(f"cannot read {name}={value!r} (an integer was expected); give "
+                            "--shard I/N") from None
+
+
+def _array_shard(environ: Mapping[str, str], scheduler: str, task: int, first: int,
+                 last: int, step: int, count: int | None = None) -> tuple[int, int]:
+    """(I, N) of array task ``task`` in first..last by step; refuses what is ambiguous."""
+    rerun = ("rerun one task with --shard I/N (I = its shard index, N = the number of "
+             "shards of the job)")
+    if step < 1 or last < first:
+        raise AzfilterError(f"{scheduler} array task {task}: range {first}-{last} step {step} "
+                            f"is not usable; {rerun}")
+    spaced = (last - first) // step + 1
+    if count is not None and count != spaced:
+        raise AzfilterError(
+            f"{scheduler} array task ids are not evenly spaced ({count} tasks between {first} "
+            f"and {last}, step {step}), so the shard of task {task} is ambiguous; submit an "
+            f"evenly spaced array (--array=0-{count - 1}) or {rerun}")
+    if spaced == 1:
+        # One task: a whole job, or one task of a bigger array resubmitted alone
+        # (--array=3)? The environment cannot tell, so say it rather than guess.
+        raise AzfilterError(
+            f"{scheduler} array of one task ({task}): cannot tell whether it is a whole job "
+            f"or one shard resubmitted; {rerun}, or --shard 0/1 for the whole job")
+    if (task - first) % step or not first <= task <= last:
+        raise AzfilterError(f"{scheduler} array task {task} is not in {first}-{last} step "
+                            f"{step}; {rerun}")
+    return (task - first) // step, spaced
+
+
+def _scheduler_array(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """The array task as (I, N) from SLURM, SGE, LSF or PBS variables, or None."""
+    task = _integer(environ, "SLURM_ARRAY_TASK_ID")
+    if task is not None:
+        count = _integer(environ, "SLURM_ARRAY_TASK_COUNT")
+        first = _integer(environ, "SLURM_ARRAY_TASK_MIN")
+        last = _integer(environ, "SLURM_ARRAY_TASK_MAX")
+        step = _integer(environ, "SLURM_ARRAY_TASK_STEP") or 1
+        if count is None:
+            raise AzfilterError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is "
+                                "not; give --shard I/N")
+        first = 0 if first is None else first
+        last = first + (count - 1) * step if last is None else last
+        return _array_shard(environ, "SLURM", task, first, last, step, count)
+    task = _integer(environ, "SGE_TASK_ID")
+    if task is not None:
+        first = _integer(environ, "SGE_TASK_FIRST")
+        last = _integer(environ, "SGE_TASK_LAST")
+        step = _integer(environ, "SGE_TASK_STEPSIZE") or 1
+        if first is None or last is None:
+            raise AzfilterError(f"SGE array task {task}: SGE_TASK_FIRST/SGE_TASK_LAST are not "
+                                "set; give --shard I/N")
+        return _array_shard(environ, "SGE", task, first, last, step)
+    task = _integer(environ, "LSB_JOBINDEX")
+    if task is not None and task > 0:
+        # LSF names the array in the job name: name[1-16] or name[1-16:2]; a list such as
+        # name[1,3,8] is not evenly spaced.
+        import re
+
+        match = re.search(r"\[(\d+)-(\d+)(?::(\d+))?\]$", environ.get("LSB_JOBNAME", ""))
+        if not match:
+            raise AzfilterError(
+                f"LSF array task {task}: the array range cannot be read from LSB_JOBNAME="
+                f"{environ.get('LSB_JOBNAME', '')!r} (a list of indices is not evenly "
+                "spaced); give --shard I/N")
+        first, last, step = int(match[1]), int(match[2]), int(match[3] or 1)
+        return _array_shard(environ, "LSF", task, first, last, step)
+    for name in ("PBS_ARRAY_INDEX", "PBS_ARRAYID"):
+        task = _integer(environ, name)
+        if task is not None:
+            # PBS does not tell a task how many tasks its array has.
+            raise AzfilterError(
+                f"PBS array task {task}: PBS does not give the number of tasks; give "
+                f"--shard I/N (e.g. --shard ${name}/16 for qsub -J 0-15)")
+    return None
+
+
 def environment_shard(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
-    """(I, N) of the SLURM array task this process runs in, or None.
+    """(I, N) of the array task or parallel task this process runs as, or None.
+
+    Recognised: SLURM arrays (``SLURM_ARRAY_TASK_*``, evenly spaced ids only), SGE
+    (``SGE_TASK_*``), LSF (``LSB_JOBINDEX`` with the range in ``LSB_JOBNAME``), and the
+    tasks of one ``srun -n N`` step (``SLURM_PROCID`` of ``SLURM_STEP_NUM_TASKS``, which
+    only srun sets: a batch script's own ``SLURM_NTASKS`` does not shard it). Inside an array
+    task, ``srun -n M`` splits that task's shard M ways. PBS arrays are recognised and refused
+    (PBS does not say how many tasks there are).
 
     Raises
     ------
     AzfilterError
-        When the variables cannot be read or do not describe one of N tasks.
+        When the variables are unreadable, ambiguous (one task, unevenly spaced ids) or
+        incomplete; the message says how to give ``--shard I/N``.
     """
     environ = os.environ if environ is None else environ
-    task_id = environ.get("SLURM_ARRAY_TASK_ID")
-    task_count = environ.get("SLURM_ARRAY_TASK_COUNT")
-    if not task_id or not task_count:
-        return None
-    try:
-        task = int(task_id)
-        count = int(task_count)
-        minimum = int(environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
-        step = int(environ.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
-    except ValueError:
-        raise AzfilterError(
-            f"cannot read the SLURM array task from SLURM_ARRAY_TASK_ID={task_id!r}, "
-            f"SLURM_ARRAY_TASK_COUNT={task_count!r}") from None
-    index = (task - minimum) // max(step, 1)
-    if count < 1 or not 0 <= index < count:
-        raise AzfilterError(f"SLURM array task {task} (min {minimum}, step {step}) is not one "
-                            f"of {count} tasks; give --shard I/N")
-    return index, count
+    array = _scheduler_array(environ)
+    step_tasks = _integer(environ, "SLURM_STEP_NUM_TASKS")
+    procid = _integer(environ, "SLURM_PROCID")
+    if step_tasks is not None and step_tasks > 1 and procid is not None:
+        if not 0 <= procid < step_tasks:
+            raise AzfilterError(f"SLURM_PROCID={procid} is not one of {step_tasks} tasks; "
+                                "give --shard I/N")
+        if array is None:
+            return procid, step_tasks
+        return array[0] * step_tasks + procid, array[1] * step_tasks
+    return array
 
 
 def absolute_source(item: Any) -> str:
@@ -145,6 +230,7 @@ def expand(inputs: list[str], recursive: bool, output: str | None = None,
 
     items: list[tuple[Any, str | None]] = []
     seen: set[tuple] = set()
+    duplicates = 0
     if output is not None and output != "-":
         seen.add((os.path.realpath(output), None))
     for spec in inputs:
@@ -162,6 +248,12 @@ def expand(inputs: list[str], recursive: bool, output: str | None = None,
             if key not in seen:
                 seen.add(key)
                 items.append((item, root))
+            elif key[0] != os.path.realpath(output or "\0"):
+                duplicates += 1
+    if duplicates and note is not None:
+        # Links to one file, a file named twice, overlapping globs: reduced once, said so.
+        note(f"{duplicates} input(s) name a file already in the job (the same file through "
+             "links or overlapping names); each file is reduced once")
     return items
 
 

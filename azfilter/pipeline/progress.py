@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 import time
@@ -59,6 +60,10 @@ class Progress:
         self._last_draw = 0.0
         self._last_log = self.start
         self._bar_shown = False
+        if self.tty and not quiet and total:
+            with self.lock:
+                self._draw(self.start)   # something shows before the first frame is done
+            self._last_draw = 0.0        # and the first frame redraws it
 
     def _clear(self) -> None:
         if self._bar_shown:
@@ -85,7 +90,9 @@ class Progress:
                     self._draw(now)
             elif now - self._last_log >= LOG_INTERVAL and self.done < self.total:
                 self._last_log = now
-                self.stream.write(f"azfilter: {self.label}: {self._status(now)}\n")
+                # log files (cron mail, SLURM output) get a timestamp on each line
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                self.stream.write(f"{stamp} azfilter: {self.label}: {self._status(now)}\n")
                 self.stream.flush()
 
     def _status(self, now: float) -> str:
@@ -99,10 +106,16 @@ class Progress:
 
     def _draw(self, now: float) -> None:
         self._last_draw = now
-        width = 30
-        filled = int(width * self.done / self.total) if self.total else width
-        bar = "#" * filled + "-" * (width - filled)
-        self.stream.write(f"\r\033[K{self.label} [{bar}] {self._status(now)}")
+        status = self._status(now)
+        # Fit the terminal: a line that wraps leaves a stale copy per update.
+        columns = shutil.get_terminal_size((80, 24)).columns - 1
+        width = min(30, columns - len(self.label) - len(status) - 4)
+        if width >= 5:
+            filled = int(width * self.done / self.total) if self.total else width
+            line = f"{self.label} [{'#' * filled}{'-' * (width - filled)}] {status}"
+        else:
+            line = f"{self.label} {status}"[:max(columns, 1)]
+        self.stream.write(f"\r\033[K{line}")
         self.stream.flush()
         self._bar_shown = True
 

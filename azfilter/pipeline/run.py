@@ -17,7 +17,9 @@ Every queue is bounded, so memory does not grow with the number of frames.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import queue
 import threading
@@ -30,11 +32,22 @@ from typing import Any
 
 from .. import config as cfg
 from ..errors import AzfilterError, FrameReadError, RunFailed
+from ..fileio import (
+    atomic_write_text,
+    lock_path,
+    sweep_folder,
+    sweep_stale_temporaries,
+)
+from ..manifest import Manifest
 from ..poni import format_poni
+from ..resources import usable_cores
 from ..vocabulary import METHOD_OF
 from . import plan as planning
+from .monitor import MonitorReader, divide_by_monitor
 from .plan import Block, Planned
 from .progress import Progress, plural
+
+logger = logging.getLogger(__name__)
 
 # Frames each reader may have decoded ahead of the reducer (memory stays flat).
 READ_AHEAD = 2
@@ -68,6 +81,7 @@ class Job:
     writer: Any = None
     integrator: Any = None
     notes: list[str] = field(default_factory=list)
+    manifest: Manifest | None = None
 
     @property
     def label(self) -> str:
@@ -109,7 +123,8 @@ def operation_parameters(config: dict[str, Any]) -> dict[str, Any]:
     keys = ["npt", "unit", "split", "error_model"] + list(
         cfg.OPERATION_KEYS[config["operation"]]) + [
         "mask", "dark", "flat", "polarization", "solid_angle", "normalization",
-        "radial_range", "azimuth_range", "backend", "device"]
+        "radial_range", "azimuth_range", "backend", "device", "wavelength", "energy",
+        "dummy", "delta_dummy", "monitor"]
     parameters = {}
     for key in keys:
         value = config.get(key)
@@ -152,6 +167,7 @@ def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | Non
         if shape:
             geometry = dataclasses.replace(
                 geometry, detector=geometry.detector.with_shape(tuple(shape)))
+            check_npt(config["npt"], geometry.detector.shape)
     pixel_mask = None
     if first_item is not None:
         from ..frames import pixel_mask_for
@@ -168,12 +184,75 @@ def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | Non
         device=config["device"], mask=config["mask"], dark=config["dark"], flat=config["flat"],
         polarization=config["polarization"], solid_angle=config["solid_angle"],
         radial_range=config["radial_range"], azimuth_range=config["azimuth_range"],
-        normalization=config["normalization"], threads=config["threads"],
-        pixel_mask=pixel_mask,
+        normalization=config["normalization"],
+        threads=config["threads"] or usable_cores(), pixel_mask=pixel_mask,
     )
     if integrator.shape is not None:
         integrator.table(config["split"])
     return integrator
+
+
+def resolve_output(config: dict[str, Any]) -> tuple[str, str, tuple[int, int] | None]:
+    """(kind, path, shard) of a job's output: ``out.h5`` becomes ``out_shard02of16.h5`` in
+    shard 2 of 16 (given by ``--shard`` or the scheduler's environment).
+
+    Raises
+    ------
+    AzfilterError
+        For an output name of no known kind, or an ambiguous array task.
+    """
+    shard = cfg.parse_shard(config["shard"]) if config.get("shard") else \
+        planning.environment_shard()
+    out_kind = planning.output_kind(config["output"])
+    output = planning.shard_output(config["output"], shard) if out_kind == "hdf5" else \
+        config["output"]
+    return out_kind, output, shard
+
+
+#: Bins per detector pixel above which a job is refused: more bins than pixels leaves most
+#: bins empty and made medfilt allocate tens of GiB (--npt 10000000).
+MAX_BINS_PER_PIXEL = 1
+
+
+#: h·c in keV·Å: wavelength [Å] = HC_KEV_ANGSTROM / energy [keV]
+HC_KEV_ANGSTROM = 12.398419843320026
+
+
+def apply_overrides(geometry: Any, config: dict[str, Any]) -> Any:
+    """The PONI geometry with the job's ``wavelength``/``energy`` and ``dummy``/
+    ``delta_dummy`` in place of the file's and the detector's."""
+    wavelength = config.get("wavelength")
+    if config.get("energy") is not None:
+        wavelength = HC_KEV_ANGSTROM / config["energy"]
+    if wavelength is not None:
+        geometry = dataclasses.replace(geometry, wavelength=wavelength * 1e-10)
+    if config.get("dummy") is not None or config.get("delta_dummy") is not None:
+        detector = geometry.detector
+        dummy = config["dummy"] if config.get("dummy") is not None else detector.dummy
+        if dummy is None:
+            raise AzfilterError("--delta-dummy needs --dummy (the detector has no dummy value)")
+        delta = config["delta_dummy"] if config.get("delta_dummy") is not None else (
+            detector.delta_dummy if config.get("dummy") is None else 0.0)
+        geometry = dataclasses.replace(
+            geometry, detector=dataclasses.replace(detector, dummy=dummy, delta_dummy=delta))
+    return geometry
+
+
+def check_npt(npt: int, shape: tuple[int, int] | None) -> None:
+    """Refuse more radial bins than the detector has pixels.
+
+    Raises
+    ------
+    AzfilterError
+        Naming the limit.
+    """
+    if shape is None:
+        return
+    pixels = int(shape[0]) * int(shape[1])
+    if npt > MAX_BINS_PER_PIXEL * pixels:
+        raise AzfilterError(f"--npt {npt}: more radial bins than the detector's {pixels} "
+                            "pixels; most would stay empty (choose at most the pixel count, "
+                            "typically the larger image dimension)")
 
 
 def prepare_job(config: dict[str, Any], dry_run: bool = False,
@@ -197,12 +276,10 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     from ..output import NexusWriter, OutputMeta, geometry_lines
     from ..poni import load_poni
 
-    shard = cfg.parse_shard(config["shard"]) if config.get("shard") else \
-        planning.environment_shard()
-    geometry = load_poni(config["poni"])
+    out_kind, output, shard = resolve_output(config)
     output_arg = config["output"]
-    out_kind = planning.output_kind(output_arg)
-    output = planning.shard_output(output_arg, shard) if out_kind == "hdf5" else output_arg
+    geometry = apply_overrides(load_poni(config["poni"]), config)
+    check_npt(config["npt"], geometry.detector.shape)
     notes: list[str] = []
 
     def noted(text: str) -> None:
@@ -212,13 +289,17 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
 
     items = planning.expand(config["inputs"], config["recursive"],
                             output if out_kind == "hdf5" else None, noted)
-    plan = planning.select_shard(
-        planning.plan_frames(items, out_kind, output, config["unit"]), shard)
+    whole_job = planning.plan_frames(items, out_kind, output, config["unit"])
+    # Text names must be unique over the whole job, not only this shard: two tasks of an
+    # array writing a/img_0000.cbf and b/img_0000.cbf to one out/img_0000.dat lose one.
+    planning.check_collisions([p for p in whole_job if p.error is None])
+    manifest = Manifest.of(((p.source, p.index) for p in whole_job),
+                           shards=1 if shard is None else shard[1])
+    plan = planning.select_shard(whole_job, shard)
     frames = [p for p in plan if p.error is None]
     if out_kind in ("stdout", "textfile") and len(frames) > 1:
         raise AzfilterError(f"-o {output_arg} takes one frame, but the inputs hold "
                             f"{len(frames)}; give a directory (out/) or an .h5 file")
-    planning.check_collisions(frames)
 
     job_config = cfg.job_config(config)
     job_config["output"] = os.path.abspath(output_arg) if output_arg != "-" else "-"
@@ -226,7 +307,7 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
         operation=config["operation"], unit=config["unit"],
         parameters=operation_parameters(config), poni_text=format_poni(geometry),
         geometry=geometry_lines(geometry), config=job_config,
-        shard=None if shard is None else f"{shard[0]}/{shard[1]}",
+        shard=None if shard is None else f"{shard[0]}/{shard[1]}", manifest=manifest,
     )
     mode = "overwrite" if config["overwrite"] else (
         "append" if config["skip_existing"] else "new")
@@ -239,7 +320,7 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
             skipped += more
     job = Job(config=config, geometry=geometry, out_kind=out_kind, output=output, shard=shard,
               todo=todo, skipped=skipped, failures=[p for p in plan if p.error is not None],
-              meta=meta, writer=writer, notes=notes)
+              meta=meta, writer=writer, notes=notes, manifest=manifest)
     if dry_run:
         return job
     # The integrator (lookup table) only when there is work: a cron run that finds nothing
@@ -253,6 +334,113 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
         if empty_output and writer is not None and job.integrator.shape is not None:
             writer.start(job.integrator.table(config["split"]).radial)
     return job
+
+
+@contextlib.contextmanager
+def output_lock(output: str, out_kind: str, wait: bool = True,
+                note: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the output's lock (:func:`azfilter.fileio.lock_path`) for a whole run.
+
+    Two runs on one output (two cron jobs extending one .h5, a rerun while the first still
+    writes) serialise: the second waits, then plans against what the first wrote. With
+    ``wait=False`` the second is refused instead. The lock is ``flock``-based (the
+    ``filelock`` package): reliable on local disks and on NFS v4 / Lustre / GPFS mounts that
+    forward ``flock``; the README says what to check on other shared file systems.
+
+    Raises
+    ------
+    AzfilterError
+        When the lock file cannot be created, or is held and ``wait`` is False.
+    """
+    if out_kind == "stdout":
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    path = lock_path(output)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not wait:
+                raise AzfilterError(f"{output}: another azfilter run is writing this output "
+                                    f"(lock {path}); try again later") from None
+            if note is not None:
+                note(f"{output}: waiting for another azfilter run writing it (lock {path})")
+            lock.acquire()
+    except OSError as err:
+        raise AzfilterError(f"{path}: cannot create the output's lock file: "
+                            f"{err.strerror or err}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def sweep_temporaries(output: str, out_kind: str) -> list[Path]:
+    """Remove the temporary files that killed runs left for this output (their process is
+    gone; files of live processes or other hosts are kept)."""
+    if out_kind == "stdout":
+        return []
+    if out_kind == "textdir":
+        removed: list[Path] = []
+        for folder, _, _ in os.walk(output):
+            removed += sweep_folder(folder)
+        return removed
+    return sweep_stale_temporaries(output)
+
+
+def summary_path(job: Job) -> Path | None:
+    """Where the per-task summary goes, next to the output: ``OUT.h5.summary.json`` for an
+    HDF5 output, ``DIR.summary.json`` (``DIR_shardIofN.summary.json`` in an array) for a
+    directory of text outputs; none for stdout or a single text file."""
+    if job.out_kind == "hdf5":
+        return Path(f"{job.output}.summary.json")
+    if job.out_kind == "textdir":
+        folder = os.path.abspath(job.output)
+        suffix = "" if job.shard is None else f"_shard{job.shard[0]}of{job.shard[1]}"
+        return Path(f"{folder}{suffix}.summary.json")
+    return None
+
+
+def write_summary(job: Job, report: JobReport) -> Path | None:
+    """Write the per-task summary (JSON): frames planned/reduced/skipped/failed with each
+    failure, times, host, shard, manifest digest. Returns its path (None when not written;
+    a summary that cannot be written is a warning in the report, never a failed run)."""
+    import json
+    import socket
+
+    from .. import __version__
+
+    path = summary_path(job)
+    if path is None:
+        return None
+    finished = time.time()
+    summary = {
+        "program": "azfilter", "version": __version__, "label": job.label,
+        "operation": job.config["operation"], "output": os.path.abspath(job.output),
+        "shard": None if job.shard is None else f"{job.shard[0]}/{job.shard[1]}",
+        "host": socket.gethostname(), "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                 time.localtime(finished - report.elapsed)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
+        "elapsed_s": round(report.elapsed, 3),
+        "frames_planned": len(job.todo) + job.skipped + len(job.failures),
+        "reduced": report.reduced, "skipped": report.skipped, "failed": report.failed,
+        "failures": report.failures,
+        "manifest_sha256": None if job.manifest is None else job.manifest.digest,
+        "manifest_frames": None if job.manifest is None else len(job.manifest),
+        "backend": job.config.get("backend"), "threads": job.config.get("threads"),
+        "exit_status": 0 if report.ok else 3,
+    }
+    try:
+        atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
+    except OSError as err:
+        report.notes.append(f"{path}: cannot write the run summary: {err.strerror or err}")
+        return None
+    return path
 
 
 def _make_sink(job: Job) -> Any:
@@ -278,10 +466,15 @@ def execute(job: Job, progress: Progress) -> JobReport:
     counters = Counters(skipped=job.skipped)
     started = time.monotonic()
 
+    sink = _make_sink(job)
+
     def fail(error: Exception, frames: int = 1) -> None:
         with counters.lock:
             counters.failed += frames
             report.failures.append(str(error))
+            record = getattr(sink, "record_failure", None)
+            if record is not None:   # the output lists its failed frames
+                record(getattr(error, "source", ""), getattr(error, "index", None), str(error))
         progress.message(f"azfilter: failed: {error}")
         for _ in range(frames):
             progress.step(failed=True)
@@ -289,7 +482,7 @@ def execute(job: Job, progress: Progress) -> JobReport:
     for failure in job.failures:
         fail(failure.error)
     try:
-        _stream(job, _make_sink(job), progress, counters, fail)
+        _stream(job, sink, progress, counters, fail)
     finally:
         progress.close()
         report.elapsed = time.monotonic() - started
@@ -436,21 +629,36 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     # enough for every frame the read-ahead queues can hold, plus the readers' and the
     # engine's own.
     readers = 1 if threads == 1 else 2
-    buffers = _frame_buffers(integrator, (readers + 1) * (READ_AHEAD + 1) + 4)
+    buffers = integrator.frame_buffers((readers + 1) * (READ_AHEAD + 1) + 4)
     method, params = reduction_parameters(job.config)
+    logger.info("%s: %d frames; backend %s%s, engine threads %s, %d reader threads, "
+                "%d cores usable", job.label, len(job.todo), job.config["backend"],
+                f" (device {job.config['device']})" if job.config.get("device") else "",
+                integrator.threads, readers, usable_cores())
     interrupted: BaseException | None = None
     read_stop = threading.Event()
     # frame source and buffer of each frame in the engine, until its result is back
     in_flight: dict[int, tuple[str, Any]] = {}
 
+    monitor = MonitorReader(job.config["monitor"]) if job.config.get("monitor") else None
+    monitors: dict[int, float] = {}
+
     def frames() -> Iterator[tuple[Planned, Any]]:
         for planned, frame in _read_frames(job.todo, threads, buffers, read_stop, fail):
+            if monitor is not None:
+                try:
+                    monitors[id(planned)] = monitor.value(frame)
+                except FrameReadError as err:
+                    buffers.give_back(frame.data)
+                    fail(err, 1)
+                    continue
             in_flight[id(planned)] = (_frame_source(frame), frame.data)
             yield planned, frame.data
 
     try:
-        for planned, outcome in _process_many(integrator, frames(), method, params):
+        for planned, outcome in integrator.process_many(frames(), method, **params):
             frame_source, data = in_flight.pop(id(planned))
+            frame_monitor = monitors.pop(id(planned), 1.0)
             buffers.give_back(data)   # the engine has read it: reuse the buffer
             if stop.is_set():
                 break
@@ -459,6 +667,8 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
                     f"reduction failed: {type(outcome).__name__}: {outcome}")
                 fail(FrameReadError(planned.source, planned.index, reason), 1)
                 continue
+            if monitor is not None:
+                outcome = divide_by_monitor(outcome, frame_monitor)
             if not _put(write_queue, (planned, frame_source, outcome), stop):
                 break
     except BaseException as err:  # KeyboardInterrupt, SIGTERM: clean up, then re-raise
@@ -476,35 +686,8 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
         raise interrupted
     if writer_error:
         err = writer_error[0]
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise RunFailed(f"cannot write the output: {reason}")
+        if isinstance(err, OSError) and err.strerror:
+            where = err.filename or job.output
+            raise RunFailed(f"{where}: cannot write the output: {err.strerror}")
+        raise RunFailed(f"{job.output}: cannot write the output: {err}")
     sink.close()
-
-
-# TEMPORARY until the engines branch lands (Integrator.process_many / frame_buffers).
-class _NoBuffers:
-    def take(self, shape: Any, dtype: Any) -> None:
-        return None
-
-    def fill(self, data: Any) -> Any:
-        return data
-
-    def give_back(self, data: Any) -> None:
-        return None
-
-
-def _frame_buffers(integrator: Any, capacity: int) -> Any:
-    if hasattr(integrator, "frame_buffers"):
-        return integrator.frame_buffers(capacity)
-    return _NoBuffers()
-
-
-def _process_many(integrator: Any, frames: Any, method: str, params: dict) -> Iterator:
-    if hasattr(integrator, "process_many"):
-        yield from integrator.process_many(frames, method, **params)
-        return
-    for tag, data in frames:
-        try:
-            yield tag, getattr(integrator, method)(data, **params)
-        except Exception as err:  # noqa: BLE001
-            yield tag, err

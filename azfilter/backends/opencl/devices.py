@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 from ...errors import AzfilterError
+from .. import OPENCL_INSTALL_HINT
 
 _CONTEXTS: dict[tuple[int, int], Any] = {}
 _LOCK = threading.Lock()
@@ -20,8 +21,8 @@ def import_pyopencl():
     try:
         import pyopencl
     except ImportError as err:
-        raise AzfilterError(f"OpenCL backend unavailable: pyopencl is not installed ({err})") \
-            from err
+        raise AzfilterError(f"OpenCL backend unavailable: pyopencl is not installed: "
+                            f"{OPENCL_INSTALL_HINT}") from err
     return pyopencl
 
 
@@ -97,9 +98,8 @@ def opencl_status() -> str:
     """
     try:
         import pyopencl as cl
-    except ImportError as err:
-        return (f"OpenCL unavailable: pyopencl is not installed ({err}); "
-                "pip install pyopencl")
+    except ImportError:
+        return f"OpenCL unavailable: pyopencl is not installed: {OPENCL_INSTALL_HINT}"
     try:
         platforms = cl.get_platforms()
     except Exception as err:   # PLATFORM_NOT_FOUND_KHR when the ICD loader finds no driver

@@ -1,0 +1,334 @@
+"""Direct chunk reads: the raw bytes of an HDF5 chunk holding one frame, decoded outside h5py.
+
+h5py reads and decodes every chunk behind one global lock, so a multi-threaded reader gains
+nothing from it.  For datasets chunked one frame per chunk (Eiger, NeXus and what most
+detectors write), :func:`direct_layout` finds where each chunk lies in its file
+(``get_chunk_info``, under h5py's lock, cheap), the bytes are read with plain ``os.pread``
+(no lock, from any thread) and :func:`decode_chunk` decodes them with imagecodecs, whose
+codecs release the GIL.  Filters covered: bitshuffle-LZ4 (32008), LZ4 (32004), deflate (1),
+byte shuffle (2, alone or before deflate) and none; anything else, a chunk whose filters were
+skipped, an unallocated chunk or a layout that is not one frame per chunk is read through
+h5py instead (the caller falls back; :func:`direct_layout` returns None).
+
+The chunk formats, as the HDF5 filters write them:
+
+- bitshuffle-LZ4: 8-byte big-endian total size, 4-byte big-endian block size in bytes, then
+  per block a 4-byte big-endian compressed size and an LZ4 block of the bit-shuffled elements.
+- LZ4 (HDF5 filter 32004): the same framing; a block whose stored size equals its decoded
+  size is stored uncompressed.
+- deflate: a zlib stream; shuffle: byte ``k`` of element ``i`` is at ``k * n + i``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: HDF5 filter codes decoded here.
+FILTER_DEFLATE = 1
+FILTER_SHUFFLE = 2
+FILTER_LZ4 = 32004
+FILTER_BITSHUFFLE = 32008
+_BITSHUFFLE_LZ4 = 2                 # bitshuffle's cd_values[4]: 2 = LZ4 compression
+_HEADER = struct.Struct(">QI")      # total decoded bytes, block size in bytes
+_BLOCK_SIZE = struct.Struct(">I")
+
+# The pipelines decoded directly, as tuples of filter codes in the order HDF5 applies them
+# when writing (decoding runs them backwards).
+_SUPPORTED = {(), (FILTER_BITSHUFFLE,), (FILTER_LZ4,), (FILTER_DEFLATE,),
+              (FILTER_SHUFFLE,), (FILTER_SHUFFLE, FILTER_DEFLATE)}
+
+
+class ChunkError(ValueError):
+    """A chunk's bytes do not decode to one frame (corrupt or truncated chunk)."""
+
+
+@dataclass(frozen=True)
+class DirectLayout:
+    """How to read the frames of one dataset chunk by chunk, without h5py.
+
+    Attributes
+    ----------
+    filename : str
+        The file that holds the chunks (for an Eiger master, the linked data file).
+    base : int
+        Added to the chunk addresses HDF5 reports (the file's user block size).
+    filters : tuple of int
+        The filter codes, in the order they were applied when writing.
+    shape : tuple of int
+        One frame's shape (rows, cols).
+    dtype : numpy.dtype
+        The frame dtype (native byte order).
+    leading : tuple of int
+        The stack's leading dimensions (empty for a single 2-D frame).
+    pread : bool
+        True when the chunks can be read from ``filename`` with ``os.pread``; else their
+        bytes come from h5py's ``read_direct_chunk`` (under its lock; decoded outside it).
+    """
+
+    filename: str
+    base: int
+    filters: tuple[int, ...]
+    shape: tuple[int, int]
+    dtype: np.dtype
+    leading: tuple[int, ...]
+    pread: bool = True
+
+    @property
+    def nbytes(self) -> int:
+        """Decoded bytes of one frame."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _filters_of(dataset) -> tuple[tuple[int, ...], list[tuple[int, ...]]] | None:
+    plist = dataset.id.get_create_plist()
+    codes, values = [], []
+    for i in range(plist.get_nfilters()):
+        code, _flags, cd_values, _name = plist.get_filter(i)
+        codes.append(int(code))
+        values.append(tuple(int(v) for v in cd_values))
+    return tuple(codes), values
+
+
+def direct_layout(dataset) -> DirectLayout | None:
+    """The :class:`DirectLayout` of an h5py dataset, or None when h5py must read it.
+
+    Direct reads need: a chunked dataset (not virtual, not external raw storage) with one
+    frame per chunk, a numeric dtype in native byte order, and a filter pipeline this module
+    decodes (see the module docstring).
+    """
+    try:
+        import h5py
+
+        if dataset.ndim < 2 or dataset.chunks is None or dataset.is_virtual:
+            return None
+        if dataset.external:
+            return None
+        shape = tuple(int(n) for n in dataset.shape[-2:])
+        if tuple(dataset.chunks[-2:]) != shape or any(c != 1 for c in dataset.chunks[:-2]):
+            return None
+        dtype = dataset.dtype
+        if dtype.kind not in "iuf" or not dtype.isnative or dtype.itemsize not in (1, 2, 4, 8):
+            return None
+        found = _filters_of(dataset)
+        if found is None:
+            return None
+        codes, values = found
+        if codes not in _SUPPORTED:
+            return None
+        if FILTER_BITSHUFFLE in codes:
+            cd = values[codes.index(FILTER_BITSHUFFLE)]
+            if len(cd) < 5 or cd[4] != _BITSHUFFLE_LZ4:
+                return None             # bitshuffle alone or with zstd: h5py reads it
+        if dataset.id.get_offset() is not None:
+            return None                 # contiguous storage (not chunked after all)
+        if not isinstance(dataset.id, h5py.h5d.DatasetID):
+            return None
+        base = int(dataset.file.id.get_create_plist().get_userblock())
+        filename = dataset.file.filename
+        # chunk addresses are offsets in the file only with HDF5's default (sec2) driver;
+        # get_chunk_info needs HDF5 >= 1.10.5
+        pread = (os.path.isfile(filename) and dataset.file.driver == "sec2"
+                 and hasattr(dataset.id, "get_chunk_info_by_coord"))
+        return DirectLayout(filename, base, codes, shape, np.dtype(dtype),
+                            tuple(int(n) for n in dataset.shape[:-2]), pread)
+    except Exception:                   # any doubt: h5py reads it
+        return None
+
+
+def chunk_coordinates(layout: DirectLayout, local: int) -> tuple[int, ...]:
+    """The chunk coordinates (dataset indices of its first element) of frame ``local``."""
+    leading = tuple(int(i) for i in np.unravel_index(local, layout.leading)) \
+        if layout.leading else ()
+    return leading + (0, 0)
+
+
+def chunk_location(dataset, layout: DirectLayout, local: int) -> tuple[int, int] | None:
+    """(file offset, size) of the chunk holding frame ``local`` of ``dataset``, or None when
+    the chunk is not stored (fill value) or a filter was skipped for it (h5py reads it)."""
+    info = dataset.id.get_chunk_info_by_coord(chunk_coordinates(layout, local))
+    if info.byte_offset is None or info.filter_mask != 0 or info.size <= 0:
+        return None
+    return layout.base + int(info.byte_offset), int(info.size)
+
+
+def read_exactly(fd: int, size: int, offset: int, into: Any = None) -> Any:
+    """``size`` bytes at ``offset`` of an open file (``os.pread``, no lock), into ``into``
+    (a writable buffer of ``size`` bytes) when given.
+
+    Raises
+    ------
+    ChunkError
+        When the file ends before ``size`` bytes (a truncated file).
+    """
+    if into is None:
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ChunkError(f"file ends inside a chunk ({len(data)} of {size} bytes)")
+        return data
+    view = memoryview(into).cast("B")
+    done = 0
+    while done < size:
+        got = os.preadv(fd, [view[done:size]], offset + done)
+        if got <= 0:
+            raise ChunkError(f"file ends inside a chunk ({done} of {size} bytes)")
+        done += got
+    return into
+
+
+def _codecs():
+    import imagecodecs
+
+    return imagecodecs
+
+
+def _lz4_blocks_are_all_compressed(raw, block_bytes: int, total: int) -> bool:
+    """True when no block of a bitshuffle-LZ4 chunk is stored with its decoded size.
+
+    imagecodecs' LZ4 framing (the HDF5 LZ4 filter's) copies such a block verbatim, while in a
+    bitshuffle chunk it is still LZ4 data; such chunks (which need a block that LZ4 did not
+    shrink at all, i.e. random bits) are left to h5py.  The walk over the block headers costs
+    about 0.4 us per 8 KiB block.
+    """
+    unpack = _BLOCK_SIZE.unpack_from
+    full, last = divmod(total, block_bytes)
+    position, end = 12, len(raw) - 4
+    for _ in range(full):
+        if position > end:
+            return True                 # truncated: the decoder reports it
+        size = unpack(raw, position)[0]
+        if size == block_bytes:
+            return False
+        position += 4 + size
+    return not (last and position <= end and unpack(raw, position)[0] == last)
+
+
+class NeedsH5py(Exception):
+    """This chunk cannot be decoded here (not a decoding error): read it through h5py."""
+
+
+_scratch = threading.local()
+
+
+def _scratch_bytes(nbytes: int) -> np.ndarray:
+    """A per-thread byte array of ``nbytes`` for intermediate results (reused: fresh memory
+    costs page faults that take as long as the decoding)."""
+    array = getattr(_scratch, "array", None)
+    if array is None or array.size < nbytes:
+        array = _scratch.array = np.empty(nbytes, np.uint8)
+    return array[:nbytes]
+
+
+def chunk_scratch(nbytes: int) -> memoryview:
+    """A per-thread writable buffer of ``nbytes`` to read one raw chunk into (reused)."""
+    buffer = getattr(_scratch, "chunk", None)
+    if buffer is None or len(buffer) < nbytes:
+        buffer = _scratch.chunk = bytearray(nbytes)
+    return memoryview(buffer)[:nbytes]
+
+
+def _check_length(data, expected: int, what: str) -> None:
+    if len(data) != expected:
+        raise ChunkError(f"{what} data decodes to {len(data)} bytes, expected {expected}")
+
+
+def _unshuffle(data: Any, out: np.ndarray) -> None:
+    """Undo HDF5's byte shuffle of ``data`` into ``out``."""
+    itemsize = out.dtype.itemsize
+    planes = np.frombuffer(data, np.uint8).reshape(itemsize, -1)
+    np.copyto(out.reshape(-1).view(np.uint8).reshape(-1, itemsize), planes.T)
+
+
+def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray) -> None:
+    if len(raw) < 12:
+        raise ChunkError(f"bitshuffle-LZ4 chunk of {len(raw)} bytes (no header)")
+    ic = _codecs()
+    nbytes = layout.nbytes
+    total, block_bytes = _HEADER.unpack_from(raw, 0)
+    itemsize = layout.dtype.itemsize
+    if total != nbytes:
+        raise ChunkError(f"bitshuffle-LZ4 header says {total} bytes, expected {nbytes}")
+    if block_bytes <= 0 or block_bytes % (8 * itemsize):
+        raise ChunkError(f"bitshuffle-LZ4 header has block size {block_bytes}")
+    # The last n % 8 elements (Eiger 4M: 2167 x 2070 pixels, 2 of them) follow the blocks
+    # as they are, neither shuffled nor compressed.
+    flat = out.reshape(-1)
+    nelements = flat.size
+    shuffled_count = nelements - nelements % 8
+    tail_bytes = (nelements - shuffled_count) * itemsize
+    blocks_bytes = shuffled_count * itemsize
+    if not _lz4_blocks_are_all_compressed(raw, block_bytes, blocks_bytes):
+        raise NeedsH5py
+    if tail_bytes:
+        if len(raw) < 12 + tail_bytes:
+            raise ChunkError(f"bitshuffle-LZ4 chunk of {len(raw)} bytes is too short")
+        flat[shuffled_count:] = np.frombuffer(raw, layout.dtype, count=nelements - shuffled_count,
+                                              offset=len(raw) - tail_bytes)
+        # imagecodecs' LZ4 framing decodes as many bytes as its header says: the header must
+        # count the blocks only (patched in place when the caller's buffer is writable)
+        if not (isinstance(raw, memoryview) and not raw.readonly):
+            raw = bytearray(raw)
+        _HEADER.pack_into(raw, 0, blocks_bytes, block_bytes)
+        raw = memoryview(raw)[:len(raw) - tail_bytes]
+    # decoded into scratch memory; a short result (blocks missing) is a view shorter than the
+    # scratch array
+    shuffled = ic.lz4h5_decode(raw, out=_scratch_bytes(blocks_bytes))
+    _check_length(shuffled, blocks_bytes, "bitshuffle-LZ4")
+    ic.bitshuffle_decode(np.frombuffer(shuffled, layout.dtype),
+                         blocksize=block_bytes // itemsize, out=flat[:shuffled_count])
+
+
+def decode_chunk(raw: Any, layout: DirectLayout, out: np.ndarray) -> np.ndarray:
+    """Decode one frame's chunk bytes ``raw`` into ``out`` (C-contiguous, ``layout.shape``,
+    ``layout.dtype``); the codecs run outside the GIL.  A writable ``raw`` (memoryview) may
+    be changed (bitshuffle-LZ4 headers are patched in place).
+
+    Raises
+    ------
+    ChunkError
+        When the bytes do not decode to exactly one frame.
+    NeedsH5py
+        When this chunk must be read through h5py (a bitshuffle-LZ4 block stored verbatim).
+    """
+    ic = _codecs()
+    nbytes = layout.nbytes
+    filters = layout.filters
+    try:
+        if filters == ():
+            _check_length(raw, nbytes, "uncompressed")
+            np.copyto(out.reshape(-1).view(np.uint8), np.frombuffer(raw, np.uint8))
+        elif filters == (FILTER_BITSHUFFLE,):
+            _decode_bitshuffle_lz4(raw, layout, out)
+        elif filters == (FILTER_LZ4,):
+            decoded = ic.lz4h5_decode(raw, out=out.reshape(-1).view(np.uint8))
+            _check_length(decoded, nbytes, "LZ4")
+        elif filters == (FILTER_DEFLATE,):
+            # libdeflate (zlib stream), straight into the frame
+            decoded = ic.deflate_decode(raw, out=out.reshape(-1).view(np.uint8))
+            _check_length(decoded, nbytes, "deflate")
+        elif filters == (FILTER_SHUFFLE,):
+            _check_length(raw, nbytes, "shuffled")
+            _unshuffle(raw, out)
+        elif filters == (FILTER_SHUFFLE, FILTER_DEFLATE):
+            shuffled = ic.deflate_decode(raw, out=_scratch_bytes(nbytes))
+            _check_length(shuffled, nbytes, "shuffle+deflate")
+            _unshuffle(shuffled, out)
+        else:                           # direct_layout only accepts the pipelines above
+            raise NeedsH5py
+    except (ChunkError, NeedsH5py):
+        raise
+    except Exception as exc:            # the codecs' own errors: a corrupt chunk
+        raise ChunkError(f"{_pipeline_name(filters)} chunk does not decode "
+                         f"({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def _pipeline_name(filters: tuple[int, ...]) -> str:
+    names = {FILTER_DEFLATE: "deflate", FILTER_SHUFFLE: "shuffle", FILTER_LZ4: "LZ4",
+             FILTER_BITSHUFFLE: "bitshuffle-LZ4"}
+    return "+".join(names[f] for f in filters) or "uncompressed"

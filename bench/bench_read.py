@@ -1,0 +1,355 @@
+"""Read throughput (frames/s): h5py and fabio against azfilter's parallel stream.
+
+(a) An Eiger 4M uint32 bitshuffle-LZ4 stack (the stack of ``bench_cli.py``, made once and
+    reused; at most 100 frames here): h5py's own read (``dataset[i]``, its filter pipeline),
+    ``open_frames`` (today's reader) and ``iter_frames`` (direct chunk reads + imagecodecs)
+    at 1 and 2 workers; also each decoder alone, per frame (CPU ms).
+(b) 100 Pilatus 1M CBF files (the real AgBh frame with fresh Poisson noise per file, written
+    by fabio): plain ``fabio.open``, ``open_frames``, ``iter_frames`` at 1 and 2 workers.
+(c) Whether each decoder releases the GIL: while a thread calls it in a loop, the main thread
+    counts pure-Python steps; a call that holds the GIL stops the main thread for its whole
+    length (control: ``bytes.translate``), one that releases it does not (control: sleep).
+
+Files are read once before timing (page cache).  Each rate is the best of ``--repeat`` runs
+(the least disturbed by other processes on a shared machine); the medians are in the JSON.
+
+Usage: ``python bench/bench_read.py [--frames 50] [--cbf-files 100] [--repeat 3] [--json F]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_cli import (  # noqa: E402  (after the path set-up)
+    H5PATH,
+    PILATUS_FRAME,
+    eiger_stack,
+    machine_info,
+    read_page_cache,
+)
+
+
+def rate(run, n: int, repeat: int) -> dict[str, float]:
+    """frames/s of ``run()`` (which reads ``n`` frames), best and median of ``repeat``; and
+    the cores it kept busy (process CPU time / wall time, of the best run): above 1 only when
+    threads decode at the same time, i.e. outside the GIL, and when other processes leave a
+    second core free."""
+    runs = []
+    for _ in range(repeat):
+        start, cpu = time.perf_counter(), time.process_time()
+        got = run()
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        if got != n:
+            sys.exit(f"bench_read: read {got} frames, expected {n}")
+        runs.append((n / elapsed, cpu / elapsed))
+    best = max(runs)
+    return {"best": round(best[0], 1), "median": round(statistics.median(r[0] for r in runs), 1),
+            "cores_busy": round(best[1], 2)}
+
+
+def count_frames_of(stream) -> int:
+    from azfilter.frames import Frame
+
+    count = 0
+    for result in stream:
+        if not isinstance(result, Frame):
+            sys.exit(f"bench_read: {result}")
+        count += 1
+    return count
+
+
+# ============================================================================ (a) Eiger stack
+
+
+def eiger_rates(stack: Path, n: int, repeat: int) -> dict[str, Any]:
+    import h5py
+    import hdf5plugin  # noqa: F401  (the bitshuffle filter for h5py)
+
+    from azfilter.frames import expand_inputs, iter_frames, open_frames
+
+    items = expand_inputs(str(stack))
+
+    def h5py_read() -> int:
+        with h5py.File(stack, "r") as h5:
+            dset = h5[H5PATH]
+            for i in range(dset.shape[0]):
+                dset[i]
+            return dset.shape[0]
+
+    rows = {"h5py dataset[i] (filter pipeline)": rate(h5py_read, n, repeat),
+            "azfilter open_frames (today's reader)":
+                rate(lambda: count_frames_of(open_frames(items)), n, repeat)}
+    for workers in (1, 2):
+        rows[f"azfilter iter_frames, {workers} worker{'s' if workers > 1 else ''}"] = rate(
+            lambda w=workers: count_frames_of(iter_frames(items, workers=w)), n, repeat)
+    return rows
+
+
+def decoder_costs(stack: Path, repeat: int) -> dict[str, float]:
+    """CPU ms per Eiger 4M frame of each decoding step, on one thread."""
+    import h5py
+    import hdf5plugin  # noqa: F401  (the bitshuffle filter for h5py)
+    import imagecodecs
+    import numpy as np
+
+    from azfilter.frames import chunks
+
+    with h5py.File(stack, "r") as h5:
+        dset = h5[H5PATH]
+        layout = chunks.direct_layout(dset)
+        raws = [dset.id.read_direct_chunk((i, 0, 0))[1] for i in range(min(8, dset.shape[0]))]
+        frames = [dset[i] for i in range(len(raws))]
+        out = np.empty(layout.shape, layout.dtype)
+        block_bytes = struct.unpack_from(">I", raws[0], 8)[0]
+        # the LZ4 blocks alone, as decode_chunk hands them to imagecodecs (an Eiger 4M frame
+        # ends with 2167 * 2070 % 8 = 2 elements stored as they are)
+        count = frames[0].size - frames[0].size % 8
+        tail = (frames[0].size - count) * 4
+        blocks = []
+        for raw in raws:
+            patched = bytearray(raw[:len(raw) - tail])
+            struct.pack_into(">Q", patched, 0, count * 4)
+            blocks.append(patched)
+        shuffled = [f.reshape(-1)[:count] for f in frames]
+        steps = {
+            "h5py dataset[i] (read + filter)": lambda i: dset[i],
+            "h5py read_direct_chunk (raw bytes)": lambda i: dset.id.read_direct_chunk((i, 0, 0)),
+            "direct: block-header walk (holds the GIL)":
+                lambda i: chunks._lz4_blocks_are_all_compressed(raws[i], block_bytes,
+                                                               count * 4),
+            "direct: imagecodecs lz4h5_decode": lambda i: imagecodecs.lz4h5_decode(
+                blocks[i], out=chunks._scratch_bytes(count * 4)),
+            "direct: imagecodecs bitshuffle_decode": lambda i: imagecodecs.bitshuffle_decode(
+                shuffled[i], blocksize=block_bytes // 4, out=out.reshape(-1)[:count]),
+            "direct: decode_chunk (all of the above)":
+                lambda i: chunks.decode_chunk(raws[i], layout, out),
+        }
+        try:
+            import bitshuffle
+
+            steps["bitshuffle package decompress_lz4"] = lambda i: bitshuffle.decompress_lz4(
+                np.frombuffer(raws[i], np.uint8, offset=12), layout.shape, layout.dtype,
+                block_bytes // 4)
+            np.testing.assert_array_equal(steps["bitshuffle package decompress_lz4"](0),
+                                          frames[0])
+        except ImportError:
+            pass
+        np.testing.assert_array_equal(chunks.decode_chunk(raws[0], layout, out), frames[0])
+        costs = {}
+        for name, step in steps.items():
+            best = float("inf")
+            for _ in range(repeat):
+                start = time.process_time()
+                for i in range(len(raws)):
+                    step(i)
+                best = min(best, (time.process_time() - start) / len(raws))
+            costs[name] = round(best * 1000, 2)
+    return costs
+
+
+# ============================================================================ (b) CBF files
+
+
+def make_cbf_files(directory: Path, n: int) -> list[Path]:
+    """``n`` Pilatus 1M CBF files (made once): the real AgBh frame with Poisson noise."""
+    import fabio
+    import fabio.cbfimage
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"pilatus1m_{k:04d}.cbf" for k in range(n)]
+    if all(p.exists() for p in paths):
+        return paths
+    if PILATUS_FRAME.exists():
+        base = fabio.open(str(PILATUS_FRAME)).data.astype(np.float64)
+    else:                                   # no test data: a synthetic Pilatus 1M frame
+        from tests.synthetic import default_geometry, synthetic_frame
+
+        base = synthetic_frame(geometry=default_geometry("Pilatus1M"), seed=1)
+        base = np.asarray(base[0] if isinstance(base, tuple) else base, np.float64)
+    rng = np.random.default_rng(0)
+    for path in paths:
+        frame = rng.poisson(np.clip(base, 0, None)).astype(np.int32)
+        frame[base < 0] = base[base < 0].astype(np.int32)       # gaps -1, dead -2
+        tmp = path.with_suffix(".tmp")
+        fabio.cbfimage.CbfImage(data=frame).write(str(tmp))
+        os.replace(tmp, path)
+    return paths
+
+
+def cbf_rates(paths: list[Path], repeat: int) -> dict[str, Any]:
+    import fabio
+
+    from azfilter.frames import expand_inputs, iter_frames, open_frames
+
+    items = expand_inputs([str(p) for p in paths])
+    for p in paths:
+        read_page_cache(p)
+
+    def fabio_loop() -> int:
+        for p in paths:
+            if fabio.open(str(p)).data is None:
+                sys.exit(f"bench_read: fabio read no data from {p}")
+        return len(paths)
+
+    rows = {"fabio.open(...).data, one after the other": rate(fabio_loop, len(paths), repeat),
+            "azfilter open_frames (today's reader)":
+                rate(lambda: count_frames_of(open_frames(items)), len(paths), repeat)}
+    for workers in (1, 2):
+        rows[f"azfilter iter_frames, {workers} worker{'s' if workers > 1 else ''}"] = rate(
+            lambda w=workers: count_frames_of(iter_frames(items, workers=w)), len(paths),
+            repeat)
+    return rows
+
+
+# ============================================================================ (c) the GIL
+
+
+def main_thread_steps(call, seconds: float = 1.0) -> dict[str, float]:
+    """Python steps/ms of the main thread while another thread runs ``call`` in a loop, and
+    the length of one call."""
+    stop = threading.Event()
+    spans: list[tuple[float, float]] = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            call()
+            spans.append((start, time.perf_counter()))
+
+    worker = threading.Thread(target=loop)
+    stamps = []
+    worker.start()
+    t0 = time.perf_counter()
+    while True:
+        for _ in range(50):
+            pass
+        now = time.perf_counter()
+        stamps.append(now)
+        if (now - t0 > seconds and len(spans) >= 3) or not worker.is_alive() \
+                or now - t0 > 20 * seconds:
+            break
+    stop.set()
+    worker.join()
+    if len(spans) < 2:
+        sys.exit("bench_read: the GIL probe's call failed or never returned")
+    # only the steps taken while a call was running (not between calls)
+    import bisect
+
+    inside = sum(bisect.bisect_left(stamps, end) - bisect.bisect_right(stamps, start)
+                 for start, end in spans[1:])
+    busy = sum(end - start for start, end in spans[1:])
+    return {"call_ms": round(1000 * busy / max(1, len(spans) - 1), 2),
+            "main_steps_per_ms": round(inside / (busy * 1000), 1) if busy else 0.0}
+
+
+def gil_probe(stack: Path, cbf: Path) -> dict[str, Any]:
+    import fabio
+    import h5py
+    import imagecodecs
+    import numpy as np
+    from fabio.compression import decByteOffset
+
+    from azfilter.frames import chunks
+
+    with h5py.File(stack, "r") as h5:
+        dset = h5[H5PATH]
+        raw = dset.id.read_direct_chunk((0, 0, 0))[1]
+        frame = dset[0]
+        layout = chunks.direct_layout(dset)
+    layout_out = np.empty_like(frame)
+    count = frame.size - frame.size % 8                 # the LZ4 blocks alone (see above)
+    blocks = bytearray(raw[:len(raw) - (frame.size - count) * 4])
+    struct.pack_into(">Q", blocks, 0, count * 4)
+    shuffled = frame.reshape(-1)[:count]
+    cbf_bytes = cbf.read_bytes()
+    start = cbf_bytes.index(b"\x0c\x1a\x04\xd5") + 4
+    cbf_image = fabio.open(str(cbf))
+    cbf_payload = cbf_bytes[start:start + int(cbf_image.header["X-Binary-Size"])]
+    cbf_pixels = cbf_image.data.size
+    big = bytes(50_000_000)
+    table = bytes(range(256))[::-1]
+    calls = {
+        "control: time.sleep(5 ms) (releases the GIL)": lambda: time.sleep(0.005),
+        "control: bytes.translate 50 MB (holds the GIL)": lambda: big.translate(table),
+        "imagecodecs.lz4h5_decode (Eiger 4M chunk)":
+            lambda: imagecodecs.lz4h5_decode(blocks, out=chunks._scratch_bytes(count * 4)),
+        "imagecodecs.bitshuffle_decode (Eiger 4M)":
+            lambda: imagecodecs.bitshuffle_decode(shuffled, blocksize=2048,
+                                                  out=layout_out.reshape(-1)[:count]),
+        "azfilter decode_chunk (Eiger 4M, all steps)":
+            lambda: chunks.decode_chunk(raw, layout, layout_out),
+        "fabio decByteOffset (Pilatus 1M CBF payload)":
+            lambda: decByteOffset(cbf_payload, size=cbf_pixels, dtype=np.int32),
+        "fabio.open(cbf).data (whole file)": lambda: fabio.open(str(cbf)).data,
+    }
+    return {name: main_thread_steps(call) for name, call in calls.items()}
+
+
+# ============================================================================ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=50, help="Eiger 4M frames (<= 100)")
+    parser.add_argument("--cbf-files", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--data-dir", type=Path,
+                        default=Path(os.environ.get("TMPDIR", "/tmp")) / "azfilter-bench")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not 1 <= args.frames <= 100:
+        parser.error("--frames must be between 1 and 100")
+
+    machine = machine_info()
+    stack, _poni, generated = eiger_stack(args.data_dir, args.frames)
+    read_page_cache(stack)
+    cbf_paths = make_cbf_files(args.data_dir / "pilatus1m_cbf", args.cbf_files)
+
+    report: dict[str, Any] = {"machine": machine}
+    report["eiger"] = {"input": f"{stack.name}: {args.frames} x Eiger 4M uint32 "
+                                f"bitshuffle-LZ4, {stack.stat().st_size / 2**20:.0f} MiB",
+                       "frames_per_s": eiger_rates(stack, args.frames, args.repeat),
+                       "decoder_cpu_ms_per_frame": decoder_costs(stack, args.repeat)}
+    report["cbf"] = {"input": f"{len(cbf_paths)} Pilatus 1M int32 CBF files (byte offset)",
+                     "frames_per_s": cbf_rates(cbf_paths, args.repeat)}
+    report["gil"] = gil_probe(stack, cbf_paths[0])
+    machine["load_average_end"] = list(os.getloadavg())
+    report["generated_stack_s"] = round(generated, 1)
+
+    print(f"# machine: {machine['cpu']}, {machine['usable_cores']} usable cores; load average "
+          f"{machine['load_average_start'][0]:.1f} at start, "
+          f"{machine['load_average_end'][0]:.1f} at end")
+    for key in ("eiger", "cbf"):
+        print(f"\n## {report[key]['input']}: frames/s (best of {args.repeat}, median), "
+              "cores busy")
+        for name, value in report[key]["frames_per_s"].items():
+            print(f"  {name:45s} {value['best']:8.1f} {value['median']:8.1f} "
+                  f"{value['cores_busy']:6.2f}")
+    print("\n## Eiger 4M decoding, CPU ms per frame (one thread)")
+    for name, value in report["eiger"]["decoder_cpu_ms_per_frame"].items():
+        print(f"  {name:45s} {value:8.2f}")
+    print("\n## GIL: main-thread Python steps per ms while a thread runs the call")
+    for name, value in report["gil"].items():
+        print(f"  {name:48s} {value['main_steps_per_ms']:8.1f} steps/ms "
+              f"(call {value['call_ms']:.1f} ms)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
