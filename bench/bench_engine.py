@@ -7,7 +7,11 @@ first-call time (lookup-table build) with a cold and a warm on-disk cache, and t
 of the process that ran it.  Each (tool, detector) pair runs in its own subprocess so that the
 peak memory is its own.
 
-Usage: ``python bench/bench_engine.py [--detectors Pilatus1M Eiger4M] [--repeat 7] [--json F]``
+With ``--backend python`` it compares azfilter's numpy reference engine with pyFAI's Python
+CSR engine (``method=(split, "csr", "python")``) instead.
+
+Usage: ``python bench/bench_engine.py [--detectors Pilatus1M Eiger4M] [--repeat 7]
+[--backend cython|python] [--json F]``
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def worker_azfilter(detector: str, poni_path: str, repeat: int) -> dict:
+def worker_azfilter(detector: str, poni_path: str, repeat: int, backend: str = "cython") -> dict:
     import azfilter as az
 
     geo, frame, mask = make_frame(detector, poni_path)
@@ -88,11 +92,11 @@ def worker_azfilter(detector: str, poni_path: str, repeat: int) -> dict:
         # cold: empty on-disk cache; warm: a new Integrator (new process state) finds the tables
         with tempfile.TemporaryDirectory() as cache:
             os.environ["AZFILTER_CACHE_DIR"] = cache
-            integ = az.Integrator(geo, npt=npt, unit="q_nm^-1", mask=mask, backend="cython")
+            integ = az.Integrator(geo, npt=npt, unit="q_nm^-1", mask=mask, backend=backend)
             t0 = time.perf_counter()
             call(integ)
             out["cold_ms"][label] = (time.perf_counter() - t0) * 1e3
-            integ = az.Integrator(geo, npt=npt, unit="q_nm^-1", mask=mask, backend="cython")
+            integ = az.Integrator(geo, npt=npt, unit="q_nm^-1", mask=mask, backend=backend)
             t0 = time.perf_counter()
             call(integ)
             out["warm_ms"][label] = (time.perf_counter() - t0) * 1e3
@@ -101,23 +105,24 @@ def worker_azfilter(detector: str, poni_path: str, repeat: int) -> dict:
     return out
 
 
-def worker_pyfai(detector: str, poni_path: str, repeat: int) -> dict:
+def worker_pyfai(detector: str, poni_path: str, repeat: int, backend: str = "cython") -> dict:
     import pyFAI
 
     geo, frame, mask = make_frame(detector, poni_path)
     npt = max(frame.shape)
+    impl = backend   # pyFAI's implementation: "cython" or "python" (scipy.sparse CSR)
     calls = {
         "integrate no-split": lambda ai: ai.integrate1d(
-            frame, npt, unit="q_nm^-1", mask=mask, method=("no", "csr", "cython"),
+            frame, npt, unit="q_nm^-1", mask=mask, method=("no", "csr", impl),
             error_model="poisson"),
         "integrate full-split": lambda ai: ai.integrate1d(
-            frame, npt, unit="q_nm^-1", mask=mask, method=("full", "csr", "cython"),
+            frame, npt, unit="q_nm^-1", mask=mask, method=("full", "csr", impl),
             error_model="poisson"),
         "sigma_clip": lambda ai: ai.sigma_clip_ng(
-            frame, npt, unit="q_nm^-1", mask=mask, method=("no", "csr", "cython"),
+            frame, npt, unit="q_nm^-1", mask=mask, method=("no", "csr", impl),
             error_model="azimuthal", thres=5.0, max_iter=5),
         "medfilt full-split": lambda ai: ai.medfilt1d_ng(
-            frame, npt, unit="q_nm^-1", mask=mask, method=("full", "csr", "cython"),
+            frame, npt, unit="q_nm^-1", mask=mask, method=("full", "csr", impl),
             percentile=(40, 60)),
     }
     out: dict = {"ms": {}, "cold_ms": {}, "warm_ms": {}}
@@ -131,8 +136,9 @@ def worker_pyfai(detector: str, poni_path: str, repeat: int) -> dict:
     return out
 
 
-def run_worker(tool: str, detector: str, poni_path: str, repeat: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", tool, detector, poni_path, str(repeat)]
+def run_worker(tool: str, detector: str, poni_path: str, repeat: int, backend: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", tool, detector, poni_path, str(repeat),
+           backend]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} {detector} failed:\n{proc.stderr}")
@@ -151,13 +157,15 @@ def main() -> None:
     parser.add_argument("--detectors", nargs="+", default=["Pilatus1M", "Eiger4M"])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", help="also write the raw numbers to this file")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--backend", choices=("cython", "python"), default="cython",
+                        help="azfilter backend, against pyFAI's implementation of that name")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        tool, detector, poni_path, repeat = args.worker
+        tool, detector, poni_path, repeat, backend = args.worker
         worker = worker_azfilter if tool == "azfilter" else worker_pyfai
-        print(json.dumps(worker(detector, poni_path, int(repeat))))
+        print(json.dumps(worker(detector, poni_path, int(repeat), backend)))
         return
 
     import pyFAI
@@ -165,15 +173,16 @@ def main() -> None:
     import azfilter
 
     print(f"# machine: {machine_line()}")
-    print(f"# azfilter {azfilter.__version__} (cython backend), pyFAI {pyFAI.version}")
+    print(f"# azfilter {azfilter.__version__} ({args.backend} backend), pyFAI {pyFAI.version} "
+          f"(method=(split, 'csr', '{args.backend}'))")
     results = {}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for detector in args.detectors:
             poni_path = os.path.join(tmp, f"{detector}.poni")
             Path(poni_path).write_text(poni_text(detector))
-            az_res = run_worker("azfilter", detector, poni_path, args.repeat)
-            fai_res = run_worker("pyfai", detector, poni_path, args.repeat)
+            az_res = run_worker("azfilter", detector, poni_path, args.repeat, args.backend)
+            fai_res = run_worker("pyfai", detector, poni_path, args.repeat, args.backend)
             results[detector] = {"azfilter": az_res, "pyfai": fai_res}
             for op in OPERATIONS:
                 rows.append((detector, op, fai_res["ms"][op], az_res["ms"][op],

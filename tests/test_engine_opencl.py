@@ -623,9 +623,10 @@ def test_cli_reads_frames_into_page_locked_buffers(tmp_path, device, monkeypatch
         cbfs.append(tmp_path / f"img_{k}.cbf")
         fabio.cbfimage.CbfImage(data=frame.astype(np.int32)).write(str(cbfs[-1]))
 
+
     allocated: list[tuple] = []
     reduced_pinned: list[bool] = []
-    pinned_array = opencl.pinned_array
+    pinned_array = opencl.hostmem.pinned_array
     process_many = Integrator.process_many
 
     def counting_pinned(shape, dtype, device=None):
