@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -118,6 +119,26 @@ class Geometry:
         return self._params() == other._params()
 
     __hash__ = None  # mutable
+
+    @classmethod
+    def from_poni(cls, path: str | os.PathLike) -> Geometry:
+        """Read a PONI file (versions 1, 2, 2.1, 3); the same as :func:`azfilter.load_poni`.
+
+        Raises
+        ------
+        AzfilterError
+            When the file cannot be read, or its content is bad.
+        """
+        from .poni_format import read_poni_fields
+
+        return cls(**read_poni_fields(path))
+
+    def to_poni(self, path: str | os.PathLike | None = None, version: float = 2.1) -> str:
+        """The PONI text of this geometry and, when ``path`` is given, that text written
+        atomically (:func:`azfilter.poni.save_poni`)."""
+        from .poni_format import save_poni
+
+        return save_poni(self, path, version=version)
 
     def cache_key(self) -> str:
         """A stable hex digest of the geometry and detector (for on-disk lookup tables).

@@ -358,3 +358,18 @@ def test_pyfai_written_file_reads_back(tmp_path):
     geometry = load_poni(path)
     assert_matches_pyfai(geometry, ai)
     assert geometry.detector.orientation == 4
+
+
+def test_geometry_from_poni_and_to_poni_as_the_design_names_them(tmp_path):
+    """design.md §3: ``az.Geometry.from_poni`` is the same as ``az.load_poni``."""
+    import azfilter as az
+
+    path = tmp_path / "g.poni"
+    path.write_text("poni_version: 2.1\nDetector: Pilatus1M\nDetector_config: {\"orientation\": 3}"
+                    "\nDistance: 0.1\nPoni1: 0.05\nPoni2: 0.06\nRot1: 0.01\nRot2: 0\nRot3: 0\n"
+                    "Wavelength: 1e-10\n")
+    geometry = az.Geometry.from_poni(path)
+    assert geometry == az.load_poni(path) and geometry.source == str(path)
+    copy = tmp_path / "copy.poni"
+    text = geometry.to_poni(copy)
+    assert copy.read_text() == text and az.load_poni(copy) == geometry
