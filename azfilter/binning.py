@@ -5,7 +5,7 @@ index, and a coefficient per entry, the fraction of the pixel that falls in the 
 without pixel splitting). Engines only ever walk these rows, so everything geometric is decided
 here, once per geometry.
 
-Bin range (``reference/pyfai-algorithms.md`` §4.3, bit-compatible with pyFAI's radial axis):
+Bin range (bit-compatible with pyFAI's radial axis; docs/internals.md "Binning"):
 
 - without a user range, ``lo``/``hi_in`` are the minimum/maximum radial value over the pixels
   that are not statically masked (pixel centres without splitting, all pixel corners with full
@@ -226,7 +226,7 @@ class CSR:
 def bin_bounds(
     data_min: float, data_max: float, radial_range: Sequence[float] | None = None
 ) -> tuple[float, float]:
-    """Lower and upper bin bound (internal units), pyFAI-algorithms §4.3.
+    """Lower and upper bin bound (internal units), as pyFAI computes its radial axis.
 
     Parameters
     ----------

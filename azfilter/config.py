@@ -103,7 +103,8 @@ DEFAULTS: dict[str, Any] = {
     "sectors": None,        # N equal chi sectors, or a list of [lo, hi] degree ranges
 }
 
-# Operation-dependent defaults (design §6: sigma-clip defaults to the azimuthal model).
+# Operation-dependent defaults (sigma-clip defaults to the azimuthal model: pyFAI's default
+# returns zeros; README, "where it deliberately differs from pyFAI").
 OPERATION_DEFAULTS: dict[str, dict[str, Any]] = {
     "integrate": {"error_model": "poisson", "split": "no"},
     "sigma-clip": {"error_model": "azimuthal", "split": "no"},

@@ -1,6 +1,6 @@
 """Detector geometry (pyFAI's PONI convention) and every per-pixel array derived from it.
 
-Conventions (``reference/pyfai-algorithms.md`` §1): index ``i`` is the row (dim1, slow axis),
+Conventions (pyFAI's, docs/internals.md "Geometry"): index ``i`` is the row (dim1, slow axis),
 ``j`` the column (dim2, fast axis). Pixel centres sit at ``(i + 0.5)·pixel1`` and
 ``(j + 0.5)·pixel2`` from the detector origin, pixel corners at integer indices. The detector
 orientation (1-4) only remaps the pixel index before the +0.5 step. The offsets from the PONI,
@@ -446,7 +446,7 @@ class Geometry:
     def polarization(
         self, factor: float, axis_offset: float = 0.0, shape: tuple[int, int] | None = None
     ) -> np.ndarray:
-        """Polarization factor per pixel (float64, read-only), pyFAI-algorithms §1.7.
+        """Polarization factor per pixel (float64, read-only), pyFAI's formula with its axis offset.
 
         ``P = ½·[1 + cos²2θ − f·cos(2(χ + δ))·(1 − cos²2θ)]``.
 

@@ -5,7 +5,7 @@ geometry, detector, source file and frame, the job config as one JSON line), a `
 line, then three columns ``radial intensity sigma`` that ``numpy.loadtxt`` reads (empty bins
 are ``nan``).
 
-NeXus (design §5), one file for all frames, conforming to the NXazint1d application
+NeXus (README "Outputs"), one file for all frames, conforming to the NXazint1d application
 definition (NeXus definitions v2026.01) plus azfilter's own records::
 
     /                     NXroot @default="entry"
