@@ -42,6 +42,7 @@ test: system-deps install
 # Engine side by side with pyFAI (Pilatus 1M, Eiger 4M): the README's CPU table.
 bench: install
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_engine.py --backend python --detectors Pilatus1M
 
 # The whole command against pyFAI-integrate: one frame cold start, a 200-frame Eiger 4M stack.
 bench-cli: install
