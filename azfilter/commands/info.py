@@ -85,6 +85,11 @@ def describe_result(path: str) -> list[str]:
              f"  frames: {table.intensity.shape[0]}",
              f"  bins: {table.radial.shape[0]} in {table.unit} "
              f"({table.radial[0]:.6g} .. {table.radial[-1]:.6g})"]
+    sectors = getattr(table, "sectors", None)
+    if sectors is not None:
+        from ..output.meta import describe_sectors
+
+        lines.append(f"  chi sectors: {describe_sectors(sectors)}")
     if config.get("poni"):
         lines.append(f"  geometry: {config['poni']}")
     sources = sorted({s.split("::", 1)[0] for s in table.sources if s})

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import AzfilterError
 from ..fileio import commit_temporary, remove_quietly, temporary_path
 from ..manifest import Manifest
-from .meta import ROW_ARRAYS, OutputMeta, comparable
+from .meta import ROW_ARRAYS, OutputMeta, comparable, describe_sectors, same_sectors
 from .nexus import NexusFile, OutputWriteError
 from .read import (
     READ_ERRORS,
@@ -25,6 +25,7 @@ from .read import (
     read_job_records,
     read_nexus_config,
     row_dataset,
+    sector_ranges_of,
 )
 
 # NXparameters entries the writer adds itself (not reduction parameters).
@@ -66,6 +67,7 @@ def _read_shard(path: Path, order: int) -> dict[str, Any]:
                 poni=as_text(process["poni/data"][()]),
                 operation=as_text(process["operation"][()]),
                 parameters=parameters, radial=axis[()], unit=unit,
+                sectors=sector_ranges_of(data),
                 arrays=[name for name, _a, _d in ROW_ARRAYS
                         if row_dataset(data, name, layout) is not None],
                 rows=int(data["source"].shape[0]), order=order, wavelength=wavelength,
@@ -103,6 +105,10 @@ def _check_same_job(infos: list[dict[str, Any]]) -> None:
         if info["radial"].shape != first["radial"].shape or not np.allclose(
                 info["radial"], first["radial"], rtol=1e-12, atol=0):
             raise AzfilterError(f"{info['path']}: radial bins differ from {first['path']}")
+        if not same_sectors(info["sectors"], first["sectors"]):
+            raise AzfilterError(
+                f"{info['path']}: χ sectors differ from {first['path']} "
+                f"({describe_sectors(info['sectors'])}, not {describe_sectors(first['sectors'])})")
     with_manifest = [i for i in infos if i["records"]["digest"]]
     if with_manifest and len(with_manifest) != len(infos):
         bare = next(i for i in infos if not i["records"]["digest"])
@@ -155,8 +161,8 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
     ------
     AzfilterError
         One line naming the file: an input is missing, damaged or not an azfilter result;
-        the inputs come from different jobs (options, bins, job manifest or shard count N
-        differ); the output exists and ``overwrite`` is false.
+        the inputs come from different jobs (options, bins, χ sectors, job manifest or shard
+        count N differ); the output exists and ``overwrite`` is false.
     OutputWriteError
         The output cannot be written (disk full, read-only); nothing is left behind.
     """
@@ -193,6 +199,7 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
     meta = OutputMeta(operation=first["operation"], unit=first["unit"],
                       parameters=first["parameters"], poni_text=first["poni"], geometry=[],
                       config=config, manifest=manifest, wavelength=first["wavelength"],
+                      sectors=first["sectors"],
                       **first["names"])
     try:
         tmp = temporary_path(output, make_folder=True)

@@ -72,6 +72,9 @@ class OutputMeta:
         Wavelength in metres; None: read from :attr:`poni_text`.
     instrument_name, source_name, source_type, source_probe : str
         What NXazint1d records of the instrument and its source (``unknown`` unless told).
+    sectors : ndarray (n_sectors, 2) or None
+        The χ sectors ``(lo, hi)`` in degrees of a reduction with sectors; None: none, or not
+        known yet (the NeXus writer takes them from the first result's ``sectors``).
     """
 
     operation: str
@@ -87,6 +90,7 @@ class OutputMeta:
     source_name: str = "unknown"
     source_type: str = "unknown"
     source_probe: str = "x-ray"
+    sectors: np.ndarray | None = None
 
     def wavelength_m(self) -> float | None:
         """The wavelength in metres: :attr:`wavelength`, else the PONI text's, else None."""
@@ -188,6 +192,26 @@ def radial_dataset_name(unit: str) -> str:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def sector_array(sectors: Any) -> np.ndarray | None:
+    """Sector bounds as a float64 ``(n_sectors, 2)`` array (None stays None)."""
+    return None if sectors is None else np.asarray(sectors, dtype=np.float64).reshape(-1, 2)
+
+
+def same_sectors(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two sector lists (``(n, 2)`` degrees, or None) are the same."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=0, atol=1e-9))
+
+
+def describe_sectors(sectors: np.ndarray | None) -> str:
+    """``"none"`` or ``"3 sectors: [-180, -60] [-60, 60] [60, 180] deg"``."""
+    if sectors is None:
+        return "none"
+    ranges = " ".join(f"[{lo:.6g}, {hi:.6g}]" for lo, hi in sectors)
+    return f"{sectors.shape[0]} sector{'s' if sectors.shape[0] != 1 else ''}: {ranges} deg"
 
 
 def row_array(result: Any, name: str) -> np.ndarray | None:

@@ -10,6 +10,7 @@ caller once, as :class:`OutputWriteError` naming the file, and the temporary fil
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import io
@@ -30,18 +31,24 @@ from .meta import (
     ROW_ARRAYS,
     OutputMeta,
     comparable,
+    describe_sectors,
     format_value,
     nexus_axis_attributes,
     row_array,
+    same_sectors,
+    sector_array,
     to_json,
 )
 from .read import (
+    CHI_AXIS,
     DEFINITION,
     RADIAL_AXIS,
+    SECTOR_RANGES,
     SIGNAL,
     check_nexus,
     missing_entries,
     read_nexus_config,
+    sector_ranges_of,
     stored_keys,
 )
 
@@ -161,6 +168,7 @@ class GuardedFile(io.RawIOBase):
 
 def _chunk_rows(npt: int, itemsize: int) -> int:
     # ~256 kB chunks, at most 64 rows: a reader of one frame decompresses little.
+    # (With sectors ``npt`` is the values of one row: n_sectors * npt.)
     return int(max(1, min(64, (256 * 1024) // max(1, npt * itemsize))))
 
 
@@ -237,7 +245,8 @@ class NexusFile:
     @classmethod
     def create(cls, filename: Path, meta: OutputMeta, radial: np.ndarray,
                arrays: Sequence[str], name: Path | None = None) -> NexusFile:
-        """A new NXazint1d file at ``filename`` (an existing empty temporary file)."""
+        """A new NXazint1d file at ``filename`` (an existing empty temporary file); with
+        ``meta.sectors`` its per-bin datasets are ``(rows, n_sectors, npt)``."""
         name = Path(name or filename)
         handle, guard = cls._open_guarded(filename, "w", name)
         try:
@@ -307,7 +316,7 @@ class NexusFile:
                 dset = self.data[name]
                 dset.resize(start + n_new, axis=0)
                 if name in arrays:
-                    dset[start:] = np.asarray(arrays[name]).reshape(n_new, -1)
+                    dset[start:] = np.asarray(arrays[name]).reshape(n_new, *dset.shape[1:])
             _extend(self.data["source"], list(sources))
             _extend(self.data["frame_index"], [int(i) for i in frame_indices])
 
@@ -415,11 +424,21 @@ class NexusFile:
 
 
 def _write_header(h5: Any, meta: OutputMeta, radial: np.ndarray, arrays: Sequence[str]) -> None:
-    """Everything of an NXazint1d file but the rows (NeXus definitions v2026.01)."""
+    """Everything of an NXazint1d file but the rows (NeXus definitions v2026.01).
+
+    With ``meta.sectors`` the per-bin datasets are ``(rows, n_sectors, npt)``, NXdata's
+    ``axes`` are ``[".", "chi", "radial_axis"]`` with a ``chi`` axis (sector centres, degree)
+    and ``sector_ranges`` ``(n_sectors, 2)`` (each sector's χ bounds, degree). NXazint1d
+    itself knows no sectors (its ``I`` is rank 2): such a file keeps every item the
+    definition requires, but ``I``/``I_errors`` gain the χ dimension.
+    """
     import h5py
 
     long_name, nexus_units = nexus_axis_attributes(meta.unit)
     npt = int(radial.shape[0])
+    sectors = sector_array(meta.sectors)
+    # the shape of one row (one frame) of every per-bin dataset
+    row = (npt,) if sectors is None else (int(sectors.shape[0]), npt)
     now = _now()
     config = meta.config
     parameters = meta.parameters
@@ -491,9 +510,14 @@ def _write_header(h5: Any, meta: OutputMeta, radial: np.ndarray, arrays: Sequenc
 
     data = _group(entry, "data", "NXdata")
     data.attrs["signal"] = SIGNAL
-    data.attrs["axes"] = [".", RADIAL_AXIS]
+    if sectors is None:
+        data.attrs["axes"] = [".", RADIAL_AXIS]
+        data.attrs[f"{RADIAL_AXIS}_indices"] = 1
+    else:
+        data.attrs["axes"] = [".", CHI_AXIS, RADIAL_AXIS]
+        data.attrs[f"{CHI_AXIS}_indices"] = 1
+        data.attrs[f"{RADIAL_AXIS}_indices"] = 2
     data.attrs["interpretation"] = "spectrum"
-    data.attrs[f"{RADIAL_AXIS}_indices"] = 1
     data.attrs["source_indices"] = 0
     data.attrs["frame_index_indices"] = 0
     data["title"] = f"{meta.operation} ({meta.unit})"
@@ -501,13 +525,23 @@ def _write_header(h5: Any, meta: OutputMeta, radial: np.ndarray, arrays: Sequenc
     axis.attrs["long_name"] = long_name
     axis.attrs["units"] = nexus_units
     axis.attrs["unit_name"] = meta.unit
+    if sectors is not None:
+        chi = data.create_dataset(CHI_AXIS, data=sectors.mean(axis=1))
+        chi.attrs["long_name"] = "chi (sector centre)"
+        chi.attrs["units"] = "degree"
+        bounds = data.create_dataset(SECTOR_RANGES, data=sectors)
+        bounds.attrs["long_name"] = "sector chi range (lo, hi)"
+        bounds.attrs["units"] = "degree"
+        bounds.attrs["description"] = (
+            "each sector's azimuthal range [lo, hi) in degrees; lo < hi, hi > 180 for a "
+            "sector across +-180 degrees; sectors may overlap or leave gaps")
     for name, _attr, dtype in ROW_ARRAYS:
         if name not in arrays:
             continue
         itemsize = np.dtype(dtype).itemsize
         dset = data.create_dataset(
-            name, shape=(0, npt), maxshape=(None, npt), dtype=dtype,
-            chunks=(_chunk_rows(npt, itemsize), npt), fillvalue=np.nan,
+            name, shape=(0, *row), maxshape=(None, *row), dtype=dtype,
+            chunks=(_chunk_rows(int(np.prod(row)), itemsize), *row), fillvalue=np.nan,
         )
         if name == SIGNAL:
             dset.attrs["interpretation"] = "spectrum"
@@ -568,6 +602,8 @@ class NexusWriter:
         self._keys: set[tuple[str, int]] = set()
         self.failures: list[tuple[str, int, str]] = []
         self._append_base = False
+        # sectors: known from meta, else from the first result (or start(sectors=...))
+        self._sectors_known = meta.sectors is not None
         if self.path.exists():
             if mode == "new":
                 raise AzfilterError(
@@ -609,11 +645,23 @@ class NexusWriter:
                 except OSError as err:
                     raise OutputWriteError(self.path, err) from None
                 handle = NexusFile.reopen(self._tmp, name=self.path)
-                npt_stored = handle.data[SIGNAL].shape[1]
+                npt_stored = handle.data[SIGNAL].shape[-1]
                 if npt_stored != len(radial):
                     handle.close()
                     raise AzfilterError(f"{self.path}: holds {npt_stored} bins, not "
                                         f"{len(radial)}; use --overwrite")
+                stored = sector_ranges_of(handle.data)
+                mine = sector_array(self.meta.sectors)
+                if not self._sectors_known:
+                    # an empty run (start() without sectors) keeps the file's sectors
+                    self.meta = dataclasses.replace(self.meta, sectors=stored)
+                    mine = stored
+                if not same_sectors(stored, mine):
+                    handle.close()
+                    raise AzfilterError(
+                        f"{self.path}: exists with other sectors ({describe_sectors(stored)}; "
+                        f"this run: {describe_sectors(mine)}); use --overwrite or another "
+                        "output name")
                 return handle
             return NexusFile.create(self._tmp, self.meta, np.asarray(radial), arrays,
                                     name=self.path)
@@ -622,11 +670,20 @@ class NexusWriter:
             self._tmp = None
             raise
 
-    def start(self, radial: np.ndarray) -> None:
+    def start(self, radial: np.ndarray, sectors: Any = None) -> None:
         """Create the file now, with every per-bin dataset, so that :meth:`close` writes it
         even with no rows (e.g. a shard that was given no frames, or whose frames all failed:
-        the file then records the failures)."""
+        the file then records the failures).
+
+        Parameters
+        ----------
+        radial : ndarray (npt,)
+            The radial bin centres.
+        sectors : array-like (n_sectors, 2) or None
+            The integrator's χ sectors (degrees), when it has some and no result came yet.
+        """
         self._radial = np.asarray(radial)
+        self._learn_sectors(sectors)
         if self._file is None:
             self._file = self._run(lambda: self._open(
                 self._radial, [name for name, _a, _d in ROW_ARRAYS]))
@@ -645,6 +702,7 @@ class NexusWriter:
         """Append one frame's result (buffered: rows reach the file in blocks, since one
         resize of every dataset per row costs milliseconds)."""
         if self._file is None:
+            self._learn_sectors(getattr(result, "sectors", None), from_result=True)
             arrays = [name for name, attr, _d in ROW_ARRAYS if row_array(result, attr) is not None]
             self._file = self._run(lambda: self._open(np.asarray(result.radial), arrays))
         for name, attr, _dtype in ROW_ARRAYS:
@@ -655,6 +713,16 @@ class NexusWriter:
         self.written += 1
         if len(self._buffer_keys) >= self.buffer_rows:
             self.flush()
+
+    def _learn_sectors(self, sectors: Any, from_result: bool = False) -> None:
+        """Take the sectors of the first result (``result.sectors``, None: a 1-D result)."""
+        if self._file is not None or self._sectors_known:
+            return
+        if sectors is None and not from_result:
+            return
+        # a copy: the caller's meta is shared with its other outputs
+        self.meta = dataclasses.replace(self.meta, sectors=sector_array(sectors))
+        self._sectors_known = True
 
     def record_failure(self, source: str, index: int | None, reason: str) -> None:
         """Record a planned frame that could not be reduced (stored in the file by

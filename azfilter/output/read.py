@@ -11,12 +11,15 @@ import numpy as np
 
 from ..errors import AzfilterError
 from ..vocabulary import HDF5_SUFFIXES
-from .meta import LEGACY_ROW_NAMES, ROW_ARRAYS, TEXT_CONFIG_PREFIX
+from .meta import LEGACY_ROW_NAMES, ROW_ARRAYS, TEXT_CONFIG_PREFIX, sector_array
 from .text import source_stem
 
 DEFINITION = "NXazint1d"
 SIGNAL = "I"
 RADIAL_AXIS = "radial_axis"
+#: a file with χ sectors: the sector-centre axis and the (n_sectors, 2) bounds, in NXdata
+CHI_AXIS = "chi"
+SECTOR_RANGES = "sector_ranges"
 
 # What reading a damaged HDF5 file raises (h5py: OSError "wrong B-tree signature", KeyError
 # for a missing object, RuntimeError/ValueError for inconsistent metadata).
@@ -91,7 +94,8 @@ class ResultTable:
     radial : ndarray (npt,)
     unit : str
         Unit name (``q_nm^-1``...).
-    intensity, sigma : ndarray (n_rows, npt)
+    intensity, sigma : ndarray (n_rows, npt), or (n_rows, n_sectors, npt) with sectors
+        Row ``r``, sector ``s`` is ``intensity[r, s]`` (NeXus outputs with χ sectors).
     sources : list of str
     frame_indices : list of int
     path : str
@@ -113,6 +117,8 @@ class ResultTable:
     missing : list of (str, int)
         Planned frames neither in the rows nor failed (recorded when incomplete).
     missing_shards : list of int
+    sectors : ndarray (n_sectors, 2) or None
+        Each sector's χ range ``(lo, hi)`` in degrees; None for a result without sectors.
     """
 
     radial: np.ndarray
@@ -132,6 +138,17 @@ class ResultTable:
     complete: bool | None = None
     missing: list[tuple[str, int]] = field(default_factory=list)
     missing_shards: list[int] = field(default_factory=list)
+    sectors: np.ndarray | None = None
+
+    @property
+    def n_sectors(self) -> int | None:
+        """Number of χ sectors; None without sectors."""
+        return None if self.sectors is None else int(self.sectors.shape[0])
+
+    @property
+    def chi(self) -> np.ndarray | None:
+        """Centre of each sector in degrees; None without sectors."""
+        return None if self.sectors is None else self.sectors.mean(axis=1)
 
     @property
     def labels(self) -> list[str]:
@@ -187,6 +204,21 @@ def radial_axis_of(data: Any) -> tuple[Any, str]:
     radial_name = as_text(axes[-1]) if axes is not None and len(axes) else RADIAL_AXIS
     axis = data[radial_name]
     return axis, as_text(axis.attrs.get("unit_name", "q_nm^-1"))
+
+
+def sector_ranges_of(data: Any) -> np.ndarray | None:
+    """The ``(n_sectors, 2)`` χ ranges (degrees) of an NXdata group with sectors, or None."""
+    dset = data.get(SECTOR_RANGES)
+    return None if dset is None else sector_array(dset[()])
+
+
+def row_shape(data: Any, rows: int) -> tuple[int, ...]:
+    """The shape every per-bin dataset of an NXdata group must have: ``(rows, npt)``, or
+    ``(rows, n_sectors, npt)`` with sectors."""
+    axis, _unit = radial_axis_of(data)
+    sectors = sector_ranges_of(data)
+    npt = int(axis.shape[0])
+    return (rows, npt) if sectors is None else (rows, int(sectors.shape[0]), npt)
 
 
 def _text_list(dset: Any) -> list[str]:
@@ -251,6 +283,7 @@ def _read_nexus(path: Path) -> ResultTable:
                 complete=records["complete"],
                 missing=records["missing"],
                 missing_shards=records["missing_shards"],
+                sectors=sector_ranges_of(data),
             )
     except AzfilterError:
         raise
@@ -290,8 +323,8 @@ def check_nexus(path: str | os.PathLike, block_rows: int = 4096) -> str:
             layout = nexus_layout(h5)
             data = h5["entry/data"]
             axis, _unit = radial_axis_of(data)
-            npt = axis.shape[0]
             rows = data["source"].shape[0]
+            shape = row_shape(data, rows)
             if data["frame_index"].shape[0] != rows:
                 raise ValueError("source and frame_index differ in length")
             data["source"][()]
@@ -301,8 +334,8 @@ def check_nexus(path: str | os.PathLike, block_rows: int = 4096) -> str:
                 dset = row_dataset(data, name, layout)
                 if dset is None:
                     continue
-                if dset.shape != (rows, npt):
-                    raise ValueError(f"{name} has shape {dset.shape}, not ({rows}, {npt})")
+                if dset.shape != shape:
+                    raise ValueError(f"{name} has shape {dset.shape}, not {shape}")
                 for start in range(0, rows, block_rows):
                     dset[start:start + block_rows]
             read_job_records(h5)
