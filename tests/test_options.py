@@ -141,3 +141,22 @@ def test_sectors_text_one_file_per_sector(data, tmp_path):
     both = _run("integrate", "-p", data.poni, "--sectors", 2, "--sector", 0, 10, frames[0],
                 "-o", tmp_path / "x.dat")
     assert both.exit_code == 2 and "exclude each other" in both.stderr
+
+
+def test_sectors_into_one_hdf5_file_and_rerun(data, tmp_path):
+    stack = write_stack(tmp_path / "stack.h5", [make_frame(k) for k in range(3)])
+    out = tmp_path / "sec.h5"
+    result = _run("integrate", "-p", data.poni, "--backend", "python", "--npt", 30,
+                  "--sectors", 6, stack, "-o", out)
+    assert result.exit_code == 0, result.output
+    table = read_result(out)
+    assert table.intensity.shape == (3, 6, 30)
+    reference = az.Integrator(az.load_poni(data.poni), npt=30, backend="python", sectors=6)
+    expected = reference.integrate(make_frame(2))
+    np.testing.assert_allclose(table.intensity[2], expected.intensity, rtol=1e-6)
+    with h5py.File(out) as h5:
+        assert h5["entry/data"].attrs["axes"][1] in ("chi", b"chi")
+        assert h5["entry/data/chi"].shape == (6,)
+    again = _run("run", out, "-o", tmp_path / "again.h5")
+    assert again.exit_code == 0, again.output
+    np.testing.assert_array_equal(read_result(tmp_path / "again.h5").intensity, table.intensity)
