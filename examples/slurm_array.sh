@@ -192,7 +192,7 @@ case $mode in
     done
     if ((${#unfinished[@]})); then
       echo "merge: shard(s) ${unfinished[*]} of $count did not finish; $output not written." \
-           "Rerun each with: $0 task I/$count OPERATION GEOMETRY.poni 'INPUTS' $output" \
+           "Rerun each with: examples/slurm_array.sh task I/$count OPERATION GEOMETRY.poni 'INPUTS' $output" \
            "[AZFILTER_OPTION...] (see the task logs in $logs/), then merge again" >&2
       exit 1
     fi

@@ -1,7 +1,8 @@
 """A one-node SLURM cluster for the tests: found when one answers, else started when root.
 
-The ``slurm`` fixture (session scope) returns a :class:`SlurmCluster` whose :attr:`env` runs
-``sbatch``, ``squeue``, ``scontrol`` ... against it. It uses, in this order:
+:func:`cluster_session` (the body of the session fixture ``slurm`` of the SLURM tests)
+yields a :class:`SlurmCluster` whose :attr:`env` runs ``sbatch``, ``squeue``, ``scontrol`` ...
+against it. It uses, in this order:
 
 1. the cluster of the environment (``$SLURM_CONF`` or ``/etc/slurm/slurm.conf``) when ``sinfo``
    answers with an idle node that is this machine (the tests' files must be visible to the
@@ -22,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,18 +113,6 @@ class SlurmCluster:
             time.sleep(0.3)
         return [state for job in job_ids for state in self.states(job)]
 
-    def wait_running(self, job_id: str, timeout: float = 60) -> None:
-        """Wait until the job (one array task: ``JOB_TASK``) runs."""
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False)
-            if state.stdout.strip() == "RUNNING":
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} not running after {timeout:.0f} s: "
-                                     f"{state.stdout}{state.stderr}")
-            time.sleep(0.2)
-
 
 def _node_status(env: dict[str, str]) -> tuple[bool, str]:
     """(usable, why): sinfo answers with a usable node that is this machine."""
@@ -197,9 +186,9 @@ def stop_cluster() -> None:
                    timeout=60, check=False)
 
 
-@pytest.fixture(scope="session")
-def slurm() -> Iterator[SlurmCluster]:
-    """A running one-node SLURM cluster (skips without one; fails in CI)."""
+def cluster_session() -> Iterator[SlurmCluster]:
+    """Body of the session fixture ``slurm``: a running one-node SLURM cluster (skips
+    without one, fails in CI), stopped afterwards when this session started it."""
     cluster, reason = find_or_start_cluster()
     if cluster is None:
         reason = f"no usable SLURM cluster: {reason}"
@@ -209,8 +198,3 @@ def slurm() -> Iterator[SlurmCluster]:
     yield cluster
     if cluster.started:
         stop_cluster()
-
-
-def shell_words(args: Sequence[str | os.PathLike]) -> list[str]:
-    """Arguments as strings (for subprocess calls)."""
-    return [os.fspath(a) for a in args]
