@@ -24,6 +24,9 @@ _EXPORTS = {
     "Result": "integrator",
     "UNITS": "units",
     "get_unit": "units",
+    "run_job": "pipeline",
+    "load_job": "pipeline",
+    "JobReport": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

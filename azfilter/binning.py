@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from . import vocabulary
 from .cache import cache_dir, store_npz
 from .errors import AzfilterError
 from .units import get_unit
@@ -59,7 +60,7 @@ CACHE_FORMAT_VERSION = 1
 #: pyFAI's "EPS32": the upper bin bound is the data maximum times this
 UPPER_BOUND_FACTOR = 1.0 + 2.0**-23
 
-SPLITS = ("no", "full")
+SPLITS = vocabulary.SPLITS
 
 _TWO_PI = 2.0 * math.pi
 
@@ -69,11 +70,11 @@ _FULLSPLIT_BLOCK_PIXELS = 1 << 18
 _FULLSPLIT_DENSE_LIMIT = 1 << 22
 # A pixel whose area is below this fraction of its bounding box is degenerate (zero area).
 _DEGENERATE_AREA = 1e-12
-# [hook, owner of kernels/_engine.pyx] build full-split tables with the compiled builder
-# (azfilter._engine.fullsplit_table, same table bit for bit; tests/test_engine_cython.py
+# [hook, owner of kernels/_tables.pyx] build full-split tables with the compiled builder
+# (azfilter._tables.fullsplit_table, same table bit for bit; tests/test_engine_cython.py
 # checks it against the numpy code below) when the extension is built; False: numpy only.
 USE_COMPILED_FULLSPLIT = True
-# the same for no-split tables (azfilter._engine.nosplit_table: same table, a counting sort)
+# the same for no-split tables (azfilter._tables.nosplit_table: same table, a counting sort)
 USE_COMPILED_NOSPLIT = True
 
 
@@ -521,18 +522,18 @@ def csr_fullsplit(
 
 
 def _compiled_nosplit():
-    """[hook] ``azfilter._engine`` (nosplit_table, finite_extent), or None when not built."""
+    """[hook] ``azfilter._tables`` (nosplit_table, finite_extent), or None when not built."""
     try:
-        from ._engine import finite_extent, nosplit_table
+        from ._tables import finite_extent, nosplit_table
     except ImportError:
         return None
     return nosplit_table, finite_extent
 
 
 def _compiled_fullsplit_table():
-    """[hook] ``azfilter._engine.fullsplit_table``, or None when the extension is not built."""
+    """[hook] ``azfilter._tables.fullsplit_table``, or None when the extension is not built."""
     try:
-        from ._engine import fullsplit_table
+        from ._tables import fullsplit_table
     except ImportError:
         return None
     return fullsplit_table

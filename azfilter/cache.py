@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .fileio import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -45,26 +46,10 @@ def store_npz(path: Path, **arrays: np.ndarray) -> bool:
     The file gets the permissions of an ordinary new file (umask), so that a cache folder
     shared by a group is usable by all its members.
     """
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp_name = handle.name
+        with atomic_output(path, make_folder=True) as temporary, open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
         return True
     except Exception as err:  # caching is an optimisation: never fail the reduction for it
         logger.debug("cannot cache %s: %s", path, err)
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
         return False

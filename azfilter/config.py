@@ -14,16 +14,56 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import AzfilterError
+from .fileio import atomic_write_text
+from .vocabulary import BACKENDS, OPERATIONS, SPLITS
+from .vocabulary import CLI_ERROR_MODELS as ERROR_MODELS
 
-OPERATIONS = ("integrate", "sigma-clip", "medfilt")
-ERROR_MODELS = ("poisson", "azimuthal", "hybrid")
-SPLITS = ("no", "full")
-BACKENDS = ("python", "cython", "opencl")
+#: Version of the job-config layout that this azfilter writes (the ``schema`` key of saved
+#: configs and of the job stored in every output). Configs without the key are version 1.
+SCHEMA_VERSION = 2
+
+
+def _upgrade_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
+    # Version 2 only adds the ``schema`` key itself (configs of version 1 have none); the
+    # option names are unchanged.
+    return dict(raw)
+
+
+#: ``UPGRADES[v]`` turns a version-``v`` config (raw keys, as read from a file) into version
+#: ``v + 1``. A release that renames or removes a key adds a step here, so that the jobs
+#: stored in old outputs still rerun (``azfilter run old.h5``).
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2}
+
+
+def upgrade(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Bring a raw config (as read from a file) to :data:`SCHEMA_VERSION`.
+
+    The ``schema`` key is consumed; a config without it is version 1.
+
+    Raises
+    ------
+    AzfilterError
+        For a version newer than this azfilter knows, or one that is not a positive integer.
+    """
+    raw = dict(raw)
+    version = raw.pop("schema", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise AzfilterError(f"{where}: schema must be a positive integer, not {version!r}")
+    if version > SCHEMA_VERSION:
+        raise AzfilterError(
+            f"{where}: config schema {version} was written by a newer azfilter (this one "
+            f"reads up to {SCHEMA_VERSION}); upgrade azfilter"
+        )
+    while version < SCHEMA_VERSION:
+        raw = UPGRADES[version](raw)
+        version += 1
+    return raw
+
 
 # Default of every key; None means "not set / not applied".
 DEFAULTS: dict[str, Any] = {
@@ -54,6 +94,12 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "shard": None,
     "quiet": False,
+    "wait": True,           # wait for another run's lock on the output (else refuse)
+    "wavelength": None,     # angstrom; overrides the PONI file's
+    "energy": None,         # keV; overrides the PONI file's wavelength
+    "dummy": None,          # raw value of invalid pixels; overrides the detector's
+    "delta_dummy": None,    # tolerance around dummy
+    "monitor": None,        # header key or HDF5 dataset each frame is divided by
 }
 
 # Operation-dependent defaults (design §6: sigma-clip defaults to the azimuthal model).
@@ -75,13 +121,13 @@ OPERATION_ONLY = {key for keys in OPERATION_KEYS.values() for key in keys}
 PATH_KEYS = ("poni", "output", "mask", "dark", "flat")
 
 # Keys describing one run rather than the job: never written into saved configs.
-RUN_ONLY_KEYS = ("shard", "quiet")
+RUN_ONLY_KEYS = ("shard", "quiet", "wait")
 
 # Keys that change what the numbers are; two outputs can only be joined when these agree.
 RESULT_KEYS = (
     "operation", "poni", "npt", "unit", "mask", "dark", "flat", "polarization", "solid_angle",
     "radial_range", "azimuth_range", "error_model", "normalization", "split", "thres",
-    "max_iter", "percentile",
+    "max_iter", "percentile", "wavelength", "energy", "dummy", "delta_dummy", "monitor",
 )
 
 
@@ -222,13 +268,21 @@ def normalize(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> 
             value = _as_number(value, name, where, int)
             if value < 1:
                 raise AzfilterError(f"{where}: threads must be at least 1, not {value}")
-        elif key in ("thres", "normalization"):
+        elif key in ("thres", "normalization", "dummy"):
             value = float(_as_number(value, name, where))
+        elif key in ("wavelength", "energy", "delta_dummy"):
+            value = float(_as_number(value, name, where))
+            if value < 0 or (value == 0 and key != "delta_dummy"):
+                raise AzfilterError(f"{where}: {name} must be positive, not {value}")
+        elif key == "monitor":
+            value = str(value)
+            if not value.strip():
+                raise AzfilterError(f"{where}: monitor must name a header key or a dataset")
         elif key == "polarization":
             value = float(_as_number(value, name, where))
             if not -1.0 <= value <= 1.0:
                 raise AzfilterError(f"{where}: polarization factor must lie in [-1, 1]")
-        elif key in ("solid_angle", "recursive", "overwrite", "skip_existing", "quiet"):
+        elif key in ("solid_angle", "recursive", "overwrite", "skip_existing", "quiet", "wait"):
             value = _as_bool(value, name, where)
         elif key in ("radial_range", "azimuth_range"):
             value = _as_pair(value, name, where)
@@ -298,7 +352,8 @@ def effective(*layers: dict[str, Any]) -> dict[str, Any]:
 def job_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of an effective config that describes the job (no per-run keys), with
     absolute paths: what ``--save-config`` writes and what outputs embed."""
-    job = {k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}
+    job: dict[str, Any] = {"schema": SCHEMA_VERSION}
+    job.update((k, v) for k, v in config.items() if k not in RUN_ONLY_KEYS)
     for key in PATH_KEYS:
         if job.get(key) and job[key] != "-":
             job[key] = os.path.abspath(job[key])
@@ -318,11 +373,25 @@ def result_signature(config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- reading
 
 
-def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a job config from TOML, JSON, or an azfilter output (HDF5/NeXus or text).
+def _load_toml(path: Path) -> Any:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+        import tomli as tomllib
 
-    Returns the normalized (but not merged) dictionary; relative paths are resolved against
-    the file's folder.
+    try:
+        with open(path, "rb") as stream:
+            return tomllib.load(stream)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise AzfilterError(f"{path}: cannot read TOML: {err}") from None
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a job config from a TOML or JSON job file.
+
+    Returns the normalized (but not merged) dictionary, upgraded to :data:`SCHEMA_VERSION`;
+    relative paths are resolved against the file's folder. Configs stored in azfilter outputs
+    are read by :func:`azfilter.pipeline.load_job`, which calls :func:`from_raw`.
 
     Raises
     ------
@@ -335,55 +404,27 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AzfilterError(f"{where}: config file not found")
     suffix = path.suffix.lower()
     if suffix == ".toml":
-        import tomllib
-
-        try:
-            with open(path, "rb") as stream:
-                raw = tomllib.load(stream)
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise AzfilterError(f"{where}: cannot read TOML: {err}") from None
+        raw = _load_toml(path)
     elif suffix == ".json":
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise AzfilterError(f"{where}: cannot read JSON: {err}") from None
-    elif suffix in (".h5", ".nxs", ".hdf5", ".hdf", ".nx5"):
-        raw = _config_from_hdf5(path)
     else:
-        raw = _config_from_text(path)
+        raise AzfilterError(f"{where}: a job file ends in .toml or .json")
+    return from_raw(raw, where, base_dir=path.resolve().parent)
+
+
+def from_raw(raw: Any, where: str, base_dir: Path | None = None) -> dict[str, Any]:
+    """Normalize a config read from a file: unwrap a ``[job]``/``[azfilter]`` section,
+    upgrade an older schema (:func:`upgrade`), check keys and types (:func:`normalize`)."""
     if not isinstance(raw, dict):
         raise AzfilterError(f"{where}: a config must be a table/object of option = value")
     # TOML files may group the options under [job] or [azfilter].
     for section in ("azfilter", "job"):
         if section in raw and isinstance(raw[section], dict) and len(raw) == 1:
             raw = raw[section]
-    return normalize(raw, where, base_dir=path.resolve().parent)
-
-
-def _config_from_hdf5(path: Path) -> dict[str, Any]:
-    from .output import read_nexus_config
-
-    return read_nexus_config(path)
-
-
-def _config_from_text(path: Path) -> dict[str, Any]:
-    from .output import TEXT_CONFIG_PREFIX
-
-    try:
-        with open(path, encoding="utf-8", errors="replace") as stream:
-            for line in stream:
-                if not line.startswith("#"):
-                    break
-                if line.startswith(TEXT_CONFIG_PREFIX):
-                    try:
-                        return json.loads(line[len(TEXT_CONFIG_PREFIX):])
-                    except json.JSONDecodeError as err:
-                        raise AzfilterError(f"{path}: bad '# config:' line: {err}") from None
-    except OSError as err:
-        raise AzfilterError(f"{path}: cannot read: {err.strerror or err}") from None
-    raise AzfilterError(
-        f"{path}: not a config file (use .toml or .json) and no '# config:' header line found"
-    )
+    return normalize(upgrade(raw, where), where, base_dir=base_dir)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -419,30 +460,6 @@ def to_toml(config: dict[str, Any]) -> str:
 def to_json(config: dict[str, Any]) -> str:
     """Format a config as one line of JSON (as embedded in outputs)."""
     return json.dumps(config, separators=(", ", ": "))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_config(config: dict[str, Any], path: str | os.PathLike) -> None:

@@ -28,3 +28,7 @@ class FrameReadError(AzfilterError):
         self.source = source
         self.index = index
         self.reason = reason
+
+
+class RunFailed(AzfilterError):
+    """A run stopped part-way because an output could not be written (exit status 3)."""

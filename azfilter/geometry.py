@@ -24,7 +24,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -87,36 +87,6 @@ class Geometry:
     def __post_init__(self) -> None:
         if self.detector is None:
             raise TypeError("Geometry needs a detector (azfilter.detectors.Detector)")
-
-    # ------------------------------------------------------------------ construction, I/O
-    @classmethod
-    def from_poni(cls, path: str | Any) -> Geometry:
-        """Read a PONI file (versions 1, 2, 2.1, 3); see :func:`azfilter.poni.load_poni`."""
-        from .poni import load_poni
-
-        return load_poni(path)
-
-    def to_poni(self, path: str | Any | None = None, version: float = 2.1) -> str:
-        """Return the geometry as PONI text and, when ``path`` is given, write it atomically.
-
-        Parameters
-        ----------
-        path : str or os.PathLike, optional
-            File to write (a temporary file in the same folder, then renamed over it).
-        version : float
-            PONI format version: 1, 2, 2.1 (default) or 3.
-
-        Returns
-        -------
-        str
-            The PONI text.
-        """
-        from .poni import format_poni, write_poni_text
-
-        text = format_poni(self, version=version)
-        if path is not None:
-            write_poni_text(text, path)
-        return text
 
     # ------------------------------------------------------------------ derived scalars
     @property
@@ -305,9 +275,10 @@ class Geometry:
             t2 = row2[rows, None] + col2[None, :]
             block = out[rows]
             if quantity == "chi":
+                # atan2 as is, as pyFAI (2026.9): range [-pi, pi]; on the cut left of the PONI
+                # (t1 = ±0, t2 < 0) the sign of t1's zero decides: +pi, or -pi where the
+                # rotation leaves -0.0 (docs/internals.md, "The χ cut")
                 np.arctan2(t1, t2, out=block)
-                # atan2 gives -pi for (-0.0, negative); pyFAI's range is (-pi, pi]
-                block[block == -np.pi] = np.pi
             elif quantity == "r":
                 np.hypot(t1, t2, out=block)
             else:  # 2th

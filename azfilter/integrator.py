@@ -9,23 +9,25 @@ per-bin sums into a :class:`Result`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .backends import BACKENDS, BinSums, get_engine_class, parse_error_model
+from . import vocabulary
+from .backends import BACKENDS, BinSums, FrameBufferRing, get_engine_class, parse_error_model
 from .errors import AzfilterError
 from .preproc import PixelConstants, describe_source, parse_polarization, pixel_constants
 from .units import get_unit
 
 #: pixel-splitting modes: none (each pixel in the bin of its centre) or exact area splitting
-SPLITS: tuple[str, ...] = ("no", "full")
+SPLITS: tuple[str, ...] = vocabulary.SPLITS
 
-#: the three operations, as recorded in :attr:`Result.operation`
-OPERATIONS: tuple[str, ...] = ("integrate", "sigma_clip", "medfilt")
+#: the three operations, as recorded in :attr:`Result.operation` (method names)
+OPERATIONS: tuple[str, ...] = vocabulary.METHODS
 
 
 @dataclass
@@ -236,8 +238,11 @@ class Integrator:
         The dtype matters because the dummy value of an unsigned frame differs
         (:meth:`azfilter.detectors.Detector.dummy_for`).
         """
-        split = _check_split(split)
-        dummy, delta_dummy = self.geometry.detector.dummy_for(np.dtype(dtype))
+        return self._engine_for(_check_split(split),
+                                *self.geometry.detector.dummy_for(np.dtype(dtype)))
+
+    def _engine_for(self, split: str, dummy: float | None, delta_dummy: float):
+        """The engine of ``split`` for frames whose dummy value is ``dummy`` (kept)."""
         key = (split, dummy, delta_dummy)
         if key not in self._engines:
             constants = self.constants
@@ -269,6 +274,23 @@ class Integrator:
         if host_array is None:
             return np.empty(tuple(shape), dtype=dtype)
         return host_array(tuple(shape), dtype, device=self.device)
+
+    def frame_buffers(self, capacity: int) -> FrameBufferRing:
+        """A bounded ring of reusable frame buffers that this Integrator's engine reads fastest.
+
+        Page-locked memory of the device for the OpenCL backend, plain numpy memory
+        otherwise (see :class:`azfilter.backends.FrameBufferRing`).
+
+        Parameters
+        ----------
+        capacity : int
+            Most buffers alive at once.
+
+        Returns
+        -------
+        FrameBufferRing
+        """
+        return FrameBufferRing(capacity, self.frame_buffer)
 
     # ------------------------------------------------------------------ checks
     def _check_image(self, img: Any, what: str = "image") -> np.ndarray:
@@ -416,6 +438,121 @@ class Integrator:
         sums = self.engine(split, array.dtype).medfilt(array, low / 100.0, high / 100.0,
                                                        model, var)
         return self._result(sums, split, "medfilt", model, percentile=[low, high])
+
+    def process_many(self, frames: Iterable[tuple[Any, Any]], operation: str,
+                     **params: Any) -> Iterator[tuple[Any, Result | Exception]]:
+        """Run one operation over a stream of tagged frames through the engine's stream.
+
+        The options are checked once, before the first frame; each frame is then checked
+        (shape, dtype) and reduced by :meth:`azfilter.backends.Engine.process_many`, which
+        overlaps transfers and kernels on the OpenCL backend.
+
+        Parameters
+        ----------
+        frames : iterable of (tag, 2-D array)
+            Raw frames of the detector's shape, each with a tag of the caller's.
+        operation : str
+            ``"integrate"``, ``"sigma_clip"`` or ``"medfilt"``.
+        **params
+            The keyword arguments of that method besides ``img`` (``error_model``,
+            ``split``, ``variance``, ``thres``, ``max_iter``, ``percentile``), with the same
+            defaults.
+
+        Returns
+        -------
+        iterator of (tag, Result or Exception)
+            One item per frame, in input order; a frame that fails (wrong shape or dtype, an
+            engine error) gives ``(tag, exception)`` and the stream goes on.
+
+        Raises
+        ------
+        AzfilterError
+            At once, for an unknown operation or an invalid option.
+        """
+        split, engine_params, options, model = self._stream_options(operation, params)
+        return self._stream(frames, operation, split, engine_params, options, model)
+
+    def _stream_options(self, operation: str,
+                        params: dict[str, Any]) -> tuple[str, dict, dict, str]:
+        """(split, engine parameters, options recorded in the results, error model)."""
+        if operation not in OPERATIONS:
+            raise AzfilterError(f"unknown operation {operation!r}; choose one of "
+                                f"{', '.join(OPERATIONS)}")
+        defaults = {
+            "integrate": {"error_model": "poisson", "split": "no", "variance": None},
+            "sigma_clip": {"thres": 5.0, "max_iter": 5, "error_model": "azimuthal",
+                           "variance": None, "split": "no"},
+            "medfilt": {"percentile": 50, "split": "full", "error_model": "poisson",
+                        "variance": None},
+        }[operation]
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            raise AzfilterError(f"{operation} takes no option {', '.join(unknown)}")
+        values = {**defaults, **params}
+        model = parse_error_model(values["error_model"])
+        split = _check_split(values["split"])
+        variance = values["variance"]
+        if model == "variance" and variance is None:
+            raise AzfilterError("error model 'variance' needs a variance array (variance=...)")
+        if variance is not None and model != "variance":
+            raise AzfilterError(
+                f"a variance array was given but the error model is {model!r}; "
+                "use error_model='variance'"
+            )
+        engine_params: dict[str, Any] = {"error_model": model}
+        options: dict[str, Any] = {}
+        if operation == "sigma_clip":
+            if split != "no":
+                raise AzfilterError(
+                    f"sigma_clip is no-split only (each pixel must belong to one ring), got "
+                    f"split={split!r}"
+                )
+            options = {"thres": _check_number(values["thres"], "thres", minimum=0.0),
+                       "max_iter": _check_count(values["max_iter"], "max_iter")}
+            engine_params.update(options)
+        elif operation == "medfilt":
+            low, high = _check_percentile(values["percentile"])
+            options = {"percentile": [low, high]}
+            engine_params.update(quant_min=low / 100.0, quant_max=high / 100.0)
+        engine_params["variance"] = variance
+        if variance is not None and self.shape is not None:
+            self._check_variance(variance, model)   # fail now, not once per frame
+        return split, engine_params, options, model
+
+    def _stream(self, frames: Iterable[tuple[Any, Any]], operation: str, split: str,
+                engine_params: dict[str, Any], options: dict[str, Any],
+                model: str) -> Iterator[tuple[Any, Result | Exception]]:
+        variance_source = engine_params["variance"]
+        checked_variance: list[np.ndarray | None] = []   # checked once the shape is known
+
+        def checked() -> Iterator[tuple[Any, Any, Any]]:
+            """(tag, frame or error, engine key or None)."""
+            for tag, img in frames:
+                try:
+                    array = self._check_image(img)
+                    if not checked_variance:
+                        checked_variance.append(self._check_variance(variance_source, model))
+                    dummy = self.geometry.detector.dummy_for(array.dtype)
+                except Exception as err:  # noqa: BLE001 - one bad frame must not end the stream
+                    yield tag, err, None
+                else:
+                    yield tag, array, dummy
+
+        # consecutive frames that share an engine go through one engine stream
+        for key, group in itertools.groupby(checked(), key=lambda item: item[2]):
+            if key is None:
+                for tag, error, _ in group:
+                    yield tag, error
+                continue
+            engine = self._engine_for(split, *key)
+            params = {**engine_params, "variance": checked_variance[0]}
+            stream = engine.process_many(((tag, array) for tag, array, _ in group),
+                                         operation, params)
+            for tag, sums in stream:
+                if isinstance(sums, Exception):
+                    yield tag, sums
+                else:
+                    yield tag, self._result(sums, split, operation, model, **options)
 
 
 # ---------------------------------------------------------------------------- validation

@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .detectors import Detector, get_detector
 from .errors import AzfilterError
+from .fileio import atomic_write_text
 from .geometry import Geometry
 
 #: PONI versions read and written
@@ -278,6 +278,34 @@ def load_poni(path: str | os.PathLike) -> Geometry:
     return parse_poni(text, source=source)
 
 
+def save_poni(geometry: Geometry, path: str | os.PathLike | None = None,
+              version: float = 2.1) -> str:
+    """The PONI text of ``geometry`` and, when ``path`` is given, that text written atomically.
+
+    Parameters
+    ----------
+    geometry : Geometry
+    path : str or os.PathLike, optional
+        File to write (a temporary file in the same folder, then renamed over it).
+    version : float
+        PONI format version: 1, 2, 2.1 (default) or 3.
+
+    Returns
+    -------
+    str
+        The PONI text.
+
+    Raises
+    ------
+    AzfilterError
+        When the version cannot express the geometry, or the file cannot be written.
+    """
+    text = format_poni(geometry, version=version)
+    if path is not None:
+        write_poni_text(text, path)
+    return text
+
+
 def _format_float(value: float) -> str:
     # repr is the shortest string that reads back to the same float
     return repr(float(value))
@@ -359,18 +387,6 @@ def format_poni(geometry: Geometry, version: float = 2.1) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _new_file_mode() -> int:
-    """0o666 minus the process umask, read without changing it (os.umask is not thread-safe)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o644
-
-
 def write_poni_text(text: str, path: str | os.PathLike) -> None:
     """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename).
 
@@ -380,26 +396,8 @@ def write_poni_text(text: str, path: str | os.PathLike) -> None:
         When the file cannot be written.
     """
     target = Path(path)
-    temp_name = None
     try:
-        with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=target.parent if str(target.parent) else ".",
-            prefix=f".{target.name}.", suffix=".tmp", delete=False,
-        ) as handle:
-            temp_name = handle.name
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # the temporary file is created 0600; give it the permissions a plain open() would
-        os.chmod(temp_name, _new_file_mode())
-        os.replace(temp_name, target)
-        temp_name = None
+        atomic_write_text(target, text)
     except OSError as err:
         reason = err.strerror or err.__class__.__name__
         raise AzfilterError(f"cannot write PONI file {target}: {reason}") from None
-    finally:
-        if temp_name is not None:
-            try:
-                os.unlink(temp_name)
-            except OSError:
-                pass

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .backends import ERROR_MODELS
 from .cache import cache_dir, store_npz
 from .errors import AzfilterError
+from .vocabulary import ERROR_MODELS
 
 #: what a mask, dark, flat or variance argument may be: nothing, an array, or an image file
 PixelArraySource = np.ndarray | str | os.PathLike | None
@@ -348,7 +348,7 @@ def preprocess(raw: np.ndarray, pixel_norm: np.ndarray, dark: np.ndarray | None 
     dummy, delta_dummy : float or None, float
         Raw value flagging invalid pixels and its tolerance (as :meth:`Detector.dummy_for`).
     error_model : str
-        One of :data:`azfilter.backends.ERROR_MODELS`.
+        One of :data:`azfilter.vocabulary.ERROR_MODELS`.
     variance : numpy.ndarray, optional
         Per-pixel variance, required by (and only used with) the ``"variance"`` model.
 

@@ -246,6 +246,7 @@ def pilatus_inputs(data_dir: Path, work: Path) -> tuple[Path, Path, Path, str]:
         frame_path, poni_path = PILATUS_FRAME, PILATUS_PONI
         what = f"real frame {PILATUS_FRAME.name} (AgBh, int32)"
     else:
+        from azfilter.poni import save_poni
         from tests.synthetic import default_geometry, synthetic_frame
 
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +258,7 @@ def pilatus_inputs(data_dir: Path, work: Path) -> tuple[Path, Path, Path, str]:
             fabio.edfimage.EdfImage(data=synthetic_frame(geometry=geometry, seed=1)).write(
                 str(tmp))
             os.replace(tmp, frame_path)
-        geometry.to_poni(str(poni_path))
+        save_poni(geometry, str(poni_path))
         what = "synthetic frame (testdata missing)"
     data = fabio.open(str(frame_path)).data
     mask_path = work / "pilatus1m_mask.edf"
@@ -270,13 +271,14 @@ def eiger_stack(data_dir: Path, n_frames: int) -> tuple[Path, Path, float]:
     also the seconds spent generating it (0 when reused)."""
     import h5py
 
+    from azfilter.poni import save_poni
     from tests.synthetic import default_geometry
 
     data_dir.mkdir(parents=True, exist_ok=True)
     poni_path = data_dir / "eiger4m.poni"
     stack_path = data_dir / f"eiger4m_bslz4_{n_frames}f_v{STACK_VERSION}.h5"
     geometry = default_geometry("Eiger4M")
-    geometry.to_poni(str(poni_path))
+    save_poni(geometry, str(poni_path))
     if stack_path.exists():
         try:
             with h5py.File(stack_path, "r") as h5:
@@ -550,7 +552,7 @@ PROFILE_PHASES = [
      ["_consume_block azfilter/cli.py"]),
     ("closing the output", "main", ["close azfilter/cli.py"]),
     ("reading + decoding frames (reader threads)", "reader",
-     ["open_frames azfilter/frames.py"]),
+     ["open_frames azfilter/frames/stream.py"]),
     ("writing results (writer thread)", "writer", ["write azfilter/cli.py"]),
     ("whole command, main thread (from the import of azfilter.cli)", "main",
      ["run_profiled_cli"]),

@@ -51,8 +51,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from azfilter.backends import opencl as ocl  # noqa: E402
 from azfilter.backends.opencl import OpenCLEngine, opencl_status  # noqa: E402
+from azfilter.backends.opencl import engine as ocl  # noqa: E402
 from azfilter.binning import build_csr  # noqa: E402
 from azfilter.detectors import get_detector  # noqa: E402
 from azfilter.geometry import Geometry  # noqa: E402
@@ -426,7 +426,7 @@ class ReaderRing:
 
 def stream_fps(engine: OpenCLEngine, frames, count: int) -> float:
     started = time.perf_counter()
-    done = sum(1 for _ in engine.process_many(frames, "sigma_clip", **STREAM_PARAMS))
+    done = sum(1 for _ in engine.process_many(enumerate(frames), "sigma_clip", STREAM_PARAMS))
     assert done == count
     return count / (time.perf_counter() - started)
 

@@ -718,3 +718,48 @@ def test_processes_share_the_cache(cache_dir):
     for array in (table.indptr, table.indices, table.coefs, table.radial):
         digest.update(array.tobytes())
     assert digest.hexdigest() == later["digest"]
+
+
+# ------------------------------------------------------------ numpy no-split builder (fallback)
+@pytest.mark.parametrize("radial_range, azimuth", [
+    ((0.0, 6.0), None),        # ends inside the data: the outer pixels fall beyond the last bin
+    ((2.5, 7.5), None),        # starts and ends inside the data
+    ((2.0, 9.99), (-90.0, 45.0)),
+    (None, None),              # the data's own range
+])
+def test_numpy_nosplit_builder_radial_range_inside_the_data(monkeypatch, radial_range, azimuth):
+    """The numpy builder (used without the compiled extension) keeps exactly the pixels whose
+    bin floor((c - lo)/δ) is in [0, npt), in pixel order within each bin; pixels beyond the
+    range are left out, not put into a bin past the last one."""
+    monkeypatch.setattr(binning, "USE_COMPILED_NOSPLIT", False)
+    rows, cols = np.indices((30, 40))
+    radial = np.hypot(rows - 3.3, cols - 5.1) / 4.0          # 0 .. ~10
+    chi = np.arctan2(rows - 3.3, cols - 5.1)
+    mask = np.zeros(radial.shape, dtype=bool)
+    mask[10:12, :] = True
+    npt = 37
+    az = None if azimuth is None else binning.normalize_azimuth_range(azimuth)
+    parts = binning.csr_nosplit(radial, chi, mask, npt, radial_range, az)
+    # independent expectation, pixel by pixel
+    delta = (parts.hi - parts.lo) / npt
+    expected_rows: list[list[int]] = [[] for _ in range(npt)]
+    for pixel, (value, angle, masked) in enumerate(zip(radial.ravel(), chi.ravel(),
+                                                       mask.ravel(), strict=True)):
+        if masked or (az is not None and not binning.in_azimuth_range(np.array([angle]),
+                                                                      az)[0]):
+            continue
+        position = math.floor((value - parts.lo) / delta)
+        if 0 <= position < npt:
+            expected_rows[position].append(pixel)
+    expected_indptr = np.cumsum([0] + [len(row) for row in expected_rows])
+    np.testing.assert_array_equal(parts.indptr, expected_indptr)
+    np.testing.assert_array_equal(parts.indices, [p for row in expected_rows for p in row])
+    assert np.all(parts.coefs == 1.0)
+    if radial_range is not None:
+        assert parts.indices.size < np.count_nonzero(~mask)   # some pixels were left out
+    # the compiled builder, when built, gives the same table
+    if binning._compiled_nosplit() is not None:
+        monkeypatch.setattr(binning, "USE_COMPILED_NOSPLIT", True)
+        compiled = binning.csr_nosplit(radial, chi, mask, npt, radial_range, az)
+        np.testing.assert_array_equal(compiled.indptr, parts.indptr)
+        np.testing.assert_array_equal(compiled.indices, parts.indices)

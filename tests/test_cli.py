@@ -20,7 +20,11 @@ import fabio.edfimage
 import h5py
 import numpy as np
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from click.testing import CliRunner
 
 import azfilter as az
@@ -28,6 +32,7 @@ from azfilter import cli
 from azfilter import config as cfg
 from azfilter.errors import AzfilterError
 from azfilter.output import read_result, text_output_complete
+from azfilter.pipeline import progress as progress_module
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (96, 120)
@@ -459,7 +464,7 @@ def test_output_to_stdout(data, tmp_path):
 
 
 def test_progress_log_lines_and_quiet(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "LOG_INTERVAL", 0.0)
+    monkeypatch.setattr(progress_module, "LOG_INTERVAL", 0.0)
     result = invoke("integrate", "-p", data.poni, "--backend", "python", "--npt", 40,
                     data.stack, "-o", tmp_path / "a.h5")
     assert result.exit_code == 0
@@ -667,7 +672,7 @@ class _FakeTerminal:
 def test_progress_bar_on_a_terminal(monkeypatch):
     terminal = _FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    progress = cli.Progress(total=4, quiet=False, label="integrate")
+    progress = progress_module.Progress(total=4, quiet=False, label="integrate")
     progress.step()
     progress.message("azfilter: failed: x.cbf: corrupt")
     for _ in range(3):
@@ -680,11 +685,28 @@ def test_progress_bar_on_a_terminal(monkeypatch):
     assert terminal.text.endswith("\r\033[K")  # the bar is cleared at the end
     quiet = _FakeTerminal()
     monkeypatch.setattr(sys, "stderr", quiet)
-    progress = cli.Progress(total=2, quiet=True, label="x")
+    progress = progress_module.Progress(total=2, quiet=True, label="x")
     progress.step()
     progress.step()
     progress.close()
     assert quiet.text == ""
+
+
+def test_progress_bar_fits_a_narrow_terminal(monkeypatch):
+    import os as os_module
+    import shutil
+
+    terminal = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(shutil, "get_terminal_size",
+                        lambda fallback=None: os_module.terminal_size((50, 20)))
+    progress = progress_module.Progress(total=1000, quiet=False, label="sigma-clip shard 2/16")
+    assert "0/1000 frames" in terminal.text          # shown before the first frame
+    for _ in range(1000):
+        progress.step()
+    progress.close()
+    lines = [part for part in terminal.text.split("\r\033[K") if part]
+    assert lines and all(len(line) <= 49 for line in lines), max(lines, key=len)
 
 
 # ============================================================================ plot
@@ -788,7 +810,8 @@ def test_python_m_azfilter_on_lambda_nexus_stack(testdata, tmp_path):
     assert np.isfinite(table.intensity).sum(axis=1).min() > 150
 
 
-def test_sigterm_leaves_no_partial_output(data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_leaves_no_partial_output(data, tmp_path, signum):
     stack = write_stack(tmp_path / "big.h5", [make_frame(k) for k in range(60)])
     out = tmp_path / "killed.h5"
     env = dict(os.environ, AZFILTER_LOG_INTERVAL="0")
@@ -798,7 +821,7 @@ def test_sigterm_leaves_no_partial_output(data, tmp_path):
         stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     first_line = proc.stderr.readline()  # the first progress line: frames are being written
     assert "frames" in first_line, first_line
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143, first_line + rest
     assert "terminated" in rest
@@ -945,3 +968,50 @@ def test_detector_pixel_mask_in_nexus_file_is_applied(data, tmp_path):
     assert done.exit_code == 0, done.output
     with h5py.File(tmp_path / "out2.h5") as h5:
         assert np.nanmax(h5["entry/data/intensity"][0]) > 1000
+
+
+# ============================================================================ library call
+
+
+def test_run_job_is_the_command_without_click(data, tmp_path):
+    """azfilter.run_job(config) reduces a job as the command does; its report says what."""
+    import io
+
+    stream = io.StringIO()
+    bad = tmp_path / "broken.cbf"
+    bad.write_bytes(b"###CBF: not really\n")
+    report = az.run_job({"operation": "sigma-clip", "poni": str(data.poni), "npt": 40,
+                         "backend": "python", "thres": 3,
+                         "inputs": [str(p) for p in data.cbfs] + [str(bad)],
+                         "output": str(tmp_path / "lib.h5")}, stream=stream)
+    assert (report.reduced, report.skipped, report.failed) == (3, 0, 1)
+    assert not report.ok and "broken.cbf" in report.failures[0]
+    assert "broken.cbf" in stream.getvalue()
+    table = read_result(tmp_path / "lib.h5")
+    ref = integrator(data, npt=40).sigma_clip(make_frame(2), thres=3)
+    np.testing.assert_allclose(table.intensity[1], ref.intensity, rtol=1e-6)
+    # the same job through click gives the same numbers
+    result = invoke("sigma-clip", "-p", data.poni, "--npt", 40, "--backend", "python",
+                    "--thres", 3, *data.cbfs, "-o", tmp_path / "cli.h5", "--quiet")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(read_result(tmp_path / "cli.h5").intensity, table.intensity)
+    with pytest.raises(AzfilterError, match="poni missing"):
+        az.run_job({"operation": "integrate", "inputs": ["x"], "output": "y.h5"})
+    dry = az.run_job({"operation": "integrate", "poni": str(data.poni),
+                      "inputs": [str(data.stack)], "output": str(tmp_path / "dry.h5")},
+                     dry_run=True)
+    assert [index for _, index, _ in dry.planned] == [0, 1, 2, 3]
+    assert not (tmp_path / "dry.h5").exists()
+
+
+def test_verbose_prints_pools_and_follows_slurm_cpus(data, tmp_path):
+    result = invoke("integrate", "-v", "-p", data.poni, "--backend", "python", "--npt", 30,
+                    *data.cbfs, "-o", tmp_path / "v.h5", env={"SLURM_CPUS_PER_TASK": "1"})
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.stderr.splitlines() if "engine threads" in ln)
+    assert "engine threads 1" in line and "1 cores usable" in line and "reader threads" in line
+    # not a terminal: log lines start with a timestamp
+    assert line[:4].isdigit() and line[4] == "-"
+    quiet = invoke("integrate", "-p", data.poni, "--backend", "python", "--npt", 30,
+                   *data.cbfs, "-o", tmp_path / "q.h5")
+    assert "engine threads" not in quiet.stderr

@@ -1,122 +1,53 @@
-"""CythonEngine (kernels/_engine.pyx) against the numpy reference PythonEngine.
+"""CythonEngine (kernels/_engine.pyx): what the engine contract does not already check.
 
-Every operation, error model, splitting mode and raw dtype, with and without dark current and
-dummy value, on a small synthetic detector whose frame has Bragg spots, hot pixels, dummy
-pixels, NaN (float frames), empty bins and a bin whose pixels are all invalid. All five sums
-must agree to 1e-6 relative, and the counts of sigma_clip and medfilt exactly.
+The contract's case and checks (agreement with the numpy reference to 1e-6, counts exactly)
+on the raw dtypes only this engine reads or converts itself, then the engine's own behaviour:
+dummy ranges of integer frames, long medfilt rows (the radix-partition path), threads, row
+order, conversions, argument checks of the compiled functions, and the compiled table builders
+against the numpy ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
+from engine_contract import (
+    DELTA_DUMMY,
+    DUMMY,
+    FIELDS,
+    NPT,
+    OPERATION_CASES,
+    SHAPE,
+    Case,
+    check_agreement,
+    dummy_for,
+    frame,
+    make_case,
+)
+from engine_contract import assert_sums_close as contract_assert_close
+from synthetic import Table
 
-from azfilter.backends import ERROR_MODELS, BinSums, get_engine_class
+from azfilter.backends import BinSums, get_engine_class
 from azfilter.backends.python import PythonEngine
-from azfilter.binning import build_csr
 from azfilter.detectors import generic_detector
 from azfilter.errors import AzfilterError
 from azfilter.geometry import Geometry
 
 _engine = pytest.importorskip("azfilter._engine", reason="compiled extension not built")
+_tables = pytest.importorskip("azfilter._tables", reason="compiled extension not built")
 from azfilter.backends.cython import CythonEngine  # noqa: E402
 
-FIELDS = ("signal", "variance", "normalization", "normalization2", "count")
-SHAPE = (72, 90)
-NPT = 60
-DUMMY, DELTA_DUMMY = -2.0, 1.5
-DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64",
-          "int64", "int8", ">u2")
+DTYPES = ("uint8", "int16", "int8", "int64", ">u2")   # beyond the contract's five
 SPLITS = ("no", "full")
-
-
-@dataclass
-class Table:
-    """The part of binning.CSR that engines read."""
-
-    indptr: np.ndarray
-    indices: np.ndarray
-    coefs: np.ndarray
-
-
-@dataclass
-class Case:
-    tables: dict
-    pixel_norm: np.ndarray
-    dark: np.ndarray
-    variance: np.ndarray
-    counts: np.ndarray     # float64 frame before conversion: counts, dummies, NaN
-    empty_bins: np.ndarray
-    dead_bin: int
 
 
 @pytest.fixture(scope="module")
 def case() -> Case:
-    rng = np.random.default_rng(7)
-    detector = generic_detector(172e-6, 172e-6, SHAPE)
-    geometry = Geometry(dist=0.05, poni1=0.004, poni2=0.006, rot1=0.02, wavelength=1e-10,
-                        detector=detector)
-    q = geometry.center_array("q")
-    mask = np.zeros(SHAPE, dtype=bool)
-    mask[30:34, :] = True                       # a module gap
-    q_lo, q_hi = q.min(), q.max()
-    # a ring three bins wide: bins without any pixel in the middle of the range
-    mask |= (q > q_lo + 0.50 * (q_hi - q_lo)) & (q < q_lo + 0.55 * (q_hi - q_lo))
-    tables = {}
-    for split in SPLITS:
-        csr = build_csr(geometry, "q_nm^-1", NPT, split, mask, cache=False)
-        tables[split] = Table(csr.indptr, csr.indices, csr.coefs)
-    pixel_norm = (geometry.solid_angle() * geometry.polarization(0.95)).astype(np.float32)
-    pixel_norm *= rng.uniform(0.8, 1.2, SHAPE).astype(np.float32)  # a flat field
-    pixel_norm[mask] = 0
-    pixel_norm = pixel_norm.ravel()
-
-    counts = rng.poisson(200 * np.exp(-q / 20) * (1 + np.cos(q) ** 2) * pixel_norm.reshape(SHAPE))
-    counts = counts.astype(np.float64)
-    flat = counts.reshape(-1)
-    n = flat.size
-    flat[rng.choice(n, 40, replace=False)] += rng.uniform(300, 2000, 40)   # spots
-    flat[rng.choice(n, 4, replace=False)] = 250.0                          # hot (uint8 safe)
-    flat[rng.choice(n, 60, replace=False)] = -1.0                          # dummies
-    flat[rng.choice(n, 20, replace=False)] = -2.0
-    flat[rng.choice(n, 15, replace=False)] = np.nan                        # float frames only
-    np.clip(counts, -2, 250, out=counts)                                   # fits every dtype
-    # one bin whose pixels are all dummies
-    nosplit = tables["no"]
-    filled = np.flatnonzero(np.diff(nosplit.indptr) > 3)
-    dead_bin = int(filled[len(filled) // 2])
-    flat[nosplit.indices[nosplit.indptr[dead_bin]:nosplit.indptr[dead_bin + 1]]] = -2.0
-    dark = rng.uniform(0, 3, n).astype(np.float32)
-    variance = rng.uniform(1, 300, n).astype(np.float32)
-    empty = np.diff(nosplit.indptr) == 0
-    assert empty.any(), "the test geometry must have empty bins"
-    return Case(tables, pixel_norm, dark, variance, counts, empty, dead_bin)
+    return make_case()
 
 
-def frame(case: Case, dtype: str) -> np.ndarray:
-    """The test frame in ``dtype`` (NaN become dummies in integer frames)."""
-    values = case.counts
-    dtype = np.dtype(dtype)
-    if dtype.kind in "iu":
-        values = np.where(np.isnan(values), -1.0, values)
-        if dtype.kind == "u":
-            # unsigned frames mark dummies with the largest value (as Dectris uint frames)
-            values = np.where(values < 0, np.iinfo(dtype).max, values)
-    return values.astype(dtype)
-
-
-def variants(dtype: str) -> list[tuple[bool, tuple[float | None, float]]]:
-    """(dark?, (dummy, delta_dummy)) combinations each agreement test runs."""
-    return [(False, (None, 0.0)), (True, dummy_for(dtype)), (False, dummy_for(dtype))]
-
-
-def dummy_for(dtype: str) -> tuple[float, float]:
-    dtype = np.dtype(dtype)
-    if dtype.kind == "u":
-        return float(np.iinfo(dtype).max), 0.5
-    return DUMMY, DELTA_DUMMY
+def assert_sums_close(got: BinSums, expected: BinSums, exact_count: bool = False) -> None:
+    contract_assert_close(got, expected, 1e-6, "cython vs python", exact_count=exact_count)
 
 
 def engines(case: Case, split: str, dark: bool, dummy: float | None, delta: float, **kw):
@@ -126,67 +57,16 @@ def engines(case: Case, split: str, dark: bool, dummy: float | None, delta: floa
             PythonEngine(table, case.pixel_norm, dark_array, dummy, delta))
 
 
-def assert_sums_close(got: BinSums, expected: BinSums, exact_count: bool = False) -> None:
-    for name in FIELDS:
-        a, b = getattr(got, name), getattr(expected, name)
-        assert a.dtype == np.float64 and a.shape == b.shape
-        # relative 1e-6; the tiny absolute floor only absorbs rounding noise around exact 0
-        floor = 1e-12 * max(float(np.nanmax(np.abs(b), initial=0.0)), 1e-300)
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=floor, err_msg=name)
-    if exact_count:
-        np.testing.assert_array_equal(got.count, expected.count)
-
-
-def variance_for(case: Case, model: str):
-    return case.variance.reshape(SHAPE) if model == "variance" else None
-
-
 # ----------------------------------------------------------------------------- agreement
+# The contract (tests/test_engine_contract.py) checks uint16, uint32, int32, float32 and
+# float64; the kernels also read uint8 and int16 directly and convert the others on the host.
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("model", ERROR_MODELS)
 @pytest.mark.parametrize("split", SPLITS)
-def test_integrate_agrees(case, split, model, dtype):
-    raw = frame(case, dtype)
-    for dark, (dummy, delta) in variants(dtype):
-        cy, py = engines(case, split, dark, dummy, delta)
-        got = cy.integrate(raw, model, variance_for(case, model))
-        expected = py.integrate(raw, model, variance_for(case, model))
-        assert_sums_close(got, expected)
-        empty = np.diff(case.tables[split].indptr) == 0
-        assert np.all(got.count[empty] == 0) and np.all(got.signal[empty] == 0)
-        if dummy is not None and split == "no":
-            assert got.count[case.dead_bin] == 0
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("model", ERROR_MODELS)
-@pytest.mark.parametrize("split", SPLITS)
-def test_sigma_clip_agrees(case, split, model, dtype):
-    raw = frame(case, dtype)
-    for dark, (dummy, delta) in variants(dtype):
-        cy, py = engines(case, split, dark, dummy, delta)
-        # thres 0 is pure Chauvenet; max_iter 0 gives the unclipped sums of the clip model
-        extra = ((0.0, 3), (5.0, 0), (2.0, 1))[DTYPES.index(dtype) % 3]
-        for thres, max_iter in ((3.0, 5), extra):
-            got = cy.sigma_clip(raw, thres, max_iter, model, variance_for(case, model))
-            expected = py.sigma_clip(raw, thres, max_iter, model,
-                                     variance_for(case, model))
-            assert_sums_close(got, expected, exact_count=split == "no")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("model", ERROR_MODELS)
-@pytest.mark.parametrize("split", SPLITS)
-def test_medfilt_agrees(case, split, model, dtype):
-    raw = frame(case, dtype)
-    for dark, (dummy, delta) in variants(dtype):
-        cy, py = engines(case, split, dark, dummy, delta)
-        # the extremes (0, 1) and (1, 1) are exact ties at T: rotate them over the dtypes
-        extreme = ((0.0, 1.0), (0.1, 0.9), (1.0, 1.0))[DTYPES.index(dtype) % 3]
-        for low, high in ((0.4, 0.6), (0.5, 0.5), extreme):
-            got = cy.medfilt(raw, low, high, model, variance_for(case, model))
-            expected = py.medfilt(raw, low, high, model, variance_for(case, model))
-            assert_sums_close(got, expected, exact_count=True)
+@pytest.mark.parametrize("operation", list(OPERATION_CASES))
+def test_other_dtypes_agree(case, operation, split, dtype):
+    def cython(table, pixel_norm, dark, dummy, delta_dummy):
+        return CythonEngine(table, pixel_norm, dark, dummy, delta_dummy)
+    check_agreement(cython, case, operation, split, dtype)
 
 
 def test_sigma_clip_rejects_spots(case):
@@ -390,7 +270,7 @@ def test_fullsplit_table_matches_numpy_builder(config, monkeypatch):
                                         radial_center, chi_center, monkeypatch)
     delta = (parts.hi - parts.lo) / parts.npt
     for threads in (1, 3):
-        indptr, indices, coefs = _engine.fullsplit_table(
+        indptr, indices, coefs = _tables.fullsplit_table(
             radial_grid, chi_grid, usable, radial_center, parts.lo, delta, parts.npt,
             binning._DEGENERATE_AREA, threads)
         np.testing.assert_array_equal(indptr, parts.indptr)
@@ -414,7 +294,7 @@ def test_fullsplit_table_degenerate_and_non_finite_pixels(monkeypatch):
                                         radial_range=(1.0, 14.0), monkeypatch=monkeypatch)
     assert not usable[7, 9] and not usable[6, 8]
     delta = (parts.hi - parts.lo) / parts.npt
-    indptr, indices, coefs = _engine.fullsplit_table(radial_grid, chi_grid, usable, None,
+    indptr, indices, coefs = _tables.fullsplit_table(radial_grid, chi_grid, usable, None,
                                                      parts.lo, delta, parts.npt,
                                                      binning._DEGENERATE_AREA, 2)
     np.testing.assert_array_equal(indptr, parts.indptr)

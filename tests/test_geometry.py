@@ -328,13 +328,28 @@ def test_center_and_corner_conventions():
         (dist / math.sqrt(dist**2 + (math.hypot(10, 20) * pixel) ** 2)) ** 3, rel=1e-12)
 
 
-def test_chi_range_excludes_minus_pi():
-    # pixel row exactly at the PONI (t1 = 0) left of it: atan2(0, -x) = pi, never -pi
+def test_chi_on_the_cut_is_atan2_as_pyfai():
+    """Pixels exactly on the χ cut (left of the PONI, t1 = ±0): χ is atan2's, +π or −π by the
+    sign of the zero, as pyFAI 2026.9 gives (docs/internals.md, "The χ cut")."""
     pixel = 100e-6
-    geo = Geometry(0.1, 5.5 * pixel, 8.5 * pixel, detector=generic_detector(pixel, pixel, (11, 17)))
-    chi = geo.center_array("chi")
-    assert np.all(chi[5, :8] == np.pi)
-    assert np.all(geo.corner_grid("chi") > -np.pi)
+    detector = generic_detector(pixel, pixel, (10, 10))
+    # no rotation: t1 = +0.0 on the PONI's row: +π
+    plain = Geometry(0.1, 5.5 * pixel, 8.5 * pixel, detector=detector)
+    assert np.all(plain.center_array("chi")[5, :8] == np.pi)
+    # rot3 = π/2 turns that row into a column whose t1 is -0.0: -π, not +π
+    turned = Geometry(0.1, 5.5 * pixel, 3.5 * pixel, rot3=math.pi / 2, detector=detector)
+    chi = turned.center_array("chi")
+    assert np.all(chi[:5, 3] == -np.pi)
+    assert chi.min() == -np.pi and chi.max() < np.pi
+    pyfai_detectors = pytest.importorskip("pyFAI.detectors")
+    for geometry in (plain, turned):
+        ai = pyFAI.load({"dist": geometry.dist, "poni1": geometry.poni1,
+                         "poni2": geometry.poni2, "rot1": 0.0, "rot2": 0.0,
+                         "rot3": geometry.rot3, "wavelength": 1e-10,
+                         "detector": pyfai_detectors.Detector(pixel, pixel,
+                                                              max_shape=(10, 10))})
+        np.testing.assert_array_equal(geometry.center_array("chi"),
+                                      ai.center_array((10, 10), "chi_rad"))
 
 
 def test_energy_matches_pyfai(testdata):

@@ -272,3 +272,76 @@ def test_filters_recover_the_profile_that_integrate_misses(integ, case):
         z = deviation(result)
         assert np.mean(np.abs(z) < 3) >= 0.95, result.operation
         assert abs(z.mean()) < 0.5, result.operation
+
+
+# ------------------------------------------------------------------------------ streams
+def _assert_same_result(got: Result, expected: Result) -> None:
+    assert got.operation == expected.operation and got.parameters == expected.parameters
+    for name in ("radial", "intensity", "sigma", "std", "count", "sum_signal"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
+
+
+@pytest.mark.parametrize("operation, params, single", [
+    ("integrate", {"error_model": "azimuthal", "split": "full"},
+     lambda integ, img: integ.integrate(img, error_model="azimuthal", split="full")),
+    ("sigma_clip", {"thres": 3, "max_iter": 4},
+     lambda integ, img: integ.sigma_clip(img, thres=3, max_iter=4)),
+    ("medfilt", {"percentile": (20, 80), "split": "no"},
+     lambda integ, img: integ.medfilt(img, percentile=(20, 80), split="no")),
+])
+def test_process_many_equals_single_frames(integ, case, operation, params, single):
+    """Tags kept, input order, the single-frame results; a bad frame gives its error in its
+    place and the stream goes on; a uint32 frame mid-stream (another dummy: another engine)."""
+    other = np.clip(case.raw, 0, None).astype(np.uint32)
+    frames = [("a", case.raw), ("b", case.raw * 2), ("wrong shape", case.raw[:-1]),
+              ("c", other), ("text", np.array([["x"]])), ("d", case.raw[::-1].copy())]
+    results = list(integ.process_many(iter(frames), operation, **params))
+    assert [tag for tag, _ in results] == [tag for tag, _ in frames]
+    for (tag, img), (_, got) in zip(frames, results, strict=True):
+        if tag in ("wrong shape", "text"):
+            assert isinstance(got, AzfilterError), tag
+        else:
+            assert isinstance(got, Result), (tag, got)
+            _assert_same_result(got, single(integ, img))
+
+
+@pytest.mark.parametrize("operation, params, message", [
+    ("median", {}, "unknown operation"),
+    ("sigma_clip", {"split": "full"}, "no-split"),
+    ("sigma_clip", {"thres": -1}, "thres"),
+    ("medfilt", {"percentile": 120}, "percentile"),
+    ("integrate", {"error_model": "gaussian"}, "error model"),
+    ("integrate", {"error_model": "variance"}, "variance"),
+    ("integrate", {"thres": 3}, "no option thres"),
+])
+def test_process_many_checks_options_at_once(integ, case, operation, params, message):
+    with pytest.raises(AzfilterError, match=message):
+        integ.process_many([("a", case.raw)], operation, **params)
+
+
+def test_process_many_generic_detector_and_variance():
+    """A generic detector learns its shape from the first frame; the variance array is checked
+    against it."""
+    geometry = Geometry(dist=0.1, poni1=0.002, poni2=0.002, wavelength=1e-10,
+                        detector=generic_detector(1e-4, 1e-4))
+    integ = Integrator(geometry, npt=20, backend="python")
+    rng = np.random.default_rng(1)
+    img = rng.poisson(50, (40, 50)).astype(np.int32)
+    results = list(integ.process_many([(0, img), (1, img[:, :-1])], "integrate",
+                                      error_model="variance",
+                                      variance=np.full((40, 50), 4.0)))
+    assert isinstance(results[0][1], Result) and isinstance(results[1][1], AzfilterError)
+    with pytest.raises(AzfilterError, match="variance shape"):   # shape known: at once
+        integ.process_many([(0, img)], "integrate", error_model="variance",
+                           variance=np.ones((3, 3)))
+
+
+def test_frame_buffers_ring(integ, case):
+    ring = integ.frame_buffers(1)
+    buffer = ring.take(case.raw.shape, case.raw.dtype)
+    assert isinstance(buffer, np.ndarray) and buffer.shape == case.raw.shape
+    assert ring.take(case.raw.shape, case.raw.dtype) is None
+    buffer[...] = case.raw
+    _assert_same_result(integ.integrate(buffer), integ.integrate(case.raw))
+    ring.give_back(buffer)
+    assert ring.take(case.raw.shape, case.raw.dtype) is buffer

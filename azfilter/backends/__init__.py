@@ -1,29 +1,27 @@
 """Compute engines: the per-bin sums of integrate, sigma_clip and medfilt.
 
-Every engine (``python``, ``cython``, ``opencl``) has the same interface (``docs/internals.md``,
-"Engine interface") and returns :class:`BinSums`; :mod:`azfilter.integrator` turns the sums into
-intensities and errors. Engines are imported lazily so that a missing compiled extension or a
-missing OpenCL driver only matters to whoever asks for that backend.
+Every engine (``python``, ``cython``, ``opencl``) implements :class:`~.base.Engine`
+(``docs/internals.md``, "Engine interface") and returns :class:`BinSums`;
+:mod:`azfilter.integrator` turns the sums into intensities and errors. Engines are imported
+lazily so that a missing compiled extension or a missing OpenCL driver only matters to whoever
+asks for that backend.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 
-import numpy as np
-
+from .. import vocabulary
 from ..errors import AzfilterError
+from ..vocabulary import ERROR_MODELS
+from .base import OPERATION_PARAMETERS, Engine, FrameBufferRing, check_operation
+from .sums import BinSums
 
 #: backend name -> (module, class name)
+_ENGINE_CLASSES = {"python": "PythonEngine", "cython": "CythonEngine", "opencl": "OpenCLEngine"}
 BACKENDS: dict[str, tuple[str, str]] = {
-    "python": ("python", "PythonEngine"),
-    "cython": ("cython", "CythonEngine"),
-    "opencl": ("opencl", "OpenCLEngine"),
+    name: (name, _ENGINE_CLASSES[name]) for name in vocabulary.BACKENDS
 }
-
-#: the error models every engine understands (``docs/internals.md``, per-pixel preprocessing)
-ERROR_MODELS: tuple[str, ...] = ("poisson", "azimuthal", "hybrid", "variance")
 
 # What to tell the user when a backend cannot be imported.
 _HINTS = {
@@ -31,45 +29,6 @@ _HINTS = {
     "install)",
     "opencl": "pyopencl or an OpenCL driver is missing (install pocl-opencl-icd for CPU OpenCL)",
 }
-
-
-@dataclass
-class BinSums:
-    """Per-bin sums returned by an engine; every array is float64 of length ``npt``.
-
-    Attributes
-    ----------
-    signal : numpy.ndarray
-        ``S = Σ c·signal_j`` over the entries kept in the bin.
-    variance : numpy.ndarray
-        ``V``: ``Σ c²·var_j`` or, for the azimuthal model, the two-pass ``Σ ω²(x − S/W)²``.
-    normalization : numpy.ndarray
-        ``W = Σ c·norm_j``.
-    normalization2 : numpy.ndarray
-        ``W2 = Σ (c·norm_j)²``.
-    count : numpy.ndarray
-        ``N``: ``Σ c`` for integrate, the number of kept pixels (sigma_clip) or of selected
-        fragments (medfilt).
-    """
-
-    signal: np.ndarray
-    variance: np.ndarray
-    normalization: np.ndarray
-    normalization2: np.ndarray
-    count: np.ndarray
-
-    def __post_init__(self) -> None:
-        for name in ("signal", "variance", "normalization", "normalization2", "count"):
-            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
-        sizes = {getattr(self, name).shape for name in
-                 ("signal", "variance", "normalization", "normalization2", "count")}
-        if len(sizes) != 1 or len(next(iter(sizes))) != 1:
-            raise ValueError(f"BinSums arrays must be 1-D and of equal length, got {sizes}")
-
-    @property
-    def npt(self) -> int:
-        """Number of bins."""
-        return int(self.signal.shape[0])
 
 
 def parse_error_model(name: str) -> str:
@@ -131,3 +90,7 @@ def get_engine_class(backend: str) -> type:
         raise AzfilterError(
             f"backend {key!r} is not available: {hint} ({type(err).__name__}: {err})"
         ) from err
+
+
+__all__ = ["BACKENDS", "ERROR_MODELS", "OPERATION_PARAMETERS", "BinSums", "Engine",
+           "FrameBufferRing", "check_operation", "get_engine_class", "parse_error_model"]

@@ -15,7 +15,9 @@ import numpy as np
 
 from .. import _engine
 from ..errors import AzfilterError
-from . import ERROR_MODELS, BinSums
+from ..vocabulary import ERROR_MODELS
+from .base import Engine
+from .sums import BinSums
 
 # Frame dtypes the kernels do not read, and the dtype each is converted to without loss
 # (64-bit integers go through float64 exactly as the Python reference converts them).
@@ -47,7 +49,7 @@ def _sorted_rows(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray | None:
     return np.lexsort((indices, rows))
 
 
-class CythonEngine:
+class CythonEngine(Engine):
     """Compiled engine over one lookup table (see the module docstring).
 
     Parameters

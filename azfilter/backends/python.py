@@ -16,7 +16,9 @@ import numpy as np
 
 from ..errors import AzfilterError
 from ..preproc import preprocess
-from . import ERROR_MODELS, BinSums
+from ..vocabulary import ERROR_MODELS
+from .base import Engine
+from .sums import BinSums
 
 
 @dataclass
@@ -41,7 +43,7 @@ class Entries:
         return self.signal / self.norm
 
 
-class PythonEngine:
+class PythonEngine(Engine):
     """Vectorised numpy engine (see the module docstring).
 
     Parameters
@@ -98,6 +100,8 @@ class PythonEngine:
         if error_model not in ERROR_MODELS:
             raise AzfilterError(f"unknown error model {error_model!r}; choose one of "
                                 f"{', '.join(ERROR_MODELS)}")
+        if np.asarray(raw).dtype.kind not in "biuf":
+            raise AzfilterError(f"image has unsupported dtype {np.asarray(raw).dtype}")
         if np.size(raw) != self.pixel_norm.size:
             raise AzfilterError(
                 f"image has {np.size(raw)} pixels, the lookup table {self.pixel_norm.size}"

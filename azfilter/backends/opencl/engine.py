@@ -34,29 +34,23 @@ on a GPU" has the numbers.
 
 from __future__ import annotations
 
-import importlib.resources
 import math
 import os
-import threading
-import warnings
-import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import AzfilterError
-from . import ERROR_MODELS, BinSums
-
-#: OpenCL sources, concatenated in this order into one program
-KERNEL_FILES: tuple[str, ...] = (
-    "azf_common.cl", "azf_integrate.cl", "azf_sigma_clip.cl", "azf_medfilt.cl",
-)
+from ...errors import AzfilterError
+from ...vocabulary import ERROR_MODELS, METHODS
+from ..base import Engine, FrameBufferRing
+from ..sums import BinSums
+from . import hostmem
+from .hostmem import copy_piece, copy_pool, is_pinned
+from .programs import OpenCLProcessing
 
 #: numpy dtype of a raw frame -> OpenCL C type the kernels read it as
 RAW_TYPES: dict[np.dtype, str] = {
@@ -67,8 +61,8 @@ RAW_TYPES: dict[np.dtype, str] = {
     np.dtype(np.float32): "float", np.dtype(np.float64): "double",
 }
 
-#: operations the engine runs, for :meth:`OpenCLEngine.process_many`
-OPERATIONS: tuple[str, ...] = ("integrate", "sigma_clip", "medfilt")
+#: operations the engine runs (the method names of the vocabulary)
+OPERATIONS: tuple[str, ...] = METHODS
 
 _NSUMS = 5                  # S, V, W, W2, N: rows of the output array (kernels' NSUMS)
 _CLIP_MODEL = {"poisson": 0, "variance": 0, "azimuthal": 1, "hybrid": 2}
@@ -76,8 +70,6 @@ _VAR_POISSON, _VAR_ARRAY = 0, 1
 _DEFAULT_GPU_WORKGROUP = 256
 _DEFAULT_CPU_WORKGROUP = 64
 _MAX_LOCAL_SORT = 4096
-
-_REPO_KERNELS = Path(__file__).resolve().parent.parent.parent / "kernels"
 
 # Staged uploads of one pageable frame (as integrate() does): sqrt(frame bytes /
 # STAGING_UNIT_BYTES) copy threads, rounded to a power of two, at most ``threads``: on the H100
@@ -93,365 +85,6 @@ _PIECE_ALIGN_BYTES = 4096
 #: default number of threads copying a pageable frame into the staging buffer
 DEFAULT_COPY_THREADS = max(1, min(8, os.cpu_count() or 1))
 
-# Contexts and programs are shared by every engine of the process (compiling costs seconds).
-_CONTEXTS: dict[tuple[int, int], Any] = {}
-_PROGRAMS: dict[tuple[int, str], Any] = {}
-_SOURCE: str | None = None
-_MAP_QUEUES: dict[int, Any] = {}          # context -> queue that maps page-locked buffers
-# page-locked host allocations alive: start address -> (end address, context int_ptr);
-# freed ones are queued by their finalizer (which may run inside any allocation, in any
-# thread) and dropped under the lock
-_PINNED_RANGES: dict[int, tuple[int, int]] = {}
-_FREED_RANGES: list[int] = []
-_RANGES_LOCK = threading.Lock()
-_COPY_POOLS: dict[int, ThreadPoolExecutor] = {}
-_LOCK = threading.Lock()
-
-
-# ------------------------------------------------------------------------------ discovery
-def _import_pyopencl():
-    """Return the pyopencl module, or raise AzfilterError saying it is missing."""
-    try:
-        import pyopencl
-    except ImportError as err:
-        raise AzfilterError(f"OpenCL backend unavailable: pyopencl is not installed ({err})") \
-            from err
-    return pyopencl
-
-
-def _device_type_name(cl, device) -> str:
-    for flag, name in ((cl.device_type.GPU, "GPU"), (cl.device_type.CPU, "CPU"),
-                       (cl.device_type.ACCELERATOR, "ACCELERATOR")):
-        if device.type & flag:
-            return name
-    return "OTHER"
-
-
-def _describe(cl, platform_index: int, device_index: int, platform, device) -> dict:
-    return {
-        "id": f"{platform_index}:{device_index}",
-        "platform": platform_index,
-        "device": device_index,
-        "platform_name": platform.name.strip(),
-        "name": device.name.strip(),
-        "type": _device_type_name(cl, device),
-        "version": device.version.strip(),
-        "driver_version": device.driver_version.strip(),
-        "global_memory": int(device.global_mem_size),
-        "local_memory": int(device.local_mem_size),
-        "max_work_group_size": int(device.max_work_group_size),
-        "compute_units": int(device.max_compute_units),
-        "fp64": "cl_khr_fp64" in device.extensions.split(),
-    }
-
-
-def _enumerate(cl) -> list[tuple[dict, Any]]:
-    """(description, cl.Device) of every device of every platform that answers."""
-    found = []
-    for platform_index, platform in enumerate(cl.get_platforms()):
-        try:
-            devices = platform.get_devices()
-        except cl.Error:    # a platform without devices raises DEVICE_NOT_FOUND
-            continue
-        for device_index, device in enumerate(devices):
-            found.append((_describe(cl, platform_index, device_index, platform, device),
-                          device))
-    return found
-
-
-def list_devices() -> list[dict]:
-    """Every OpenCL device this process can use.
-
-    Returns
-    -------
-    list of dict
-        One dict per device with keys ``id`` (``"P:D"``, what ``device=`` accepts),
-        ``platform``, ``device`` (indices), ``platform_name``, ``name``, ``type`` (``"GPU"``,
-        ``"CPU"``, ``"ACCELERATOR"``, ``"OTHER"``), ``version``, ``driver_version``,
-        ``global_memory`` and ``local_memory`` (bytes), ``max_work_group_size``,
-        ``compute_units`` and ``fp64`` (double precision available). Empty when pyopencl is
-        missing or no platform answers; :func:`opencl_status` says why.
-    """
-    try:
-        cl = _import_pyopencl()
-        return [info for info, _ in _enumerate(cl)]
-    except Exception:   # AzfilterError, cl.Error from a broken ICD loader: nothing usable
-        return []
-
-
-def opencl_status() -> str:
-    """One paragraph saying whether OpenCL is usable here and, if not, why.
-
-    Returns
-    -------
-    str
-        e.g. ``"OpenCL: 1 device(s): 0:0 CPU pthread-skylake... (Portable Computing
-        Language)"`` or the reason none is available (pyopencl missing, no platform, an ICD
-        loader error), with a hint on how to fix it.
-    """
-    try:
-        import pyopencl as cl
-    except ImportError as err:
-        return (f"OpenCL unavailable: pyopencl is not installed ({err}); "
-                "pip install pyopencl")
-    try:
-        platforms = cl.get_platforms()
-    except Exception as err:   # PLATFORM_NOT_FOUND_KHR when the ICD loader finds no driver
-        return ("OpenCL unavailable: no OpenCL platform found "
-                f"({type(err).__name__}: {err}); install a driver (pocl-opencl-icd for CPUs, "
-                "the GPU vendor's OpenCL ICD) and check /etc/OpenCL/vendors or "
-                "$OCL_ICD_VENDORS")
-    if not platforms:
-        return ("OpenCL unavailable: the ICD loader lists no platform; install a driver "
-                "(pocl-opencl-icd) and check /etc/OpenCL/vendors")
-    lines, problems = [], []
-    for platform_index, platform in enumerate(platforms):
-        try:
-            devices = platform.get_devices()
-        except Exception as err:
-            problems.append(f"platform {platform_index} ({platform.name.strip()}): "
-                            f"{type(err).__name__}: {err}")
-            continue
-        for device_index, device in enumerate(devices):
-            info = _describe(cl, platform_index, device_index, platform, device)
-            lines.append(f"{info['id']} {info['type']} {info['name']} "
-                         f"({info['platform_name']}, {info['global_memory'] / 2**30:.1f} GiB, "
-                         f"{info['compute_units']} compute units, "
-                         f"fp64 {'yes' if info['fp64'] else 'no'})")
-    if not lines:
-        return "OpenCL unavailable: platforms found but no device: " + "; ".join(problems)
-    text = f"OpenCL: {len(lines)} device(s): " + "; ".join(lines)
-    if problems:
-        text += " (ignored: " + "; ".join(problems) + ")"
-    return text
-
-
-def select_device(device: str | None = None) -> tuple[dict, Any]:
-    """Resolve a ``device=`` choice to (description, ``pyopencl.Device``).
-
-    Parameters
-    ----------
-    device : str or None
-        ``"gpu"`` (the best GPU), ``"cpu"``, ``"P:D"`` (platform and device indices, as
-        :func:`list_devices` ``id``), or None: the best GPU, else a CPU, else anything.
-
-    Raises
-    ------
-    AzfilterError
-        When pyopencl or a platform is missing, or the choice does not exist (the message
-        lists the devices that do).
-    """
-    cl = _import_pyopencl()
-    try:
-        found = _enumerate(cl)
-    except Exception as err:
-        raise AzfilterError(opencl_status()) from err
-    if not found:
-        raise AzfilterError(opencl_status())
-    available = ", ".join(f"{info['id']} ({info['type']} {info['name']})" for info, _ in found)
-
-    def best(kind: str | None):
-        ranked = [item for item in found if kind is None or item[0]["type"] == kind]
-        # GPUs first, then double precision, then memory, then compute units
-        ranked.sort(key=lambda item: (item[0]["type"] == "GPU", item[0]["type"] == "CPU",
-                                      item[0]["fp64"], item[0]["global_memory"],
-                                      item[0]["compute_units"]), reverse=True)
-        return ranked[0] if ranked else None
-
-    choice = None if device is None else str(device).strip().lower()
-    if choice in (None, "", "auto"):
-        return best(None)
-    if choice in ("gpu", "cpu"):
-        picked = best(choice.upper())
-        if picked is None:
-            raise AzfilterError(f"--device {device}: no OpenCL {choice.upper()} found; "
-                                f"available: {available}")
-        return picked
-    parts = choice.split(":")
-    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
-        wanted = (int(parts[0]), int(parts[1]))
-        for info, dev in found:
-            if (info["platform"], info["device"]) == wanted:
-                return info, dev
-        raise AzfilterError(f"--device {device}: no OpenCL device {wanted[0]}:{wanted[1]}; "
-                            f"available: {available}")
-    raise AzfilterError(f"--device {device!r}: expected 'gpu', 'cpu' or 'P:D' "
-                        f"(platform:device); available: {available}")
-
-
-# ------------------------------------------------------------------------------ programs
-def kernel_source() -> str:
-    """The OpenCL C source of every kernel (installed copy, else the repository's kernels/)."""
-    global _SOURCE
-    if _SOURCE is None:
-        parts = []
-        installed = importlib.resources.files("azfilter") / "kernels"
-        for name in KERNEL_FILES:
-            resource = installed / name
-            if resource.is_file():
-                parts.append(resource.read_text(encoding="utf-8"))
-            else:   # editable install / source tree: the .cl files are not in the package
-                path = _REPO_KERNELS / name
-                if not path.is_file():
-                    raise AzfilterError(f"OpenCL kernel {name} not found in the azfilter "
-                                        f"package nor in {_REPO_KERNELS}; reinstall azfilter")
-                parts.append(path.read_text(encoding="utf-8"))
-        _SOURCE = "\n".join(parts)
-    return _SOURCE
-
-
-def _context(cl, info: dict, device) -> Any:
-    key = (info["platform"], info["device"])
-    if key not in _CONTEXTS:
-        _CONTEXTS[key] = cl.Context([device])
-    return _CONTEXTS[key]
-
-
-def _program(cl, context, options: list[str]) -> Any:
-    """Build (once per context and options) the program of every kernel."""
-    key = (context.int_ptr, " ".join(options))
-    program = _PROGRAMS.get(key)
-    if program is None:
-        try:
-            with warnings.catch_warnings():
-                # some drivers always log something (NVIDIA: "overriding noinline attribute")
-                warnings.simplefilter("ignore", cl.CompilerWarning)
-                program = cl.Program(context, kernel_source()).build(options=options)
-        except cl.RuntimeError as err:   # a compiler error is our bug: show the log
-            raise RuntimeError(f"OpenCL build failed with options {options}:\n{err}") from err
-        _PROGRAMS[key] = program
-    return program
-
-
-# ------------------------------------------------------------------------------ host memory
-class _PinnedHost:
-    """Owner of one page-locked host allocation; arrays handed out are views of it.
-
-    numpy keeps this object alive (as the arrays' ``base``) while any view exists; when the
-    last one goes, the allocation is unmapped and freed and its address range forgotten.
-    """
-
-    __slots__ = ("buffer", "mapped", "__weakref__")
-
-    def __init__(self, buffer: Any, mapped: np.ndarray):
-        self.buffer = buffer      # the OpenCL buffer (ALLOC_HOST_PTR)
-        self.mapped = mapped      # its mapping; the MemoryMap behind it unmaps on release
-
-    @property
-    def __array_interface__(self) -> dict:
-        return self.mapped.__array_interface__
-
-
-def _forget_pinned(start: int) -> None:
-    _FREED_RANGES.append(start)   # list.append is atomic: no lock in a finalizer
-
-
-def _pinned_ranges() -> list[tuple[int, int, int]]:
-    """(start, end, context int_ptr) of every live page-locked allocation."""
-    with _RANGES_LOCK:
-        while _FREED_RANGES:
-            _PINNED_RANGES.pop(_FREED_RANGES.pop(), None)
-        return [(start, end, owner) for start, (end, owner) in list(_PINNED_RANGES.items())]
-
-
-def _pinned_in_context(cl, context, queue, shape: Any, dtype: Any) -> np.ndarray:
-    """A new page-locked host array of ``context`` (see :func:`pinned_array`)."""
-    dtype = np.dtype(dtype)
-    shape = (int(shape),) if np.isscalar(shape) else tuple(int(n) for n in shape)
-    nbytes = max(1, math.prod(shape) * dtype.itemsize)
-    try:
-        buffer = cl.Buffer(context, cl.mem_flags.ALLOC_HOST_PTR | cl.mem_flags.READ_WRITE,
-                           nbytes)
-        mapped, _ = cl.enqueue_map_buffer(queue, buffer, cl.map_flags.READ | cl.map_flags.WRITE,
-                                          0, shape, dtype)
-    except cl.Error as err:
-        raise AzfilterError(f"cannot allocate {nbytes} bytes of page-locked host memory for "
-                            f"OpenCL ({err})") from err
-    owner = _PinnedHost(buffer, mapped)
-    array = np.asarray(owner)
-    start = int(array.__array_interface__["data"][0])
-    with _RANGES_LOCK:
-        if start in _FREED_RANGES:   # an earlier allocation at this address, freed
-            _FREED_RANGES.remove(start)
-        _PINNED_RANGES[start] = (start + nbytes, int(context.int_ptr))
-    weakref.finalize(owner, _forget_pinned, start)
-    return array
-
-
-def _map_queue(cl, context, device) -> Any:
-    key = int(context.int_ptr)
-    with _LOCK:
-        if key not in _MAP_QUEUES:
-            _MAP_QUEUES[key] = cl.CommandQueue(context, device)
-        return _MAP_QUEUES[key]
-
-
-def pinned_array(shape: int | tuple[int, ...], dtype: Any,
-                 device: str | None = None) -> np.ndarray:
-    """A new host array in page-locked memory, uploaded to ``device`` at full DMA speed.
-
-    Readers that decode frames straight into such arrays (h5py's ``Dataset.read_direct``, a
-    copy out of a network receive buffer) spare every upload the copy into the driver's own
-    page-locked memory. Allocation is slow (it locks the pages): allocate a few and reuse them.
-
-    Parameters
-    ----------
-    shape : int or tuple of int
-    dtype : numpy dtype
-    device : str, optional
-        As for :class:`OpenCLEngine` (``"gpu"``, ``"cpu"``, ``"P:D"``, None: the best).
-
-    Returns
-    -------
-    numpy.ndarray
-        Uninitialised, C-contiguous; the memory stays valid while the array (or a view of it)
-        exists.
-
-    Raises
-    ------
-    AzfilterError
-        When OpenCL or the device is missing, or the memory cannot be allocated.
-    """
-    cl = _import_pyopencl()
-    info, dev = select_device(device)
-    context = _context(cl, info, dev)
-    return _pinned_in_context(cl, context, _map_queue(cl, context, dev), shape, dtype)
-
-
-def is_pinned(array: np.ndarray, context: Any = None) -> bool:
-    """Whether ``array`` lies in memory from :func:`pinned_array` (of ``context``, if given)."""
-    interface = getattr(array, "__array_interface__", None)
-    if not interface or not isinstance(array, np.ndarray):
-        return False
-    start = int(interface["data"][0])
-    stop = start + array.nbytes
-    wanted = None if context is None else int(context.int_ptr)
-    return any(first <= start and stop <= last and wanted in (None, owner)
-               for first, last, owner in _pinned_ranges())
-
-
-def _copy_pool(threads: int) -> ThreadPoolExecutor:
-    with _LOCK:
-        pool = _COPY_POOLS.get(threads)
-        if pool is None:
-            pool = _COPY_POOLS[threads] = ThreadPoolExecutor(
-                max_workers=threads, thread_name_prefix="azfilter-staging")
-        return pool
-
-
-def _copy_piece(source: np.ndarray, target: np.ndarray, start: int, stop: int,
-                columns: int) -> None:
-    """Copy flat elements [start, stop) of ``source`` into ``target`` (flat), converting.
-
-    ``source`` is either flat, or 2-D with ``columns`` columns and piece bounds on row
-    boundaries (a strided frame). numpy releases the GIL: pieces copy in parallel.
-    """
-    if source.ndim == 1:
-        np.copyto(target, source[start:stop], casting="unsafe")
-    else:
-        np.copyto(target.reshape(-1, columns), source[start // columns:stop // columns],
-                  casting="unsafe")
-
 
 # ------------------------------------------------------------------------------ the engine
 @dataclass
@@ -462,7 +95,7 @@ class _Pending:
     done: Any           # event of that copy
 
 
-class OpenCLEngine:
+class OpenCLEngine(OpenCLProcessing, Engine):
     """OpenCL engine: same interface and results as :class:`~.python.PythonEngine`.
 
     Parameters
@@ -515,8 +148,8 @@ class OpenCLEngine:
                  device: str | None = None, *, workgroup_size: int | None = None,
                  local_sort_size: int | None = None, fp64: bool | None = None,
                  staging: bool | None = None):
-        cl = self._cl = _import_pyopencl()
-        self.device_info, self._device = select_device(device)
+        OpenCLProcessing.__init__(self, device)
+        cl = self._cl
         self.pixel_norm = np.ascontiguousarray(pixel_norm, dtype=np.float32).ravel()
         self.npix = int(self.pixel_norm.size)
         indptr = np.asarray(csr.indptr, dtype=np.int64)
@@ -560,9 +193,6 @@ class OpenCLEngine:
                                 f"{local_sort_size}")
         self.local_sort_size = int(local_sort_size)
 
-        self.context = _context(cl, self.device_info, self._device)
-        self._queue = cl.CommandQueue(self.context, self._device)            # kernels
-        self._transfer_queue = cl.CommandQueue(self.context, self._device)   # uploads
         if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
             raise AzfilterError(f"threads must be a positive integer, got {threads!r}")
         self.copy_threads = int(threads) if threads is not None else DEFAULT_COPY_THREADS
@@ -581,14 +211,7 @@ class OpenCLEngine:
         row_lengths = np.diff(indptr)
         self.max_row = int(row_lengths.max()) if row_lengths.size else 0
         self._idx_bits = max(1, (max(self.max_row, 1) - 1).bit_length())
-        mf = cl.mem_flags
-        ro = mf.READ_ONLY | mf.COPY_HOST_PTR
-
-        def upload(array: np.ndarray):
-            if array.size == 0:   # OpenCL refuses empty buffers
-                array = np.zeros(1, dtype=array.dtype)
-            return cl.Buffer(self.context, ro, hostbuf=np.ascontiguousarray(array))
-        self._upload_table = upload
+        upload = self.upload
 
         try:
             self._indptr = upload(indptr.astype(np.int32))
@@ -608,11 +231,10 @@ class OpenCLEngine:
             # two frames in flight (process_many): raw frame and sums per slot
             self._raw_bytes = max(8, self.npix * 8)   # room for any raw dtype up to 8 bytes
             sums_bytes = _NSUMS * self.npt * acc_bytes
-            self._raw = [cl.Buffer(self.context, mf.READ_ONLY, self._raw_bytes)
-                         for _ in range(2)]
-            self._sums = [cl.Buffer(self.context, mf.WRITE_ONLY, sums_bytes) for _ in range(2)]
+            self._raw = [self.allocate(f"raw{slot}", self._raw_bytes, "r") for slot in (0, 1)]
+            self._sums = [self.allocate(f"sums{slot}", sums_bytes, "w") for slot in (0, 1)]
             self._slot_free: list[Any] = [None, None]    # event after which a slot is reusable
-            self._flags = cl.Buffer(self.context, mf.READ_WRITE, max(1, self.nnz))
+            self._flags = self.allocate("flags", self.nnz)
         except cl.MemoryError as err:
             raise AzfilterError(f"OpenCL device {self.device_info['name']} has not enough "
                                 f"memory for this lookup table ({self.nnz} entries)") from err
@@ -643,9 +265,9 @@ class OpenCLEngine:
         self._kernels: dict[str, dict[str, Any]] = {}
         if self._long_rows.size:
             blocks = -(-self._long_lengths // wg)
-            self._block_row = self._upload_table(
+            self._block_row = self.upload(
                 np.repeat(self._long_rows, blocks).astype(np.int32))
-            self._block_offset = self._upload_table(np.concatenate(
+            self._block_offset = self.upload(np.concatenate(
                 [np.arange(k) * wg for k in blocks]).astype(np.int32))
             self._n_blocks = int(blocks.sum())
 
@@ -656,15 +278,11 @@ class OpenCLEngine:
         A device may run a kernel only with smaller work-groups than it advertises (register
         or local-memory pressure): then the work-group size is halved until every kernel fits.
         """
-        cl = self._cl
         while self._kernels.get(raw_type) is None:
-            program = _program(cl, self.context, [f"-D RAW_T={raw_type}"] + self._base_options)
-            kernels = {name: cl.Kernel(program, name) for name in
-                       ("integrate", "sigma_clip", "medfilt", "medfilt_chunk_sort",
-                        "medfilt_merge")}
-            fits = min(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE,
-                                                  self._device) for kernel in kernels.values())
-            if fits >= self.workgroup_size:
+            kernels = self.kernels([f"-D RAW_T={raw_type}"] + self._base_options,
+                                   ("integrate", "sigma_clip", "medfilt", "medfilt_chunk_sort",
+                                    "medfilt_merge"))
+            if self.largest_workgroup(kernels) >= self.workgroup_size:
                 self._kernels[raw_type] = kernels
             elif self.workgroup_size > 1:
                 self._set_workgroup_size(self.workgroup_size // 2)
@@ -724,24 +342,6 @@ class OpenCLEngine:
                                   for _ in range(2)]
         return self._sort_buffers
 
-    def pinned_array(self, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
-        """A new host array in page-locked memory of this engine's device.
-
-        Same as the module's :func:`pinned_array` (any engine on the same device uploads it
-        by DMA).
-
-        Parameters
-        ----------
-        shape : int or tuple of int
-        dtype : numpy dtype
-
-        Returns
-        -------
-        numpy.ndarray
-            Uninitialised, C-contiguous; valid while the array (or a view of it) exists.
-        """
-        return _pinned_in_context(self._cl, self.context, self._transfer_queue, shape, dtype)
-
     @staticmethod
     def host_array(shape: int | tuple[int, ...], dtype: Any,
                    device: str | None = None) -> np.ndarray:
@@ -749,7 +349,7 @@ class OpenCLEngine:
 
         What :meth:`azfilter.integrator.Integrator.frame_buffer` returns for this backend.
         """
-        return pinned_array(shape, dtype, device=device)
+        return hostmem.pinned_array(shape, dtype, device=device)
 
     def _upload(self, frame: np.ndarray, target: np.dtype, slot: int,
                 wait: list | None) -> list:
@@ -763,15 +363,15 @@ class OpenCLEngine:
         cl = self._cl
         direct = frame.dtype == target and frame.flags.c_contiguous
         if direct and (not self.staging or is_pinned(frame, self.context)):
-            events = [cl.enqueue_copy(self._transfer_queue, self._raw[slot], frame.reshape(-1),
+            events = [cl.enqueue_copy(self.transfer_queue, self._raw[slot], frame.reshape(-1),
                                       is_blocking=False, wait_for=wait)]
         elif not self.staging:
             converted = np.ascontiguousarray(frame, dtype=target).reshape(-1)
-            events = [cl.enqueue_copy(self._transfer_queue, self._raw[slot], converted,
+            events = [cl.enqueue_copy(self.transfer_queue, self._raw[slot], converted,
                                       is_blocking=False, wait_for=wait)]
         else:
             events = self._staged_upload(frame, target, slot)
-        self._transfer_queue.flush()
+        self.transfer_queue.flush()
         return events
 
     def _staging_pieces(self, slot: int, sizes: tuple[int, ...]) -> list[np.ndarray]:
@@ -814,7 +414,7 @@ class OpenCLEngine:
         source, columns, threads, bounds = self._pieces(frame, itemsize)
         staging = [piece.view(target) for piece in self._staging_pieces(
             slot, tuple((stop - start) * itemsize for start, stop in bounds))]
-        queue, device_buffer = self._transfer_queue, self._raw[slot]
+        queue, device_buffer = self.transfer_queue, self._raw[slot]
         events = []
 
         def send(index: int) -> None:
@@ -824,11 +424,11 @@ class OpenCLEngine:
             queue.flush()   # start this piece's DMA now
         if threads == 1:   # this thread copies, piece after piece
             for index, (start, stop) in enumerate(bounds):
-                _copy_piece(source, staging[index], start, stop, columns)
+                copy_piece(source, staging[index], start, stop, columns)
                 send(index)
             return events
-        pool = _copy_pool(threads)
-        futures = [pool.submit(_copy_piece, source, staging[index], start, stop, columns)
+        pool = copy_pool(threads)
+        futures = [pool.submit(copy_piece, source, staging[index], start, stop, columns)
                    for index, (start, stop) in enumerate(bounds)]
         try:
             for index, future in enumerate(futures):
@@ -866,7 +466,7 @@ class OpenCLEngine:
         geometry = [self._indptr, self._indices, self._coefs]
         npt = np.int32(self.npt)
         out = self._sums[slot]
-        queue = self._queue
+        queue = self.queue
         if operation == "integrate":
             kernel = kernels["integrate"]
             kernel.set_args(*geometry, *frame_args,
@@ -948,94 +548,103 @@ class OpenCLEngine:
                       variance=variance)
         return self._finish(self._submit(raw, "medfilt", params, 0))
 
-    def process_many(self, frames: Iterable[np.ndarray], operation: str,
-                     **params: Any) -> Iterator[BinSums]:
-        """Run one operation over a stream of frames, overlapping transfers and kernels.
+    def host_buffers(self, capacity: int) -> FrameBufferRing:
+        """A bounded ring of ``capacity`` page-locked frame buffers of this engine's device.
+
+        Frames read into them go to the device by DMA with no staging copy.
+        """
+        return FrameBufferRing(capacity, self.pinned_array)
+
+    def _stream(self, frames: Iterable[tuple[Any, np.ndarray]], operation: str,
+                params: dict[str, Any]) -> Iterator[tuple[Any, BinSums | Exception]]:
+        """:meth:`process_many` overlapping transfers and kernels.
 
         Frame n+1 is uploaded (on the transfer queue, into the second raw buffer) while the
         kernels of frame n run; its sums are read back without blocking. Results come out in
-        input order, each as soon as it is ready.
+        input order, each as soon as it is ready; a frame that fails (wrong size, unsupported
+        dtype, a device error) gives its exception in its place.
 
-        Frames in page-locked memory (:meth:`pinned_array`) go to the device by DMA; their
-        memory may be reused as soon as the next frame is asked for (a reader can cycle a
-        small ring of such buffers). Other frames, when the engine stages (discrete GPUs),
-        are read up to ``threads`` frames ahead and each copied whole into a page-locked
-        buffer by one of ``threads`` threads, several frames at once: their memory must stay
-        unchanged until their result is yielded (the engine keeps those ``threads + 1``
-        page-locked frame buffers per dtype for its next streams).
-
-        Parameters
-        ----------
-        frames : iterable of numpy.ndarray
-            Raw frames (any supported dtype, which may change from frame to frame).
-        operation : str
-            ``"integrate"``, ``"sigma_clip"`` or ``"medfilt"``.
-        **params
-            The keyword arguments of that method besides ``raw``: ``error_model`` and
-            ``variance`` always; ``thres`` and ``max_iter`` for sigma_clip; ``quant_min``
-            and ``quant_max`` for medfilt.
-
-        Yields
-        ------
-        BinSums
-            One per frame, in order.
+        Frames in page-locked memory (:meth:`pinned_array`, :meth:`host_buffers`) go to the
+        device by DMA; their memory may be reused as soon as the next frame is asked for (a
+        reader can cycle a small ring of such buffers). Other frames, when the engine stages
+        (discrete GPUs), are read up to ``threads`` frames ahead and each copied whole into a
+        page-locked buffer by one of ``threads`` threads, several frames at once: their memory
+        must stay unchanged until their result is yielded (the engine keeps those
+        ``threads + 1`` page-locked frame buffers per dtype for its next streams).
         """
-        if operation not in OPERATIONS:
-            raise AzfilterError(f"unknown operation {operation!r}; choose one of "
-                                f"{', '.join(OPERATIONS)}")
-        required = {"integrate": ("error_model",),
-                    "sigma_clip": ("thres", "max_iter", "error_model"),
-                    "medfilt": ("quant_min", "quant_max", "error_model")}[operation]
-        missing = [name for name in required if name not in params]
-        if missing:
-            raise AzfilterError(f"{operation} needs {', '.join(missing)}")
-        params.setdefault("variance", None)
-        in_flight: deque[_Pending] = deque()
-        # frames being copied into page-locked buffers: (copy, frame to submit, its buffer)
-        copying: deque[tuple[Any, np.ndarray, np.ndarray | None]] = deque()
+        # submitted, not read back: (tag, pending sums or the frame's error)
+        in_flight: deque[tuple[Any, _Pending | Exception]] = deque()
+        # frames waiting for submission: (tag, copy into a page-locked buffer or None,
+        # frame to submit or the frame's error, that buffer or None)
+        copying: deque[tuple[Any, Any, np.ndarray | Exception, np.ndarray | None]] = deque()
         spare = self._stream_buffers    # page-locked frame buffers, by dtype, kept for reuse
         submitted = 0
+        ahead = 0
 
         def submit_oldest() -> None:
             nonlocal submitted
-            copy, frame, buffer = copying.popleft()
-            if copy is not None:
-                copy.result()
-            in_flight.append(self._submit(frame, operation, params, submitted % 2))
-            submitted += 1
-            if buffer is not None:   # uploaded: the buffer is free again
+            tag, copy, frame, buffer = copying.popleft()
+            pending: _Pending | Exception
+            if isinstance(frame, Exception):
+                pending = frame
+            else:
+                try:
+                    if copy is not None:
+                        copy.result()
+                    pending = self._submit(frame, operation, params, submitted % 2)
+                    submitted += 1
+                except Exception as err:  # noqa: BLE001 - one bad frame must not end the stream
+                    pending = err
+            if buffer is not None:   # uploaded (or failed): the buffer is free again
                 spare[buffer.dtype.str].append(buffer)
+            in_flight.append((tag, pending))
+
+        def finish_oldest() -> tuple[Any, BinSums | Exception]:
+            tag, pending = in_flight.popleft()
+            if isinstance(pending, Exception):
+                return tag, pending
+            try:
+                return tag, self._finish(pending)
+            except Exception as err:  # noqa: BLE001
+                return tag, err
+
         try:
-            for raw in frames:
-                frame, target = self._prepare_frame(raw)
-                if self.staging and not (frame.dtype == target and frame.flags.c_contiguous
-                                         and is_pinned(frame, self.context)):
-                    buffers = spare.setdefault(target.str, [])
-                    buffer = buffers.pop() if buffers else self.pinned_array(self.npix, target)
-                    source, columns = ((frame, frame.shape[1]) if frame.ndim == 2
-                                       and not frame.flags.c_contiguous
-                                       else (frame.reshape(-1), 1))
-                    copy = _copy_pool(self.copy_threads).submit(
-                        _copy_piece, source, buffer, 0, frame.size, columns)
-                    copying.append((copy, buffer, buffer))
-                    ahead = self.copy_threads
-                else:   # uploaded before the next frame is asked for (a reader's ring)
-                    copying.append((None, frame, None))
-                    ahead = 0
+            for tag, raw in frames:
+                try:
+                    frame, target = self._prepare_frame(raw)
+                except Exception as err:  # noqa: BLE001
+                    copying.append((tag, None, err, None))
+                else:
+                    if self.staging and not (frame.dtype == target and frame.flags.c_contiguous
+                                             and is_pinned(frame, self.context)):
+                        buffers = spare.setdefault(target.str, [])
+                        buffer = (buffers.pop() if buffers
+                                  else self.pinned_array(self.npix, target))
+                        source, columns = ((frame, frame.shape[1]) if frame.ndim == 2
+                                           and not frame.flags.c_contiguous
+                                           else (frame.reshape(-1), 1))
+                        copy = copy_pool(self.copy_threads).submit(
+                            copy_piece, source, buffer, 0, frame.size, columns)
+                        copying.append((tag, copy, buffer, buffer))
+                        ahead = self.copy_threads
+                    else:   # uploaded before the next frame is asked for (a reader's ring)
+                        copying.append((tag, None, frame, None))
+                        ahead = 0
                 while len(copying) > ahead:
                     submit_oldest()
                     if len(in_flight) == 2:
-                        yield self._finish(in_flight.popleft())
+                        yield finish_oldest()
             while copying or in_flight:
                 if copying:
                     submit_oldest()
                 if len(in_flight) == 2 or not copying:
-                    yield self._finish(in_flight.popleft())
+                    yield finish_oldest()
         finally:
             # abandoned generator: let the copying threads and the device finish
-            wait_futures([copy for copy, _, _ in copying if copy is not None])
-            for _, _, buffer in copying:
+            wait_futures([copy for _, copy, _, _ in copying if copy is not None])
+            for _, _, _, buffer in copying:
                 if buffer is not None:
                     spare[buffer.dtype.str].append(buffer)
-            for pending in in_flight:
-                pending.done.wait()
+            for _, pending in in_flight:
+                if not isinstance(pending, Exception):
+                    pending.done.wait()

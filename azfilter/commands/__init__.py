@@ -1,0 +1,2 @@
+"""The subcommands other than the reductions, one module each, imported only when run
+(``azfilter info`` does not load the engines, ``azfilter --help`` loads nothing)."""

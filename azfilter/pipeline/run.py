@@ -1,0 +1,693 @@
+"""Running a job: readers → ``Integrator.process_many`` → writer → sink.
+
+Data flow of one run (``azfilter sigma-clip -p geo.poni run/*.cbf -o out.h5``)::
+
+    prepare_job(config)          plan (pipeline.plan), geometry, integrator, writer, meta
+    execute(job, progress)
+      reader thread pool          decodes blocks of frames ahead (bounded queues), into the
+                                  engine's reusable frame buffers (page-locked for OpenCL)
+      this thread                 integrator.process_many(frames) — the engines' streaming
+                                  path (OpenCL overlaps the upload of frame n+1 with frame n)
+      writer thread               sink.write(...) for each result (text files, NeXus rows)
+      sink.close()                atomic rename of a shared output
+
+A frame that cannot be read or reduced is reported (file, frame, reason) and the run goes on.
+Every queue is bounded, so memory does not grow with the number of frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import config as cfg
+from ..errors import AzfilterError, FrameReadError, RunFailed
+from ..fileio import (
+    atomic_write_text,
+    lock_path,
+    sweep_folder,
+    sweep_stale_temporaries,
+)
+from ..manifest import Manifest
+from ..poni import format_poni
+from ..resources import usable_cores
+from ..vocabulary import METHOD_OF
+from . import plan as planning
+from .monitor import MonitorReader, divide_by_monitor
+from .plan import Block, Planned
+from .progress import Progress, plural
+
+logger = logging.getLogger(__name__)
+
+# Frames each reader may have decoded ahead of the reducer (memory stays flat).
+READ_AHEAD = 2
+# Results waiting for the writer thread.
+WRITE_QUEUE = 8
+
+
+@dataclass
+class Counters:
+    """Frames reduced, skipped (already in the output) and failed, shared by threads."""
+
+    reduced: int = 0
+    skipped: int = 0
+    failed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Job:
+    """Everything a run needs, prepared and checked before any frame is reduced."""
+
+    config: dict[str, Any]
+    geometry: Any
+    out_kind: str
+    output: str
+    shard: tuple[int, int] | None
+    todo: list[Planned]
+    skipped: int
+    failures: list[Planned]
+    meta: Any
+    writer: Any = None
+    integrator: Any = None
+    notes: list[str] = field(default_factory=list)
+    manifest: Manifest | None = None
+
+    @property
+    def label(self) -> str:
+        """``"sigma-clip"``, or ``"sigma-clip shard 2/16"`` in an array job."""
+        operation = self.config["operation"]
+        return operation if self.shard is None else (
+            f"{operation} shard {self.shard[0]}/{self.shard[1]}")
+
+
+@dataclass
+class JobReport:
+    """What a run did: frame counts, failures (one line each), where the output went."""
+
+    label: str
+    output: str
+    reduced: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+    planned: list[tuple[str, int, str]] = field(default_factory=list)  # dry run
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no frame failed."""
+        return self.failed == 0
+
+    def summary(self) -> str:
+        """The one-line summary the command prints."""
+        rate = self.reduced / self.elapsed if self.elapsed > 0 else 0.0
+        return (f"azfilter: {self.label}: {plural(self.reduced, 'frame')} reduced, "
+                f"{self.skipped} skipped, {self.failed} failed in {self.elapsed:.1f} s "
+                f"({rate:.1f} frames/s) -> {self.output}")
+
+
+def operation_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The parameters that define the numbers, as recorded in every output's header."""
+    keys = ["npt", "unit", "split", "error_model"] + list(
+        cfg.OPERATION_KEYS[config["operation"]]) + [
+        "mask", "dark", "flat", "polarization", "solid_angle", "normalization",
+        "radial_range", "azimuth_range", "backend", "device", "wavelength", "energy",
+        "dummy", "delta_dummy", "monitor"]
+    parameters = {}
+    for key in keys:
+        value = config.get(key)
+        if key in ("mask", "dark", "flat") and value:
+            value = os.path.abspath(value)
+        parameters[key] = value
+    return parameters
+
+
+def reduction_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The Integrator method and its keyword arguments for a job's operation."""
+    operation = config["operation"]
+    if operation == "integrate":
+        params = {"error_model": config["error_model"], "split": config["split"]}
+    elif operation == "sigma-clip":
+        params = {"thres": config["thres"], "max_iter": config["max_iter"],
+                  "error_model": config["error_model"]}
+    else:
+        percentile = config["percentile"]
+        params = {"percentile": percentile[0] if len(percentile) == 1 else tuple(percentile),
+                  "split": config["split"], "error_model": config["error_model"]}
+    return METHOD_OF[operation], params
+
+
+def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | None) -> Any:
+    """The job's Integrator, its lookup table built (or loaded) so that errors show now.
+
+    A generic detector takes its shape from the first input; an Eiger/NeXus file's own pixel
+    mask is OR-ed in when it fits the detector.
+    """
+    from ..integrator import Integrator
+
+    if geometry.detector.shape is None and first_item is not None:
+        from ..frames import describe_file
+
+        try:
+            shape = describe_file(first_item).get("shape")
+        except AzfilterError:
+            shape = None
+        if shape:
+            geometry = dataclasses.replace(
+                geometry, detector=geometry.detector.with_shape(tuple(shape)))
+            check_npt(config["npt"], geometry.detector.shape)
+    pixel_mask = None
+    if first_item is not None:
+        from ..frames import pixel_mask_for
+
+        try:
+            pixel_mask = pixel_mask_for(first_item)
+        except AzfilterError:
+            pixel_mask = None
+        shape = geometry.detector.shape
+        if pixel_mask is not None and (shape is None or tuple(pixel_mask.shape) != tuple(shape)):
+            pixel_mask = None
+    integrator = Integrator(
+        geometry, npt=config["npt"], unit=config["unit"], backend=config["backend"],
+        device=config["device"], mask=config["mask"], dark=config["dark"], flat=config["flat"],
+        polarization=config["polarization"], solid_angle=config["solid_angle"],
+        radial_range=config["radial_range"], azimuth_range=config["azimuth_range"],
+        normalization=config["normalization"],
+        threads=config["threads"] or usable_cores(), pixel_mask=pixel_mask,
+    )
+    if integrator.shape is not None:
+        integrator.table(config["split"])
+    return integrator
+
+
+def resolve_output(config: dict[str, Any]) -> tuple[str, str, tuple[int, int] | None]:
+    """(kind, path, shard) of a job's output: ``out.h5`` becomes ``out_shard02of16.h5`` in
+    shard 2 of 16 (given by ``--shard`` or the scheduler's environment).
+
+    Raises
+    ------
+    AzfilterError
+        For an output name of no known kind, or an ambiguous array task.
+    """
+    shard = cfg.parse_shard(config["shard"]) if config.get("shard") else \
+        planning.environment_shard()
+    out_kind = planning.output_kind(config["output"])
+    output = planning.shard_output(config["output"], shard) if out_kind == "hdf5" else \
+        config["output"]
+    return out_kind, output, shard
+
+
+#: Bins per detector pixel above which a job is refused: more bins than pixels leaves most
+#: bins empty and made medfilt allocate tens of GiB (--npt 10000000).
+MAX_BINS_PER_PIXEL = 1
+
+
+#: h·c in keV·Å: wavelength [Å] = HC_KEV_ANGSTROM / energy [keV]
+HC_KEV_ANGSTROM = 12.398419843320026
+
+
+def apply_overrides(geometry: Any, config: dict[str, Any]) -> Any:
+    """The PONI geometry with the job's ``wavelength``/``energy`` and ``dummy``/
+    ``delta_dummy`` in place of the file's and the detector's."""
+    wavelength = config.get("wavelength")
+    if config.get("energy") is not None:
+        wavelength = HC_KEV_ANGSTROM / config["energy"]
+    if wavelength is not None:
+        geometry = dataclasses.replace(geometry, wavelength=wavelength * 1e-10)
+    if config.get("dummy") is not None or config.get("delta_dummy") is not None:
+        detector = geometry.detector
+        dummy = config["dummy"] if config.get("dummy") is not None else detector.dummy
+        if dummy is None:
+            raise AzfilterError("--delta-dummy needs --dummy (the detector has no dummy value)")
+        delta = config["delta_dummy"] if config.get("delta_dummy") is not None else (
+            detector.delta_dummy if config.get("dummy") is None else 0.0)
+        geometry = dataclasses.replace(
+            geometry, detector=dataclasses.replace(detector, dummy=dummy, delta_dummy=delta))
+    return geometry
+
+
+def check_npt(npt: int, shape: tuple[int, int] | None) -> None:
+    """Refuse more radial bins than the detector has pixels.
+
+    Raises
+    ------
+    AzfilterError
+        Naming the limit.
+    """
+    if shape is None:
+        return
+    pixels = int(shape[0]) * int(shape[1])
+    if npt > MAX_BINS_PER_PIXEL * pixels:
+        raise AzfilterError(f"--npt {npt}: more radial bins than the detector's {pixels} "
+                            "pixels; most would stay empty (choose at most the pixel count, "
+                            "typically the larger image dimension)")
+
+
+def prepare_job(config: dict[str, Any], dry_run: bool = False,
+                note: Callable[[str], None] | None = None) -> Job:
+    """Plan a job from its effective config and set up what the run needs.
+
+    Parameters
+    ----------
+    config : dict
+        An effective config (:func:`azfilter.config.effective`).
+    dry_run : bool
+        Plan only: no integrator, nothing opened for writing.
+    note : callable, optional
+        Receives informational lines (a directory with no data yet).
+
+    Raises
+    ------
+    AzfilterError
+        Any usage or configuration problem; nothing has been written.
+    """
+    from ..output import NexusWriter, OutputMeta, geometry_lines
+    from ..poni import load_poni
+
+    out_kind, output, shard = resolve_output(config)
+    output_arg = config["output"]
+    geometry = apply_overrides(load_poni(config["poni"]), config)
+    check_npt(config["npt"], geometry.detector.shape)
+    notes: list[str] = []
+
+    def noted(text: str) -> None:
+        notes.append(text)
+        if note is not None:
+            note(text)
+
+    items = planning.expand(config["inputs"], config["recursive"],
+                            output if out_kind == "hdf5" else None, noted)
+    whole_job = planning.plan_frames(items, out_kind, output, config["unit"])
+    # Text names must be unique over the whole job, not only this shard: two tasks of an
+    # array writing a/img_0000.cbf and b/img_0000.cbf to one out/img_0000.dat lose one.
+    planning.check_collisions([p for p in whole_job if p.error is None])
+    manifest = Manifest.of(((p.source, p.index) for p in whole_job),
+                           shards=1 if shard is None else shard[1])
+    plan = planning.select_shard(whole_job, shard)
+    frames = [p for p in plan if p.error is None]
+    if out_kind in ("stdout", "textfile") and len(frames) > 1:
+        raise AzfilterError(f"-o {output_arg} takes one frame, but the inputs hold "
+                            f"{len(frames)}; give a directory (out/) or an .h5 file")
+
+    job_config = cfg.job_config(config)
+    job_config["output"] = os.path.abspath(output_arg) if output_arg != "-" else "-"
+    meta = OutputMeta(
+        operation=config["operation"], unit=config["unit"],
+        parameters=operation_parameters(config), poni_text=format_poni(geometry),
+        geometry=geometry_lines(geometry), config=job_config,
+        shard=None if shard is None else f"{shard[0]}/{shard[1]}",
+    )
+    mode = "overwrite" if config["overwrite"] else (
+        "append" if config["skip_existing"] else "new")
+    todo, skipped = planning.skip_existing(frames, out_kind, output, mode, config["npt"])
+    writer = None
+    if out_kind == "hdf5":
+        writer = NexusWriter(output, meta, mode=mode)
+        if mode == "append":
+            todo, more = planning.drop_stored(todo, writer.existing)
+            skipped += more
+    job = Job(config=config, geometry=geometry, out_kind=out_kind, output=output, shard=shard,
+              todo=todo, skipped=skipped, failures=[p for p in plan if p.error is not None],
+              meta=meta, writer=writer, notes=notes, manifest=manifest)
+    if dry_run:
+        return job
+    # The integrator (lookup table) only when there is work: a cron run that finds nothing
+    # new stays cheap. An HDF5 output with nothing to put in it is still written (empty) when
+    # nothing failed, so that every shard of an array job leaves its file for `merge`.
+    empty_output = (out_kind == "hdf5" and not todo and not job.failures
+                    and not Path(output).exists())
+    if todo or empty_output:
+        job.integrator = make_integrator(config, geometry, todo[0].item if todo else None)
+        meta.geometry = geometry_lines(job.integrator.geometry)
+        if empty_output and writer is not None and job.integrator.shape is not None:
+            writer.start(job.integrator.table(config["split"]).radial)
+    return job
+
+
+@contextlib.contextmanager
+def output_lock(output: str, out_kind: str, wait: bool = True,
+                note: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the output's lock (:func:`azfilter.fileio.lock_path`) for a whole run.
+
+    Two runs on one output (two cron jobs extending one .h5, a rerun while the first still
+    writes) serialise: the second waits, then plans against what the first wrote. With
+    ``wait=False`` the second is refused instead. The lock is ``flock``-based (the
+    ``filelock`` package): reliable on local disks and on NFS v4 / Lustre / GPFS mounts that
+    forward ``flock``; the README says what to check on other shared file systems.
+
+    Raises
+    ------
+    AzfilterError
+        When the lock file cannot be created, or is held and ``wait`` is False.
+    """
+    if out_kind == "stdout":
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    path = lock_path(output)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not wait:
+                raise AzfilterError(f"{output}: another azfilter run is writing this output "
+                                    f"(lock {path}); try again later") from None
+            if note is not None:
+                note(f"{output}: waiting for another azfilter run writing it (lock {path})")
+            lock.acquire()
+    except OSError as err:
+        raise AzfilterError(f"{path}: cannot create the output's lock file: "
+                            f"{err.strerror or err}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def sweep_temporaries(output: str, out_kind: str) -> list[Path]:
+    """Remove the temporary files that killed runs left for this output (their process is
+    gone; files of live processes or other hosts are kept)."""
+    if out_kind == "stdout":
+        return []
+    if out_kind == "textdir":
+        removed: list[Path] = []
+        for folder, _, _ in os.walk(output):
+            removed += sweep_folder(folder)
+        return removed
+    return sweep_stale_temporaries(output)
+
+
+def summary_path(job: Job) -> Path | None:
+    """Where the per-task summary goes, next to the output: ``OUT.h5.summary.json`` for an
+    HDF5 output, ``DIR.summary.json`` (``DIR_shardIofN.summary.json`` in an array) for a
+    directory of text outputs; none for stdout or a single text file."""
+    if job.out_kind == "hdf5":
+        return Path(f"{job.output}.summary.json")
+    if job.out_kind == "textdir":
+        folder = os.path.abspath(job.output)
+        suffix = "" if job.shard is None else f"_shard{job.shard[0]}of{job.shard[1]}"
+        return Path(f"{folder}{suffix}.summary.json")
+    return None
+
+
+def write_summary(job: Job, report: JobReport) -> Path | None:
+    """Write the per-task summary (JSON): frames planned/reduced/skipped/failed with each
+    failure, times, host, shard, manifest digest. Returns its path (None when not written;
+    a summary that cannot be written is a warning in the report, never a failed run)."""
+    import json
+    import socket
+
+    from .. import __version__
+
+    path = summary_path(job)
+    if path is None:
+        return None
+    finished = time.time()
+    summary = {
+        "program": "azfilter", "version": __version__, "label": job.label,
+        "operation": job.config["operation"], "output": os.path.abspath(job.output),
+        "shard": None if job.shard is None else f"{job.shard[0]}/{job.shard[1]}",
+        "host": socket.gethostname(), "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                 time.localtime(finished - report.elapsed)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
+        "elapsed_s": round(report.elapsed, 3),
+        "frames_planned": len(job.todo) + job.skipped + len(job.failures),
+        "reduced": report.reduced, "skipped": report.skipped, "failed": report.failed,
+        "failures": report.failures,
+        "manifest_sha256": None if job.manifest is None else job.manifest.digest,
+        "manifest_frames": None if job.manifest is None else len(job.manifest),
+        "backend": job.config.get("backend"), "threads": job.config.get("threads"),
+        "exit_status": 0 if report.ok else 3,
+    }
+    try:
+        atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
+    except OSError as err:
+        report.notes.append(f"{path}: cannot write the run summary: {err.strerror or err}")
+        return None
+    return path
+
+
+def _make_sink(job: Job) -> Any:
+    from ..output import NexusSink, TextSink
+
+    if job.writer is not None:
+        return NexusSink(job.writer)
+    return TextSink(job.meta, stdout=job.out_kind == "stdout")
+
+
+def execute(job: Job, progress: Progress) -> JobReport:
+    """Reduce the job's frames and write them; failures are counted, not raised.
+
+    Raises
+    ------
+    RunFailed
+        When the output cannot be written (the unfinished output is removed).
+    KeyboardInterrupt
+        Re-raised after the unfinished output is removed.
+    """
+    where = "stdout" if job.out_kind == "stdout" else job.output
+    report = JobReport(label=job.label, output=where, notes=list(job.notes))
+    counters = Counters(skipped=job.skipped)
+    started = time.monotonic()
+
+    sink = _make_sink(job)
+
+    def fail(error: Exception, frames: int = 1) -> None:
+        with counters.lock:
+            counters.failed += frames
+            report.failures.append(str(error))
+            record = getattr(sink, "record_failure", None)
+            if record is not None:   # the output lists its failed frames
+                record(getattr(error, "source", ""), getattr(error, "index", None), str(error))
+        progress.message(f"azfilter: failed: {error}")
+        for _ in range(frames):
+            progress.step(failed=True)
+
+    for failure in job.failures:
+        fail(failure.error)
+    try:
+        _stream(job, sink, progress, counters, fail)
+    finally:
+        progress.close()
+        report.elapsed = time.monotonic() - started
+        report.reduced, report.skipped, report.failed = (
+            counters.reduced, counters.skipped, counters.failed)
+    return report
+
+
+_END = object()
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put unless the run is stopping; False when stopped."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _taker(buffers: Any) -> Callable[[Any, Any], Any]:
+    """The readers' ``buffer(shape, dtype)``: a ring buffer, or a new array when all are
+    lent (a reader never waits for a buffer: no deadlock with the bounded queues)."""
+    import numpy as np
+
+    def take(shape: Any, dtype: Any) -> Any:
+        buffer = buffers.take(shape, dtype)
+        return np.empty(shape, dtype=dtype) if buffer is None else buffer
+
+    return take
+
+
+def _read_block(block: Block, q: queue.Queue, stop: threading.Event,
+                buffers: Any | None = None) -> None:
+    """Reader task: decode the block's frames into ``q`` (then _END)."""
+    from ..frames import Frame, open_frames
+
+    first, last = block.frames[0].index, block.frames[-1].index
+    item = block.item.select(range(first, last + 1))
+    try:
+        for obj in open_frames([item], errors="report",
+                               buffer=None if buffers is None else _taker(buffers)):
+            if buffers is not None and isinstance(obj, Frame):
+                obj.data = buffers.fill(obj.data)
+            if not _put(q, obj, stop):
+                return
+    except Exception as err:  # noqa: BLE001 - a reader must never die silently
+        _put(q, FrameReadError(block.frames[0].source, None,
+                               f"read error: {type(err).__name__}: {err}"), stop)
+    finally:
+        _put(q, _END, stop)
+
+
+def _read_frames(todo: list[Planned], threads: int | None, buffers: Any,
+                 stop: threading.Event, fail: Callable[[Exception, int], None]
+                 ) -> Iterator[tuple[Planned, Any]]:
+    """The planned frames in order as (planned, Frame); read failures go to ``fail``.
+
+    A pool of reader threads decodes blocks of frames ahead into bounded queues.
+    """
+    groups = planning.blocks(todo)
+    readers = 1 if threads == 1 else 2
+    window = readers + 1
+    pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="azfilter-reader")
+    pending: list[tuple[Block, queue.Queue]] = []
+    next_block = 0
+    try:
+        while (pending or next_block < len(groups)) and not stop.is_set():
+            while next_block < len(groups) and len(pending) < window:
+                block_queue: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+                pool.submit(_read_block, groups[next_block], block_queue, stop, buffers)
+                pending.append((groups[next_block], block_queue))
+                next_block += 1
+            block, block_queue = pending.pop(0)
+            expected = {planned.index: planned for planned in block.frames}
+            while not stop.is_set():
+                try:
+                    obj = block_queue.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if obj is _END:
+                    break
+                if isinstance(obj, FrameReadError):
+                    if obj.index is None:
+                        fail(obj, len(expected))
+                        expected.clear()
+                    elif obj.index in expected:
+                        expected.pop(obj.index)
+                        fail(obj, 1)
+                    continue
+                planned = expected.pop(obj.index, None)
+                if planned is None:
+                    if buffers is not None:
+                        buffers.give_back(obj.data)
+                    continue
+                yield planned, obj
+            if expected and not stop.is_set():
+                for planned in expected.values():
+                    fail(FrameReadError(planned.source, planned.index,
+                                        "frame was not delivered by the reader"), 1)
+    finally:
+        stop.set()   # readers still running (the consumer stopped early) put nothing more
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _frame_source(obj: Any) -> str:
+    part = planning.file_part(obj.source)
+    return obj.source if os.path.isabs(part) else os.path.abspath(part) + obj.source[len(part):]
+
+
+def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
+            fail: Callable[[Exception, int], None]) -> None:
+    """Read (thread pool) -> reduce (this thread, process_many) -> write (writer thread)."""
+    if not job.todo:
+        sink.close()
+        return
+    stop = threading.Event()
+    write_queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+    writer_error: list[BaseException] = []
+
+    def writer() -> None:
+        while True:
+            work = write_queue.get()
+            if work is _END:
+                return
+            planned, frame_source, result = work
+            try:
+                sink.write(planned, frame_source, result)
+            except BaseException as err:  # noqa: BLE001 - reported by the main thread
+                writer_error.append(err)
+                stop.set()
+                return
+            with counters.lock:
+                counters.reduced += 1
+            progress.step()
+
+    writer_thread = threading.Thread(target=writer, name="azfilter-writer", daemon=True)
+    writer_thread.start()
+    integrator = job.integrator
+    threads = job.config.get("threads")
+    # Buffers the engine reads fastest (page-locked for OpenCL), reused frame after frame:
+    # enough for every frame the read-ahead queues can hold, plus the readers' and the
+    # engine's own.
+    readers = 1 if threads == 1 else 2
+    buffers = integrator.frame_buffers((readers + 1) * (READ_AHEAD + 1) + 4)
+    method, params = reduction_parameters(job.config)
+    logger.info("%s: %d frames; backend %s%s, engine threads %s, %d reader threads, "
+                "%d cores usable", job.label, len(job.todo), job.config["backend"],
+                f" (device {job.config['device']})" if job.config.get("device") else "",
+                integrator.threads, readers, usable_cores())
+    interrupted: BaseException | None = None
+    read_stop = threading.Event()
+    # frame source and buffer of each frame in the engine, until its result is back
+    in_flight: dict[int, tuple[str, Any]] = {}
+
+    monitor = MonitorReader(job.config["monitor"]) if job.config.get("monitor") else None
+    monitors: dict[int, float] = {}
+
+    def frames() -> Iterator[tuple[Planned, Any]]:
+        for planned, frame in _read_frames(job.todo, threads, buffers, read_stop, fail):
+            if monitor is not None:
+                try:
+                    monitors[id(planned)] = monitor.value(frame)
+                except FrameReadError as err:
+                    buffers.give_back(frame.data)
+                    fail(err, 1)
+                    continue
+            in_flight[id(planned)] = (_frame_source(frame), frame.data)
+            yield planned, frame.data
+
+    try:
+        for planned, outcome in integrator.process_many(frames(), method, **params):
+            frame_source, data = in_flight.pop(id(planned))
+            frame_monitor = monitors.pop(id(planned), 1.0)
+            buffers.give_back(data)   # the engine has read it: reuse the buffer
+            if stop.is_set():
+                break
+            if isinstance(outcome, Exception):
+                reason = str(outcome) if isinstance(outcome, AzfilterError) else (
+                    f"reduction failed: {type(outcome).__name__}: {outcome}")
+                fail(FrameReadError(planned.source, planned.index, reason), 1)
+                continue
+            if monitor is not None:
+                outcome = divide_by_monitor(outcome, frame_monitor)
+            if not _put(write_queue, (planned, frame_source, outcome), stop):
+                break
+    except BaseException as err:  # KeyboardInterrupt, SIGTERM: clean up, then re-raise
+        interrupted = err
+        stop.set()
+    finally:
+        read_stop.set()
+        if writer_thread.is_alive():
+            # The writer drains what was reduced, then stops (the queue has room as it runs).
+            _put(write_queue, _END, threading.Event())
+            writer_thread.join()
+    if interrupted is not None or writer_error:
+        sink.abort()
+    if interrupted is not None:
+        raise interrupted
+    if writer_error:
+        err = writer_error[0]
+        if isinstance(err, OSError) and err.strerror:
+            where = err.filename or job.output
+            raise RunFailed(f"{where}: cannot write the output: {err.strerror}")
+        raise RunFailed(f"{job.output}: cannot write the output: {err}")
+    sink.close()
