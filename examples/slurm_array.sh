@@ -36,15 +36,17 @@
 # through this script (so that its status is recorded for the merge), here or as a job:
 #   examples/slurm_array.sh task I/N OPERATION GEOMETRY.poni 'INPUTS' OUT.h5 [AZFILTER_OPTION...]
 #   sbatch [SBATCH_OPTION...] examples/slurm_array.sh task I/N OPERATION ...
-# or requeue the array task itself: scontrol requeue ARRAYJOB_ID (it then runs again after
-# SLURM's requeue delay, about 2 minutes). Then merge again: examples/slurm_array.sh merge OUT.h5 N
-# (or sbatch [--dependency=afterany:JOB] examples/slurm_array.sh merge OUT.h5 N). --skip-existing
+# or requeue the array task itself: scontrol requeue ARRAYJOB_TASKID (it runs again after
+# SLURM's requeue delay of about 2 minutes, or at once after
+# scontrol update JobId=ARRAYJOB_TASKID StartTime=now). Then merge again:
+#   examples/slurm_array.sh merge OUT.h5 N
+#   (or sbatch [--dependency=afterany:JOB] examples/slurm_array.sh merge OUT.h5 N). --skip-existing
 # keeps the frames a shard file already holds; outputs are written atomically, so a task killed
 # in the middle leaves no partial shard file and its rerun reduces the whole shard.
 #
 # Environment: AZFILTER, the azfilter command (default: azfilter on PATH). The jobs see the
-# submitting shell's environment (sbatch's default --export=ALL); with --export=NONE put
-# azfilter on the jobs' PATH or set AZFILTER to its absolute path in SBATCH_OPTIONs.
+# submitting shell's environment (sbatch's default --export=ALL); otherwise put azfilter on the
+# jobs' PATH or pass its absolute path (--export=AZFILTER=/path/to/venv/bin/azfilter).
 set -euo pipefail
 
 usage() {
