@@ -40,9 +40,9 @@
 # SLURM's requeue delay of about 2 minutes, or at once after
 # scontrol update JobId=ARRAYJOB_TASKID StartTime=now). Then merge again:
 #   examples/slurm_array.sh merge OUT.h5 N
-#   (or sbatch [--dependency=afterany:JOB] examples/slurm_array.sh merge OUT.h5 N). --skip-existing
-# keeps the frames a shard file already holds; outputs are written atomically, so a task killed
-# in the middle leaves no partial shard file and its rerun reduces the whole shard.
+#   (or sbatch [--dependency=afterany:JOB] examples/slurm_array.sh merge OUT.h5 N).
+# --skip-existing keeps the frames a shard file already holds; outputs are written atomically,
+# so a task killed in the middle leaves no partial shard file and its rerun reduces the shard.
 #
 # Environment: AZFILTER, the azfilter command (default: azfilter on PATH). The jobs see the
 # submitting shell's environment (sbatch's default --export=ALL); otherwise put azfilter on the
