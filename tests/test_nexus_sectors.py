@@ -248,3 +248,25 @@ def test_info_shows_the_sectors(tmp_path, results):
     assert "  chi sectors: 4 sectors: [-180, -90] [-90, 0] [0, 90] [90, 180] deg" in lines
     plain = describe_result(str(write(tmp_path / "one.h5", [results[0][0].sector(0)], [0])))
     assert not any("sectors" in line for line in plain[1:])   # plain[0] names the tmp path
+
+
+def test_command_empty_sector_shard_merges(tmp_path):
+    """A shard given no frames still writes a sector file (same sectors), so that
+    ``azfilter merge`` joins it with the shard that holds the frame."""
+    from test_cli import invoke, write_cbf
+
+    (tmp_path / "geo.poni").write_text(PONI)
+    frame = write_cbf(tmp_path / "one.cbf", make_frame(0))
+    for index in range(2):
+        result = invoke("integrate", "-p", str(tmp_path / "geo.poni"), "--backend", "python",
+                        "--npt", str(NPT), "--sectors", "3", "--shard", f"{index}/2",
+                        str(frame), "-o", str(tmp_path / "s.h5"))
+        assert result.exit_code == 0, result.output
+    shards = [tmp_path / "s_shard0of2.h5", tmp_path / "s_shard1of2.h5"]
+    tables = [read_result(path) for path in shards]
+    assert sorted(t.intensity.shape for t in tables) == [(0, 3, NPT), (1, 3, NPT)]
+    assert all(t.n_sectors == 3 for t in tables)
+    merged = invoke("merge", str(shards[0]), str(shards[1]), "-o", str(tmp_path / "all.h5"))
+    assert merged.exit_code == 0, merged.output
+    table = read_result(tmp_path / "all.h5")
+    assert table.intensity.shape == (1, 3, NPT) and table.complete is True

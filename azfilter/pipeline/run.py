@@ -340,7 +340,8 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
         job.integrator = make_integrator(config, geometry, todo[0].item if todo else None)
         meta.geometry = geometry_lines(job.integrator.geometry)
         if empty_output and writer is not None and job.integrator.shape is not None:
-            writer.start(job.integrator.table(config["split"]).radial)
+            writer.start(job.integrator.table(config["split"]).radial,
+                         sectors=job.integrator.sectors)
     return job
 
 
@@ -687,7 +688,8 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     if job.writer is not None and integrator.shape is not None:
         # a file even when every frame failed to read: it lists the failures (a no-op when
         # rows were written)
-        job.writer.start(integrator.table(job.config["split"]).radial)
+        job.writer.start(integrator.table(job.config["split"]).radial,
+                         sectors=integrator.sectors)
     if writer_error:
         err = writer_error[0]
         if isinstance(err, AzfilterError):   # the writer's own one-line message
