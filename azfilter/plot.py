@@ -14,6 +14,23 @@ from .fileio import atomic_output
 HEATMAP_ABOVE = 50
 
 
+def _curves(table) -> tuple[list[str], object, object]:
+    """(labels, intensities, sigmas) with one row per curve: a frame, or a frame's sector."""
+    intensity, sigma = table.intensity, table.sigma
+    if intensity.ndim == 3:      # (frames, sectors, npt): one curve per sector
+        frames, n_sectors, npt = intensity.shape
+        ranges = getattr(table, "sectors", None)
+        labels = []
+        for label in table.labels:
+            for k in range(n_sectors):
+                where = f"{ranges[k][0]:g}..{ranges[k][1]:g} deg" if ranges is not None \
+                    else f"sector {k}"
+                labels.append(f"{label} chi {where}")
+        return labels, intensity.reshape(frames * n_sectors, npt), \
+            sigma.reshape(frames * n_sectors, npt)
+    return table.labels, intensity, sigma
+
+
 def plot_results(results: Sequence[str], output: str, heatmap: bool = False,
                  log_scale: bool = False, errors: bool = True, title: str | None = None,
                  overwrite: bool = False) -> int:
@@ -67,7 +84,8 @@ def plot_results(results: Sequence[str], output: str, heatmap: bool = False,
         raise AzfilterError(f"the results use different units ({', '.join(sorted(units))}); "
                             "plot them separately")
     unit = get_unit(tables[0].unit)
-    rows = sum(t.intensity.shape[0] for t in tables)
+    curves = [_curves(t) for t in tables]
+    rows = sum(len(c[0]) for c in curves)
     if rows == 0:
         raise AzfilterError("the results hold no frames")
     figure, axes = plt.subplots(figsize=(8, 5), dpi=100)
@@ -77,7 +95,7 @@ def plot_results(results: Sequence[str], output: str, heatmap: bool = False,
             for table in tables[1:]:
                 if table.radial.shape != radial.shape or not np.allclose(table.radial, radial):
                     raise AzfilterError("--heatmap needs results with the same radial bins")
-            image = np.concatenate([t.intensity for t in tables], axis=0)
+            image = np.concatenate([c[1] for c in curves], axis=0)
             # Robust colour limits: a few extreme bins (edges, unrejected spots) must not
             # wash out the rings.
             finite = image[np.isfinite(image) & (image > 0)] if log_scale else \
@@ -99,15 +117,14 @@ def plot_results(results: Sequence[str], output: str, heatmap: bool = False,
             axes.set_ylabel("frame")
         else:
             operations = {t.operation for t in tables}
-            for table in tables:
-                labels = table.labels
+            for table, (labels, intensities, sigmas) in zip(tables, curves, strict=True):
                 if len(operations) > 1:
                     labels = [f"{table.operation}: {label}" for label in labels]
                 for row, label in enumerate(labels):
-                    intensity = table.intensity[row]
+                    intensity = intensities[row]
                     line, = axes.plot(table.radial, intensity, lw=1, label=label)
                     if errors:
-                        sigma = table.sigma[row]
+                        sigma = sigmas[row]
                         axes.fill_between(table.radial, intensity - sigma, intensity + sigma,
                                           color=line.get_color(), alpha=0.3, lw=0)
             axes.set_ylabel("intensity")

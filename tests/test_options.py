@@ -160,3 +160,13 @@ def test_sectors_into_one_hdf5_file_and_rerun(data, tmp_path):
     again = _run("run", out, "-o", tmp_path / "again.h5")
     assert again.exit_code == 0, again.output
     np.testing.assert_array_equal(read_result(tmp_path / "again.h5").intensity, table.intensity)
+
+
+def test_plot_a_sector_file(data, tmp_path):
+    pytest.importorskip("matplotlib")
+    frame = write_cbf(tmp_path / "p.cbf", make_frame(2))
+    _run("integrate", "-p", data.poni, "--backend", "python", "--npt", 30, "--sectors", 3,
+         frame, "-o", tmp_path / "p.h5")
+    result = _run("plot", tmp_path / "p.h5", "-o", tmp_path / "p.png")
+    assert result.exit_code == 0, result.output
+    assert "3 pattern(s)" in result.stderr and (tmp_path / "p.png").stat().st_size > 1000
