@@ -892,26 +892,6 @@ def test_example_oneliner_and_cron_scripts(data, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in reduced.glob("*.dat")} == stamps
 
 
-def test_example_slurm_array_script(data, tmp_path):
-    env = shim_path(tmp_path)
-    env["AZFILTER_OPTIONS"] = "--backend python --npt 60"
-    out = tmp_path / "res" / "run.h5"
-    inputs = f"{data.root}/run/*.cbf"
-    script = REPO / "examples" / "slurm_array.sh"
-    for task in range(4):
-        task_env = dict(env, SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_COUNT="4")
-        proc = subprocess.run(["bash", script, "task", data.poni, inputs, out],
-                              capture_output=True, text=True, env=task_env, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run(["bash", script, "merge", out, "4"], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    table = read_result(out)
-    assert table.sources == [str(p) for p in data.cbfs]
-    expected = integrator(data, npt=60).sigma_clip(cbf_frame(2))
-    np.testing.assert_allclose(table.intensity[1], expected.intensity, rtol=2e-6)
-
-
 def test_make_demo_data_writes_cbf_hdf5_and_poni(tmp_path):
     proc = subprocess.run([sys.executable, REPO / "examples" / "make_demo_data.py",
                            tmp_path / "demo", "--frames-cbf", "2", "--frames-h5", "2"],

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 import pytest
 from slurm_cluster import SlurmCluster, cluster_session
-from test_cli import PONI, make_frame, write_cbf, write_stack
+from test_cli import PONI, make_frame, shim_path, write_cbf, write_stack
 
 REPO = Path(__file__).resolve().parent.parent
 ARRAY_SCRIPT = REPO / "examples" / "slurm_array.sh"
@@ -163,6 +163,32 @@ def test_stepped_array(slurm, job, tmp_path):
     for task_id, index in zip((0, 2, 4, 6), range(4), strict=True):
         assert f"shard {index}/4" in (logs(output) / f"task_{task_id}.log").read_text()
     assert_same_result(output, job.reference)
+
+
+def test_script_task_and_merge_modes_without_slurm(job, tmp_path):
+    """What the jobs run, run here: the four tasks of --array=3-9:2 (from the array variables),
+    one of them again by hand (I/N, --skip-existing), then the merge."""
+    env = shim_path(tmp_path)
+    output = tmp_path / "res" / "run.h5"
+    task = ["bash", str(ARRAY_SCRIPT), "task"]
+    args = ["sigma-clip", str(job.poni), f"{job.data}/", str(output), *OPTIONS]
+    for index, task_id in enumerate((3, 5, 7, 9)):
+        result = subprocess.run([*task, "3:2/4", *args], env=dict(env, SLURM_ARRAY_TASK_ID=str(
+            task_id)), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"shard {index}/4: " in result.stderr
+    again = subprocess.run([*task, "2/4", *args], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0 and "0 frames reduced, 2 skipped" in again.stderr, again.stderr
+    merged = subprocess.run(["bash", str(ARRAY_SCRIPT), "merge", str(output), "4"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert merged.returncode == 0, merged.stdout + merged.stderr
+    assert statuses(output, 4) == ["0"] * 4
+    assert_same_result(output, job.reference)
+    # a task id that is not one of the array's: refused, nothing run
+    wrong = subprocess.run([*task, "3:2/4", *args], env=dict(env, SLURM_ARRAY_TASK_ID="4"),
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "is not one of the ids" in wrong.stderr
 
 
 def test_uneven_array_refused_by_the_script(job, tmp_path):
