@@ -88,8 +88,6 @@ class KnownHang(ChildFailure):
 #: ``test_known_hang_*`` below keep each one as a strict xfail with a minimal input until the
 #: readers guard against it; remove the entry together with the xfail marker.
 KNOWN_HANGS = {
-    "cbf-no-binary-section": ("fabio/cbfimage.py", "_read_binary_section_header"),
-    "edf-huge-dim-key": ("fabio/edfimage.py", "get_data_shape"),
     "hdf5-global-heap": ("h5py/_hl/attrs.py", "__getitem__"),
 }
 
@@ -527,17 +525,12 @@ def damaged_hdf5_global_heap(pristine: Pristine) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.xfail(strict=True, reason="fabio's CBF reader loops forever when the binary "
-                   "section marker is missing (truncated file); azfilter/frames must check it "
-                   "before calling fabio")
 def test_known_hang_cbf_without_binary_section(pristine, tmp_path):
     path = tmp_path / "cut.cbf"
     path.write_bytes(damaged_cbf_without_binary_section(pristine))
     assert run_isolated(lambda: read_outcome(path), seconds=5) == ["error", "load_image: error"]
 
 
-@pytest.mark.xfail(strict=True, reason="fabio's EDF reader loops over range(1, N) for a header "
-                   "key Dim_N; azfilter/frames must refuse such keys before calling fabio")
 def test_known_hang_edf_huge_dim_key(pristine, tmp_path):
     path = tmp_path / "dim.edf"
     path.write_bytes(damaged_edf_with_huge_dim_key(pristine))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from contextlib import contextmanager
 from typing import Any
@@ -130,11 +131,105 @@ def _fabio_format_name(path: str, image: Any = None) -> str:
     return {"tif": "TIFF", "tiff": "TIFF", "mccd": "MarCCD", "": "image"}.get(ext, ext.upper())
 
 
+#: CBF: the bytes that open the binary section. fabio's reader loops forever when a CBF has a
+#: binary header but not these bytes (a file cut while being written).
+_CBF_BINARY_START = b"\x0c\x1a\x04\xd5"
+#: EDF: ``Dim_<k>`` header keys; fabio loops over range(1, k), so a damaged key such as
+#: Dim_2147483648 hangs it. Images have at most 3 dimensions.
+_EDF_DIM_KEY = re.compile(rb"(?m)^\s*Dim_(\d+)\s*=")
+
+
+def _open_maybe_compressed(path: str):
+    lower = path.lower()
+    if lower.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    if lower.endswith(".bz2"):
+        import bz2
+
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+_CBF_SECTION = b"--CIF-BINARY-FORMAT-SECTION--"
+_CBF_KEYS = {
+    "size": rb"X-Binary-Size:\s*(\d+)",
+    "elements": rb"X-Binary-Number-of-Elements:\s*(\d+)",
+    "fastest": rb"X-Binary-Size-Fastest-Dimension:\s*(\d+)",
+    "second": rb"X-Binary-Size-Second-Dimension:\s*(\d+)",
+}
+
+
+def _precheck_cbf(path: str, content: bytes) -> None:
+    """A CBF's binary section must be there and agree with its MIME header: fabio's reader
+    loops forever without the section and its byte-offset decoder trusts the sizes (a damaged
+    header crashed the process)."""
+    # fabio looks for the MIME section in the first 16 blocks of 512 bytes, then for the
+    # binary start after it, reading on forever when it is not there.
+    section = content.find(_CBF_SECTION, 0, 16 * 512)
+    if section < 0:
+        if any(mark in content for mark in (_CBF_SECTION, _CBF_BINARY_START,
+                                              b"_array_data.data")):
+            raise FrameReadError(path, None, "corrupt or truncated CBF file: no binary section "
+                                 "header in its first 8 kB")
+        return                      # no binary data at all: fabio reports it itself
+    start = content.find(_CBF_BINARY_START, section)
+    if start < 0:
+        raise FrameReadError(path, None, "corrupt or truncated CBF file: its binary section "
+                             "is missing (a file still being written?)")
+    header = content[section:start]
+    values = {}
+    for name, pattern in _CBF_KEYS.items():
+        matches = re.findall(pattern, header)
+        match = matches[-1] if matches else None      # fabio keeps the last value
+        if match is None:
+            raise FrameReadError(path, None, f"corrupt or truncated CBF file: no "
+                                 f"{pattern.split(b':')[0].decode()}")
+        values[name] = int(match)
+    available = len(content) - start - len(_CBF_BINARY_START)
+    if values["size"] > available:
+        raise FrameReadError(path, None, f"corrupt or truncated CBF file: {values['size']} "
+                             f"bytes of binary data announced, {available} present")
+    if values["fastest"] * values["second"] != values["elements"] or values["elements"] == 0:
+        raise FrameReadError(path, None, "corrupt or truncated CBF file: "
+                             f"{values['fastest']} x {values['second']} is not "
+                             f"{values['elements']} elements")
+
+
+def _precheck(path: str) -> None:
+    """Refuse the damaged files that make fabio's readers loop forever (found by fuzzing).
+
+    Raises
+    ------
+    FrameReadError
+        Naming the file and the damage.
+    """
+    ext = _extension(path)
+    try:
+        if ext.startswith(".cbf"):
+            with _open_maybe_compressed(path) as stream:
+                content = stream.read()
+            _precheck_cbf(path, content)
+        elif ext.startswith(".edf"):
+            with _open_maybe_compressed(path) as stream:
+                head = stream.read(65536)
+            end = head.find(b"}")
+            for match in _EDF_DIM_KEY.finditer(head[:end if end >= 0 else len(head)]):
+                if int(match.group(1)) > 3:
+                    raise FrameReadError(path, None, f"damaged EDF header: key "
+                                         f"Dim_{match.group(1).decode()} (images have at "
+                                         "most 3 dimensions)")
+    except (OSError, EOFError, ValueError) as err:   # unreadable: fabio will say why
+        logger.debug("%s: precheck skipped: %s", path, err)
+
+
 class _FabioSource:
     """A file opened through fabio; frames are read one at a time with ``getframe``."""
 
     def __init__(self, path: str):
         _check_file(path)
+        _precheck(path)
         self.path = path
         self.source = path
         what = _fabio_format_name(path)
@@ -171,6 +266,7 @@ def _fabio_frame_count(path: str) -> int:
     fabio = _import_fabio()
     if ext.startswith(".edf"):
         _check_file(path)
+        _precheck(path)
         with _fabio_guard(path, None, "EDF"):
             header = fabio.openheader(path)     # EDF headers carry the frame count
         return int(header.nframes or 1)
