@@ -137,9 +137,8 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def sweep_folder(folder: str | os.PathLike) -> list[Path]:
-    """Remove every stale azfilter temporary file in ``folder`` (see
-    :func:`sweep_stale_temporaries`), whatever final name it was for."""
+def _sweep(folder: str | os.PathLike, name: str | None) -> list[Path]:
+    """Remove this host's stale temporaries in ``folder`` (for final name ``name``, or any)."""
     host = _host_tag()
     removed: list[Path] = []
     try:
@@ -148,12 +147,20 @@ def sweep_folder(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
-        if not match or match["host"] != host or _process_alive(int(match["pid"])):
+        if not match or match["host"] != host or (name is not None and match["name"] != name):
+            continue
+        if _process_alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
             os.unlink(entry.path)
             removed.append(Path(entry.path))
     return removed
+
+
+def sweep_folder(folder: str | os.PathLike) -> list[Path]:
+    """Remove every stale azfilter temporary file in ``folder`` (see
+    :func:`sweep_stale_temporaries`), whatever final name it was for."""
+    return _sweep(folder, None)
 
 
 def lock_path(path: str | os.PathLike) -> Path:
@@ -180,20 +187,4 @@ def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         The files removed.
     """
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    host = _host_tag()
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = _TEMPORARY.match(entry.name)
-        if not match or match["name"] != target.name or match["host"] != host:
-            continue
-        if _process_alive(int(match["pid"])):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-    return removed
+    return _sweep(target.parent if str(target.parent) else Path("."), target.name)
