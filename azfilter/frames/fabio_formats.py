@@ -153,6 +153,8 @@ def _open_maybe_compressed(path: str):
 
 
 _CBF_SECTION = b"--CIF-BINARY-FORMAT-SECTION--"
+#: bytes of a CBF read to check its headers (Pilatus/Eiger headers take a few kB)
+_CBF_HEAD = 256 * 1024
 _CBF_KEYS = {
     "size": rb"X-Binary-Size:\s*(\d+)",
     "elements": rb"X-Binary-Number-of-Elements:\s*(\d+)",
@@ -161,7 +163,7 @@ _CBF_KEYS = {
 }
 
 
-def _precheck_cbf(path: str, content: bytes) -> None:
+def _precheck_cbf(path: str, content: bytes, size: int) -> None:
     """A CBF's binary section must be there and agree with its MIME header: fabio's reader
     loops forever without the section and its byte-offset decoder trusts the sizes (a damaged
     header crashed the process)."""
@@ -187,7 +189,7 @@ def _precheck_cbf(path: str, content: bytes) -> None:
             raise FrameReadError(path, None, f"corrupt or truncated CBF file: no "
                                  f"{pattern.split(b':')[0].decode()}")
         values[name] = int(match)
-    available = len(content) - start - len(_CBF_BINARY_START)
+    available = size - start - len(_CBF_BINARY_START)
     if values["size"] > available:
         raise FrameReadError(path, None, f"corrupt or truncated CBF file: {values['size']} "
                              f"bytes of binary data announced, {available} present")
@@ -209,8 +211,18 @@ def _precheck(path: str) -> None:
     try:
         if ext.startswith(".cbf"):
             with _open_maybe_compressed(path) as stream:
-                content = stream.read()
-            _precheck_cbf(path, content)
+                # The header and the binary start lie in the first kilobytes: fabio reads the
+                # file anyway, so read the rest only when they are not there (damaged files).
+                content = stream.read(_CBF_HEAD)
+                if _CBF_BINARY_START not in content:
+                    content += stream.read()
+                    size = len(content)
+                elif ext == ".cbf":
+                    size = os.fstat(stream.fileno()).st_size
+                else:                   # compressed: the decoded size needs the whole file
+                    content += stream.read()
+                    size = len(content)
+            _precheck_cbf(path, content, size)
         elif ext.startswith(".edf"):
             with _open_maybe_compressed(path) as stream:
                 head = stream.read(65536)
