@@ -45,11 +45,11 @@ from typing import Any
 import numpy as np
 
 from ...errors import AzfilterError
+from ...frames.chunks import CompressedChunk
 from ...vocabulary import ERROR_MODELS, METHODS
 from ..base import Engine, FrameBufferRing
 from ..sums import BinSums
 from . import hostmem
-from ...frames.chunks import CompressedChunk
 from .bslz4 import BitshuffleLZ4Decoder, check_error_flag
 from .hostmem import copy_piece, copy_pool, is_pinned
 from .programs import OpenCLProcessing
