@@ -194,11 +194,11 @@ def make_stacks(data_dir: Path, n_frames: int, pyfai_frames: int) -> dict[str, A
         tmp_small = small.with_name(small.name + ".tmp")
         with h5py.File(names[key], "r") as source, h5py.File(tmp_small, "w") as target:
             dataset = source[H5PATH]
-            group = target.require_group(str(Path(H5PATH).parent))
-            space = h5py.h5s.create_simple((pyfai_frames, *shape))
-            h5py.h5d.create(group.id, Path(H5PATH).name.encode(), dataset.id.get_type(),
-                            space, dcpl=dataset.id.get_create_plist())
-            copy = target[H5PATH]
+            # a new pipeline, not the source's creation list: the bitshuffle filter would
+            # append its parameters to the copied ones again (a pipeline that fails to read)
+            copy = bslz4_dataset(target, pyfai_frames, shape) if key == "bslz4" else \
+                target.create_dataset(H5PATH, shape=(pyfai_frames, *shape), dtype=np.uint32,
+                                      chunks=(1, *shape))
             for k in range(pyfai_frames):   # raw chunks copied: same bytes, no recompression
                 mask, chunk = dataset.id.read_direct_chunk((k, 0, 0))
                 copy.id.write_direct_chunk((k, 0, 0), chunk, mask)
@@ -327,12 +327,10 @@ def profile_child(spec: dict[str, Any]) -> None:
             write_seconds[0] += time.perf_counter() - start
     sinks.NexusSink.write = timed_write
     start = time.perf_counter()
-    try:
-        cli.main(spec["argv"], standalone_mode=False)
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise
+    status = cli.run(spec["argv"])
     wall = time.perf_counter() - start
+    if status != 0:
+        sys.exit(f"profile run: azfilter exited with {status}")
     totals: dict[str, float] = {}
     upload_bytes = 0
     for kind, event, nbytes in events:
@@ -389,7 +387,7 @@ def markdown(rows: list[Timed], profiles: dict[str, dict], machine: str,
         ref = pyfai.get((r.operation, r.input))
         ratio = f"{r.rate / ref.rate:.1f}" if ref is not None and r.tool != ref.tool else ""
         lines.append(f"| {r.operation} | {r.input} | {r.tool} | {r.variant} | {r.frames} | "
-                     f"{r.wall_s:.2f} | {r.rate:.1f} | {ratio} | {r.cpu_s:.1f} | "
+                     f"{r.wall_s:.2f} | {_rate(r.rate)} | {ratio} | {r.cpu_s:.1f} | "
                      f"{r.peak_mb:.0f} |")
     if profiles:
         lines += ["", f"Where the time goes ({args.profile_frames} frames per side run, "
@@ -409,9 +407,13 @@ def markdown(rows: list[Timed], profiles: dict[str, dict], machine: str,
                 f"| {operation} | {source} | {variant} | {p['read_alone_fps']:.0f} | "
                 f"{p['upload ms']:.3f} ({p['upload_mb_per_frame']:.1f}) | "
                 f"{p['decode kernel ms']:.3f} | {p['reduction kernels ms']:.3f} | "
-                f"{p['read back ms']:.3f} | {p['write_ms']:.3f} | {limit:.0f} ({stage}) | "
-                f"{rate:.0f} | {100 * rate / limit:.0f} |")
+                f"{p['read back ms']:.3f} | {p['write_ms']:.3f} | {_rate(limit)} ({stage}) | "
+                f"{_rate(rate)} | {100 * rate / limit:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _rate(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def machine_line(device: str | None) -> str:
