@@ -244,7 +244,10 @@ def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, head
                 return Frame(_check_image(out, source, index), source, index, nframes, header)
             offset, size = location
             fd = shared.fd(layout.filename)
-            if device_decode and layout.filters == (FILTER_BITSHUFFLE,):
+            # integer frames only (what detectors write): float64 may need converting to
+            # float32 for a device without doubles, which only the host path does
+            if device_decode and layout.filters == (FILTER_BITSHUFFLE,) \
+                    and layout.dtype.kind in "iu":
                 return Frame(_read_compressed(fd, offset, size, layout, allocate), source,
                              index, nframes, header)
             if layout.filters == ():
@@ -413,8 +416,8 @@ def iter_frames(items: str | os.PathLike | InputItem | Sequence, *, workers: int
         Frames decoded ahead of the caller, at most (default ``2 * workers + 2``); this bounds
         memory whatever the stack length.
     device_decode : bool
-        Leave bitshuffle-LZ4 chunks (HDF5 filter 32008, one frame per chunk, read with
-        ``os.pread``) compressed: such a frame's ``data`` is a
+        Leave bitshuffle-LZ4 chunks of integer frames (HDF5 filter 32008, one frame per
+        chunk, read with ``os.pread``) compressed: such a frame's ``data`` is a
         :class:`~azfilter.frames.chunks.CompressedChunk` (the chunk's bytes in a ``buffer``
         of ``(n,)`` uint8, and its block table) for an engine that decodes on the device.
         Other frames are decoded as usual.
