@@ -3,8 +3,9 @@
 
 Generates (once, reused) in ``--data-dir`` (use ``/dev/shm``) a stack of ``--frames`` Eiger 4M
 uint32 frames compressed with bitshuffle-LZ4 (one frame per chunk), the same frames
-uncompressed, and ``--pyfai-frames``-frame copies of both (raw chunks copied) for
-pyFAI-integrate. Then, per operation (sigma-clip, integrate, medfilt), each in a fresh
+uncompressed, and copies of their first frames (raw chunks copied): ``--pyfai-frames``
+(``--pyfai-medfilt-frames`` for medfilt, pyFAI's slowest) for pyFAI-integrate and
+``--profile-frames`` for the warm-up and profiling runs. Then, per operation (sigma-clip, integrate, medfilt), each in a fresh
 process, one after the other:
 
 - ``azfilter OP --backend opencl --decode device`` and ``--decode host`` on the bslz4 stack,
@@ -14,7 +15,7 @@ process, one after the other:
 Each azfilter output is checked to hold (frames, npt) and the device- and host-decoded
 outputs to be bit-identical. Ratios are to pyFAI-integrate on the same kind of input.
 
-Where the time goes (``--profile-frames`` frames, a side run per OpenCL variant, in a fresh
+Where the time goes (a side run of ``--profile-frames`` frames per OpenCL variant, in a fresh
 process): the command runs in-process with profiling-enabled OpenCL queues, and every upload,
 decode kernel, reduction kernel and read-back is timed from its OpenCL event; the writer's
 ``sink.write`` is timed; the reader alone (``iter_frames`` with the run's thread count,
@@ -25,7 +26,7 @@ the README can say how close each measured rate is to it.
 Usage (GPU machine, 16 cores)::
 
     python3 bench/bench_e2e_gpu.py --data-dir /dev/shm/azf --markdown out.md --json out.json
-    python3 bench/bench_e2e_gpu.py --frames 5 --pyfai-frames 3 --profile-frames 5 \\
+    python3 bench/bench_e2e_gpu.py --frames 5 --pyfai-frames 3 --profile-frames 3 \\
         --data-dir /tmp/azf --device cpu          # a smoke test on PoCL
 
 About 6 minutes for the defaults on 16 cores + 1 H200 (generation of the stacks ~1 min the
@@ -38,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -131,8 +133,9 @@ def bslz4_dataset(h5: Any, n_frames: int, shape: tuple[int, int]) -> Any:
     return h5[H5PATH]
 
 
-def make_stacks(data_dir: Path, n_frames: int, pyfai_frames: int) -> dict[str, Any]:
-    """The four stacks (bslz4 and raw, full and pyFAI-sized) and the PONI; made once."""
+def make_stacks(data_dir: Path, n_frames: int, subsets: set[int]) -> dict[str, Any]:
+    """The stacks and the PONI, made once: ``bslz4`` and ``raw`` of ``n_frames``, and their
+    first frames, ``bslz4_N`` and ``raw_N`` for each N of ``subsets`` (pyFAI, profiling)."""
     import h5py
     import numpy as np
 
@@ -147,9 +150,11 @@ def make_stacks(data_dir: Path, n_frames: int, pyfai_frames: int) -> dict[str, A
     names = {
         "bslz4": data_dir / f"eiger4m_bslz4_{n_frames}f_v{STACK_VERSION}.h5",
         "raw": data_dir / f"eiger4m_raw_{n_frames}f_v{STACK_VERSION}.h5",
-        "bslz4_pyfai": data_dir / f"eiger4m_bslz4_{pyfai_frames}of{n_frames}f_v{STACK_VERSION}.h5",
-        "raw_pyfai": data_dir / f"eiger4m_raw_{pyfai_frames}of{n_frames}f_v{STACK_VERSION}.h5",
     }
+    for count in subsets:
+        for key in ("bslz4", "raw"):
+            names[f"{key}_{count}"] = \
+                data_dir / f"eiger4m_{key}_{count}of{n_frames}f_v{STACK_VERSION}.h5"
 
     def complete(path: Path, frames: int) -> bool:
         try:
@@ -161,6 +166,12 @@ def make_stacks(data_dir: Path, n_frames: int, pyfai_frames: int) -> dict[str, A
     info: dict[str, Any] = {"poni": str(poni), "shape": list(shape), "generated_s": 0.0}
     start = time.perf_counter()
     if not (complete(names["bslz4"], n_frames) and complete(names["raw"], n_frames)):
+        # raw frames, the compressed stack (~1/5) and the copies for pyFAI
+        needed = int(shape[0] * shape[1] * 4 * (n_frames + sum(subsets)) * 1.3)
+        free = shutil.disk_usage(data_dir).free
+        if free < needed:
+            sys.exit(f"bench_e2e_gpu: {data_dir} has {free / 2**30:.1f} GiB free, the stacks "
+                     f"need about {needed / 2**30:.1f} GiB; choose another --data-dir")
         how, encode = bslz4_chunk_writer()
         info["encoder"] = how
         from concurrent.futures import ThreadPoolExecutor
@@ -187,19 +198,19 @@ def make_stacks(data_dir: Path, n_frames: int, pyfai_frames: int) -> dict[str, A
                 h5.attrs["complete"] = True
         for key in ("bslz4", "raw"):
             os.replace(tmp[key], names[key])
-    for key in ("bslz4", "raw"):
-        small = names[f"{key}_pyfai"]
-        if complete(small, pyfai_frames):
+    for key, count in ((key, count) for key in ("bslz4", "raw") for count in subsets):
+        small = names[f"{key}_{count}"]
+        if complete(small, count):
             continue
         tmp_small = small.with_name(small.name + ".tmp")
         with h5py.File(names[key], "r") as source, h5py.File(tmp_small, "w") as target:
             dataset = source[H5PATH]
             # a new pipeline, not the source's creation list: the bitshuffle filter would
             # append its parameters to the copied ones again (a pipeline that fails to read)
-            copy = bslz4_dataset(target, pyfai_frames, shape) if key == "bslz4" else \
-                target.create_dataset(H5PATH, shape=(pyfai_frames, *shape), dtype=np.uint32,
+            copy = bslz4_dataset(target, count, shape) if key == "bslz4" else \
+                target.create_dataset(H5PATH, shape=(count, *shape), dtype=np.uint32,
                                       chunks=(1, *shape))
-            for k in range(pyfai_frames):   # raw chunks copied: same bytes, no recompression
+            for k in range(count):   # raw chunks copied: same bytes, no recompression
                 mask, chunk = dataset.id.read_direct_chunk((k, 0, 0))
                 copy.id.write_direct_chunk((k, 0, 0), chunk, mask)
             target["entry"].attrs["NX_class"] = "NXentry"
@@ -378,7 +389,8 @@ def markdown(rows: list[Timed], profiles: dict[str, dict], machine: str,
              f"Inputs: {args.frames} Eiger 4M uint32 frames (2167 x 2070), bitshuffle-LZ4 "
              f"({stacks['bslz4_mib']} MiB) and uncompressed ({stacks['raw_mib']} MiB), one "
              f"frame per chunk, in {args.data_dir}; pyFAI-integrate on the first "
-             f"{args.pyfai_frames} (method no/csr/{args.pyfai_method}). Fresh process per "
+             f"{args.pyfai_frames} ({args.pyfai_medfilt_frames} for medfilt; method "
+             f"no/csr/{args.pyfai_method}). Fresh process per "
              f"run, {args.npt} bins, one .h5 output.", "",
              "| operation | input | tool | variant | frames | wall s | frames/s | "
              "× pyFAI | CPU s | peak RSS MB |",
@@ -437,9 +449,11 @@ def main() -> None:
                              "/dev/shm/azfilter-bench)")
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--pyfai-frames", type=int, default=200)
+    parser.add_argument("--pyfai-medfilt-frames", type=int, default=50,
+                        help="frames pyFAI-integrate's medfilt runs on (slow; at most "
+                             "--pyfai-frames)")
     parser.add_argument("--profile-frames", type=int, default=200,
-                        help="frames of each profiling side run (the pyFAI-sized stacks; at "
-                             "most --pyfai-frames)")
+                        help="frames of each profiling side run and of the warm-up runs")
     parser.add_argument("--operations", nargs="+", default=list(OPERATIONS),
                         choices=OPERATIONS)
     parser.add_argument("--npt", type=int, default=1000)
@@ -463,9 +477,13 @@ def main() -> None:
         profile_child(json.loads(args.profile_child.read_text()))
         return
     args.pyfai_frames = min(args.pyfai_frames, args.frames)
-    args.profile_frames = min(args.profile_frames, args.pyfai_frames)
+    args.pyfai_medfilt_frames = min(args.pyfai_medfilt_frames, args.pyfai_frames)
+    args.profile_frames = min(args.profile_frames, args.frames)
+    pyfai_counts = {operation: args.pyfai_medfilt_frames if operation == "medfilt"
+                    else args.pyfai_frames for operation in args.operations}
     started = time.perf_counter()
-    stacks = make_stacks(args.data_dir, args.frames, args.pyfai_frames)
+    stacks = make_stacks(args.data_dir, args.frames,
+                         {args.profile_frames, *pyfai_counts.values()})
     print(f"stacks ready in {stacks['generated_s']} s: {stacks['bslz4']} "
           f"({stacks['bslz4_mib']} MiB), {stacks['raw']} ({stacks['raw_mib']} MiB)",
           flush=True)
@@ -496,7 +514,7 @@ def main() -> None:
         warm = work / f"warm-{operation}.h5"
         checked(run_child(azfilter_argv(launcher, operation, stacks["poni"], args.npt,
                                         "opencl", extra_common + ["--decode", "device"])
-                          + [stacks["bslz4_pyfai"], "-o", str(warm)], env, work,
+                          + [stacks[f"bslz4_{args.profile_frames}"], "-o", str(warm)], env, work,
                           work / "warm.log"), f"azfilter {operation} warm-up")
         for source, variant, backend, extra in variants:
             out = work / f"{operation}-{source}-{backend}-{len(outputs)}.h5"
@@ -529,11 +547,11 @@ def main() -> None:
                                                           args.pyfai_method), indent=1))
                 out = work / f"pyfai-{operation}-{source}.h5"
                 argv = pyfai_argv() + ["--no-gui", "-j", str(config), "-o", str(out),
-                                       f"{stacks[source + '_pyfai']}::{H5PATH}"]
+                                       f"{stacks[f'{source}_{pyfai_counts[operation]}']}::{H5PATH}"]
                 run = checked(run_child(argv, child_environment(), work, work / "pyfai.log"),
                               f"pyFAI-integrate {operation} {source}")
                 rows.append(Timed(operation, source, "pyFAI-integrate", args.pyfai_method,
-                                  args.pyfai_frames, run.wall_s, run.cpu_s, run.peak_mb))
+                                  pyfai_counts[operation], run.wall_s, run.cpu_s, run.peak_mb))
                 print(f"  {operation:10s} {source:5s} pyFAI-integrate "
                       f"{rows[-1].rate:8.1f} frames/s", flush=True)
         if "profile" not in args.skip:
@@ -543,8 +561,9 @@ def main() -> None:
                 out = work / f"profile-{operation}-{len(profiles)}.h5"
                 argv = azfilter_argv(launcher, operation, stacks["poni"], args.npt, backend,
                                      extra_common + extra + threads)[len(launcher.argv):]
-                spec = {"argv": argv + [stacks[source + "_pyfai"], "-o", str(out)],
-                        "input": stacks[source + "_pyfai"], "frames": args.pyfai_frames,
+                subset = stacks[f"{source}_{args.profile_frames}"]
+                spec = {"argv": argv + [subset, "-o", str(out)],
+                        "input": subset, "frames": args.profile_frames,
                         "threads": args.threads,
                         "device_decode": "device decode" in variant}
                 profiles[f"{operation}|{source}|{variant}"] = run_profile(
@@ -561,8 +580,6 @@ def main() -> None:
                                          "profiles": profiles, "stacks": stacks,
                                          "failures": failures}, indent=1))
     if not args.keep:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     else:
         print(f"work dir kept: {work}")
