@@ -5,8 +5,8 @@ Generates (once, reused) in ``--data-dir`` (use ``/dev/shm``) a stack of ``--fra
 uint32 frames compressed with bitshuffle-LZ4 (one frame per chunk), the same frames
 uncompressed, and copies of their first frames (raw chunks copied): ``--pyfai-frames``
 (``--pyfai-medfilt-frames`` for medfilt, pyFAI's slowest) for pyFAI-integrate and
-``--profile-frames`` for the warm-up and profiling runs. Then, per operation (sigma-clip, integrate, medfilt), each in a fresh
-process, one after the other:
+``--profile-frames`` for the warm-up and profiling runs. Then, per operation (sigma-clip,
+integrate, medfilt), each in a fresh process, one after the other:
 
 - ``azfilter OP --backend opencl --decode device`` and ``--decode host`` on the bslz4 stack,
   ``--backend opencl`` on the uncompressed stack, ``--backend cython`` on the bslz4 stack;
@@ -18,10 +18,11 @@ outputs to be bit-identical. Ratios are to pyFAI-integrate on the same kind of i
 Where the time goes (a side run of ``--profile-frames`` frames per OpenCL variant, in a fresh
 process): the command runs in-process with profiling-enabled OpenCL queues, and every upload,
 decode kernel, reduction kernel and read-back is timed from its OpenCL event; the writer's
-``sink.write`` is timed; the reader alone (``iter_frames`` with the run's thread count,
-nothing reduced) gives the read/decode rate. The bound column is the slowest of those stages
-(frames/s if only it ran: uploads run on their own queue, decode and reduction share one), so
-the README can say how close each measured rate is to it.
+``sink.write`` is timed (wall time, so waits for the GIL count); the reader alone
+(``iter_frames`` with the run's thread count, nothing reduced) gives the read/decode rate.
+The bound column is the slowest of those stages (frames/s if only it ran: uploads run on
+their own queue, decode and reduction share one), so the README can say how close each
+measured rate is to it.
 
 Usage (GPU machine, 16 cores)::
 
