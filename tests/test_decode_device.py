@@ -257,3 +257,22 @@ def test_decode_option_and_config_key(tmp_path, device, monkeypatch):
         return {**info, "type": "GPU"}, dev
     monkeypatch.setattr(opencl, "select_device", as_gpu)
     assert pipeline_run.decode_on_device(config)
+
+
+def test_engines_that_do_not_decode_refuse_a_chunk():
+    """A compressed chunk handed to the cython or python engine is that frame's error (one
+    line), never a wrong result; the frames around it are reduced."""
+    import bitshuffle
+
+    from azfilter.poni import parse_poni
+
+    frame = ring_frames(1, np.uint16)[0]
+    body = bitshuffle.compress_lz4(frame.ravel(), 4096).tobytes()
+    chunk = np.frombuffer(frame.nbytes.to_bytes(8, "big") + (8192).to_bytes(4, "big") + body,
+                          np.uint8).copy()
+    compressed = CompressedChunk(chunk, chunk.size, bslz4_layout(chunk, frame.size, 2), SHAPE,
+                                 np.dtype(np.uint16))
+    integrator = Integrator(parse_poni(PONI), npt=30, backend="python")
+    got = dict(integrator.process_many([(0, frame), (1, compressed), (2, frame)], "integrate"))
+    assert isinstance(got[1], AzfilterError) and "cannot decode" in str(got[1])
+    np.testing.assert_array_equal(got[0].intensity, got[2].intensity)
