@@ -371,8 +371,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         return hostmem.pinned_array(shape, dtype, device=device)
 
     def _upload(self, frame: np.ndarray, target: np.dtype, slot: int,
-                wait: list | None) -> list:
-        """Queue the copy of a frame into the raw buffer of ``slot``.
+                wait: list | None, queue: Any) -> list:
+        """Queue the copy of a frame into the raw buffer of ``slot`` (a compressed chunk is
+        then decoded there on ``queue``, the kernel queue its reduction runs on).
 
         A frame in page-locked memory, or any frame when staging is off, is handed to the
         driver as it is (non-blocking); other frames are staged (:meth:`_staged_upload`).
@@ -381,7 +382,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         """
         cl = self._cl
         if isinstance(frame, CompressedChunk):
-            return self._upload_chunk(frame, slot, wait)
+            return self._upload_chunk(frame, slot, wait, queue)
         direct = frame.dtype == target and frame.flags.c_contiguous
         if direct and (not self.staging or is_pinned(frame, self.context)):
             events = [cl.enqueue_copy(self.transfer_queue, self._raw[slot], frame.reshape(-1),
@@ -416,7 +417,8 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             buffer = self.allocate(name, max(nbytes, nbytes + nbytes // 8, 4096), "r")
         return buffer
 
-    def _upload_chunk(self, chunk: CompressedChunk, slot: int, wait: list | None) -> list:
+    def _upload_chunk(self, chunk: CompressedChunk, slot: int, wait: list | None,
+                      queue: Any) -> list:
         """Queue the upload of a compressed chunk and its block table (transfer queue), then
         its decode into the raw buffer of ``slot`` (kernel queue, after the uploads; the
         reduction queued next on that queue runs after it).
@@ -444,7 +446,6 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                   wait_for=wait),
                   cl.enqueue_copy(transfer, ranges_buffer, ranges, is_blocking=False)]
         transfer.flush()
-        queue = self.queue
         cleared = cl.enqueue_fill_buffer(queue, error_buffer, np.zeros(1, np.int32), 0, 8)
         self._bslz4.enqueue_kernel(queue, chunk_buffer, data.nbytes, ranges_buffer, layout,
                                    chunk.dtype.itemsize, self._raw[slot], error_buffer,
@@ -540,15 +541,15 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         kernels = self._kernels_for(raw_type)
         frame_args = self._frame_args(slot, error_model, params.get("variance"))
         wait = [self._slot_free[slot]] if self._slot_free[slot] is not None else None
-        uploads = self._upload(frame, target, slot, wait)
+        # medfilt's long rows share one sort scratch: those frames stay on one queue
+        queue = self._slot_queues[0 if (operation == "medfilt" and self._long_rows.size)
+                                  else slot]
+        uploads = self._upload(frame, target, slot, wait, queue)
         uploaded = uploads[-1]   # in-order queue: the last copy completes last
         wg = self.workgroup_size
         geometry = [self._indptr, self._indices, self._coefs]
         npt = np.int32(self.npt)
         out = self._sums[slot]
-        # medfilt's long rows share one sort scratch: those frames stay on one queue
-        queue = self._slot_queues[0 if (operation == "medfilt" and self._long_rows.size)
-                                  else slot]
         flags = self._flags[slot]
         if operation == "integrate":
             kernel = kernels["integrate"]
