@@ -225,13 +225,20 @@ def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, head
     if location is None:
         return through_h5py
 
+    def frame_memory() -> np.ndarray:
+        out = allocate(layout.shape, layout.dtype)
+        if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
+                and out.shape == layout.shape and out.dtype == layout.dtype):
+            out = np.empty(layout.shape, layout.dtype)
+        return out
+
     def direct() -> Frame:
+        # the decoded frame's buffer is taken only where a frame is decoded here: a chunk
+        # handed to the device compressed holds a buffer of the ring already
+        out = None
         try:
-            out = allocate(layout.shape, layout.dtype)
-            if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
-                    and out.shape == layout.shape and out.dtype == layout.dtype):
-                out = np.empty(layout.shape, layout.dtype)
             if location == _VIA_H5PY:
+                out = frame_memory()
                 with shared.lock:
                     try:
                         mask, raw = dataset.id.read_direct_chunk(
@@ -250,6 +257,7 @@ def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, head
                     and layout.dtype.kind in "iu":
                 return Frame(_read_compressed(fd, offset, size, layout, allocate), source,
                              index, nframes, header)
+            out = frame_memory()
             if layout.filters == ():
                 # uncompressed: read straight into the frame's memory
                 if size != layout.nbytes:

@@ -20,7 +20,7 @@ _azf_build > "${OUT:-/tmp}/build.log" 2>&1 &
 _AZF_BUILD=$!
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site bench/gpu/wheels/*.whl >/dev/null 2>&1 || echo "pip failed"
-export PYTHONPATH=$PWD/bench/gpu/wheels/pydirs:/tmp/site:$PWD
+export PYTHONPATH=$PWD/bench/gpu/wheels/pydirs:/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 mkdir -p /tmp/icd; echo /usr/local/nvidia/lib64/libnvidia-opencl.so.1 > /tmp/icd/nvidia.icd
 cp /etc/OpenCL/vendors/pocl.icd /tmp/icd/ 2>/dev/null
 export OCL_ICD_VENDORS=/tmp/icd

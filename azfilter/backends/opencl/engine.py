@@ -251,7 +251,8 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             # frame on one queue, 0.52 ms on two, since a frame's longest bins no longer
             # leave the rest of the device idle)
             self._flags = [self.allocate(f"flags{slot}", self.nnz) for slot in (0, 1)]
-            self._slot_queues = [self.queue, cl.CommandQueue(self.context, self._device)]
+            self._slot_queues = [self.queue, cl.CommandQueue(self.context, self._device,
+                                                                  properties=self.queue.properties)]
         except cl.MemoryError as err:
             raise AzfilterError(f"OpenCL device {self.device_info['name']} has not enough "
                                 f"memory for this lookup table ({self.nnz} entries)") from err
