@@ -336,3 +336,81 @@ def read_sparse_config(h5: Any) -> dict[str, Any]:
         return dict(json.loads(value).get("sparsify", {}))
     except (ValueError, AttributeError):
         return {}
+
+
+class SparseMerger:
+    """Carries the sparse frames of shard files into a merged file (``azfilter merge``).
+
+    Parameters
+    ----------
+    out_h5 : h5py.File
+        The merged file being written (its ``/entry`` exists).
+    inputs : list of Path
+        The shard files, all sparse.
+
+    Raises
+    ------
+    AzfilterError
+        When the shards' detector layouts (mask, radius) or intensity dtypes differ.
+    """
+
+    def __init__(self, out_h5: Any, inputs: list[Path]):
+        import h5py
+
+        first = inputs[0]
+        dtypes = []
+        with h5py.File(first, "r") as h5:
+            group = sparse_group_of(h5)
+            mask, radius = group["mask"][()], group["radius"][()]
+            out_h5.attrs["creator"] = CREATOR
+            entry = out_h5["entry"]
+            entry.attrs["pyFAI_sparse_frames"] = SPARSE_PATH
+            h5.copy(group, entry, name=SPARSE_GROUP)
+            if "sparsify" in h5["entry"]:
+                h5.copy(h5["entry/sparsify"], entry, name="sparsify")
+        for path in inputs:
+            with h5py.File(path, "r") as h5:
+                group = sparse_group_of(h5)
+                if not (np.array_equal(group["mask"][()], mask, equal_nan=True)
+                        and np.array_equal(group["radius"][()], radius)):
+                    raise AzfilterError(f"{path}: detector layout (mask, radius) differs from "
+                                        f"{first}")
+                if "intensity" in group and group["frame_ptr"][-1] > 0:
+                    dtypes.append((group["intensity"].dtype, group["dummy"][()]))
+        if len({d for d, _ in dtypes}) > 1:
+            raise AzfilterError(f"{inputs[0]}: the shards store pixels of different dtypes "
+                                f"({', '.join(sorted({str(d) for d, _ in dtypes}))})")
+        self.group = out_h5[SPARSE_PATH]
+        npt = self.group["radius"].shape[0]
+        for name in ("index", "intensity", "dummy", "background_avg", "background_std",
+                     "errors", "frame_ptr"):
+            if name in self.group:
+                del self.group[name]
+        self.group.create_dataset("frame_ptr", data=np.zeros(1, np.int64), maxshape=(None,),
+                                  chunks=(4096,))
+        for name in ("background_avg", "background_std"):
+            self.group.create_dataset(name, shape=(0, npt), maxshape=(None, npt),
+                                      dtype=np.float32, chunks=(max(1, 65536 // npt), npt),
+                                      **_COMPRESSION)
+        self.group["errors"] = self.group["background_std"]
+        if dtypes:
+            create_pixel_datasets(self.group, dtypes[0][0], dtypes[0][1])
+        else:
+            create_pixel_datasets(self.group, np.dtype(np.float32), np.float32(np.nan))
+
+    def add(self, in_h5: Any, rows: list[int]) -> None:
+        """Append the sparse frames ``rows`` (row numbers of ``/entry/data``) of a shard."""
+        if not rows:
+            return
+        group = sparse_group_of(in_h5)
+        ptr = group["frame_ptr"][()]
+        first, last = int(ptr[rows[0]]), int(ptr[rows[-1] + 1])
+        index = group["index"][first:last]
+        values = group["intensity"][first:last]
+        indices = [index[ptr[r] - first:ptr[r + 1] - first] for r in rows]
+        intensities = [values[ptr[r] - first:ptr[r + 1] - first] for r in rows]
+        append_sparse(self.group, indices, intensities,
+                      group["background_avg"][rows[0]:rows[-1] + 1][
+                          [r - rows[0] for r in rows]],
+                      group["background_std"][rows[0]:rows[-1] + 1][
+                          [r - rows[0] for r in rows]])
