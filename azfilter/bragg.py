@@ -228,7 +228,7 @@ def pick_pixels(raw: np.ndarray, geometry: PickGeometry, background: np.ndarray,
                                      cutoff_pick, noise, dummy, delta_dummy)
     if values.dtype not in COMPILED_DTYPES:
         values = values.astype(np.float64)   # exact for integers below 2**53
-    flags = _compiled.pick_flags(
+    return _compiled.pick_indices(
         values, geometry.position, geometry.pixel_norm,
         geometry.dark if geometry.dark is not None else np.zeros(0, np.float32),
         np.ascontiguousarray(background, np.float64),
@@ -236,7 +236,6 @@ def pick_pixels(raw: np.ndarray, geometry: PickGeometry, background: np.ndarray,
         np.ascontiguousarray(geometry.radius, np.float64), float(cutoff_pick), float(noise),
         dummy is not None, 0.0 if dummy is None else float(dummy), float(delta_dummy),
         int(threads))
-    return np.flatnonzero(flags).astype(np.uint32)
 
 
 #: raw dtypes the compiled picker reads directly (others are converted to float64)
