@@ -138,6 +138,18 @@ def round_trip(sparse: Path, frames: list[Path], poni: str, npt: int, unit: str)
             "bins_within_std": min(in_std), "max_deviation_in_std": max_std}
 
 
+def per_file_bytes(path: Path) -> int:
+    """Bytes of the datasets written once per file (pixel radii, normalisation, bins)."""
+    import h5py
+
+    from azfilter.output.sparse import sparse_group_of
+
+    with h5py.File(path, "r") as h5:
+        group = sparse_group_of(h5)
+        return sum(group[name].id.get_storage_size() for name in ("mask", "normalization",
+                                                                  "radius"))
+
+
 def pyfai_picked(path: Path) -> list[int]:
     import h5py
 
@@ -214,14 +226,14 @@ def main() -> None:
             seconds, log = run([tool, "-p", os.path.abspath(args.poni), "--bins",
                                 str(args.npt), "--unit", args.unit, "-A", "--dummy", "-2",
                                 "--delta-dummy", "1.5", "--device-type",
-                                args.pyfai_device_type, "-o", "all_pyfai.h5",
+                                args.pyfai_device_type, "-o", "{basename}_pyfai.h5",
                                 *map(str, inputs)], cwd=pyfai_dir)
             rates["pyFAI sparsify-Bragg opencl (wall)"] = n_frames / seconds
             match = re.search(r"\(([\d.]+) fps\)", log)
             if match:
                 rates["pyFAI sparsify-Bragg opencl (own log)"] = float(match.group(1))
-            found = sorted(pyfai_dir.glob("*.h5"))
-            pyfai_out = found[0] if found else None
+            # sparsify-Bragg writes one file per input file
+            pyfai_out = sorted(pyfai_dir.glob("*_pyfai.h5")) or None
     report["frames_per_s"] = rates
     print("\ncommand                                   frames/s   ratio to sparsify cython")
     reference_rate = rates.get("azfilter sparsify cython")
@@ -239,17 +251,27 @@ def main() -> None:
     raw_bytes *= args.repeat
     input_bytes = sum(os.path.getsize(f) for f in frames) * args.repeat
     size = os.path.getsize(first_out)
+    constant = per_file_bytes(first_out)
+    per_frame = (size - constant) / n_frames
     report["compression"] = {"sparse_bytes": size, "raw_bytes": raw_bytes,
                              "input_bytes": input_bytes, "vs_raw": raw_bytes / size,
-                             "vs_input": input_bytes / size}
+                             "vs_input": input_bytes / size, "per_file_bytes": constant,
+                             "per_frame_bytes": per_frame,
+                             "per_frame_vs_raw": raw_bytes / n_frames / per_frame,
+                             "per_frame_vs_input": input_bytes / n_frames / per_frame}
     print(f"\nsparse file {size / 1e6:.2f} MB: {raw_bytes / size:.1f}x smaller than the raw "
-          f"frames ({raw_bytes / 1e6:.1f} MB), {input_bytes / size:.1f}x than the input files "
+          f"frames ({raw_bytes / 1e6:.1f} MB), {input_bytes / size:.2f}x than the input files "
           f"({input_bytes / 1e6:.1f} MB)")
+    print(f"of which {constant / 1e6:.2f} MB once per file (pixel radii and normalisation "
+          f"images) and {per_frame / 1e3:.0f} kB per frame: per frame "
+          f"{raw_bytes / n_frames / per_frame:.0f}x smaller than raw, "
+          f"{input_bytes / n_frames / per_frame:.1f}x than the input files")
     if pyfai_out is not None:
-        pyfai_size = os.path.getsize(pyfai_out)
+        pyfai_size = sum(os.path.getsize(p) for p in pyfai_out)
         report["compression"]["pyfai_bytes"] = pyfai_size
-        print(f"pyFAI's file {pyfai_size / 1e6:.2f} MB ({raw_bytes / pyfai_size:.1f}x vs raw)")
-        theirs = pyfai_picked(pyfai_out)[:len(frames)]
+        print(f"pyFAI's files {pyfai_size / 1e6:.2f} MB in all ({len(pyfai_out)} files, "
+              f"{raw_bytes / pyfai_size:.1f}x vs raw)")
+        theirs = [n for path in pyfai_out for n in pyfai_picked(path)][:len(frames)]
         report["pyfai_picked"] = theirs
         print(f"picked pixels per frame: azfilter {engine['picked']}, pyFAI {theirs}")
     else:
