@@ -59,6 +59,10 @@ class PickGeometry:
         float32 ``(N1·N2,)``: ``normalization · flat · polarization · solid_angle``.
     dark : numpy.ndarray or None
         float32 ``(N1·N2,)`` dark current.
+    segment : numpy.ndarray or None
+        int32 ``(N1·N2,)``: each pixel's interpolation segment (lower bin index), -1 for the
+        pixels that are never candidates (no bin, zero normalisation); for the compiled
+        picker (None without it).
     """
 
     shape: tuple[int, int]
@@ -66,6 +70,7 @@ class PickGeometry:
     position: np.ndarray
     pixel_norm: np.ndarray
     dark: np.ndarray | None
+    segment: np.ndarray | None = None
 
 
 def pick_geometry(integrator: Any) -> PickGeometry:
@@ -100,11 +105,11 @@ def pick_geometry(integrator: Any) -> PickGeometry:
     # float32 bin centres: what the sparse file stores (fabio's densify reads float32), so
     # that the background a pixel was compared with is the one a reader rebuilds
     radius = np.asarray(table.radial, dtype=np.float32).astype(np.float64)
-    return PickGeometry(shape=shape, radius=radius,
-                        position=position,
-                        pixel_norm=np.ascontiguousarray(constants.pixel_norm, np.float32),
+    pixel_norm = np.ascontiguousarray(constants.pixel_norm, np.float32)
+    segment = None if _compiled is None else _compiled.segments(position, pixel_norm, radius)
+    return PickGeometry(shape=shape, radius=radius, position=position, pixel_norm=pixel_norm,
                         dark=None if constants.dark is None else
-                        np.ascontiguousarray(constants.dark, np.float32))
+                        np.ascontiguousarray(constants.dark, np.float32), segment=segment)
 
 
 def fill_profile(values: np.ndarray) -> np.ndarray:
@@ -223,13 +228,13 @@ def pick_pixels(raw: np.ndarray, geometry: PickGeometry, background: np.ndarray,
     of the compiled picker, 0: all).
     """
     values = np.ascontiguousarray(raw).ravel()
-    if _compiled is None:
+    if _compiled is None or geometry.segment is None:
         return pick_pixels_reference(values, geometry, background, background_std,
                                      cutoff_pick, noise, dummy, delta_dummy)
     if values.dtype not in COMPILED_DTYPES:
         values = values.astype(np.float64)   # exact for integers below 2**53
     return _compiled.pick_indices(
-        values, geometry.position, geometry.pixel_norm,
+        values, geometry.position, geometry.segment, geometry.pixel_norm,
         geometry.dark if geometry.dark is not None else np.zeros(0, np.float32),
         np.ascontiguousarray(background, np.float64),
         np.ascontiguousarray(background_std, np.float64),

@@ -23,6 +23,7 @@ ctypedef fused raw_t:
 
 
 cdef Py_ssize_t pick_block(const raw_t[::1] raw, const float[::1] position,
+                           const int32_t[::1] segment_of,
                            const float[::1] pixel_norm, const float[::1] dark, bint has_dark,
                            const double[::1] background, const double[::1] background_std,
                            const double[::1] radius, const double[::1] lower_bound,
@@ -31,15 +32,14 @@ cdef Py_ssize_t pick_block(const raw_t[::1] raw, const float[::1] position,
                            uint32_t[::1] out) noexcept nogil:
     """Write the picked pixels of ``start <= j < stop`` to ``out[start:]``; return how many."""
     cdef Py_ssize_t npt = background.shape[0], n_segments = lower_bound.shape[0]
-    cdef Py_ssize_t j, lower, segment, found = 0
-    cdef double r0 = radius[0]
-    cdef double step = (radius[npt - 1] - radius[0]) / (npt - 1) if npt > 1 else 1.0
-    cdef double inverse_step = 1.0 / step
-    cdef double value, signal, corrected, r, weight, bg, spread, threshold, floor_pos, norm
+    cdef Py_ssize_t j, lower, found = 0
+    cdef int32_t segment
+    cdef double value, signal, corrected, r, weight, bg, spread, threshold, norm
     for j in range(start, stop):
-        r = position[j]
-        norm = <double> pixel_norm[j]
-        if isnan(r) or norm == 0:
+        # segment_of: the pixel's interpolation segment, -1 for pixels in no bin or with a
+        # zero normalisation (computed once per geometry)
+        segment = segment_of[j]
+        if segment < 0:
             continue
         value = <double> raw[j]
         if not isfinite(value):
@@ -47,31 +47,20 @@ cdef Py_ssize_t pick_block(const raw_t[::1] raw, const float[::1] position,
         if check_dummy and fabs(value - dummy) <= delta_dummy:
             continue
         signal = value - <double> dark[j] if has_dark else value
-        # the cheap necessary condition (see pick_pixels): corrected > lower bound of the
-        # segment; at a segment's end both neighbouring bounds hold, so an index off by one
-        # from the exact one below is safe
-        floor_pos = (r - r0) * inverse_step
-        if floor_pos < 1.0:
-            segment = 0
-        elif floor_pos >= n_segments:
-            segment = n_segments - 1
-        else:
-            segment = <Py_ssize_t> floor_pos
+        norm = <double> pixel_norm[j]
+        # the cheap necessary condition: corrected > the lower bound of its segment (at a
+        # segment's end both neighbouring bounds hold, so a segment off by one from the exact
+        # index below is safe)
         if not signal > lower_bound[segment] * norm:
             continue
+        r = position[j]
         # the exact test, operation for operation as azfilter.bragg.pick_pixels_reference
         corrected = signal / norm
         if npt == 1:
             bg = background[0]
             spread = background_std[0]
         else:
-            floor_pos = floor((r - r0) / step)
-            if floor_pos < 0:
-                lower = 0
-            elif floor_pos > npt - 2:
-                lower = npt - 2
-            else:
-                lower = <Py_ssize_t> floor_pos
+            lower = segment      # floor((r - r0) / step) clamped, as the reference
             weight = (r - radius[lower]) / (radius[lower + 1] - radius[lower])
             if weight < 0.0:
                 weight = 0.0
@@ -89,7 +78,34 @@ cdef Py_ssize_t pick_block(const raw_t[::1] raw, const float[::1] position,
     return found
 
 
-def pick_indices(const raw_t[::1] raw, const float[::1] position, const float[::1] pixel_norm,
+def segments(const float[::1] position, const float[::1] pixel_norm,
+             const double[::1] radius):
+    """int32 interpolation segment of each pixel (``floor((r - r_0) / step)`` clamped to
+    ``[0, max(npt - 2, 0)]``), -1 for pixels in no bin (NaN radius) or of zero normalisation."""
+    cdef Py_ssize_t n = position.shape[0], j, npt = radius.shape[0]
+    cdef Py_ssize_t last = npt - 2 if npt > 1 else 0
+    cdef double r0 = radius[0]
+    cdef double step = (radius[npt - 1] - radius[0]) / (npt - 1) if npt > 1 else 1.0
+    cdef double pos
+    out_array = np.empty(n, dtype=np.int32)
+    cdef int32_t[::1] out = out_array
+    with nogil:
+        for j in range(n):
+            if isnan(position[j]) or pixel_norm[j] == 0:
+                out[j] = -1
+                continue
+            pos = floor((position[j] - r0) / step)
+            if pos < 0:
+                out[j] = 0
+            elif pos > last:
+                out[j] = <int32_t> last
+            else:
+                out[j] = <int32_t> pos
+    return out_array
+
+
+def pick_indices(const raw_t[::1] raw, const float[::1] position,
+                 const int32_t[::1] segment_of, const float[::1] pixel_norm,
                  const float[::1] dark, const double[::1] background,
                  const double[::1] background_std, const double[::1] radius,
                  double cutoff_pick, double noise, bint check_dummy, double dummy,
@@ -102,7 +118,8 @@ def pick_indices(const raw_t[::1] raw, const float[::1] position, const float[::
     cdef Py_ssize_t n = raw.shape[0]
     cdef Py_ssize_t npt = background.shape[0]
     cdef bint has_dark = dark.shape[0] > 0
-    if position.shape[0] != n or pixel_norm.shape[0] != n or (has_dark and dark.shape[0] != n):
+    if position.shape[0] != n or pixel_norm.shape[0] != n or segment_of.shape[0] != n \
+            or (has_dark and dark.shape[0] != n):
         raise ValueError("frame, positions, normalisation and dark differ in size")
     if background_std.shape[0] != npt or radius.shape[0] != npt or npt < 1:
         raise ValueError("background, std and radius differ in size")
@@ -145,7 +162,8 @@ def pick_indices(const raw_t[::1] raw, const float[::1] position, const float[::
             if stop > n:
                 stop = n
             if start < stop:
-                counts[b] = pick_block(raw, position, pixel_norm, dark, has_dark, background,
+                counts[b] = pick_block(raw, position, segment_of, pixel_norm, dark, has_dark,
+                                       background,
                                        background_std, radius, lower_bound, cutoff_pick,
                                        noise, check_dummy, dummy, delta_dummy, start, stop,
                                        out)
