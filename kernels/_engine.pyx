@@ -135,6 +135,11 @@ cdef struct Workspace:
     azf_item* items     # medfilt: sort keys and positions in the row
     azf_item* scratch   # medfilt: the partitioning's second buffer
     int64_t* selected   # medfilt: positions of the selected fragments
+    # what gather_row stored: c only for a table with coefficients (else every c is 1 and
+    # N = the entry count), c²·var only when the error model reads a per-entry variance;
+    # skipping the other stores saves memory traffic in the gather and the clipping passes
+    bint has_c
+    bint has_v
 
 
 cdef inline Workspace workspace_at(double* base, Py_ssize_t maxlen) noexcept nogil:
@@ -148,6 +153,8 @@ cdef inline Workspace workspace_at(double* base, Py_ssize_t maxlen) noexcept nog
     ws.items = <azf_item*> (base + 5 * maxlen)
     ws.scratch = <azf_item*> (base + 7 * maxlen)
     ws.selected = <int64_t*> (base + 9 * maxlen)
+    ws.has_c = True
+    ws.has_v = True
     return ws
 
 
@@ -190,6 +197,8 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
     cdef Py_ssize_t e, m = 0
     cdef int32_t j
     cdef double v = 0.0, n, s, c = 1.0, var = 0.0
+    ws.has_c = coefs != NULL
+    ws.has_v = var_kind != VAR_NONE
     for e in range(start, stop):
         if e + PREFETCH_AHEAD < nnz:
             azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
@@ -208,9 +217,11 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
             var = <double> variance[j]
         ws.x[m] = s / n
         ws.w[m] = c * n
-        ws.c[m] = c
+        if ws.has_c:
+            ws.c[m] = c
         ws.s[m] = c * s
-        ws.v[m] = c * c * var
+        if ws.has_v:
+            ws.v[m] = c * c * var
         m += 1
     return m
 
@@ -226,6 +237,17 @@ cdef inline void row_sums(Py_ssize_t n, const Workspace* ws, bint azimuthal,
     cdef double s0 = 0.0, s1 = 0.0, w0 = 0.0, w1 = 0.0, q0 = 0.0, q1 = 0.0
     cdef double c0 = 0.0, c1 = 0.0, v0 = 0.0, v1 = 0.0
     cdef double mean, d0, d1
+    if ws.has_c:
+        while m + 1 < n:
+            c0 += ws.c[m]
+            c1 += ws.c[m + 1]
+            m += 2
+        if m < n:
+            c0 += ws.c[m]
+    else:
+        # every coefficient is 1: the two partial sums of ones are exact, so is their sum
+        c0 = <double> n
+    m = 0
     while m + 1 < n:
         s0 += ws.s[m]
         s1 += ws.s[m + 1]
@@ -233,14 +255,11 @@ cdef inline void row_sums(Py_ssize_t n, const Workspace* ws, bint azimuthal,
         w1 += ws.w[m + 1]
         q0 += ws.w[m] * ws.w[m]
         q1 += ws.w[m + 1] * ws.w[m + 1]
-        c0 += ws.c[m]
-        c1 += ws.c[m + 1]
         m += 2
     if m < n:
         s0 += ws.s[m]
         w0 += ws.w[m]
         q0 += ws.w[m] * ws.w[m]
-        c0 += ws.c[m]
     sums[0] = s0 + s1
     sums[2] = w0 + w1
     sums[3] = q0 + q1
@@ -403,9 +422,11 @@ cdef inline Py_ssize_t drop_outliers(Py_ssize_t n, Workspace* ws, double mean,
         if kept != m:
             ws.x[kept] = ws.x[m]
             ws.w[kept] = ws.w[m]
-            ws.c[kept] = ws.c[m]
+            if ws.has_c:
+                ws.c[kept] = ws.c[m]
             ws.s[kept] = ws.s[m]
-            ws.v[kept] = ws.v[m]
+            if ws.has_v:
+                ws.v[kept] = ws.v[m]
         kept += 1
     return kept
 
