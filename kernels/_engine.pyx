@@ -22,6 +22,8 @@ Conventions shared by the three operations:
   are invalid; so are non-finite pixels.
 - ``error_model``: ``"poisson"``, ``"azimuthal"``, ``"hybrid"`` or ``"variance"``.
 - ``threads``: number of OpenMP threads; 0 or None means :func:`default_threads`.
+- ``work`` (optional): a float64 scratch array of :func:`workspace_doubles` values to reuse
+  (one per calling thread; calls running at once need their own); None allocates one.
 - The result is a new float64 array of shape (5, npt): rows S, V, W, W2, N (the fields of
   ``BinSums`` in that order).
 """
@@ -110,6 +112,23 @@ cdef double SQRT_2PI = sqrt(2.0 * M_PI)
 #: dtypes of ``raw`` the kernels read directly (the caller converts anything else)
 RAW_DTYPES = tuple(np.dtype(name) for name in
                    ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"))
+
+
+def workspace_doubles(Py_ssize_t longest_row, int threads):
+    """Length (float64 values) of the workspace a kernel call needs (the ``work`` argument).
+
+    Parameters
+    ----------
+    longest_row : int
+        Entries of the table's longest row.
+    threads : int
+        OpenMP threads of the call.
+
+    Returns
+    -------
+    int
+    """
+    return max(1, threads) * WORK_PER_ENTRY * (longest_row + 1)
 
 
 def default_threads():
@@ -619,8 +638,13 @@ cdef set_dummy_rule(DummyRule* rule, dummy, double delta_dummy):
 
 
 cdef _Call prepare_call(Py_ssize_t n_raw, indptr, indices, coefs, norm, dark, variance, dummy,
-                        double delta_dummy, error_model, threads, bint need_work):
-    """Check shapes and dtypes once, with the GIL, and collect the raw pointers."""
+                        double delta_dummy, error_model, threads, bint need_work, work=None):
+    """Check shapes and dtypes once, with the GIL, and collect the raw pointers.
+
+    ``work``: a float64 array of at least :func:`workspace_doubles` values that the call may
+    use as its workspace (callers reuse one per thread: a fresh one is megabytes of page
+    faults per frame); None allocates one.
+    """
     cdef _Call call = _Call()
     cdef const int64_t[::1] indptr_view = indptr
     cdef const int32_t[::1] indices_view = indices
@@ -683,14 +707,18 @@ cdef _Call prepare_call(Py_ssize_t n_raw, indptr, indices, coefs, norm, dark, va
         call.result_ptr = &result_view[0, 0]
     call.work_ptr = NULL
     if need_work:
-        call.work = np.empty(call.nthreads * WORK_PER_ENTRY * (longest + 1), dtype=np.float64)
+        if work is not None and work.dtype == np.float64 and work.ndim == 1 \
+                and work.shape[0] >= workspace_doubles(longest, call.nthreads):
+            call.work = work
+        else:
+            call.work = np.empty(workspace_doubles(longest, call.nthreads), dtype=np.float64)
         work_view = call.work
         call.work_ptr = &work_view[0]
     return call
 
 
 def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
-              double delta_dummy, str error_model, threads=None):
+              double delta_dummy, str error_model, threads=None, work=None):
     """Per-bin sums of a plain integration (see the module docstring for the arguments).
 
     S = Σ c·signal, W = Σ c·norm, W2 = Σ (c·norm)², N = Σ c, V = Σ c²·var (poisson,
@@ -703,7 +731,7 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
     """
     cdef _Call call = prepare_call(raw.shape[0], indptr, indices, coefs, norm, dark, variance,
                                    dummy, delta_dummy, error_model, threads,
-                                   error_model == "azimuthal")
+                                   error_model == "azimuthal", work)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
     if call.npt > 0:
         with nogil:
@@ -714,7 +742,8 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
 
 
 def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
-               double delta_dummy, str error_model, double thres, int max_iter, threads=None):
+               double delta_dummy, str error_model, double thres, int max_iter, threads=None,
+               work=None):
     """Per-bin sums after iterative azimuthal sigma-clipping (``docs/internals.md``).
 
     Within each bin, entirely in compiled code: sums with the clipping model (azimuthal for
@@ -730,7 +759,7 @@ def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, varianc
     if max_iter < 0:
         raise ValueError("max_iter must be >= 0")
     cdef _Call call = prepare_call(raw.shape[0], indptr, indices, coefs, norm, dark, variance,
-                                   dummy, delta_dummy, error_model, threads, True)
+                                   dummy, delta_dummy, error_model, threads, True, work)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
     if call.npt > 0:
         with nogil:
@@ -743,7 +772,7 @@ def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, varianc
 
 def medfilt(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
             double delta_dummy, str error_model, double quant_min, double quant_max,
-            threads=None):
+            threads=None, work=None):
     """Per-bin sums of the fragments between two weighted quantiles (``docs/internals.md``).
 
     Fragments (key x = signal/norm, weight w = c·norm) are sorted by (key, pixel index); with
@@ -758,7 +787,7 @@ def medfilt(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, 
     if not (0.0 <= quant_min <= quant_max <= 1.0):
         raise ValueError("quantiles must satisfy 0 <= quant_min <= quant_max <= 1")
     cdef _Call call = prepare_call(raw.shape[0], indptr, indices, coefs, norm, dark, variance,
-                                   dummy, delta_dummy, error_model, threads, True)
+                                   dummy, delta_dummy, error_model, threads, True, work)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
     if call.npt > 0:
         with nogil:
