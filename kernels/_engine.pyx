@@ -255,7 +255,6 @@ cdef inline void row_sums(Py_ssize_t n, const Workspace* ws, bint azimuthal,
     cdef Py_ssize_t m = 0
     cdef double s0 = 0.0, s1 = 0.0, w0 = 0.0, w1 = 0.0, q0 = 0.0, q1 = 0.0
     cdef double c0 = 0.0, c1 = 0.0, v0 = 0.0, v1 = 0.0
-    cdef double mean, d0, d1
     if ws.has_c:
         while m + 1 < n:
             c0 += ws.c[m]
@@ -285,17 +284,8 @@ cdef inline void row_sums(Py_ssize_t n, const Workspace* ws, bint azimuthal,
     sums[4] = c0 + c1
     m = 0
     if azimuthal:
-        if n > 0:
-            mean = sums[0] / sums[2]
-            while m + 1 < n:
-                d0 = ws.w[m] * (ws.x[m] - mean)
-                d1 = ws.w[m + 1] * (ws.x[m + 1] - mean)
-                v0 += d0 * d0
-                v1 += d1 * d1
-                m += 2
-            if m < n:
-                d0 = ws.w[m] * (ws.x[m] - mean)
-                v0 += d0 * d0
+        sums[1] = azimuthal_variance(n, ws, sums)
+        return
     else:
         while m + 1 < n:
             v0 += ws.v[m]
@@ -304,6 +294,25 @@ cdef inline void row_sums(Py_ssize_t n, const Workspace* ws, bint azimuthal,
         if m < n:
             v0 += ws.v[m]
     sums[1] = v0 + v1
+
+
+cdef inline double azimuthal_variance(Py_ssize_t n, const Workspace* ws,
+                                     const double* sums) noexcept nogil:
+    """The exact second pass ``Σ w²(x − S/W)²`` over the first n entries (0 when n is 0)."""
+    cdef Py_ssize_t m = 0
+    cdef double v0 = 0.0, v1 = 0.0, mean, d0, d1
+    if n > 0:
+        mean = sums[0] / sums[2]
+        while m + 1 < n:
+            d0 = ws.w[m] * (ws.x[m] - mean)
+            d1 = ws.w[m + 1] * (ws.x[m + 1] - mean)
+            v0 += d0 * d0
+            v1 += d1 * d1
+            m += 2
+        if m < n:
+            d0 = ws.w[m] * (ws.x[m] - mean)
+            v0 += d0 * d0
+    return v0 + v1
 
 
 cdef inline void store_sums(double* result, Py_ssize_t npt, Py_ssize_t k, double sum_s,
@@ -432,21 +441,88 @@ cdef void integrate_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt
 # --------------------------------------------------------------------------------------------
 
 cdef inline Py_ssize_t drop_outliers(Py_ssize_t n, Workspace* ws, double mean,
-                                     double limit) noexcept nogil:
-    """Drop every entry with |x − mean| > limit at once; survivors keep the row order."""
-    cdef Py_ssize_t m, kept = 0
-    for m in range(n):
+                                     double limit, bint azimuthal, double* sums) noexcept nogil:
+    """Drop every entry with |x − mean| > limit at once (survivors keep the row order) and,
+    when any was dropped, set ``sums`` to the survivors' :func:`row_sums`.
+
+    One read-only sweep finds the first outlier (a converged row ends there); the entries
+    before it are summed as they are, and the rest is compacted and summed in the same
+    sweep. Every partial sum receives the same values in the same order as in
+    :func:`row_sums` (kept entry m goes to partial sum m % 2), so the sums are identical.
+    Returns the number of entries kept (n: nothing dropped, ``sums`` untouched).
+    """
+    cdef Py_ssize_t m = 0, first = 0, kept
+    cdef double s0 = 0.0, s1 = 0.0, w0 = 0.0, w1 = 0.0, q0 = 0.0, q1 = 0.0
+    cdef double c0 = 0.0, c1 = 0.0, v0 = 0.0, v1 = 0.0, swap
+    cdef bint has_c = ws.has_c, sum_v = not azimuthal
+    while first < n and not fabs(ws.x[first] - mean) > limit:
+        first += 1
+    if first == n:
+        return n
+    # the survivors before the first outlier stay in place: sum them in pairs
+    while m + 1 < first:
+        s0 += ws.s[m]
+        s1 += ws.s[m + 1]
+        w0 += ws.w[m]
+        w1 += ws.w[m + 1]
+        q0 += ws.w[m] * ws.w[m]
+        q1 += ws.w[m + 1] * ws.w[m + 1]
+        if has_c:
+            c0 += ws.c[m]
+            c1 += ws.c[m + 1]
+        if sum_v:
+            v0 += ws.v[m]
+            v1 += ws.v[m + 1]
+        m += 2
+    if m < first:
+        s0 += ws.s[m]
+        w0 += ws.w[m]
+        q0 += ws.w[m] * ws.w[m]
+        if has_c:
+            c0 += ws.c[m]
+        if sum_v:
+            v0 += ws.v[m]
+        # the "0" variables always hold the partial sums of the next survivor's parity, and
+        # trade places with the others after each survivor; the next one (index first) is
+        # odd. Addition is commutative: s0 + s1 at the end is the same whichever holds which.
+        s0, s1 = s1, s0
+        w0, w1 = w1, w0
+        q0, q1 = q1, q0
+        c0, c1 = c1, c0
+        v0, v1 = v1, v0
+    kept = first
+    for m in range(first + 1, n):
         if fabs(ws.x[m] - mean) > limit:
             continue
-        if kept != m:
-            ws.x[kept] = ws.x[m]
-            ws.w[kept] = ws.w[m]
-            if ws.has_c:
-                ws.c[kept] = ws.c[m]
-            ws.s[kept] = ws.s[m]
-            if ws.has_v:
-                ws.v[kept] = ws.v[m]
+        ws.x[kept] = ws.x[m]
+        ws.w[kept] = ws.w[m]
+        ws.s[kept] = ws.s[m]
+        swap = s1
+        s1 = s0 + ws.s[m]
+        s0 = swap
+        swap = w1
+        w1 = w0 + ws.w[m]
+        w0 = swap
+        swap = q1
+        q1 = q0 + ws.w[m] * ws.w[m]
+        q0 = swap
+        if has_c:
+            ws.c[kept] = ws.c[m]
+            swap = c1
+            c1 = c0 + ws.c[m]
+            c0 = swap
+        if ws.has_v:
+            ws.v[kept] = ws.v[m]
+        if sum_v:
+            swap = v1
+            v1 = v0 + ws.v[m]
+            v0 = swap
         kept += 1
+    sums[0] = s0 + s1
+    sums[2] = w0 + w1
+    sums[3] = q0 + q1
+    sums[4] = c0 + c1 if has_c else <double> kept
+    sums[1] = azimuthal_variance(kept, ws, sums) if azimuthal else v0 + v1
     return kept
 
 
@@ -477,11 +553,10 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
         cutoff = sqrt(2.0 * log(count / SQRT_2PI))
         if cutoff < thres:
             cutoff = thres
-        kept = drop_outliers(n, &ws, mean, cutoff * std)
+        kept = drop_outliers(n, &ws, mean, cutoff * std, clip_azimuthal, sums)
         if kept == n:
             break
         n = kept
-        row_sums(n, &ws, clip_azimuthal, sums)
     if error_model == MODEL_HYBRID:
         sums[1] = 0.0
         for m in range(n):
