@@ -207,8 +207,13 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
                                   Py_ssize_t nnz, const int32_t* indices, const float* coefs,
                                   const float* norm, const float* dark, const float* variance,
                                   const DummyRule* rule, int var_kind,
-                                  Workspace* ws) noexcept nogil:
+                                  Workspace* ws, bint skip_unused=False) noexcept nogil:
     """Preprocess the valid entries of one row into the workspace, keeping the row order.
+
+    With ``skip_unused`` (callers that read c and c²·var only through ``ws.has_c`` and
+    ``ws.has_v``: row_sums, drop_outliers), c is stored only for a table with coefficients
+    and c²·var only when the error model has a per-entry variance. medfilt keeps every store
+    (its loop, measured, runs slower with the conditional stores).
 
     ``nnz`` (the table's entry count) bounds the prefetching, which runs on into the next row.
     Returns the number of valid entries.
@@ -216,8 +221,17 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
     cdef Py_ssize_t e, m = 0
     cdef int32_t j
     cdef double v = 0.0, n, s, c = 1.0, var = 0.0
-    ws.has_c = coefs != NULL
-    ws.has_v = var_kind != VAR_NONE
+    # locals: the module is built without strict aliasing, so the compiler would reload
+    # fields of *ws after every store into the arrays
+    cdef bint has_c = coefs != NULL or not skip_unused
+    cdef bint has_v = var_kind != VAR_NONE or not skip_unused
+    cdef double* out_x = ws.x
+    cdef double* out_w = ws.w
+    cdef double* out_c = ws.c
+    cdef double* out_s = ws.s
+    cdef double* out_v = ws.v
+    ws.has_c = has_c
+    ws.has_v = has_v
     for e in range(start, stop):
         if e + PREFETCH_AHEAD < nnz:
             azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
@@ -234,13 +248,13 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
             var = v if v > 1.0 else 1.0
         elif var_kind == VAR_ARRAY:
             var = <double> variance[j]
-        ws.x[m] = s / n
-        ws.w[m] = c * n
-        if ws.has_c:
-            ws.c[m] = c
-        ws.s[m] = c * s
-        if ws.has_v:
-            ws.v[m] = c * c * var
+        out_x[m] = s / n
+        out_w[m] = c * n
+        if has_c:
+            out_c[m] = c
+        out_s[m] = c * s
+        if has_v:
+            out_v[m] = c * c * var
         m += 1
     return m
 
@@ -388,7 +402,7 @@ cdef inline void integrate_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t st
         # exact two-pass variance: keep x and w of the row in the (cache-resident) workspace
         ws = workspace_at(work, maxlen)
         n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule, VAR_NONE,
-                       &ws)
+                       &ws, True)
         row_sums(n, &ws, True, sums)
         store_sums(result, npt, k, sums[0], sums[1], sums[2], sums[3], sums[4])
         return
@@ -541,7 +555,7 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
     # clip with the azimuthal scatter for azimuthal and hybrid; hybrid reports poisson at the end
     cdef bint clip_azimuthal = error_model == MODEL_AZIMUTHAL or error_model == MODEL_HYBRID
     n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
-                   variance_kind(error_model), &ws)
+                   variance_kind(error_model), &ws, True)
     row_sums(n, &ws, clip_azimuthal, sums)
     while iteration < max_iter:
         iteration += 1
