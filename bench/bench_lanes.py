@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -85,6 +86,40 @@ def doubling(limit: int) -> list[int]:
     return values + [limit]
 
 
+def thread_cpu_ns() -> dict[int, int]:
+    """CPU time (ns) of each thread of this process so far, from /proc (Linux; else {})."""
+    times = {}
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return times
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as stat:
+                times[int(tid)] = int(stat.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return times
+
+
+def per_thread(call, calls: int) -> tuple[float, list[float]]:
+    """Wall ms per call and each thread's CPU ms per call over ``calls`` calls (threads that
+    ran, busiest first): with OMP_WAIT_POLICY=PASSIVE a waiting thread sleeps, so a spread
+    between threads is load imbalance and a sum well below threads × wall is time spent
+    waiting (serial parts, start and join); CPU near threads × wall with a low speed-up is
+    memory stalls."""
+    import time
+
+    before = thread_cpu_ns()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    wall = (time.perf_counter() - start) * 1e3 / calls
+    after = thread_cpu_ns()
+    spent = sorted(((after[t] - before.get(t, 0)) / 1e6 / calls for t in after), reverse=True)
+    return wall, [ms for ms in spent if ms > 0.01]
+
+
 def engine_mode(args: argparse.Namespace, stack: Path, poni: Path, cores: int,
                 lanes_list: list[int]) -> list[dict]:
     """In-process: thread scaling of one frame, then process_many per number of lanes."""
@@ -124,7 +159,12 @@ def engine_mode(args: argparse.Namespace, stack: Path, poni: Path, cores: int,
         entries = int(engine._indptr[-1])
         print(f"{label:21s} {entries / 1e6:5.2f}M entries: " + "  ".join(
             f"{t}t {ms:6.2f} ms ({times[1] / ms:4.1f}x)" for t, ms in times.items()), flush=True)
-        rows.append({"mode": "single", "case": label, "entries": entries, "ms": times})
+        wall, threads_ms = per_thread(lambda: call(engine, cores), max(5, args.repeat))  # noqa: B023
+        print(f"{'':21s} per thread on {cores} threads: wall {wall:.2f} ms, CPU ms per thread "
+              f"{' '.join(f'{ms:.2f}' for ms in threads_ms)} (sum {sum(threads_ms):.1f} = "
+              f"{sum(threads_ms) / (cores * wall):.0%} of threads x wall)", flush=True)
+        rows.append({"mode": "single", "case": label, "entries": entries, "ms": times,
+                     "per_thread_cpu_ms": threads_ms, "per_thread_wall_ms": wall})
     print(f"# process_many over {len(frames)} frames in memory, {cores} threads")
     operations = {"sigma-clip": ("sigma_clip", {"thres": THRES, "max_iter": MAX_ITER,
                                                 "error_model": ERROR_MODEL}),
