@@ -86,6 +86,22 @@ def doubling(limit: int) -> list[int]:
     return values + [limit]
 
 
+def memory_layout() -> str:
+    """NUMA nodes and last-level cache size (Linux sysfs), what the table sizes meet."""
+    import glob
+
+    nodes = len(glob.glob("/sys/devices/system/node/node[0-9]*")) or 1
+    caches = {}
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(f"{index}/level") as level, open(f"{index}/size") as size:
+                caches[int(level.read())] = size.read().strip()
+        except (OSError, ValueError):
+            continue
+    last = f"L{max(caches)} {caches[max(caches)]} per cache" if caches else "cache size unknown"
+    return f"{nodes} NUMA node(s), {last}"
+
+
 def thread_cpu_ns() -> dict[int, int]:
     """CPU time (ns) of each thread of this process so far, from /proc (Linux; else {})."""
     times = {}
@@ -220,7 +236,7 @@ def main() -> None:
     cores = usable_cores()
     lanes_list = args.lanes or default_lanes(args.threads or cores)
     info = machine_info()
-    print(f"# machine: {info['cpu']}, {cores} usable cores")
+    print(f"# machine: {info['cpu']}, {cores} usable cores, {memory_layout()}")
     stack, poni, generated = eiger_stack(args.data_dir, args.frames)
     if generated:
         print(f"# generated {stack.name} in {generated:.0f} s")
