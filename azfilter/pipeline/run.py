@@ -733,10 +733,15 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
         logger.info("%s: bitshuffle-LZ4 HDF5 chunks decoded on the %s (--decode %s)",
                     job.label, "device" if device_decode else "host",
                     job.config.get("decode") or "auto")
-    logger.info("%s: %d frames; backend %s%s, engine threads %s, %d reader threads, "
+    lanes = ""
+    if job.config["backend"] == "cython":
+        from ..backends.cython import default_lanes  # the compiled engine loads only here
+
+        lanes = f" ({default_lanes(integrator.threads)} frames at once)"
+    logger.info("%s: %d frames; backend %s%s, engine threads %s%s, %d reader threads, "
                 "%d cores usable", job.label, len(job.todo), job.config["backend"],
                 f" (device {job.config['device']})" if job.config.get("device") else "",
-                integrator.threads, readers, usable_cores())
+                integrator.threads, lanes, readers, usable_cores())
     interrupted: BaseException | None = None
     # frame source and buffer of each frame in the engine, until its result is back
     in_flight: dict[int, tuple[str, Any]] = {}
