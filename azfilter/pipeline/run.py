@@ -636,7 +636,7 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     method, params = reduction_parameters(job.config)
     logger.info("%s: %d frames; backend %s%s, engine threads %s, %d reader threads, "
                 "%d cores usable", job.label, len(job.todo), job.config["backend"],
-                f" (device {job.config['device']})" if job.config.get("device") else "",
+                f" (device {integrator.device})" if integrator.device else "",
                 integrator.threads, readers, usable_cores())
     interrupted: BaseException | None = None
     # frame source and buffer of each frame in the engine, until its result is back
