@@ -356,6 +356,7 @@ class MultiDeviceEngine(Engine):
         for worker in workers:
             worker.live = worker.index not in self.retired
         no_device: list[BaseException] = []   # why no device is left (a crashed last one)
+        finished = False                        # every frame yielded, or the stream abandoned
 
         def live() -> list[_Worker]:
             return [worker for worker in workers if worker.live]
@@ -421,32 +422,43 @@ class MultiDeviceEngine(Engine):
                 yield number, item
 
         def work(worker: _Worker) -> None:
-            try:
-                for number, outcome in worker.engine.process_many(feed(worker), operation,
-                                                                  params):
+            """The device's thread: its engine's stream over the frames it is given; once the
+            input is over, a new stream for frames retried here, until the window is done."""
+            while True:
+                try:
+                    for number, outcome in worker.engine.process_many(feed(worker), operation,
+                                                                      params):
+                        with cv:
+                            if isinstance(outcome, self._device_errors):
+                                self._last_error[worker.index] = outcome
+                            returned(worker, number, outcome)
+                            cv.notify_all()
+                except BaseException as err:  # noqa: BLE001 - the device's stream broke
                     with cv:
-                        if isinstance(outcome, self._device_errors):
-                            self._last_error[worker.index] = outcome
-                        returned(worker, number, outcome)
+                        crashed(worker, err)
                         cv.notify_all()
-            except BaseException as err:  # noqa: BLE001 - the device's stream broke
+                    return
                 with cv:
-                    self._last_error[worker.index] = err
-                    others = [other for other in live() if other is not worker]
-                    if others:
-                        retire(worker, err)
-                    else:
-                        worker.live = False
-                        no_device.append(err)
-                    for number in sorted(worker.holding):
-                        if number in worker.inbox:
-                            continue
-                        returned(worker, number, err, crashed=True)
-                    for number in list(worker.inbox):   # never taken: fail them here
-                        worker.holding.discard(number)
-                        window[number].result = self._no_device_error(err)
-                    worker.inbox.clear()
-                    cv.notify_all()
+                    while not worker.inbox and worker.live and not finished:
+                        cv.wait()
+                    if not worker.inbox or not worker.live:
+                        return
+
+        def crashed(worker: _Worker, err: BaseException) -> None:
+            """A device's stream raised (under the lock): the device leaves the pool; the
+            frames in its engine are retried elsewhere, those not taken yet are moved."""
+            self._last_error[worker.index] = err
+            if any(other is not worker for other in live()):
+                retire(worker, err)
+            else:
+                worker.live = False
+                no_device.append(err)
+            for number in sorted(worker.holding - set(worker.inbox)):
+                returned(worker, number, err, crashed=True)
+            for number in list(worker.inbox):   # the last device: nowhere to go
+                worker.holding.discard(number)
+                window[number].result = self._no_device_error(err)
+            worker.inbox.clear()
 
         def may_read(next_number: int, oldest: int) -> _Worker | bool:
             """Whether to read the next input now: True, or the stalled worker that needs it."""
@@ -518,6 +530,7 @@ class MultiDeviceEngine(Engine):
                     cv.notify_all()
         finally:
             with cv:
+                finished = True
                 for worker in workers:
                     worker.closed = True
                     for number in worker.inbox:
