@@ -182,8 +182,7 @@ def test_spread_in_order_and_identical_to_one_device(engines, case, operation):
     before = list(multi.frame_counts)
     expected = [sums for _, sums in single.process_many(zip(tags, frames, strict=True), operation,
                                                         params)]
-    got = list(multi.process_many(zip(tags, frames, strict=True), operation,
-                                                        params))
+    got = list(multi.process_many(zip(tags, frames, strict=True), operation, params))
     assert [tag for tag, _ in got] == tags
     for want, (_, sums) in zip(expected, got, strict=True):
         assert_same(want, sums)
