@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import AzfilterError
 from .fileio import atomic_write_text
-from .vocabulary import BACKENDS, OPERATIONS, SPLITS, parse_device_spec
+from .vocabulary import BACKENDS, DECODE_MODES, OPERATIONS, SPLITS, parse_device_spec
 from .vocabulary import CLI_ERROR_MODELS as ERROR_MODELS
 
 #: Version of the job-config layout that this azfilter writes (the ``schema`` key of saved
@@ -85,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
     "unit": "q_nm^-1",
     "backend": "cython",
     "device": None,         # OpenCL devices, a list (["0:0", "0:1"], ["all"]); None: the best
+    "decode": "auto",       # bitshuffle-LZ4 chunks decoded on the OpenCL device or the host
     "mask": None,
     "dark": None,
     "flat": None,
@@ -367,6 +368,12 @@ def normalize(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> 
                 )
         elif key == "device":
             value = parse_devices(value, where)
+        elif key == "decode":
+            value = str(value)
+            if value not in DECODE_MODES:
+                raise AzfilterError(
+                    f"{where}: decode must be one of {', '.join(DECODE_MODES)}, not {value!r}"
+                )
         elif key == "unit":
             value = str(value)
         clean[key] = value

@@ -260,6 +260,9 @@ class MultiDeviceEngine(Engine):
     """
 
     name = "opencl"
+    #: like :class:`OpenCLEngine`: compressed chunks are passed to the device engines as they
+    #: are, and decoded there
+    decodes_chunks = True
 
     def __init__(self, csr, pixel_norm: np.ndarray, dark: np.ndarray | None,
                  dummy: float | None, delta_dummy: float, threads: int | None = None,
@@ -548,9 +551,11 @@ class MultiDeviceEngine(Engine):
             return stalled
         room = [worker for worker in running if len(worker.holding) < worker.capacity]
         candidates = room or running
-        if isinstance(item, np.ndarray):
+        # a frame, or the buffer a compressed chunk was read into (CompressedChunk.buffer)
+        host = item if isinstance(item, np.ndarray) else getattr(item, "buffer", None)
+        if isinstance(host, np.ndarray):
             own = [worker for worker in candidates
-                   if is_pinned(item, worker.engine.context)]
+                   if is_pinned(host, worker.engine.context)]
             candidates = own or candidates
         return min(candidates, key=lambda worker: (len(worker.holding), worker.index))
 
