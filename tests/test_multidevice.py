@@ -473,3 +473,49 @@ def test_the_command_refuses_devices_that_do_not_exist(stack, tmp_path):
         none = invoke(*common, "--device", "all", "-o", tmp_path / "all.h5")
         assert none.exit_code != 0
         assert "--device all: no OpenCL GPU found; available: " in none.stderr
+
+
+# ============================================================================ compressed chunks
+def test_decode_auto_on_several_devices(monkeypatch):
+    """``--decode auto`` decodes on the devices when every device named is a GPU."""
+    pytest.importorskip("pyopencl")
+    from azfilter.pipeline.run import decode_on_device
+
+    monkeypatch.setattr(devices_module, "_enumerate",
+                        lambda cl: fake_devices(["CPU", "GPU", "GPU"]))
+    config = {"backend": "opencl", "decode": "auto"}
+    assert decode_on_device({**config, "device": ["0:1", "0:2"]})
+    assert decode_on_device({**config, "device": ["all"]})
+    assert not decode_on_device({**config, "device": ["0:0", "0:1"]})
+    assert not decode_on_device({**config, "device": ["0:1", "0:9"]})   # refused later
+    assert not decode_on_device({**config, "device": ["all"], "decode": "host"})
+
+
+@pytest.mark.opencl
+def test_compressed_chunks_on_two_devices(tmp_path):
+    """A bitshuffle-LZ4 stack with a corrupt chunk, decoded on the device named twice: the
+    same bits as host decoding on one device, the same frame failed."""
+    device = need_opencl()
+    pytest.importorskip("hdf5plugin")
+    from test_decode_device import PONI as DECODE_PONI
+    from test_decode_device import corrupt_chunks, ring_frames, write_bslz4
+
+    from azfilter.output import read_result
+
+    (tmp_path / "geo.poni").write_text(DECODE_PONI)
+    write_bslz4(tmp_path / "bslz4.h5", ring_frames(8, np.uint32, seed=3))
+    damaged = corrupt_chunks(tmp_path / "bslz4.h5", np.uint32)
+    results = {}
+    for name, options in (("host", ["--device", device, "--decode", "host"]),
+                          ("devices", ["--device", f"{device},{device}", "--decode",
+                                       "device"])):
+        out = tmp_path / f"{name}.h5"
+        result = invoke("sigma-clip", "-p", tmp_path / "geo.poni", "--npt", 50,
+                        "--backend", "opencl", *options, tmp_path / "bslz4.h5", "-o", out, "-q")
+        assert result.exit_code == 3, result.output      # 3: the damaged frames failed
+        results[name] = read_result(out)
+    for result in results.values():
+        assert sorted(index for _, index, _ in result.failed) == sorted(damaged)
+    np.testing.assert_array_equal(results["devices"].intensity, results["host"].intensity)
+    np.testing.assert_array_equal(results["devices"].sigma, results["host"].sigma)
+    assert results["devices"].frame_indices == results["host"].frame_indices
