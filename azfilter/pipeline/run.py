@@ -551,13 +551,18 @@ def decode_on_device(config: dict[str, Any]) -> bool:
         return False
     if mode == "device":
         return True
-    from ..backends.opencl.devices import select_devices
+    from ..backends import opencl
+    from ..vocabulary import names_several_devices, parse_device_spec
 
     try:
-        picked = select_devices(config.get("device"))
-    except AzfilterError:
+        tokens = parse_device_spec(config.get("device"))
+        if names_several_devices(tokens):
+            picked = [info for info, _ in opencl.devices.select_devices(tokens)]
+        else:
+            picked = [opencl.select_device(tokens[0] if tokens else None)[0]]
+    except (AzfilterError, ValueError):
         return False
-    return all(info.get("type") == "GPU" for info, _ in picked)
+    return all(info.get("type") == "GPU" for info in picked)
 
 
 def _ring_buffer(data: Any) -> Any:
