@@ -10,8 +10,10 @@ Two measurements per device set (``--device 0:0``, ``0:0,0:1``, ``0:0,0:1,0:2,0:
   engine copies into its staging buffers. The lookup table is built once and shared;
   compilation and a warm-up stream are not timed.
 - **command**: ``azfilter sigma-clip --backend opencl --device SET stack.h5 -o out.h5`` as a
-  fresh process, over an uncompressed HDF5 stack of the same frames (one frame per chunk) in
-  ``--stack`` (default ``/dev/shm``, written once and reused), with a warm lookup-table cache.
+  fresh process, over an HDF5 stack of the same frames (one frame per chunk; uncompressed, or
+  bitshuffle-LZ4 with ``--compression bslz4``, decoded as ``--decode auto`` chooses: on the
+  GPUs) in ``--stack`` (default ``/dev/shm``, written once and reused), with a warm
+  lookup-table cache.
   Wall time of the whole process (start-up included); the outputs of every set are checked
   to be identical to the one-device output.
 
@@ -23,6 +25,7 @@ Usage::
     python bench/bench_multigpu.py                       # every GPU: 1, 2, 4, 8 of them
     python bench/bench_multigpu.py --sets "0:0;0:0,0:1"  # chosen sets
     python bench/bench_multigpu.py --tiny                # small frames (PoCL smoke test)
+    python bench/bench_multigpu.py --compression bslz4   # the command on a bitshuffle-LZ4 stack
     python bench/bench_multigpu.py --operation integrate --frames 1000 --json out.json
 """
 
@@ -107,12 +110,21 @@ def make_frames(detector: str) -> tuple[Any, list[np.ndarray]]:
     return geometry, frames
 
 
-def write_stack(path: Path, frames: list[np.ndarray], n_frames: int) -> float:
-    """An uncompressed HDF5 stack of ``n_frames`` (the distinct frames cycled), one frame per
-    chunk; reused when it is there already. Returns the seconds spent writing (0: reused)."""
+def write_stack(path: Path, frames: list[np.ndarray], n_frames: int,
+                compression: str = "none") -> float:
+    """An HDF5 stack of ``n_frames`` (the distinct frames cycled), one frame per chunk,
+    uncompressed or bitshuffle-LZ4 (``compression="bslz4"``, needs hdf5plugin); reused when
+    it is there already. Returns the seconds spent writing (0: reused)."""
     import h5py
 
-    tag = f"v{STACK_VERSION} {frames[0].shape} {n_frames}"
+    filters: dict[str, Any] = {}
+    if compression == "bslz4":
+        try:
+            import hdf5plugin
+        except ImportError:
+            sys.exit("bench_multigpu: --compression bslz4 needs hdf5plugin")
+        filters = dict(hdf5plugin.Bitshuffle(cname="lz4"))
+    tag = f"v{STACK_VERSION} {frames[0].shape} {n_frames} {compression}"
     if path.exists():
         try:
             with h5py.File(path, "r") as h5:
@@ -125,7 +137,7 @@ def write_stack(path: Path, frames: list[np.ndarray], n_frames: int) -> float:
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as h5:
         dset = h5.create_dataset(H5PATH, shape=(n_frames, *frames[0].shape), dtype=np.uint32,
-                                 chunks=(1, *frames[0].shape))
+                                 chunks=(1, *frames[0].shape), **filters)
         h5["entry"].attrs["NX_class"] = "NXentry"
         h5["entry/data"].attrs["NX_class"] = "NXdata"
         h5["entry/data"].attrs["signal"] = "data"
@@ -281,6 +293,8 @@ def main() -> None:
     parser.add_argument("--stack", type=Path, default=None,
                         help="uncompressed HDF5 stack (written if missing) [default: "
                              "/dev/shm/azfilter_bench_multigpu_<detector>.h5]")
+    parser.add_argument("--compression", choices=["none", "bslz4"], default="none",
+                        help="the command's stack: uncompressed or bitshuffle-LZ4")
     parser.add_argument("--no-command", action="store_true", help="engine only")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -298,8 +312,8 @@ def main() -> None:
                                    args.memory))
     if not args.no_command:
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-        stack = args.stack or shm / f"azfilter_bench_multigpu_{detector}.h5"
-        written = write_stack(stack, frames, n_frames)
+        stack = args.stack or shm / f"azfilter_bench_multigpu_{detector}_{args.compression}.h5"
+        written = write_stack(stack, frames, n_frames, args.compression)
         how = f"written in {written:.1f} s" if written else "reused"
         print(f"  stack {stack} ({how})", flush=True)
         with tempfile.TemporaryDirectory(prefix="azfilter-bench-multigpu-") as tmp:
@@ -309,6 +323,8 @@ def main() -> None:
             rows += with_ratios(command_rows(sets, stack, poni, n_frames, args.operation,
                                              args.npt, work))
     print()
+    if not args.no_command:
+        note += f"; command stack: {args.compression}"
     print(markdown(rows, args.operation, detector, note))
     print(f"\n(bench_multigpu: {time.perf_counter() - started:.0f} s in all)")
     if args.json:
