@@ -148,8 +148,9 @@ def _reduction_options(operation: str | None) -> list[Callable]:
             show_default=True,
             help="Engine: cython (compiled, all cores), opencl (GPU/CPU), python (reference)."),
         opt("--device", metavar="DEV",
-            help="OpenCL device: gpu, cpu or P:D indices (see azfilter devices) [default: the "
-                 "best GPU, else CPU]."),
+            help="OpenCL device: gpu, cpu or P:D indices (see azfilter devices); several, "
+                 "comma-separated (0:0,0:1), or all (every GPU) spread the frames over them "
+                 "[default: the best GPU, else CPU]."),
         opt("--decode", type=click.Choice(cfg.DECODE_MODES), default=cfg.DEFAULTS["decode"],
             show_default=True,
             help="Where --backend opencl decodes bitshuffle-LZ4 HDF5 chunks: on the device "

@@ -20,12 +20,12 @@ from typing import Any
 
 from .errors import AzfilterError
 from .fileio import atomic_write_text
-from .vocabulary import BACKENDS, DECODE_MODES, OPERATIONS, SPLITS
+from .vocabulary import BACKENDS, DECODE_MODES, OPERATIONS, SPLITS, parse_device_spec
 from .vocabulary import CLI_ERROR_MODELS as ERROR_MODELS
 
 #: Version of the job-config layout that this azfilter writes (the ``schema`` key of saved
 #: configs and of the job stored in every output). Configs without the key are version 1.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _upgrade_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
@@ -34,10 +34,20 @@ def _upgrade_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
     return dict(raw)
 
 
+def _upgrade_2_to_3(raw: dict[str, Any]) -> dict[str, Any]:
+    # Version 3 makes ``device`` a list of OpenCL devices (frames spread over them); version 2
+    # held one device as a string.
+    upgraded = dict(raw)
+    if isinstance(upgraded.get("device"), str):
+        upgraded["device"] = [upgraded["device"]]
+    return upgraded
+
+
 #: ``UPGRADES[v]`` turns a version-``v`` config (raw keys, as read from a file) into version
 #: ``v + 1``. A release that renames or removes a key adds a step here, so that the jobs
 #: stored in old outputs still rerun (``azfilter run old.h5``).
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2}
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _upgrade_1_to_2, 2: _upgrade_2_to_3}
 
 
 def upgrade(raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -74,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "npt": 1000,
     "unit": "q_nm^-1",
     "backend": "cython",
-    "device": None,
+    "device": None,         # OpenCL devices, a list (["0:0", "0:1"], ["all"]); None: the best
     "decode": "auto",       # bitshuffle-LZ4 chunks decoded on the OpenCL device or the host
     "mask": None,
     "dark": None,
@@ -222,6 +232,23 @@ def sector_count(value: int | list | None) -> int | None:
     return len(value) if isinstance(value, (list, tuple)) else int(value)
 
 
+def parse_devices(value: Any, where: str = "--device") -> list[str] | None:
+    """``device``: the OpenCL devices as a list of tokens (``["0:0", "0:1"]``, ``["all"]``).
+
+    Accepts a string (``"gpu"``, ``"0:0,0:1"``, ``"all"``) or a list of strings; None or an
+    empty value give None (the best device).
+
+    Raises
+    ------
+    AzfilterError
+        For a token that names no device (:func:`azfilter.vocabulary.parse_device_spec`).
+    """
+    try:
+        return parse_device_spec(value, f"{where}: device")
+    except ValueError as err:
+        raise AzfilterError(str(err)) from None
+
+
 def parse_shard(value: Any, where: str = "--shard") -> tuple[int, int] | None:
     """Parse ``"I/N"`` (I in 0..N-1) into ``(I, N)``; None or ``""`` give None."""
     if value is None or value == "":
@@ -348,13 +375,15 @@ def normalize(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> 
                 raise AzfilterError(
                     f"{where}: backend must be one of {', '.join(BACKENDS)}, not {value!r}"
                 )
+        elif key == "device":
+            value = parse_devices(value, where)
         elif key == "decode":
             value = str(value)
             if value not in DECODE_MODES:
                 raise AzfilterError(
                     f"{where}: decode must be one of {', '.join(DECODE_MODES)}, not {value!r}"
                 )
-        elif key in ("unit", "device"):
+        elif key == "unit":
             value = str(value)
         clean[key] = value
     return clean

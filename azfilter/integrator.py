@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from .errors import AzfilterError
 from .frames.chunks import CompressedChunk
 from .preproc import PixelConstants, describe_source, parse_polarization, pixel_constants
 from .units import get_unit
+
+if TYPE_CHECKING:
+    from .backends.opencl.multi import DeviceRings
 
 #: pixel-splitting modes: none (each pixel in the bin of its centre) or exact area splitting
 SPLITS: tuple[str, ...] = vocabulary.SPLITS
@@ -271,8 +274,9 @@ class Integrator:
         Radial unit: ``"q_nm^-1"``, ``"q_A^-1"``, ``"2th_deg"``, ``"2th_rad"``, ``"r_mm"``.
     backend : str
         ``"python"`` (numpy reference), ``"cython"`` (default) or ``"opencl"``.
-    device : str, optional
-        OpenCL device: ``"gpu"``, ``"cpu"`` or ``"P:D"``.
+    device : str or list of str, optional
+        OpenCL device: ``"gpu"``, ``"cpu"`` or ``"P:D"``; or several, to spread frames over
+        them (``"0:0,0:1"``, ``["0:0", "0:1"]``, ``"all"``: every GPU), one engine each.
     mask : array or path, optional
         User mask, non-zero = masked; OR-ed with the detector's gap mask.
     dark, flat : array or path, optional
@@ -321,7 +325,14 @@ class Integrator:
         backend_name = backend.strip().lower() if isinstance(backend, str) else backend
         self._engine_class = get_engine_class(backend_name)
         self.backend = str(backend_name)
-        self.device = None if device is None else str(device)
+        try:
+            device_tokens = vocabulary.parse_device_spec(device, "device")
+        except ValueError as err:
+            raise AzfilterError(str(err)) from None
+        #: the device tokens joined by commas ("0:0,0:1"), None for the default device
+        self.device = None if device_tokens is None else ",".join(device_tokens)
+        self._several_devices = (self.backend == "opencl"
+                                 and vocabulary.names_several_devices(device_tokens))
         self.threads = None if threads is None else _check_positive_int(threads, "threads")
         self.mask, self.dark, self.flat, self.pixel_mask = mask, dark, flat, pixel_mask
         self.polarization = parse_polarization(polarization)
@@ -432,7 +443,10 @@ class Integrator:
         key = (split, dummy, delta_dummy)
         if key not in self._engines:
             constants = self.constants
-            self._engines[key] = self._engine_class(
+            engine_class = self._engine_class
+            if self._several_devices:   # one OpenCL engine per device, frames spread over them
+                from .backends.opencl.multi import open_engine as engine_class
+            self._engines[key] = engine_class(
                 self.table(split), constants.pixel_norm, constants.dark, dummy, delta_dummy,
                 threads=self.threads, device=self.device,
             )
@@ -456,26 +470,36 @@ class Integrator:
         numpy.ndarray
             C-contiguous, of ``shape`` and ``dtype``.
         """
+        if self._several_devices:   # page-locked memory of the first device named
+            from .backends.opencl.multi import MultiDeviceEngine
+
+            return MultiDeviceEngine.host_array(tuple(shape), dtype, device=self.device)
         host_array = getattr(self._engine_class, "host_array", None)
         if host_array is None:
             return np.empty(tuple(shape), dtype=dtype)
         return host_array(tuple(shape), dtype, device=self.device)
 
-    def frame_buffers(self, capacity: int) -> FrameBufferRing:
+    def frame_buffers(self, capacity: int) -> FrameBufferRing | DeviceRings:
         """A bounded ring of reusable frame buffers that this Integrator's engine reads fastest.
 
         Page-locked memory of the device for the OpenCL backend, plain numpy memory
-        otherwise (see :class:`azfilter.backends.FrameBufferRing`).
+        otherwise (see :class:`azfilter.backends.FrameBufferRing`). With several OpenCL
+        devices, one ring per device (:class:`azfilter.backends.opencl.multi.DeviceRings`):
+        ``capacity`` shared among them, plus the frames each device holds.
 
         Parameters
         ----------
         capacity : int
-            Most buffers alive at once.
+            Most buffers alive at once (with several devices: buffers for the read-ahead).
 
         Returns
         -------
-        FrameBufferRing
+        FrameBufferRing or DeviceRings
         """
+        if self._several_devices:
+            from .backends.opencl.multi import device_rings
+
+            return device_rings(capacity, self.device)
         return FrameBufferRing(capacity, self.frame_buffer)
 
     # ------------------------------------------------------------------ checks

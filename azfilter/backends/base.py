@@ -106,6 +106,12 @@ class FrameBufferRing:
         with self._lock:
             return self._count()
 
+    @property
+    def lent(self) -> int:
+        """Buffers lent out now (not given back, not dropped)."""
+        with self._lock:
+            return len(self._lent)
+
     def _count(self) -> int:
         return len(self._lent) + sum(len(items) for items in self._idle.values())
 

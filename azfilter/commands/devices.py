@@ -13,7 +13,8 @@ from .common import CONTEXT
                epilog="\b\nExample:\n  azfilter devices")
 def devices_command() -> None:
     """List the OpenCL platforms and devices usable with --backend opencl (or say why
-    there are none). Select one with --device gpu|cpu|P:D."""
+    there are none). Select one with --device gpu|cpu|P:D, several with --device 0:0,0:1
+    or --device all (every GPU)."""
     try:
         from ..backends import opencl
     except Exception as err:  # noqa: BLE001 - pyopencl or the driver may be missing
@@ -35,7 +36,8 @@ def devices_command() -> None:
             platform_shown = device.get("platform_name")
             click.echo(f"platform {device.get('platform', '?')}: {platform_shown}")
         click.echo("  " + format_device(device))
-    click.echo("Select one with --backend opencl --device P:D (or gpu / cpu).")
+    click.echo("Select one with --backend opencl --device P:D (or gpu / cpu); spread the "
+               "frames over several with --device P:D,P:D or --device all (every GPU).")
 
 
 def format_device(device: Any) -> str:

@@ -603,20 +603,26 @@ def decode_on_device(config: dict[str, Any]) -> bool:
 
     ``decode`` ``device``: yes (with ``--backend opencl``); ``host``: no; ``auto``: with
     ``--backend opencl`` on a GPU (a compressed Eiger frame is ~5x fewer bytes over PCIe),
-    not on a CPU device (the host decoder there is as fast and runs on all cores).
+    not on a CPU device (the host decoder there is as fast and runs on all cores); with
+    several devices, when every one is a GPU.
     """
     mode = config.get("decode") or "auto"
     if config.get("backend") != "opencl" or mode == "host":
         return False
     if mode == "device":
         return True
-    from ..backends.opencl import select_device
+    from ..backends import opencl
+    from ..vocabulary import names_several_devices, parse_device_spec
 
     try:
-        info, _ = select_device(config.get("device"))
-    except AzfilterError:
+        tokens = parse_device_spec(config.get("device"))
+        if names_several_devices(tokens):
+            picked = [info for info, _ in opencl.devices.select_devices(tokens)]
+        else:
+            picked = [opencl.select_device(tokens[0] if tokens else None)[0]]
+    except (AzfilterError, ValueError):
         return False
-    return info.get("type") == "GPU"
+    return all(info.get("type") == "GPU" for info in picked)
 
 
 def _ring_buffer(data: Any) -> Any:
@@ -740,7 +746,7 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
         lanes = f" ({default_lanes(integrator.threads)} frames at once)"
     logger.info("%s: %d frames; backend %s%s, engine threads %s%s, %d reader threads, "
                 "%d cores usable", job.label, len(job.todo), job.config["backend"],
-                f" (device {job.config['device']})" if job.config.get("device") else "",
+                f" (device {integrator.device})" if integrator.device else "",
                 integrator.threads, lanes, readers, usable_cores())
     interrupted: BaseException | None = None
     # frame source and buffer of each frame in the engine, until its result is back

@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 from ...errors import AzfilterError
+from ...vocabulary import ALL_GPUS_WORDS, parse_device_spec
 from .. import OPENCL_INSTALL_HINT
 
 _CONTEXTS: dict[tuple[int, int], Any] = {}
@@ -183,6 +184,54 @@ def select_device(device: str | None = None) -> tuple[dict, Any]:
                             f"available: {available}")
     raise AzfilterError(f"--device {device!r}: expected 'gpu', 'cpu' or 'P:D' "
                         f"(platform:device); available: {available}")
+
+
+def select_devices(device: str | list[str] | None = None) -> list[tuple[dict, Any]]:
+    """Resolve a ``--device`` value that may name several devices.
+
+    Parameters
+    ----------
+    device : str, list of str or None
+        What :func:`select_device` takes, or several of those separated by commas
+        (``"0:0,0:1"``) or in a list, or ``"all"`` (also ``"gpus"``, ``"all-gpus"``): every
+        GPU, in ``azfilter devices`` order. A device named twice appears twice (two engines
+        will share its context).
+
+    Returns
+    -------
+    list of (dict, pyopencl.Device)
+        In the order named; one item for None (the best device).
+
+    Raises
+    ------
+    AzfilterError
+        For a value that names no device, a device that does not exist, or ``all`` where
+        there is no GPU (the message lists the devices that exist).
+    """
+    try:
+        tokens = parse_device_spec(device)
+    except ValueError as err:
+        raise AzfilterError(str(err)) from None
+    if tokens is None:
+        return [select_device(None)]
+    cl = import_pyopencl()
+    picked = []
+    for token in tokens:
+        if token not in ALL_GPUS_WORDS:
+            picked.append(select_device(token))
+            continue
+        try:
+            found = _enumerate(cl)
+        except Exception as err:
+            raise AzfilterError(opencl_status()) from err
+        gpus = [item for item in found if item[0]["type"] == "GPU"]
+        if not gpus:
+            available = ", ".join(f"{info['id']} ({info['type']} {info['name']})"
+                                  for info, _ in found) or opencl_status()
+            raise AzfilterError(f"--device {token}: no OpenCL GPU found; available: "
+                                f"{available}")
+        picked.extend(gpus)
+    return picked
 
 
 
