@@ -95,9 +95,9 @@ class _Pending:
 
     sums: np.ndarray    # host array the sums are copied into
     done: Any           # event of that copy
-    # a frame decoded on the device: the decoder's error flag (read back before ``done``)
-    # and the chunk's number of blocks
-    decode_error: tuple[np.ndarray, int] | None = None
+    # a frame decoded on the device: the decoder's error flag (host array), the chunk's
+    # number of blocks and the event of the flag's read-back
+    decode_error: tuple[np.ndarray, int, Any] | None = None
 
 
 class OpenCLEngine(OpenCLProcessing, Engine):
@@ -217,7 +217,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         # device decoding of compressed chunks (built on the first chunk): the decoder, and
         # per slot the error flag of the chunk being decoded there
         self._bslz4 = None
-        self._chunk_errors: dict[int, tuple[np.ndarray, int]] = {}
+        self._chunk_errors: dict[int, tuple[np.ndarray, int, Any]] = {}
 
         # ---- geometry, once
         row_lengths = np.diff(indptr)
@@ -370,7 +370,8 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         """Queue the copy of a frame into the raw buffer of ``slot``.
 
         A frame in page-locked memory, or any frame when staging is off, is handed to the
-        driver as it is (non-blocking); other frames are staged (:meth:`_staged_upload`).
+        driver as it is (non-blocking); other frames are staged (:meth:`_staged_upload`);
+        compressed chunks are uploaded and decoded (:meth:`_upload_chunk`).
         Returns the events of the copies, the last one completing last; they also keep the
         host memory they read alive (pyopencl's NannyEvent).
         """
@@ -412,13 +413,13 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         return buffer
 
     def _upload_chunk(self, chunk: CompressedChunk, slot: int, wait: list | None) -> list:
-        """Queue the upload of a compressed chunk and its block table (transfer queue), then
-        its decode into the raw buffer of ``slot`` (kernel queue, after the uploads; the
-        reduction queued next on that queue runs after it).
+        """Queue the upload of a compressed chunk and its block table, then its decode into
+        the raw buffer of ``slot``, all on the transfer queue: the decode of frame n+1 runs
+        while the kernel queue reduces frame n (two frames in flight, one raw buffer each).
 
-        Returns the events of the uploads (the chunk's host memory may be reused once they
-        are complete). The decoder's error flag is read back on the kernel queue, before the
-        sums; :meth:`_finish` checks it.
+        Returns the events, the decode's last (the reduction waits for it; the chunk's host
+        memory may be reused once it is complete). The decoder's error flag is read back
+        after the decode; :meth:`_finish` checks it.
         """
         cl = self._cl
         if self._bslz4 is None:
@@ -434,19 +435,18 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         error_buffer = self.buffers.get(f"decode_error{slot}")
         if error_buffer is None:
             error_buffer = self.allocate(f"decode_error{slot}", 8, "rw")
-        transfer = self.transfer_queue
+        transfer = self.transfer_queue   # in order: each command after the one before
         events = [cl.enqueue_copy(transfer, chunk_buffer, data, is_blocking=False,
                                   wait_for=wait),
-                  cl.enqueue_copy(transfer, ranges_buffer, ranges, is_blocking=False)]
-        transfer.flush()
-        queue = self.queue
-        cleared = cl.enqueue_fill_buffer(queue, error_buffer, np.zeros(1, np.int32), 0, 8)
-        self._bslz4.enqueue_kernel(queue, chunk_buffer, data.nbytes, ranges_buffer, layout,
-                                   chunk.dtype.itemsize, self._raw[slot], error_buffer,
-                                   wait_for=[events[-1], cleared])
+                  cl.enqueue_copy(transfer, ranges_buffer, ranges, is_blocking=False),
+                  cl.enqueue_fill_buffer(transfer, error_buffer, np.zeros(1, np.int32), 0, 8)]
+        events.append(self._bslz4.enqueue_kernel(
+            transfer, chunk_buffer, data.nbytes, ranges_buffer, layout, chunk.dtype.itemsize,
+            self._raw[slot], error_buffer))
         error = np.zeros(2, dtype=np.int32)
-        cl.enqueue_copy(queue, error, error_buffer, is_blocking=False)
-        self._chunk_errors[slot] = (error, layout.n_blocks)
+        error_read = cl.enqueue_copy(transfer, error, error_buffer, is_blocking=False)
+        transfer.flush()
+        self._chunk_errors[slot] = (error, layout.n_blocks, error_read)
         return events
 
     def _staging_pieces(self, slot: int, sizes: tuple[int, ...]) -> list[np.ndarray]:
@@ -600,7 +600,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
     def _finish(pending: _Pending) -> BinSums:
         pending.done.wait()
         if pending.decode_error is not None:   # a corrupt chunk: the sums are meaningless
-            check_error_flag(*pending.decode_error)
+            error, n_blocks, error_read = pending.decode_error
+            error_read.wait()
+            check_error_flag(error, n_blocks)
         sums = pending.sums
         if sums.ndim == 3:   # compensated float32 pairs: value = hi + lo
             sums = sums[..., 0].astype(np.float64) + sums[..., 1].astype(np.float64)
