@@ -20,9 +20,9 @@ process): the command runs in-process with profiling-enabled OpenCL queues, and 
 decode kernel, reduction kernel and read-back is timed from its OpenCL event; the writer's
 ``sink.write`` is timed (wall time, so waits for the GIL count); the reader alone
 (``iter_frames`` with the run's thread count, nothing reduced) gives the read/decode rate.
-The bound column is the slowest of those stages (frames/s if only it ran: uploads run on
-their own queue, decode and reduction share one), so the README can say how close each
-measured rate is to it.
+The bound column is the slowest of those stages (frames/s if only it ran: the readers, the
+transfer queue with uploads and decodes, the kernel queue with reductions and read-backs, the
+writer), so the README can say how close each measured rate is to it.
 
 Usage (GPU machine, 16 cores)::
 
@@ -372,11 +372,11 @@ def run_profile(launcher: Any, spec: dict[str, Any], work: Path, name: str) -> d
 def bound(profile: dict[str, Any]) -> tuple[float, str]:
     """The slowest stage (frames/s if it alone ran) and its name."""
     stages = {
-        "read+decode (host)": 1e3 / profile["read_alone_fps"],
-        "upload (PCIe)": profile["upload ms"],
-        "decode+reduction kernels": profile["decode kernel ms"]
-        + profile["reduction kernels ms"] + profile["read back ms"],
-        "write": profile["write_ms"],
+        "readers": 1e3 / profile["read_alone_fps"],
+        # the transfer queue uploads and decodes, the kernel queue reduces and reads back
+        "upload+decode queue": profile["upload ms"] + profile["decode kernel ms"],
+        "reduction queue": profile["reduction kernels ms"] + profile["read back ms"],
+        "writer": profile["write_ms"],
     }
     name, ms = max(stages.items(), key=lambda item: item[1])
     return (1e3 / ms if ms > 0 else float("inf")), name
