@@ -450,7 +450,7 @@ def main() -> None:
                              "/dev/shm/azfilter-bench)")
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--pyfai-frames", type=int, default=200)
-    parser.add_argument("--pyfai-medfilt-frames", type=int, default=50,
+    parser.add_argument("--pyfai-medfilt-frames", type=int, default=20,
                         help="frames pyFAI-integrate's medfilt runs on (slow; at most "
                              "--pyfai-frames)")
     parser.add_argument("--profile-frames", type=int, default=200,
