@@ -226,6 +226,17 @@ def test_engine_stream_mixes_chunks_and_frames(device):
         expected = engine.sigma_clip(frames[index], **params)
         for name in ("signal", "variance", "normalization", "normalization2", "count"):
             np.testing.assert_array_equal(getattr(got[index], name), getattr(expected, name))
+    # blocks in global scratch memory (one scratch per kernel queue: the engine's two frame
+    # slots decode on two queues)
+    from azfilter.backends.opencl.bslz4 import BitshuffleLZ4Decoder
+
+    engine._bslz4 = BitshuffleLZ4Decoder(engine.context, engine.queue, max_local_block=0)
+    stream = [(index, compressed(frames[index])) for index in (0, 1, 3, 4)]
+    for index, sums in engine.process_many(stream, "sigma_clip", params):
+        expected = engine.sigma_clip(frames[index], **params)
+        np.testing.assert_array_equal(sums.signal, expected.signal)
+        np.testing.assert_array_equal(sums.count, expected.count)
+    assert len(engine._bslz4._scratch) >= 1
     # a chunk of another size is refused like a frame of another size
     other = compressed(np.zeros((8, 8), np.int32))
     other_result = dict(engine.process_many([(0, other)], "integrate",

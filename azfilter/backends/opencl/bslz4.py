@@ -194,8 +194,9 @@ class BitshuffleLZ4Decoder:
         self._kernels: dict[tuple[int, int], Any] = {}
         self._chunk_buffer = None
         self._chunk_capacity = 0
-        self._scratch = None
-        self._scratch_capacity = 0
+        # global scratch for blocks too large for local memory, one per queue: kernels of
+        # two queues (an engine's two frame slots) may run at the same time
+        self._scratch: dict[int, Any] = {}
         # a placeholder for the scratch argument of the local-memory kernel
         self._no_scratch = cl.Buffer(context, cl.mem_flags.READ_WRITE, 64)
 
@@ -326,7 +327,7 @@ class BitshuffleLZ4Decoder:
         local_block = self._local_block(block_bytes)
         scratch = self._no_scratch
         if not local_block and layout.n_blocks:
-            scratch = self._scratch_buffer(layout.n_blocks * block_bytes)
+            scratch = self._scratch_buffer(layout.n_blocks * block_bytes, queue)
         kernel = self._kernel(itemsize, local_block)
         groups = max(layout.n_blocks, 1)
         return kernel(queue, (groups * self.workgroup_size,), (self.workgroup_size,),
@@ -395,10 +396,12 @@ class BitshuffleLZ4Decoder:
             self._chunk_capacity = capacity
         return self._chunk_buffer
 
-    def _scratch_buffer(self, nbytes: int) -> Any:
-        """Global memory for blocks too large for local memory."""
-        if nbytes > self._scratch_capacity:
-            self._scratch = self._cl.Buffer(self.context, self._cl.mem_flags.READ_WRITE,
-                                            nbytes)
-            self._scratch_capacity = nbytes
-        return self._scratch
+    def _scratch_buffer(self, nbytes: int, queue: Any) -> Any:
+        """Global memory for blocks too large for local memory, for kernels on ``queue``
+        (in order: one kernel at a time uses it)."""
+        key = int(queue.int_ptr)
+        scratch = self._scratch.get(key)
+        if scratch is None or scratch.size < nbytes:
+            scratch = self._scratch[key] = self._cl.Buffer(
+                self.context, self._cl.mem_flags.READ_WRITE, nbytes)
+        return scratch
