@@ -105,6 +105,10 @@ def _reduction_options(operation: str | None) -> list[Callable]:
         opt("--max-iter", ops=("sigma-clip",), type=click.IntRange(min=0),
             default=cfg.DEFAULTS["max_iter"], show_default=True,
             help="sigma-clip: maximum clipping passes."),
+        opt("--pick", ops=("sigma-clip", "medfilt"), type=float,
+            default=cfg.DEFAULTS["pick"], show_default=True,
+            help="Outlier statistics: count the pixels more than PICK standard deviations "
+                 "above their ring's mean (NeXus /entry/outliers, text '# outliers:' line)."),
         opt("--percentile", ops=("medfilt",), type=PercentileType(), default="50",
             show_default=True,
             help="medfilt: one percentile (50 = median) or two (40 60: mean of the fragments "

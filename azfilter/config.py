@@ -88,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
     "thres": 5.0,
     "max_iter": 5,
     "percentile": [50.0],
+    "pick": 3.0,            # sigma-clip / medfilt: outlier statistics' threshold (std)
     "recursive": False,
     "overwrite": False,
     "skip_existing": False,
@@ -114,8 +115,8 @@ OPERATION_DEFAULTS: dict[str, dict[str, Any]] = {
 # Keys that only one operation uses; they are dropped from the other operations' configs.
 OPERATION_KEYS: dict[str, tuple[str, ...]] = {
     "integrate": (),
-    "sigma-clip": ("thres", "max_iter"),
-    "medfilt": ("percentile",),
+    "sigma-clip": ("thres", "max_iter", "pick"),
+    "medfilt": ("percentile", "pick"),
 }
 OPERATION_ONLY = {key for keys in OPERATION_KEYS.values() for key in keys}
 
@@ -130,8 +131,13 @@ RESULT_KEYS = (
     "operation", "poni", "npt", "unit", "mask", "dark", "flat", "polarization", "solid_angle",
     "radial_range", "azimuth_range", "error_model", "normalization", "split", "thres",
     "max_iter", "percentile", "wavelength", "energy", "dummy", "delta_dummy", "monitor",
-    "sectors",
+    "sectors", "pick",
 )
+
+# Result keys added after azfilter first wrote outputs: a stored config without one comes
+# from before the key existed and stays joinable with any value (``--skip-existing``, merge);
+# its rows lack what the key controls (``pick``: the outlier statistics, filled with -1/NaN).
+LATER_KEYS = ("pick",)
 
 
 def _key(name: str) -> str:
@@ -297,7 +303,7 @@ def normalize(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> 
             value = _as_number(value, name, where, int)
             if value < 1:
                 raise AzfilterError(f"{where}: threads must be at least 1, not {value}")
-        elif key in ("thres", "normalization", "dummy"):
+        elif key in ("thres", "normalization", "dummy", "pick"):
             value = float(_as_number(value, name, where))
         elif key in ("wavelength", "energy", "delta_dummy"):
             value = float(_as_number(value, name, where))

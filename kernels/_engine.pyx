@@ -33,7 +33,7 @@ import numpy as np
 cimport openmp
 from cython.parallel cimport prange
 from libc.float cimport DBL_EPSILON
-from libc.math cimport M_PI, fabs, floor, isfinite, log, sqrt
+from libc.math cimport M_PI, NAN, fabs, floor, isfinite, log, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 
@@ -393,12 +393,55 @@ cdef void integrate_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt
 # sigma_clip
 # --------------------------------------------------------------------------------------------
 
+# Outlier statistics (``OutlierSums``): per bin, after the final sums, the rows
+# available, picked, rejected_sum, max_sigma of a (4, npt) float64 array.
+
+cdef struct Rejected:
+    # the entries sigma_clip dropped from one row: their x (in a per-thread buffer), count
+    # and Σ c·signal
+    double* x
+    Py_ssize_t n
+    double signal_sum
+
+
+cdef struct ZStats:
+    # running picked count and largest z of one row
+    Py_ssize_t picked
+    double best
+
+
+cdef inline void add_z(ZStats* stats, double x, double mean, double spread,
+                       double pick) noexcept nogil:
+    """Count one entry: z = (x − mean)/spread; NaN z counts nowhere."""
+    cdef double z = (x - mean) / spread
+    if z > pick:
+        stats.picked += 1
+    if z == z and (stats.best != stats.best or z > stats.best):
+        stats.best = z
+
+
+cdef inline void store_stats(double* stats, Py_ssize_t npt, Py_ssize_t k, Py_ssize_t available,
+                             const ZStats* z, double rejected_sum) noexcept nogil:
+    stats[k] = <double> available
+    stats[npt + k] = <double> z.picked
+    stats[2 * npt + k] = rejected_sum
+    stats[3 * npt + k] = z.best
+
+
 cdef inline Py_ssize_t drop_outliers(Py_ssize_t n, Workspace* ws, double mean,
-                                     double limit) noexcept nogil:
-    """Drop every entry with |x − mean| > limit at once; survivors keep the row order."""
+                                     double limit, Rejected* rejected) noexcept nogil:
+    """Drop every entry with |x − mean| > limit at once; survivors keep the row order.
+
+    With ``rejected`` (not NULL) the x and c·signal of each dropped entry are recorded there
+    for the outlier statistics.
+    """
     cdef Py_ssize_t m, kept = 0
     for m in range(n):
         if fabs(ws.x[m] - mean) > limit:
+            if rejected != NULL:
+                rejected.x[rejected.n] = ws.x[m]
+                rejected.n += 1
+                rejected.signal_sum += ws.s[m]
             continue
         if kept != m:
             ws.x[kept] = ws.x[m]
@@ -416,16 +459,27 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
                                 const float* dark, const float* variance, const DummyRule* rule,
                                 int error_model, double thres, int max_iter, double* work,
                                 Py_ssize_t maxlen, double* result,
-                                Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
+                                Py_ssize_t npt, Py_ssize_t k, double pick,
+                                double* stats) noexcept nogil:
     cdef Workspace ws = workspace_at(work, maxlen)
-    cdef Py_ssize_t n, m, kept
+    cdef Py_ssize_t n, m, kept, available
     cdef int iteration = 0
     cdef double sums[5]
     cdef double mean, std, count, cutoff
+    cdef Rejected dropped
+    cdef Rejected* record = NULL
+    cdef ZStats z
     # clip with the azimuthal scatter for azimuthal and hybrid; hybrid reports poisson at the end
     cdef bint clip_azimuthal = error_model == MODEL_AZIMUTHAL or error_model == MODEL_HYBRID
     n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
                    variance_kind(error_model), &ws)
+    available = n
+    if stats != NULL:
+        # medfilt's sort buffer is free here: it holds the dropped entries' x
+        dropped.x = <double*> ws.items
+        dropped.n = 0
+        dropped.signal_sum = 0.0
+        record = &dropped
     row_sums(n, &ws, clip_azimuthal, sums)
     while iteration < max_iter:
         iteration += 1
@@ -437,7 +491,7 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
         cutoff = sqrt(2.0 * log(count / SQRT_2PI))
         if cutoff < thres:
             cutoff = thres
-        kept = drop_outliers(n, &ws, mean, cutoff * std)
+        kept = drop_outliers(n, &ws, mean, cutoff * std, record)
         if kept == n:
             break
         n = kept
@@ -447,6 +501,17 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
         for m in range(n):
             sums[1] += ws.v[m]
     store_sums(result, npt, k, sums[0], sums[1], sums[2], sums[3], sums[4])
+    if stats != NULL:
+        # z against the final mean and spread, as the results report them
+        mean = sums[0] / sums[2]
+        std = sqrt(sums[1] / sums[3])
+        z.picked = 0
+        z.best = NAN
+        for m in range(n):
+            add_z(&z, ws.x[m], mean, std, pick)
+        for m in range(dropped.n):
+            add_z(&z, dropped.x[m], mean, std, pick)
+        store_stats(stats, npt, k, available, &z, dropped.signal_sum)
 
 
 cdef void sigma_clip_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
@@ -454,13 +519,13 @@ cdef void sigma_clip_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t np
                           const float* dark, const float* variance, const DummyRule* rule,
                           int error_model, double thres, int max_iter, double* work,
                           Py_ssize_t maxlen, int nthreads,
-                          double* result) noexcept nogil:
+                          double* result, double pick, double* stats) noexcept nogil:
     cdef Py_ssize_t k
     for k in prange(npt, schedule="dynamic", chunksize=4, num_threads=nthreads):
         sigma_clip_row(raw, indptr[k], indptr[k + 1], indptr[npt], indices, coefs, norm, dark,
                        variance, rule, error_model, thres, max_iter,
                        work + openmp.omp_get_thread_num() * WORK_PER_ENTRY * (maxlen + 1), maxlen,
-                       result, npt, k)
+                       result, npt, k, pick, stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,7 +538,8 @@ cdef inline void medfilt_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop
                              const float* dark, const float* variance, const DummyRule* rule,
                              int error_model, double quant_min, double quant_max, double* work,
                              Py_ssize_t maxlen,
-                             double* result, Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
+                             double* result, Py_ssize_t npt, Py_ssize_t k, double pick,
+                             double* stats) noexcept nogil:
     cdef Workspace ws = workspace_at(work, maxlen)
     cdef Py_ssize_t n, m, slot
     cdef azf_selection selection
@@ -481,6 +547,9 @@ cdef inline void medfilt_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop
     cdef double sum_s = 0.0, sum_v = 0.0, sum_w = 0.0, sum_w2 = 0.0
     cdef bint negative = False
     cdef uint64_t key, kmin = 0xFFFFFFFFFFFFFFFF, kmax = 0
+    cdef uint8_t* chosen
+    cdef double spread, rejected_sum = 0.0
+    cdef ZStats z
     n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
                    variance_kind(error_model), &ws)
     for m in range(n):
@@ -524,6 +593,22 @@ cdef inline void medfilt_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop
                 d = ws.w[slot] * (ws.x[slot] - mean)
                 sum_v += d * d
     store_sums(result, npt, k, sum_s, sum_v, sum_w, sum_w2, <double> selection.n_out)
+    if stats != NULL:
+        # the partitioning's second buffer is free now: one flag per gathered entry
+        chosen = <uint8_t*> ws.scratch
+        for m in range(n):
+            chosen[m] = 0
+        for m in range(selection.n_out):
+            chosen[ws.selected[m]] = 1
+        mean = sum_s / sum_w
+        spread = sqrt(sum_v / sum_w2)
+        z.picked = 0
+        z.best = NAN
+        for m in range(n):
+            add_z(&z, ws.x[m], mean, spread, pick)
+            if not chosen[m]:
+                rejected_sum += ws.s[m]
+        store_stats(stats, npt, k, n, &z, rejected_sum)
 
 
 cdef void medfilt_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
@@ -531,13 +616,13 @@ cdef void medfilt_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
                        const float* dark, const float* variance, const DummyRule* rule,
                        int error_model, double quant_min, double quant_max,
                        double* work, Py_ssize_t maxlen, int nthreads,
-                       double* result) noexcept nogil:
+                       double* result, double pick, double* stats) noexcept nogil:
     cdef Py_ssize_t k
     for k in prange(npt, schedule="dynamic", chunksize=2, num_threads=nthreads):
         medfilt_row(raw, indptr[k], indptr[k + 1], indptr[npt], indices, coefs, norm, dark,
                     variance, rule, error_model, quant_min, quant_max,
                     work + openmp.omp_get_thread_num() * WORK_PER_ENTRY * (maxlen + 1), maxlen,
-                    result, npt, k)
+                    result, npt, k, pick, stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,13 +778,19 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
 
 
 def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
-               double delta_dummy, str error_model, double thres, int max_iter, threads=None):
+               double delta_dummy, str error_model, double thres, int max_iter, threads=None,
+               double pick=3.0, stats=None):
     """Per-bin sums after iterative azimuthal sigma-clipping (``docs/internals.md``).
 
     Within each bin, entirely in compiled code: sums with the clipping model (azimuthal for
     azimuthal and hybrid), then at most ``max_iter`` times drop every kept entry with
     ``|x − S/W| > max(thres, sqrt(2 ln(max(3, N)/sqrt(2π))))·sqrt(V/W2)`` and recompute the
     sums; hybrid reports the poisson V of the kept entries. N is the true kept count.
+
+    With ``stats`` (a C-contiguous float64 array of shape (4, npt)) the outlier statistics
+    are written there too: per bin the valid entries, those with
+    ``(x − S/W)/sqrt(V/W2) > pick`` over the final sums, Σ c·signal of the dropped entries,
+    and the largest such z (NaN when none).
 
     Returns
     -------
@@ -711,23 +802,38 @@ def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, varianc
     cdef _Call call = prepare_call(raw.shape[0], indptr, indices, coefs, norm, dark, variance,
                                    dummy, delta_dummy, error_model, threads, True)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
+    cdef double* stats_ptr = stats_pointer(stats, call.npt)
     if call.npt > 0:
         with nogil:
             sigma_clip_rows(raw_ptr, call.indptr, call.npt, call.indices, call.coefs, call.norm,
                             call.dark, call.variance, &call.rule, call.error_model, thres,
                             max_iter, call.work_ptr, call.maxlen, call.nthreads,
-                            call.result_ptr)
+                            call.result_ptr, pick, stats_ptr)
     return call.result
+
+
+cdef double* stats_pointer(stats, Py_ssize_t npt) except? NULL:
+    """The data of a (4, npt) float64 statistics array, or NULL for None."""
+    cdef double[:, ::1] view
+    if stats is None or npt == 0:
+        return NULL
+    view = stats
+    if view.shape[0] != 4 or view.shape[1] != npt:
+        raise ValueError(f"stats must have shape (4, {npt})")
+    return &view[0, 0]
 
 
 def medfilt(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
             double delta_dummy, str error_model, double quant_min, double quant_max,
-            threads=None):
+            threads=None, double pick=3.0, stats=None):
     """Per-bin sums of the fragments between two weighted quantiles (``docs/internals.md``).
 
     Fragments (key x = signal/norm, weight w = c·norm) are sorted by (key, pixel index); with
     U the cumulative weight (float64), L the previous U and T the total, fragment m is kept iff
     ``w ≠ 0`` and ``(qmin·T ≤ L and U ≤ qmax·T) or (qmin·T ≥ L and U ≥ qmax·T)``.
+
+    With ``stats`` ((4, npt) float64) the outlier statistics are written there as by
+    :func:`sigma_clip`, the selected fragments being the kept ones.
 
     Returns
     -------
@@ -739,10 +845,11 @@ def medfilt(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, 
     cdef _Call call = prepare_call(raw.shape[0], indptr, indices, coefs, norm, dark, variance,
                                    dummy, delta_dummy, error_model, threads, True)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
+    cdef double* stats_ptr = stats_pointer(stats, call.npt)
     if call.npt > 0:
         with nogil:
             medfilt_rows(raw_ptr, call.indptr, call.npt, call.indices, call.coefs, call.norm,
                          call.dark, call.variance, &call.rule, call.error_model, quant_min,
                          quant_max, call.work_ptr, call.maxlen, call.nthreads,
-                         call.result_ptr)
+                         call.result_ptr, pick, stats_ptr)
     return call.result

@@ -16,8 +16,8 @@ import numpy as np
 from .. import _engine
 from ..errors import AzfilterError
 from ..vocabulary import ERROR_MODELS
-from .base import Engine
-from .sums import BinSums
+from .base import DEFAULT_PICK, Engine
+from .sums import BinSums, OutlierSums
 
 # Frame dtypes the kernels do not read, and the dtype each is converted to without loss
 # (64-bit integers go through float64 exactly as the Python reference converts them).
@@ -144,8 +144,8 @@ class CythonEngine(Engine):
         return (self._indptr, self._indices, self._coefs, self._norm, self._dark)
 
     @staticmethod
-    def _sums(result: np.ndarray) -> BinSums:
-        return BinSums(result[0], result[1], result[2], result[3], result[4])
+    def _sums(result: np.ndarray, outliers: OutlierSums | None = None) -> BinSums:
+        return BinSums(result[0], result[1], result[2], result[3], result[4], outliers)
 
     # ------------------------------------------------------------------ operations
     def integrate(self, raw, error_model: str, variance=None) -> BinSums:
@@ -171,7 +171,7 @@ class CythonEngine(Engine):
         return self._sums(result)
 
     def sigma_clip(self, raw, thres: float, max_iter: int, error_model: str,
-                   variance=None) -> BinSums:
+                   variance=None, pick: float = DEFAULT_PICK) -> BinSums:
         """Iterative azimuthal sigma-clipping per bin; see ``docs/internals.md``.
 
         Parameters
@@ -186,22 +186,26 @@ class CythonEngine(Engine):
             ``"azimuthal"``, ``"hybrid"``, ``"poisson"`` or ``"variance"``.
         variance : numpy.ndarray, optional
             Per-pixel variance, required by the ``"variance"`` model.
+        pick : float
+            Threshold of the outlier statistics' ``picked`` count, in σ of the bin.
 
         Returns
         -------
         BinSums
-            N is the number of pixels kept.
+            N is the number of pixels kept; with the outlier statistics.
         """
         var = self._variance(variance, error_model)
         frame = self._frame(raw)
         if int(max_iter) < 0:
             raise AzfilterError(f"max_iter must be >= 0, got {max_iter!r}")
+        stats = np.empty((4, self.npt), dtype=np.float64)
         result = _engine.sigma_clip(frame, *self._table(), var, self.dummy, self.delta_dummy,
-                                    error_model, float(thres), int(max_iter), self.threads)
-        return self._sums(result)
+                                    error_model, float(thres), int(max_iter), self.threads,
+                                    float(pick), stats)
+        return self._sums(result, OutlierSums.from_rows(pick, stats))
 
     def medfilt(self, raw, quant_min: float, quant_max: float, error_model: str,
-                variance=None) -> BinSums:
+                variance=None, pick: float = DEFAULT_PICK) -> BinSums:
         """Average of the fragments between two weighted quantiles; see ``docs/internals.md``.
 
         Parameters
@@ -214,11 +218,13 @@ class CythonEngine(Engine):
             ``"poisson"``, ``"azimuthal"``, ``"hybrid"`` or ``"variance"``.
         variance : numpy.ndarray, optional
             Per-pixel variance, required by the ``"variance"`` model.
+        pick : float
+            Threshold of the outlier statistics' ``picked`` count, in σ of the bin.
 
         Returns
         -------
         BinSums
-            N is the number of selected fragments.
+            N is the number of selected fragments; with the outlier statistics.
         """
         var = self._variance(variance, error_model)
         frame = self._frame(raw)
@@ -227,6 +233,7 @@ class CythonEngine(Engine):
             raise AzfilterError(
                 f"quantiles must satisfy 0 <= min <= max <= 1, got ({quant_min}, {quant_max})"
             )
+        stats = np.empty((4, self.npt), dtype=np.float64)
         result = _engine.medfilt(frame, *self._table(), var, self.dummy, self.delta_dummy,
-                                 error_model, low, high, self.threads)
-        return self._sums(result)
+                                 error_model, low, high, self.threads, float(pick), stats)
+        return self._sums(result, OutlierSums.from_rows(pick, stats))

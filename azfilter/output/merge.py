@@ -12,7 +12,15 @@ import numpy as np
 from ..errors import AzfilterError
 from ..fileio import commit_temporary, remove_quietly, temporary_path
 from ..manifest import Manifest
-from .meta import ROW_ARRAYS, OutputMeta, comparable, describe_sectors, same_sectors
+from .meta import (
+    OUTLIER_ARRAYS,
+    OUTLIERS_GROUP,
+    ROW_ARRAYS,
+    OutputMeta,
+    describe_sectors,
+    job_differences,
+    same_sectors,
+)
 from .nexus import NexusFile, OutputWriteError
 from .read import (
     READ_ERRORS,
@@ -73,6 +81,7 @@ def _read_shard(path: Path, order: int) -> dict[str, Any]:
                 rows=int(data["source"].shape[0]), order=order, wavelength=wavelength,
                 names={k: as_text(v[()]) for k, v in names.items() if v is not None},
                 records=read_job_records(h5),
+                outliers_pick=_outliers_pick(h5),
             )
     except AzfilterError:
         raise
@@ -87,16 +96,17 @@ def _read_shard(path: Path, order: int) -> dict[str, Any]:
     return info
 
 
+def _outliers_pick(h5: Any) -> float | None:
+    """The ``pick`` of a file's outlier statistics; None when it has none."""
+    group = h5.get(f"entry/{OUTLIERS_GROUP}")
+    return None if group is None else float(group.attrs["pick"])
+
+
 def _check_same_job(infos: list[dict[str, Any]]) -> None:
     """Refuse inputs of different jobs: options, bins, manifest digest, shard count N."""
-    from ..config import result_signature
-
     first = infos[0]
-    signature = result_signature(first["config"])
     for info in infos[1:]:
-        other = result_signature(info["config"])
-        differ = sorted(k for k in set(signature) | set(other)
-                        if comparable(signature.get(k)) != comparable(other.get(k)))
+        differ = job_differences(first["config"], info["config"])
         if differ:
             raise AzfilterError(
                 f"{info['path']}: comes from a different job than {first['path']} "
@@ -196,8 +206,14 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
     config = dict(first["config"])
     config["output"] = str(output.resolve())
     config.pop("shard", None)
+    parameters = dict(first["parameters"])
+    # outlier statistics when any input has them (rows of the others: -1 / NaN)
+    pick = next((i["outliers_pick"] for i in infos if i["outliers_pick"] is not None), None)
+    if pick is not None:
+        parameters["pick"] = pick
+        config.setdefault("pick", pick)
     meta = OutputMeta(operation=first["operation"], unit=first["unit"],
-                      parameters=first["parameters"], poni_text=first["poni"], geometry=[],
+                      parameters=parameters, poni_text=first["poni"], geometry=[],
                       config=config, manifest=manifest, wavelength=first["wavelength"],
                       sectors=first["sectors"],
                       **first["names"])
@@ -215,6 +231,9 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                 with h5py.File(info["path"], "r") as h5:
                     data = h5["entry/data"]
                     datasets = {name: row_dataset(data, name, info["layout"]) for name in arrays}
+                    group = h5.get(f"entry/{OUTLIERS_GROUP}")
+                    outlier_sets = {} if group is None else {
+                        name: group[name] for name, _dtype, _per_bin in OUTLIER_ARRAYS}
                     for start in range(0, info["rows"], block_rows):
                         stop = min(info["rows"], start + block_rows)
                         sources = [as_text(s) for s in data["source"][start:stop]]
@@ -229,7 +248,10 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                         if not keep:
                             continue
                         block = {name: dset[start:stop][keep] for name, dset in datasets.items()}
-                        out.append(block, [sources[k] for k in keep], [indices[k] for k in keep])
+                        outliers = {name: dset[start:stop][keep]
+                                    for name, dset in outlier_sets.items()}
+                        out.append(block, [sources[k] for k in keep], [indices[k] for k in keep],
+                                   outliers)
                         written += len(keep)
             except (AzfilterError, OutputWriteError):
                 raise
