@@ -28,6 +28,7 @@ from .read import (
     find_process,
     missing_entries,
     nexus_layout,
+    outliers_pick_of,
     radial_axis_of,
     read_error,
     read_job_records,
@@ -81,7 +82,7 @@ def _read_shard(path: Path, order: int) -> dict[str, Any]:
                 rows=int(data["source"].shape[0]), order=order, wavelength=wavelength,
                 names={k: as_text(v[()]) for k, v in names.items() if v is not None},
                 records=read_job_records(h5),
-                outliers_pick=_outliers_pick(h5),
+                outliers_pick=outliers_pick_of(h5),
             )
     except AzfilterError:
         raise
@@ -94,12 +95,6 @@ def _read_shard(path: Path, order: int) -> dict[str, Any]:
         except ValueError:
             raise AzfilterError(f"{path}: damaged: bad shard '{shard}'") from None
     return info
-
-
-def _outliers_pick(h5: Any) -> float | None:
-    """The ``pick`` of a file's outlier statistics; None when it has none."""
-    group = h5.get(f"entry/{OUTLIERS_GROUP}")
-    return None if group is None else float(group.attrs["pick"])
 
 
 def _check_same_job(infos: list[dict[str, Any]]) -> None:
@@ -119,6 +114,14 @@ def _check_same_job(infos: list[dict[str, Any]]) -> None:
             raise AzfilterError(
                 f"{info['path']}: χ sectors differ from {first['path']} "
                 f"({describe_sectors(info['sectors'])}, not {describe_sectors(first['sectors'])})")
+    picks = {i["outliers_pick"] for i in infos if i["outliers_pick"] is not None}
+    if len(picks) > 1:
+        with_pick = [i for i in infos if i["outliers_pick"] is not None]
+        other = next(i for i in with_pick if i["outliers_pick"] != with_pick[0]["outliers_pick"])
+        raise AzfilterError(
+            f"{other['path']}: comes from a different job than {with_pick[0]['path']} "
+            f"(outlier statistics with pick {other['outliers_pick']:g}, not "
+            f"{with_pick[0]['outliers_pick']:g})")
     with_manifest = [i for i in infos if i["records"]["digest"]]
     if with_manifest and len(with_manifest) != len(infos):
         bare = next(i for i in infos if not i["records"]["digest"])

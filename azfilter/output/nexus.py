@@ -53,6 +53,7 @@ from .read import (
     SIGNAL,
     check_nexus,
     missing_entries,
+    outliers_pick_of,
     read_nexus_config,
     sector_ranges_of,
     stored_keys,
@@ -645,6 +646,8 @@ class NexusWriter:
     """
 
     def __init__(self, path: str | os.PathLike, meta: OutputMeta, mode: str = "new"):
+        import h5py
+
         self.path = Path(path)
         self.meta = meta
         self.mode = mode
@@ -676,6 +679,10 @@ class NexusWriter:
                         "use --overwrite, or write to a new file and 'azfilter merge' both")
                 stored = read_nexus_config(self.path)
                 differ = job_differences(meta.config, stored)
+                with h5py.File(self.path, "r") as h5:
+                    stored_pick = outliers_pick_of(h5)
+                if stored_pick is not None and stored_pick != outliers_pick(meta):
+                    differ = sorted({*differ, "pick"})
                 if differ:
                     raise AzfilterError(
                         f"{self.path}: exists with a different configuration "

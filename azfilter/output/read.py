@@ -73,6 +73,12 @@ def as_text(value: Any) -> str:
     return str(value)
 
 
+def outliers_pick_of(h5: Any) -> float | None:
+    """The ``pick`` of an open azfilter NeXus file's outlier statistics; None without."""
+    group = h5.get(f"entry/{OUTLIERS_GROUP}")
+    return None if group is None else float(group.attrs["pick"])
+
+
 def read_nexus_config(path: str | os.PathLike) -> dict[str, Any]:
     """The job config stored in an azfilter NeXus output (the raw JSON dictionary)."""
     import h5py
