@@ -33,7 +33,7 @@ import numpy as np
 cimport openmp
 from cython.parallel cimport prange
 from libc.float cimport DBL_EPSILON
-from libc.math cimport M_PI, NAN, fabs, floor, isfinite, log, sqrt
+from libc.math cimport INFINITY, M_PI, NAN, fabs, floor, isfinite, log, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 
@@ -410,14 +410,68 @@ cdef struct ZStats:
     double best
 
 
-cdef inline void add_z(ZStats* stats, double x, double mean, double spread,
-                       double pick) noexcept nogil:
-    """Count one entry: z = (x − mean)/spread; NaN z counts nowhere."""
-    cdef double z = (x - mean) / spread
-    if z > pick:
-        stats.picked += 1
+cdef inline void keep_best(ZStats* stats, double z) noexcept nogil:
+    """The larger of ``stats.best`` and ``z``, NaN ignored."""
     if z == z and (stats.best != stats.best or z > stats.best):
         stats.best = z
+
+
+cdef inline void add_z_values(ZStats* stats, const double* x, Py_ssize_t n, double mean,
+                              double spread, double pick, const uint8_t* chosen,
+                              const double* signal, double* rejected_sum) noexcept nogil:
+    """Count n entries: z = (x − mean)/spread > pick, and the largest z (NaN z: nowhere).
+
+    With ``chosen`` (not NULL), also add ``signal[m]`` of every entry not chosen to
+    ``rejected_sum`` (without a branch: adding 0.0 leaves a sum unchanged), in the same pass.
+
+    The usual case (a finite mean, 0 < spread < inf, pick > 0) divides per entry only when
+    some entry comes near the threshold: correctly rounded subtraction and division by
+    spread > 0 are monotonic, so the largest z is (the largest x − mean)/spread, and no x at
+    or below mean + pick·spread/2 − 1e-9·(|mean| + pick·spread) can give z > pick (the margin
+    dwarfs the rounding). The results are those of the division per entry, bit for bit.
+    """
+    cdef Py_ssize_t m = 0
+    cdef double d, bound, best_d = -INFINITY, best_d1 = -INFINITY
+    cdef double out0 = 0.0, out1 = 0.0, out2 = 0.0, out3 = 0.0
+    if chosen != NULL:
+        # four partial sums, so that the adds do not wait on each other
+        while m + 3 < n:
+            out0 += signal[m] * <double> (1 - chosen[m])
+            out1 += signal[m + 1] * <double> (1 - chosen[m + 1])
+            out2 += signal[m + 2] * <double> (1 - chosen[m + 2])
+            out3 += signal[m + 3] * <double> (1 - chosen[m + 3])
+            m += 4
+        while m < n:
+            out0 += signal[m] * <double> (1 - chosen[m])
+            m += 1
+        rejected_sum[0] += (out0 + out1) + (out2 + out3)
+    cdef Py_ssize_t candidates = 0
+    if isfinite(mean) and spread > 0.0 and spread < INFINITY and pick > 0.0:
+        # first the largest x and whether any passes the bound (a branch-free pass), then,
+        # only if one does, the exact test on every entry
+        bound = (mean + 0.5 * pick * spread) - 1e-9 * (fabs(mean) + pick * spread)
+        m = 0
+        while m + 1 < n:
+            best_d = x[m] if x[m] > best_d else best_d
+            best_d1 = x[m + 1] if x[m + 1] > best_d1 else best_d1
+            candidates += (x[m] > bound) + (x[m + 1] > bound)
+            m += 2
+        if m < n:
+            best_d = x[m] if x[m] > best_d else best_d
+            candidates += x[m] > bound
+        if candidates:
+            for m in range(n):
+                d = x[m] - mean
+                if d / spread > pick:
+                    stats.picked += 1
+        if n > 0:
+            keep_best(stats, ((best_d if best_d > best_d1 else best_d1) - mean) / spread)
+        return
+    for m in range(n):
+        d = (x[m] - mean) / spread
+        if d > pick:
+            stats.picked += 1
+        keep_best(stats, d)
 
 
 cdef inline void store_stats(double* stats, Py_ssize_t npt, Py_ssize_t k, Py_ssize_t available,
@@ -507,10 +561,8 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
         std = sqrt(sums[1] / sums[3])
         z.picked = 0
         z.best = NAN
-        for m in range(n):
-            add_z(&z, ws.x[m], mean, std, pick)
-        for m in range(dropped.n):
-            add_z(&z, dropped.x[m], mean, std, pick)
+        add_z_values(&z, ws.x, n, mean, std, pick, NULL, NULL, NULL)
+        add_z_values(&z, dropped.x, dropped.n, mean, std, pick, NULL, NULL, NULL)
         store_stats(stats, npt, k, available, &z, dropped.signal_sum)
 
 
@@ -604,10 +656,7 @@ cdef inline void medfilt_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop
         spread = sqrt(sum_v / sum_w2)
         z.picked = 0
         z.best = NAN
-        for m in range(n):
-            add_z(&z, ws.x[m], mean, spread, pick)
-            if not chosen[m]:
-                rejected_sum += ws.s[m]
+        add_z_values(&z, ws.x, n, mean, spread, pick, chosen, ws.s, &rejected_sum)
         store_stats(stats, npt, k, n, &z, rejected_sum)
 
 
