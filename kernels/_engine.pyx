@@ -427,8 +427,8 @@ cdef inline void add_z_values(ZStats* stats, const double* x, Py_ssize_t n, doub
     The usual case (a finite mean, 0 < spread < inf, pick > 0) divides per entry only when
     some entry comes near the threshold: correctly rounded subtraction and division by
     spread > 0 are monotonic, so the largest z is (the largest x − mean)/spread, and no x at
-    or below mean + pick·spread/2 − 1e-9·(|mean| + pick·spread) can give z > pick (the margin
-    dwarfs the rounding). The results are those of the division per entry, bit for bit.
+    or below mean + pick·spread·(1 − 1e-9) − 1e-9·|mean| can give z > pick (the margins
+    dwarf the rounding). The results are those of the division per entry, bit for bit.
     """
     cdef Py_ssize_t m = 0
     cdef double d, bound, best_d = -INFINITY, best_d1 = -INFINITY
@@ -447,23 +447,23 @@ cdef inline void add_z_values(ZStats* stats, const double* x, Py_ssize_t n, doub
         rejected_sum[0] += (out0 + out1) + (out2 + out3)
     cdef Py_ssize_t candidates = 0
     if isfinite(mean) and spread > 0.0 and spread < INFINITY and pick > 0.0:
-        # first the largest x and whether any passes the bound (a branch-free pass), then,
-        # only if one does, the exact test on every entry
-        bound = (mean + 0.5 * pick * spread) - 1e-9 * (fabs(mean) + pick * spread)
+        # the largest x (branch-free), and the exact test only on the rare entries above
+        # the bound
+        bound = (mean + pick * spread * (1.0 - 1e-9)) - 1e-9 * fabs(mean)
         m = 0
         while m + 1 < n:
             best_d = x[m] if x[m] > best_d else best_d
             best_d1 = x[m + 1] if x[m + 1] > best_d1 else best_d1
-            candidates += (x[m] > bound) + (x[m + 1] > bound)
+            if x[m] > bound and (x[m] - mean) / spread > pick:
+                candidates += 1
+            if x[m + 1] > bound and (x[m + 1] - mean) / spread > pick:
+                candidates += 1
             m += 2
         if m < n:
             best_d = x[m] if x[m] > best_d else best_d
-            candidates += x[m] > bound
-        if candidates:
-            for m in range(n):
-                d = x[m] - mean
-                if d / spread > pick:
-                    stats.picked += 1
+            if x[m] > bound and (x[m] - mean) / spread > pick:
+                candidates += 1
+        stats.picked += candidates
         if n > 0:
             keep_best(stats, ((best_d if best_d > best_d1 else best_d1) - mean) / spread)
         return
