@@ -113,6 +113,10 @@ def _reduction_options(operation: str | None) -> list[Callable]:
             default=cfg.DEFAULTS["noise"], show_default=True,
             help="sparsify: noise floor (corrected intensity): a kept pixel exceeds the "
                  "background by more than NOISE in any case."),
+        opt("--pick", ops=("sigma-clip", "medfilt"), type=float,
+            default=cfg.DEFAULTS["pick"], show_default=True,
+            help="Outlier statistics: count the pixels more than PICK standard deviations "
+                 "above their ring's mean (NeXus /entry/outliers, text '# outliers:' line)."),
         opt("--percentile", ops=("medfilt",), type=PercentileType(), default="50",
             show_default=True,
             help="medfilt: one percentile (50 = median) or two (40 60: mean of the fragments "

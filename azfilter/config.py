@@ -101,6 +101,7 @@ DEFAULTS: dict[str, Any] = {
     "cutoff_pick": 3.0,     # sparsify: pick pixels above bg + cutoff_pick * sqrt(std² + noise²)
     "noise": 1.0,           # sparsify: noise floor (corrected intensity)
     "percentile": [50.0],
+    "pick": 3.0,            # sigma-clip / medfilt: outlier statistics' threshold (std)
     "recursive": False,
     "overwrite": False,
     "skip_existing": False,
@@ -129,8 +130,8 @@ OPERATION_DEFAULTS: dict[str, dict[str, Any]] = {
 # Keys that only one operation uses; they are dropped from the other operations' configs.
 OPERATION_KEYS: dict[str, tuple[str, ...]] = {
     "integrate": (),
-    "sigma-clip": ("thres", "max_iter"),
-    "medfilt": ("percentile",),
+    "sigma-clip": ("thres", "max_iter", "pick"),
+    "medfilt": ("percentile", "pick"),
     "sparsify": ("thres", "max_iter", "cutoff_pick", "noise"),
 }
 OPERATION_ONLY = {key for keys in OPERATION_KEYS.values() for key in keys}
@@ -146,8 +147,13 @@ RESULT_KEYS = (
     "operation", "poni", "npt", "unit", "mask", "dark", "flat", "polarization", "solid_angle",
     "radial_range", "azimuth_range", "error_model", "normalization", "split", "thres",
     "max_iter", "cutoff_pick", "noise", "percentile", "wavelength", "energy", "dummy",
-    "delta_dummy", "monitor", "sectors",
+    "delta_dummy", "monitor", "sectors", "pick",
 )
+
+# Result keys added after azfilter first wrote outputs: a stored config without one comes
+# from before the key existed and stays joinable with any value (``--skip-existing``, merge);
+# its rows lack what the key controls (``pick``: the outlier statistics, filled with -1/NaN).
+LATER_KEYS = ("pick",)
 
 
 def _key(name: str) -> str:
@@ -330,7 +336,7 @@ def normalize(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> 
             value = _as_number(value, name, where, int)
             if value < 1:
                 raise AzfilterError(f"{where}: threads must be at least 1, not {value}")
-        elif key in ("thres", "normalization", "dummy"):
+        elif key in ("thres", "normalization", "dummy", "pick"):
             value = float(_as_number(value, name, where))
         elif key in ("cutoff_pick", "noise"):
             value = float(_as_number(value, name, where))

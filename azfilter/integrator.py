@@ -25,8 +25,10 @@ import numpy as np
 
 from . import vocabulary
 from .backends import BACKENDS, BinSums, FrameBufferRing, get_engine_class, parse_error_model
+from .backends.base import DEFAULT_PICK
 from .errors import AzfilterError
 from .frames.chunks import CompressedChunk
+from .outliers import Outliers
 from .preproc import PixelConstants, describe_source, parse_polarization, pixel_constants
 from .units import get_unit
 
@@ -75,6 +77,10 @@ class Result:
         sector across ±180° has ``hi > 180``); None without sectors.
     geometry : azfilter.geometry.Geometry or None
         The geometry it was reduced with (for :meth:`save`'s header).
+    outliers : azfilter.outliers.Outliers or None
+        Outlier statistics of sigma_clip and medfilt (pixels rejected, their summed signal,
+        pixels above ``pick`` σ of their ring, the largest excess, per-bin kept and
+        available); None for integrate.
 
     Notes
     -----
@@ -98,6 +104,7 @@ class Result:
     error_model: str = "poisson"
     sectors: np.ndarray | None = None
     geometry: Any = field(default=None, repr=False, compare=False)
+    outliers: Outliers | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_sums(cls, radial: np.ndarray, sums: BinSums, unit: str, operation: str,
@@ -133,10 +140,14 @@ class Result:
                 raise ValueError(f"{sums.npt} bins are not {shape[0]} sectors of "
                                  f"{shape[1]} radial bins")
             per_bin = {name: values.reshape(shape) for name, values in per_bin.items()}
+        outliers = None
+        if sums.outliers is not None:
+            outliers = Outliers.from_sums(sums.outliers, per_bin["count"],
+                                          per_bin["count"].shape)
         return cls(
             radial=np.array(radial, dtype=np.float64), **per_bin, unit=unit,
             operation=operation, parameters=parameters, error_model=error_model,
-            sectors=bounds, geometry=geometry,
+            sectors=bounds, geometry=geometry, outliers=outliers,
         )
 
     @property
@@ -251,6 +262,7 @@ class Result:
             radial=self.radial.copy(), **per_bin, unit=self.unit, operation=self.operation,
             parameters={**self.parameters, "sector": index, "sector_range": [lo, hi]},
             error_model=self.error_model, geometry=self.geometry,
+            outliers=None if self.outliers is None else self.outliers.sector(index),
         )
 
 
@@ -591,7 +603,7 @@ class Integrator:
 
     def sigma_clip(self, img: Any, thres: float = 5.0, max_iter: int = 5,
                    error_model: str = "azimuthal", variance: Any = None,
-                   split: str = "no") -> Result:
+                   split: str = "no", pick: float = DEFAULT_PICK) -> Result:
         """Iterative azimuthal sigma-clipping (no pixel splitting).
 
         Parameters
@@ -610,10 +622,14 @@ class Integrator:
             Per-pixel variance for the ``"variance"`` model.
         split : str
             Must be ``"no"``: a pixel shared between bins cannot be rejected in one only.
+        pick : float
+            Threshold of ``result.outliers.picked``: pixels more than ``pick`` std above their
+            ring's mean.
 
         Returns
         -------
         Result
+            With :attr:`Result.outliers`.
         """
         if split != "no":
             raise AzfilterError(
@@ -623,14 +639,17 @@ class Integrator:
         model = parse_error_model(error_model)
         thres = _check_number(thres, "thres", minimum=0.0)
         max_iter = _check_count(max_iter, "max_iter")
+        pick = _check_number(pick, "pick")
         array = self._check_image(img)
         var = self._check_variance(variance, model)
-        sums = self.engine("no", array.dtype).sigma_clip(array, thres, max_iter, model, var)
-        return self._result(sums, "no", "sigma_clip", model, thres=thres, max_iter=max_iter)
+        sums = self.engine("no", array.dtype).sigma_clip(array, thres, max_iter, model, var,
+                                                         pick=pick)
+        return self._result(sums, "no", "sigma_clip", model, thres=thres, max_iter=max_iter,
+                            pick=pick)
 
     def medfilt(self, img: Any, percentile: float | Sequence[float] = 50,
                 split: str = "full", error_model: str = "poisson",
-                variance: Any = None) -> Result:
+                variance: Any = None, pick: float = DEFAULT_PICK) -> Result:
         """Mean of the pixel fragments between two quantiles of each ring.
 
         Parameters
@@ -646,19 +665,24 @@ class Integrator:
             ``"poisson"``, ``"hybrid"`` (as poisson), ``"azimuthal"`` or ``"variance"``.
         variance : 2-D array, optional
             Per-pixel variance for the ``"variance"`` model.
+        pick : float
+            Threshold of ``result.outliers.picked``, in std of the ring (fragments with
+            ``split="full"``).
 
         Returns
         -------
         Result
+            With :attr:`Result.outliers` (the selected fragments are the kept ones).
         """
         model = parse_error_model(error_model)
         split = _check_split(split)
         low, high = _check_percentile(percentile)
+        pick = _check_number(pick, "pick")
         array = self._check_image(img)
         var = self._check_variance(variance, model)
         sums = self.engine(split, array.dtype).medfilt(array, low / 100.0, high / 100.0,
-                                                       model, var)
-        return self._result(sums, split, "medfilt", model, percentile=[low, high])
+                                                       model, var, pick=pick)
+        return self._result(sums, split, "medfilt", model, percentile=[low, high], pick=pick)
 
     def process_many(self, frames: Iterable[tuple[Any, Any]], operation: str,
                      **params: Any) -> Iterator[tuple[Any, Result | Exception]]:
@@ -676,8 +700,8 @@ class Integrator:
             ``"integrate"``, ``"sigma_clip"`` or ``"medfilt"``.
         **params
             The keyword arguments of that method besides ``img`` (``error_model``,
-            ``split``, ``variance``, ``thres``, ``max_iter``, ``percentile``), with the same
-            defaults.
+            ``split``, ``variance``, ``thres``, ``max_iter``, ``percentile``, ``pick``), with
+            the same defaults.
 
         Returns
         -------
@@ -702,9 +726,9 @@ class Integrator:
         defaults = {
             "integrate": {"error_model": "poisson", "split": "no", "variance": None},
             "sigma_clip": {"thres": 5.0, "max_iter": 5, "error_model": "azimuthal",
-                           "variance": None, "split": "no"},
+                           "variance": None, "split": "no", "pick": DEFAULT_PICK},
             "medfilt": {"percentile": 50, "split": "full", "error_model": "poisson",
-                        "variance": None},
+                        "variance": None, "pick": DEFAULT_PICK},
         }[operation]
         unknown = sorted(set(params) - set(defaults))
         if unknown:
@@ -729,12 +753,14 @@ class Integrator:
                     f"split={split!r}"
                 )
             options = {"thres": _check_number(values["thres"], "thres", minimum=0.0),
-                       "max_iter": _check_count(values["max_iter"], "max_iter")}
+                       "max_iter": _check_count(values["max_iter"], "max_iter"),
+                       "pick": _check_number(values["pick"], "pick")}
             engine_params.update(options)
         elif operation == "medfilt":
             low, high = _check_percentile(values["percentile"])
-            options = {"percentile": [low, high]}
-            engine_params.update(quant_min=low / 100.0, quant_max=high / 100.0)
+            options = {"percentile": [low, high], "pick": _check_number(values["pick"], "pick")}
+            engine_params.update(quant_min=low / 100.0, quant_max=high / 100.0,
+                                 pick=options["pick"])
         engine_params["variance"] = variance
         if variance is not None and self.shape is not None:
             self._check_variance(variance, model)   # fail now, not once per frame

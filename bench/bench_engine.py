@@ -10,8 +10,12 @@ peak memory is its own.
 With ``--backend python`` it compares azfilter's numpy reference engine with pyFAI's Python
 CSR engine (``method=(split, "csr", "python")``) instead.
 
+With ``--outlier-cost`` it measures instead what the outlier statistics (``--pick``) cost the
+Cython engine: sigma_clip and medfilt kernel calls with and without the statistics pass,
+interleaved, ms per frame (median) and the difference.
+
 Usage: ``python bench/bench_engine.py [--detectors Pilatus1M Eiger4M] [--repeat 7]
-[--backend cython|python] [--json F]``
+[--backend cython|python] [--outlier-cost] [--json F]``
 """
 
 from __future__ import annotations
@@ -136,6 +140,39 @@ def worker_pyfai(detector: str, poni_path: str, repeat: int, backend: str = "cyt
     return out
 
 
+def worker_outlier_cost(detector: str, poni_path: str, repeat: int,
+                        backend: str = "cython") -> dict:
+    """ms per frame of the Cython sigma_clip and medfilt kernels without and with the
+    outlier statistics (the kernels' ``stats`` argument), calls interleaved."""
+    import numpy as np
+
+    import azfilter as az
+    from azfilter import _engine
+
+    geo, frame, mask = make_frame(detector, poni_path)
+    npt = max(frame.shape)
+    integ = az.Integrator(geo, npt=npt, unit="q_nm^-1", mask=mask, backend="cython")
+    out: dict = {}
+    for label, split, kernel, args in (
+            ("sigma_clip", "no", _engine.sigma_clip, ("azimuthal", 5.0, 5)),
+            ("medfilt full-split", "full", _engine.medfilt, ("poisson", 0.4, 0.6))):
+        engine = integ.engine(split, frame.dtype)
+        raw = engine._frame(frame)
+        stats = np.empty((4, engine.npt))
+        common = (raw, *engine._table(), None, engine.dummy, engine.delta_dummy, *args,
+                  engine.threads)
+        without, with_stats = [], []
+        kernel(*common)   # warm-up
+        for _ in range(repeat):
+            for times, extra in ((without, ()), (with_stats, (3.0, stats))):
+                t0 = time.perf_counter()
+                kernel(*common, *extra)
+                times.append((time.perf_counter() - t0) * 1e3)
+        out[label] = {"without_ms": statistics.median(without),
+                      "with_ms": statistics.median(with_stats)}
+    return out
+
+
 def run_worker(tool: str, detector: str, poni_path: str, repeat: int, backend: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", tool, detector, poni_path, str(repeat),
            backend]
@@ -159,13 +196,20 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw numbers to this file")
     parser.add_argument("--backend", choices=("cython", "python"), default="cython",
                         help="azfilter backend, against pyFAI's implementation of that name")
+    parser.add_argument("--outlier-cost", action="store_true",
+                        help="measure the outlier statistics' extra cost (Cython) instead")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         tool, detector, poni_path, repeat, backend = args.worker
-        worker = worker_azfilter if tool == "azfilter" else worker_pyfai
+        worker = {"azfilter": worker_azfilter, "pyfai": worker_pyfai,
+                  "outliers": worker_outlier_cost}[tool]
         print(json.dumps(worker(detector, poni_path, int(repeat), backend)))
+        return
+
+    if args.outlier_cost:
+        outlier_cost(args)
         return
 
     import pyFAI
@@ -201,6 +245,32 @@ def main() -> None:
         else:
             print(f"| {det} | {op} | {fai:.1f} | {az_:.1f} | {ratio:.1f}x | {fai_cold:.0f} | "
                   f"{az_cold:.0f} | {az_warm:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def outlier_cost(args: argparse.Namespace) -> None:
+    """Print (and store with ``--json``) the outlier statistics' cost per detector."""
+    import azfilter
+    from azfilter import _engine
+
+    print(f"# machine: {machine_line()}")
+    print(f"# azfilter {azfilter.__version__} Cython engine, {_engine.default_threads()} "
+          f"threads: sigma_clip and medfilt kernels without / with the outlier statistics")
+    print("| detector | operation | without ms/frame | with ms/frame | extra ms | extra % |")
+    print("|" + "---|" * 6)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for detector in args.detectors:
+            poni_path = os.path.join(tmp, f"{detector}.poni")
+            Path(poni_path).write_text(poni_text(detector))
+            results[detector] = res = run_worker("outliers", detector, poni_path, args.repeat,
+                                                 "cython")
+            for op, times in res.items():
+                extra = times["with_ms"] - times["without_ms"]
+                print(f"| {detector} | {op} | {times['without_ms']:.1f} | "
+                      f"{times['with_ms']:.1f} | {extra:+.1f} | "
+                      f"{100 * extra / times['without_ms']:+.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -35,7 +35,7 @@ import numpy as np
 cimport openmp
 from cython.parallel cimport prange
 from libc.float cimport DBL_EPSILON
-from libc.math cimport M_PI, fabs, floor, isfinite, log, sqrt
+from libc.math cimport INFINITY, M_PI, NAN, fabs, floor, isfinite, log, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 
@@ -454,8 +454,98 @@ cdef void integrate_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt
 # sigma_clip
 # --------------------------------------------------------------------------------------------
 
+# Outlier statistics (``OutlierSums``): per bin, after the final sums, the rows
+# available, picked, rejected_sum, max_sigma of a (4, npt) float64 array.
+
+cdef struct Rejected:
+    # the entries sigma_clip dropped from one row: their x (in a per-thread buffer), count
+    # and Σ c·signal
+    double* x
+    Py_ssize_t n
+    double signal_sum
+
+
+cdef struct ZStats:
+    # running picked count and largest z of one row
+    Py_ssize_t picked
+    double best
+
+
+cdef inline void keep_best(ZStats* stats, double z) noexcept nogil:
+    """The larger of ``stats.best`` and ``z``, NaN ignored."""
+    if z == z and (stats.best != stats.best or z > stats.best):
+        stats.best = z
+
+
+cdef inline void add_z_values(ZStats* stats, const double* x, Py_ssize_t n, double mean,
+                              double spread, double pick, const uint8_t* chosen,
+                              const double* signal, double* rejected_sum) noexcept nogil:
+    """Count n entries: z = (x − mean)/spread > pick, and the largest z (NaN z: nowhere).
+
+    With ``chosen`` (not NULL), also add ``signal[m]`` of every entry not chosen to
+    ``rejected_sum`` (without a branch: adding 0.0 leaves a sum unchanged), in the same pass.
+
+    The usual case (a finite mean, 0 < spread < inf, pick > 0) divides per entry only when
+    some entry comes near the threshold: correctly rounded subtraction and division by
+    spread > 0 are monotonic, so the largest z is (the largest x − mean)/spread, and no x at
+    or below mean + pick·spread·(1 − 1e-9) − 1e-9·|mean| can give z > pick (the margins
+    dwarf the rounding). The results are those of the division per entry, bit for bit.
+    """
+    cdef Py_ssize_t m = 0
+    cdef double d, bound, best_d = -INFINITY, best_d1 = -INFINITY
+    cdef double out0 = 0.0, out1 = 0.0, out2 = 0.0, out3 = 0.0
+    if chosen != NULL:
+        # four partial sums, so that the adds do not wait on each other
+        while m + 3 < n:
+            out0 += signal[m] * <double> (1 - chosen[m])
+            out1 += signal[m + 1] * <double> (1 - chosen[m + 1])
+            out2 += signal[m + 2] * <double> (1 - chosen[m + 2])
+            out3 += signal[m + 3] * <double> (1 - chosen[m + 3])
+            m += 4
+        while m < n:
+            out0 += signal[m] * <double> (1 - chosen[m])
+            m += 1
+        rejected_sum[0] += (out0 + out1) + (out2 + out3)
+    cdef Py_ssize_t candidates = 0
+    if isfinite(mean) and spread > 0.0 and spread < INFINITY and pick > 0.0:
+        # the largest x (branch-free), and the exact test only on the rare entries above
+        # the bound
+        bound = (mean + pick * spread * (1.0 - 1e-9)) - 1e-9 * fabs(mean)
+        m = 0
+        while m + 1 < n:
+            best_d = x[m] if x[m] > best_d else best_d
+            best_d1 = x[m + 1] if x[m + 1] > best_d1 else best_d1
+            if x[m] > bound and (x[m] - mean) / spread > pick:
+                candidates += 1
+            if x[m + 1] > bound and (x[m + 1] - mean) / spread > pick:
+                candidates += 1
+            m += 2
+        if m < n:
+            best_d = x[m] if x[m] > best_d else best_d
+            if x[m] > bound and (x[m] - mean) / spread > pick:
+                candidates += 1
+        stats.picked += candidates
+        if n > 0:
+            keep_best(stats, ((best_d if best_d > best_d1 else best_d1) - mean) / spread)
+        return
+    for m in range(n):
+        d = (x[m] - mean) / spread
+        if d > pick:
+            stats.picked += 1
+        keep_best(stats, d)
+
+
+cdef inline void store_stats(double* stats, Py_ssize_t npt, Py_ssize_t k, Py_ssize_t available,
+                             const ZStats* z, double rejected_sum) noexcept nogil:
+    stats[k] = <double> available
+    stats[npt + k] = <double> z.picked
+    stats[2 * npt + k] = rejected_sum
+    stats[3 * npt + k] = z.best
+
+
 cdef inline Py_ssize_t drop_outliers(Py_ssize_t n, Workspace* ws, double mean,
-                                     double limit, bint azimuthal, double* sums) noexcept nogil:
+                                     double limit, bint azimuthal, double* sums,
+                                     Rejected* rejected) noexcept nogil:
     """Drop every entry with |x − mean| > limit at once (survivors keep the row order) and,
     when any was dropped, set ``sums`` to the survivors' :func:`row_sums`.
 
@@ -464,6 +554,9 @@ cdef inline Py_ssize_t drop_outliers(Py_ssize_t n, Workspace* ws, double mean,
     sweep. Every partial sum receives the same values in the same order as in
     :func:`row_sums` (kept entry m goes to partial sum m % 2), so the sums are identical.
     Returns the number of entries kept (n: nothing dropped, ``sums`` untouched).
+
+    With ``rejected`` (not NULL) the x and c·signal of each dropped entry are recorded there
+    for the outlier statistics, in row order.
     """
     cdef Py_ssize_t m = 0, first = 0, kept
     cdef double s0 = 0.0, s1 = 0.0, w0 = 0.0, w1 = 0.0, q0 = 0.0, q1 = 0.0
@@ -505,8 +598,16 @@ cdef inline Py_ssize_t drop_outliers(Py_ssize_t n, Workspace* ws, double mean,
         c0, c1 = c1, c0
         v0, v1 = v1, v0
     kept = first
+    if rejected != NULL:   # the first outlier (the loop below starts after it)
+        rejected.x[rejected.n] = ws.x[first]
+        rejected.n += 1
+        rejected.signal_sum += ws.s[first]
     for m in range(first + 1, n):
         if fabs(ws.x[m] - mean) > limit:
+            if rejected != NULL:
+                rejected.x[rejected.n] = ws.x[m]
+                rejected.n += 1
+                rejected.signal_sum += ws.s[m]
             continue
         ws.x[kept] = ws.x[m]
         ws.w[kept] = ws.w[m]
@@ -546,16 +647,27 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
                                 const float* dark, const float* variance, const DummyRule* rule,
                                 int error_model, double thres, int max_iter, double* work,
                                 Py_ssize_t maxlen, double* result,
-                                Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
+                                Py_ssize_t npt, Py_ssize_t k, double pick,
+                                double* stats) noexcept nogil:
     cdef Workspace ws = workspace_at(work, maxlen)
-    cdef Py_ssize_t n, m, kept
+    cdef Py_ssize_t n, m, kept, available
     cdef int iteration = 0
     cdef double sums[5]
     cdef double mean, std, count, cutoff
+    cdef Rejected dropped
+    cdef Rejected* record = NULL
+    cdef ZStats z
     # clip with the azimuthal scatter for azimuthal and hybrid; hybrid reports poisson at the end
     cdef bint clip_azimuthal = error_model == MODEL_AZIMUTHAL or error_model == MODEL_HYBRID
     n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
                    variance_kind(error_model), &ws, True)
+    available = n
+    if stats != NULL:
+        # medfilt's sort buffer is free here: it holds the dropped entries' x
+        dropped.x = <double*> ws.items
+        dropped.n = 0
+        dropped.signal_sum = 0.0
+        record = &dropped
     row_sums(n, &ws, clip_azimuthal, sums)
     while iteration < max_iter:
         iteration += 1
@@ -567,7 +679,7 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
         cutoff = sqrt(2.0 * log(count / SQRT_2PI))
         if cutoff < thres:
             cutoff = thres
-        kept = drop_outliers(n, &ws, mean, cutoff * std, clip_azimuthal, sums)
+        kept = drop_outliers(n, &ws, mean, cutoff * std, clip_azimuthal, sums, record)
         if kept == n:
             break
         n = kept
@@ -576,6 +688,15 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
         for m in range(n):
             sums[1] += ws.v[m]
     store_sums(result, npt, k, sums[0], sums[1], sums[2], sums[3], sums[4])
+    if stats != NULL:
+        # z against the final mean and spread, as the results report them
+        mean = sums[0] / sums[2]
+        std = sqrt(sums[1] / sums[3])
+        z.picked = 0
+        z.best = NAN
+        add_z_values(&z, ws.x, n, mean, std, pick, NULL, NULL, NULL)
+        add_z_values(&z, dropped.x, dropped.n, mean, std, pick, NULL, NULL, NULL)
+        store_stats(stats, npt, k, available, &z, dropped.signal_sum)
 
 
 cdef void sigma_clip_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
@@ -583,13 +704,13 @@ cdef void sigma_clip_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t np
                           const float* dark, const float* variance, const DummyRule* rule,
                           int error_model, double thres, int max_iter, double* work,
                           Py_ssize_t maxlen, int nthreads,
-                          double* result) noexcept nogil:
+                          double* result, double pick, double* stats) noexcept nogil:
     cdef Py_ssize_t k
     for k in prange(npt, schedule="dynamic", chunksize=4, num_threads=nthreads):
         sigma_clip_row(raw, indptr[k], indptr[k + 1], indptr[npt], indices, coefs, norm, dark,
                        variance, rule, error_model, thres, max_iter,
                        work + openmp.omp_get_thread_num() * WORK_PER_ENTRY * (maxlen + 1), maxlen,
-                       result, npt, k)
+                       result, npt, k, pick, stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,7 +723,8 @@ cdef inline void medfilt_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop
                              const float* dark, const float* variance, const DummyRule* rule,
                              int error_model, double quant_min, double quant_max, double* work,
                              Py_ssize_t maxlen,
-                             double* result, Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
+                             double* result, Py_ssize_t npt, Py_ssize_t k, double pick,
+                             double* stats) noexcept nogil:
     cdef Workspace ws = workspace_at(work, maxlen)
     cdef Py_ssize_t n, m, slot
     cdef azf_selection selection
@@ -610,6 +732,9 @@ cdef inline void medfilt_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop
     cdef double sum_s = 0.0, sum_v = 0.0, sum_w = 0.0, sum_w2 = 0.0
     cdef bint negative = False
     cdef uint64_t key, kmin = 0xFFFFFFFFFFFFFFFF, kmax = 0
+    cdef uint8_t* chosen
+    cdef double spread, rejected_sum = 0.0
+    cdef ZStats z
     n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
                    variance_kind(error_model), &ws)
     for m in range(n):
@@ -653,6 +778,19 @@ cdef inline void medfilt_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop
                 d = ws.w[slot] * (ws.x[slot] - mean)
                 sum_v += d * d
     store_sums(result, npt, k, sum_s, sum_v, sum_w, sum_w2, <double> selection.n_out)
+    if stats != NULL:
+        # the partitioning's second buffer is free now: one flag per gathered entry
+        chosen = <uint8_t*> ws.scratch
+        for m in range(n):
+            chosen[m] = 0
+        for m in range(selection.n_out):
+            chosen[ws.selected[m]] = 1
+        mean = sum_s / sum_w
+        spread = sqrt(sum_v / sum_w2)
+        z.picked = 0
+        z.best = NAN
+        add_z_values(&z, ws.x, n, mean, spread, pick, chosen, ws.s, &rejected_sum)
+        store_stats(stats, npt, k, n, &z, rejected_sum)
 
 
 cdef void medfilt_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
@@ -660,13 +798,13 @@ cdef void medfilt_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
                        const float* dark, const float* variance, const DummyRule* rule,
                        int error_model, double quant_min, double quant_max,
                        double* work, Py_ssize_t maxlen, int nthreads,
-                       double* result) noexcept nogil:
+                       double* result, double pick, double* stats) noexcept nogil:
     cdef Py_ssize_t k
     for k in prange(npt, schedule="dynamic", chunksize=2, num_threads=nthreads):
         medfilt_row(raw, indptr[k], indptr[k + 1], indptr[npt], indices, coefs, norm, dark,
                     variance, rule, error_model, quant_min, quant_max,
                     work + openmp.omp_get_thread_num() * WORK_PER_ENTRY * (maxlen + 1), maxlen,
-                    result, npt, k)
+                    result, npt, k, pick, stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -832,13 +970,18 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
 
 def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
                double delta_dummy, str error_model, double thres, int max_iter, threads=None,
-               work=None):
+               work=None, double pick=3.0, stats=None):
     """Per-bin sums after iterative azimuthal sigma-clipping (``docs/internals.md``).
 
     Within each bin, entirely in compiled code: sums with the clipping model (azimuthal for
     azimuthal and hybrid), then at most ``max_iter`` times drop every kept entry with
     ``|x − S/W| > max(thres, sqrt(2 ln(max(3, N)/sqrt(2π))))·sqrt(V/W2)`` and recompute the
     sums; hybrid reports the poisson V of the kept entries. N is the true kept count.
+
+    With ``stats`` (a C-contiguous float64 array of shape (4, npt)) the outlier statistics
+    are written there too: per bin the valid entries, those with
+    ``(x − S/W)/sqrt(V/W2) > pick`` over the final sums, Σ c·signal of the dropped entries,
+    and the largest such z (NaN when none).
 
     Returns
     -------
@@ -850,23 +993,38 @@ def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, varianc
     cdef _Call call = prepare_call(raw.shape[0], indptr, indices, coefs, norm, dark, variance,
                                    dummy, delta_dummy, error_model, threads, True, work)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
+    cdef double* stats_ptr = stats_pointer(stats, call.npt)
     if call.npt > 0:
         with nogil:
             sigma_clip_rows(raw_ptr, call.indptr, call.npt, call.indices, call.coefs, call.norm,
                             call.dark, call.variance, &call.rule, call.error_model, thres,
                             max_iter, call.work_ptr, call.maxlen, call.nthreads,
-                            call.result_ptr)
+                            call.result_ptr, pick, stats_ptr)
     return call.result
+
+
+cdef double* stats_pointer(stats, Py_ssize_t npt) except? NULL:
+    """The data of a (4, npt) float64 statistics array, or NULL for None."""
+    cdef double[:, ::1] view
+    if stats is None or npt == 0:
+        return NULL
+    view = stats
+    if view.shape[0] != 4 or view.shape[1] != npt:
+        raise ValueError(f"stats must have shape (4, {npt})")
+    return &view[0, 0]
 
 
 def medfilt(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
             double delta_dummy, str error_model, double quant_min, double quant_max,
-            threads=None, work=None):
+            threads=None, work=None, double pick=3.0, stats=None):
     """Per-bin sums of the fragments between two weighted quantiles (``docs/internals.md``).
 
     Fragments (key x = signal/norm, weight w = c·norm) are sorted by (key, pixel index); with
     U the cumulative weight (float64), L the previous U and T the total, fragment m is kept iff
     ``w ≠ 0`` and ``(qmin·T ≤ L and U ≤ qmax·T) or (qmin·T ≥ L and U ≥ qmax·T)``.
+
+    With ``stats`` ((4, npt) float64) the outlier statistics are written there as by
+    :func:`sigma_clip`, the selected fragments being the kept ones.
 
     Returns
     -------
@@ -878,10 +1036,11 @@ def medfilt(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, 
     cdef _Call call = prepare_call(raw.shape[0], indptr, indices, coefs, norm, dark, variance,
                                    dummy, delta_dummy, error_model, threads, True, work)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
+    cdef double* stats_ptr = stats_pointer(stats, call.npt)
     if call.npt > 0:
         with nogil:
             medfilt_rows(raw_ptr, call.indptr, call.npt, call.indices, call.coefs, call.norm,
                          call.dark, call.variance, &call.rule, call.error_model, quant_min,
                          quant_max, call.work_ptr, call.maxlen, call.nthreads,
-                         call.result_ptr)
+                         call.result_ptr, pick, stats_ptr)
     return call.result

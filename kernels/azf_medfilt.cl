@@ -225,10 +225,10 @@ void medfilt(global const int *indptr, global const int *indices, global const f
         for (int tile = 0; tile < nvalid; tile += WG) {
             const int m = tile + lid;
             real_t c = 0, w = 0;
-            int j = 0;
+            int j = 0, e = 0;
             if (m < nvalid) {
                 const ulong key = in_local ? local_keys[m] : sorted_keys[start + m];
-                const int e = start + key_position(key, idx_bits);
+                e = start + key_position(key, idx_bits);
                 j = indices[e];
                 c = (real_t)coefs[e];
                 w = c * (real_t)pixel_norm[j];
@@ -244,7 +244,7 @@ void medfilt(global const int *indptr, global const int *indices, global const f
                 const real_t upper = acc_value(acc_add(carry, inclusive));
                 const int chosen = w != (real_t)0
                     && ((lo <= lower && upper <= hi) || (lo >= lower && upper >= hi));
-                selected[start + m] = (uchar)chosen;
+                selected[e] = (uchar)chosen;   /* by entry: outlier_stats reads it */
                 if (chosen) {
                     real_t signal = 0, var = 0, norm = 1;
                     load_pixel(FRAME_ARGS, j, &signal, &var, &norm);
@@ -263,10 +263,10 @@ void medfilt(global const int *indptr, global const int *indices, global const f
         const mean_t mean = acc_ratio(sums[SUM_SIGNAL], sums[SUM_NORM]);
         acc_t scatter = acc_zero();
         for (int m = lid; m < nvalid; m += WG) {
-            if (!selected[start + m])
-                continue;
             const ulong key = in_local ? local_keys[m] : sorted_keys[start + m];
             const int e = start + key_position(key, idx_bits);
+            if (!selected[e])
+                continue;
             real_t signal = 0, var = 0, norm = 1;
             load_pixel(FRAME_ARGS, indices[e], &signal, &var, &norm);
             scatter = accumulate_scatter(scatter, (real_t)coefs[e], signal, norm, mean);

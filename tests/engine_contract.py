@@ -7,7 +7,10 @@ runs the same checks on each backend (in the spirit of numcodecs' shared codec c
 
 - :func:`check_agreement`: each operation and error model equals the numpy reference
   (:class:`~azfilter.backends.python.PythonEngine`) to ``rtol``, in every frame dtype, with
-  and without dark current and dummy value;
+  and without dark current and dummy value; for sigma_clip and medfilt the outlier
+  statistics too (the counts exactly);
+- :func:`check_outliers`: the outlier statistics at several pick thresholds, through
+  process_many as well, equal the reference's; the counts add up (available >= kept);
 - :func:`check_empty_bins`: bins without pixels, or whose pixels are all invalid, have zero
   sums;
 - :func:`check_masks`: statically masked pixels (``pixel_norm == 0``) never count, whatever
@@ -28,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from azfilter.backends import BinSums
+from azfilter.backends import BinSums, OutlierSums
 from azfilter.backends.python import PythonEngine
 from azfilter.binning import build_csr
 from azfilter.detectors import generic_detector
@@ -138,14 +141,34 @@ def assert_sums_close(got: BinSums, expected: BinSums, rtol: float, what: str,
         np.testing.assert_array_equal(got.count, expected.count, err_msg=f"{what}: count")
 
 
+def assert_outliers_close(got: BinSums, expected: BinSums, rtol: float, what: str) -> None:
+    """The outlier statistics: counts exactly, rejected_sum and max_sigma to ``rtol`` (NaN
+    where the reference has NaN)."""
+    a, b = got.outliers, expected.outliers
+    assert isinstance(a, OutlierSums) and isinstance(b, OutlierSums), f"{what}: outliers"
+    assert a.pick == b.pick, f"{what}: pick"
+    for name in ("available", "picked"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name),
+                                      err_msg=f"{what}: outliers.{name}")
+        assert getattr(a, name).dtype == np.int64, f"{what}: {name} dtype"
+    floor = 1e-12 * max(float(np.nanmax(np.abs(b.rejected_sum), initial=0.0)), 1e-300)
+    np.testing.assert_allclose(a.rejected_sum, b.rejected_sum, rtol=rtol, atol=floor,
+                               err_msg=f"{what}: outliers.rejected_sum")
+    np.testing.assert_allclose(a.max_sigma, b.max_sigma, rtol=rtol, atol=1e-9,
+                               err_msg=f"{what}: outliers.max_sigma")
+
+
 def run(engine: Any, operation: str, raw: np.ndarray, model: str,
-        variance: np.ndarray | None, **params: Any) -> BinSums:
-    """One single-frame call of ``operation``."""
+        variance: np.ndarray | None, pick: float | None = None, **params: Any) -> BinSums:
+    """One single-frame call of ``operation`` (``pick``: the engine's default when None)."""
+    extra = {} if pick is None else {"pick": pick}
     if operation == "integrate":
         return engine.integrate(raw, model, variance)
     if operation == "sigma_clip":
-        return engine.sigma_clip(raw, params["thres"], params["max_iter"], model, variance)
-    return engine.medfilt(raw, params["quant_min"], params["quant_max"], model, variance)
+        return engine.sigma_clip(raw, params["thres"], params["max_iter"], model, variance,
+                                 **extra)
+    return engine.medfilt(raw, params["quant_min"], params["quant_max"], model, variance,
+                          **extra)
 
 
 #: the parameters each operation is checked with (thres 0 is pure Chauvenet; max_iter 0
@@ -178,6 +201,40 @@ def check_agreement(factory: Factory, case: Case, operation: str, split: str, dt
                                **params)
                 got = run(engine, operation, raw, model, variance_for(case, model), **params)
                 assert_sums_close(got, expected, rtol, what, exact_count=exact)
+                if operation == "integrate":
+                    assert got.outliers is None, what
+                else:
+                    assert_outliers_close(got, expected, rtol, what)
+
+
+def check_outliers(factory: Factory, case: Case) -> None:
+    """Outlier statistics at several pick thresholds equal the reference's, single-frame
+    and through process_many; available >= kept in every bin; a lower pick picks more."""
+    for split in SPLITS:
+        table = case.tables[split]
+        engine = factory(table, case.pixel_norm, case.dark, DUMMY, DELTA_DUMMY)
+        reference = PythonEngine(table, case.pixel_norm, case.dark, DUMMY, DELTA_DUMMY)
+        raw = frame(case, "float32")
+        for operation in ("sigma_clip", "medfilt"):
+            params = OPERATION_CASES[operation][0]
+            previous = None
+            for pick in (6.0, 3.0, 1.5, 0.0, -1.0):
+                what = f"outliers {operation} {split} pick={pick}"
+                expected = run(reference, operation, raw, "azimuthal", None, pick=pick,
+                               **params)
+                got = run(engine, operation, raw, "azimuthal", None, pick=pick, **params)
+                assert_outliers_close(got, expected, 1e-9, what)
+                assert np.all(got.outliers.available >= got.count), what
+                total = int(got.outliers.picked.sum())
+                assert previous is None or total >= previous, what
+                previous = total
+            stream = list(engine.process_many(iter([("x", raw), ("y", raw)]), operation,
+                                              {"error_model": "azimuthal", "pick": 2.5,
+                                               **params}))
+            single = run(engine, operation, raw, "azimuthal", None, pick=2.5, **params)
+            for tag, sums in stream:
+                assert isinstance(sums, BinSums), f"{operation} {tag}: {sums!r}"
+                assert_outliers_close(sums, single, 0.0, f"process_many {operation} {tag}")
 
 
 def check_empty_bins(factory: Factory, case: Case) -> None:

@@ -20,6 +20,7 @@ from engine_contract import (
     check_empty_bins,
     check_host_buffers,
     check_masks,
+    check_outliers,
     check_process_many,
     make_case,
 )
@@ -72,6 +73,10 @@ def test_agrees_with_reference(factory, case, operation, split, dtype):
 
 def test_empty_bins(factory, case):
     check_empty_bins(factory, case)
+
+
+def test_outlier_statistics(factory, case):
+    check_outliers(factory, case)
 
 
 def test_masked_pixels(factory, case):

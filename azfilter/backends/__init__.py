@@ -16,7 +16,7 @@ from .. import vocabulary
 from ..errors import AzfilterError
 from ..vocabulary import ERROR_MODELS
 from .base import OPERATION_PARAMETERS, Engine, FrameBufferRing, check_operation
-from .sums import BinSums
+from .sums import BinSums, OutlierSums
 
 #: backend name -> (module, class name)
 _ENGINE_CLASSES = {"python": "PythonEngine", "cython": "CythonEngine", "opencl": "OpenCLEngine"}
@@ -106,4 +106,5 @@ def get_engine_class(backend: str) -> type:
 
 
 __all__ = ["BACKENDS", "ERROR_MODELS", "OPERATION_PARAMETERS", "BinSums", "Engine",
-           "FrameBufferRing", "check_operation", "get_engine_class", "parse_error_model"]
+           "OutlierSums", "FrameBufferRing", "check_operation", "get_engine_class",
+           "parse_error_model"]

@@ -28,9 +28,13 @@ from .sums import BinSums
 #: of :meth:`Engine.process_many`
 OPERATION_PARAMETERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "integrate": (("error_model",), ("variance",)),
-    "sigma_clip": (("thres", "max_iter", "error_model"), ("variance",)),
-    "medfilt": (("quant_min", "quant_max", "error_model"), ("variance",)),
+    "sigma_clip": (("thres", "max_iter", "error_model"), ("variance", "pick")),
+    "medfilt": (("quant_min", "quant_max", "error_model"), ("variance", "pick")),
 }
+
+#: default threshold (in σ of the pixel's bin) above which sigma_clip and medfilt count a
+#: pixel as picked in their outlier statistics
+DEFAULT_PICK = 3.0
 
 
 def check_operation(operation: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,8 +196,10 @@ class Engine(ABC):
 
     @abstractmethod
     def sigma_clip(self, raw: np.ndarray, thres: float, max_iter: int, error_model: str,
-                   variance: np.ndarray | None = None) -> BinSums:
+                   variance: np.ndarray | None = None, pick: float = DEFAULT_PICK) -> BinSums:
         """Iterative azimuthal sigma-clipping per bin (``N`` is the number of kept pixels).
+
+        The result carries :class:`~azfilter.backends.sums.OutlierSums` (``outliers``).
 
         Parameters
         ----------
@@ -207,12 +213,17 @@ class Engine(ABC):
             ``"azimuthal"``, ``"hybrid"``, ``"poisson"`` or ``"variance"``.
         variance : numpy.ndarray, optional
             Per-pixel variance, required by the ``"variance"`` model.
+        pick : float
+            Threshold of the outlier statistics' ``picked`` count, in σ of the bin.
         """
 
     @abstractmethod
     def medfilt(self, raw: np.ndarray, quant_min: float, quant_max: float, error_model: str,
-                variance: np.ndarray | None = None) -> BinSums:
+                variance: np.ndarray | None = None, pick: float = DEFAULT_PICK) -> BinSums:
         """Average of the fragments between two weighted quantiles of each bin.
+
+        The result carries :class:`~azfilter.backends.sums.OutlierSums` (``outliers``; the
+        selected fragments are the kept ones).
 
         Parameters
         ----------
@@ -224,6 +235,8 @@ class Engine(ABC):
             ``"poisson"``, ``"azimuthal"``, ``"hybrid"`` or ``"variance"``.
         variance : numpy.ndarray, optional
             Per-pixel variance, required by the ``"variance"`` model.
+        pick : float
+            Threshold of the outlier statistics' ``picked`` count, in σ of the bin.
         """
 
     def process_many(self, frames: Iterable[tuple[Any, np.ndarray]], operation: str,
@@ -239,7 +252,7 @@ class Engine(ABC):
         params : mapping
             The keyword arguments of that method besides ``raw`` (``error_model`` always,
             ``variance`` optional; ``thres`` and ``max_iter`` for sigma_clip, ``quant_min``
-            and ``quant_max`` for medfilt). Checked once, here.
+            and ``quant_max`` for medfilt, ``pick`` optional for both). Checked once, here.
 
         Returns
         -------

@@ -29,8 +29,8 @@ import numpy as np
 from .. import _engine
 from ..errors import AzfilterError
 from ..vocabulary import ERROR_MODELS
-from .base import Engine
-from .sums import BinSums
+from .base import DEFAULT_PICK, Engine
+from .sums import BinSums, OutlierSums
 
 # Frame dtypes the kernels do not read, and the dtype each is converted to without loss
 # (64-bit integers go through float64 exactly as the Python reference converts them).
@@ -213,8 +213,8 @@ class CythonEngine(Engine):
         return work
 
     @staticmethod
-    def _sums(result: np.ndarray) -> BinSums:
-        return BinSums(result[0], result[1], result[2], result[3], result[4])
+    def _sums(result: np.ndarray, outliers: OutlierSums | None = None) -> BinSums:
+        return BinSums(result[0], result[1], result[2], result[3], result[4], outliers)
 
     # ------------------------------------------------------------------ operations
     def integrate(self, raw, error_model: str, variance=None) -> BinSums:
@@ -244,7 +244,7 @@ class CythonEngine(Engine):
         return self._sums(result)
 
     def sigma_clip(self, raw, thres: float, max_iter: int, error_model: str,
-                   variance=None) -> BinSums:
+                   variance=None, pick: float = DEFAULT_PICK) -> BinSums:
         """Iterative azimuthal sigma-clipping per bin; see ``docs/internals.md``.
 
         Parameters
@@ -259,27 +259,32 @@ class CythonEngine(Engine):
             ``"azimuthal"``, ``"hybrid"``, ``"poisson"`` or ``"variance"``.
         variance : numpy.ndarray, optional
             Per-pixel variance, required by the ``"variance"`` model.
+        pick : float
+            Threshold of the outlier statistics' ``picked`` count, in σ of the bin.
 
         Returns
         -------
         BinSums
-            N is the number of pixels kept.
+            N is the number of pixels kept; with the outlier statistics.
         """
-        return self._sigma_clip(raw, thres, max_iter, error_model, variance, self.threads)
+        return self._sigma_clip(raw, thres, max_iter, error_model, variance, pick=pick,
+                                threads=self.threads)
 
-    def _sigma_clip(self, raw, thres: float, max_iter: int, error_model: str, variance,
-                    threads: int) -> BinSums:
+    def _sigma_clip(self, raw, thres: float, max_iter: int, error_model: str, variance=None,
+                    pick: float = DEFAULT_PICK, *, threads: int) -> BinSums:
         var = self._variance(variance, error_model)
         frame = self._frame(raw)
         if int(max_iter) < 0:
             raise AzfilterError(f"max_iter must be >= 0, got {max_iter!r}")
+        stats = np.empty((4, self.npt), dtype=np.float64)
         result = _engine.sigma_clip(frame, *self._table(), var, self.dummy, self.delta_dummy,
                                     error_model, float(thres), int(max_iter), threads,
-                                    self._workspace(threads))
-        return self._sums(result)
+                                    work=self._workspace(threads), pick=float(pick),
+                                    stats=stats)
+        return self._sums(result, OutlierSums.from_rows(pick, stats))
 
     def medfilt(self, raw, quant_min: float, quant_max: float, error_model: str,
-                variance=None) -> BinSums:
+                variance=None, pick: float = DEFAULT_PICK) -> BinSums:
         """Average of the fragments between two weighted quantiles; see ``docs/internals.md``.
 
         Parameters
@@ -292,16 +297,19 @@ class CythonEngine(Engine):
             ``"poisson"``, ``"azimuthal"``, ``"hybrid"`` or ``"variance"``.
         variance : numpy.ndarray, optional
             Per-pixel variance, required by the ``"variance"`` model.
+        pick : float
+            Threshold of the outlier statistics' ``picked`` count, in σ of the bin.
 
         Returns
         -------
         BinSums
-            N is the number of selected fragments.
+            N is the number of selected fragments; with the outlier statistics.
         """
-        return self._medfilt(raw, quant_min, quant_max, error_model, variance, self.threads)
+        return self._medfilt(raw, quant_min, quant_max, error_model, variance, pick=pick,
+                             threads=self.threads)
 
-    def _medfilt(self, raw, quant_min: float, quant_max: float, error_model: str, variance,
-                 threads: int) -> BinSums:
+    def _medfilt(self, raw, quant_min: float, quant_max: float, error_model: str, variance=None,
+                 pick: float = DEFAULT_PICK, *, threads: int) -> BinSums:
         var = self._variance(variance, error_model)
         frame = self._frame(raw)
         low, high = float(quant_min), float(quant_max)
@@ -309,9 +317,11 @@ class CythonEngine(Engine):
             raise AzfilterError(
                 f"quantiles must satisfy 0 <= min <= max <= 1, got ({quant_min}, {quant_max})"
             )
+        stats = np.empty((4, self.npt), dtype=np.float64)
         result = _engine.medfilt(frame, *self._table(), var, self.dummy, self.delta_dummy,
-                                 error_model, low, high, threads, self._workspace(threads))
-        return self._sums(result)
+                                 error_model, low, high, threads, work=self._workspace(threads),
+                                 pick=float(pick), stats=stats)
+        return self._sums(result, OutlierSums.from_rows(pick, stats))
 
     # ------------------------------------------------------------------ streaming
     def _stream(self, frames: Iterable[tuple[Any, np.ndarray]], operation: str,

@@ -26,8 +26,8 @@ import scipy.sparse
 from ..errors import AzfilterError
 from ..preproc import preprocess
 from ..vocabulary import ERROR_MODELS
-from .base import Engine
-from .sums import BinSums
+from .base import DEFAULT_PICK, Engine
+from .sums import BinSums, OutlierSums
 
 
 @dataclass
@@ -218,7 +218,7 @@ class PythonEngine(Engine):
         return self._pixel_sums(signal, var, norm, valid, azimuthal=error_model == "azimuthal")
 
     def sigma_clip(self, raw: np.ndarray, thres: float, max_iter: int, error_model: str,
-                   variance: np.ndarray | None = None) -> BinSums:
+                   variance: np.ndarray | None = None, pick: float = DEFAULT_PICK) -> BinSums:
         """Iterative azimuthal sigma-clipping, all bins at once.
 
         A bin where nothing is rejected keeps its sums, so it would reject nothing again:
@@ -252,7 +252,37 @@ class PythonEngine(Engine):
                                       clip_azimuthal)
         if error_model == "hybrid":
             sums.variance = self._sums(entries.subset(kept), azimuthal=False).variance
+        sums.outliers = self.outlier_sums(entries, kept, sums, pick)
         return sums
+
+    def outlier_sums(self, entries: Entries, kept: np.ndarray, sums: BinSums,
+                     pick: float) -> OutlierSums:
+        """Per-bin outlier statistics of the final sums (see :class:`OutlierSums`).
+
+        Parameters
+        ----------
+        entries : Entries
+            Every valid entry of the frame (before clipping or selection).
+        kept : numpy.ndarray
+            bool, per entry: kept by sigma_clip, selected by medfilt.
+        sums : BinSums
+            The final sums: the mean ``S/W`` and spread ``sqrt(V/W2)`` the results report.
+        pick : float
+            Threshold of ``picked``.
+        """
+        bins = entries.bin
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = sums.signal / sums.normalization
+            spread = np.sqrt(sums.variance / sums.normalization2)
+            z = (entries.corrected - mean[bins]) / spread[bins]
+        available = np.bincount(bins, minlength=self.npt)
+        picked = np.bincount(bins[z > pick], minlength=self.npt)   # NaN compares False
+        rejected = ~kept
+        rejected_sum = self._per_bin(bins[rejected],
+                                     entries.coef[rejected] * entries.signal[rejected])
+        max_sigma = np.full(self.npt, np.nan)
+        np.fmax.at(max_sigma, bins, z)   # fmax: NaN only where every z of the bin is NaN
+        return OutlierSums(float(pick), available, picked, rejected_sum, max_sigma)
 
     def _replace_bins(self, sums: BinSums, entries: Entries, changed: np.ndarray,
                       azimuthal: bool) -> BinSums:
@@ -264,7 +294,7 @@ class PythonEngine(Engine):
         return sums
 
     def medfilt(self, raw: np.ndarray, quant_min: float, quant_max: float, error_model: str,
-                variance: np.ndarray | None = None) -> BinSums:
+                variance: np.ndarray | None = None, pick: float = DEFAULT_PICK) -> BinSums:
         """Average of the fragments between two weighted quantiles of each bin.
 
         Fragments are sorted by (bin, corrected value, pixel index); fragment m of a bin, with
@@ -302,4 +332,5 @@ class PythonEngine(Engine):
         chosen = entries.subset(selected)
         sums = self._sums(chosen, azimuthal=error_model == "azimuthal")
         sums.count = self._per_bin(chosen.bin)  # number of fragments, not Σc
+        sums.outliers = self.outlier_sums(entries, selected, sums, pick)
         return sums

@@ -95,13 +95,40 @@ def describe_result(path: str) -> list[str]:
     sources = sorted({s.split("::", 1)[0] for s in table.sources if s})
     if sources:
         lines.append(f"  sources: {len(sources)} file(s), first {sources[0]}")
-    keys = [k for k in ("error_model", "split", "thres", "max_iter", "percentile",
+    keys = [k for k in ("error_model", "split", "thres", "max_iter", "percentile", "pick",
                         "polarization", "solid_angle") if k in config]
     if keys:
         lines.append("  options: " + ", ".join(f"{k}={config[k]}" for k in keys))
+    if table.outliers is not None:
+        lines.append(outliers_line(table.outliers, table.pick))
     if table.layout != "text":
         lines.extend(job_record_lines(table))
     return lines
+
+
+def outliers_line(outliers: dict[str, Any], pick: float | None) -> str:
+    """One line summing up a result's outlier statistics (rows without any left out)."""
+    import numpy as np
+
+    rejected = np.asarray(outliers["rejected"])
+    picked = np.asarray(outliers["picked"])
+    max_sigma = np.asarray(outliers["max_sigma"], dtype=np.float64)
+    with_stats = rejected >= 0
+    head = f"  outliers (pick={pick:g}): " if pick is not None else "  outliers: "
+    if not with_stats.any():
+        return head + f"no statistics in the {rejected.size} row(s)"
+    rejected, picked = rejected[with_stats], picked[with_stats]
+    sigmas = max_sigma[with_stats]
+    sigmas = sigmas[~np.isnan(sigmas)]
+    line = (head + f"rejected {rejected.mean():.6g} pixels per frame (max {rejected.max()}), "
+            f"picked {picked.min()}..{picked.max()} per frame "
+            f"({np.count_nonzero(picked)} of {picked.size} frames > 0)")
+    if sigmas.size:
+        line += f", max_sigma up to {sigmas.max():.4g}"
+    missing = int(np.count_nonzero(~with_stats))
+    if missing:
+        line += f"; {missing} row(s) without statistics"
+    return line
 
 
 def job_record_lines(table: Any, shown: int = 5) -> list[str]:

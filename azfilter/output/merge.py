@@ -12,7 +12,15 @@ import numpy as np
 from ..errors import AzfilterError
 from ..fileio import commit_temporary, remove_quietly, temporary_path
 from ..manifest import Manifest
-from .meta import ROW_ARRAYS, OutputMeta, comparable, describe_sectors, same_sectors
+from .meta import (
+    OUTLIER_ARRAYS,
+    OUTLIERS_GROUP,
+    ROW_ARRAYS,
+    OutputMeta,
+    describe_sectors,
+    job_differences,
+    same_sectors,
+)
 from .nexus import NexusFile, OutputWriteError
 from .read import (
     READ_ERRORS,
@@ -20,6 +28,7 @@ from .read import (
     find_process,
     missing_entries,
     nexus_layout,
+    outliers_pick_of,
     radial_axis_of,
     read_error,
     read_job_records,
@@ -75,6 +84,7 @@ def _read_shard(path: Path, order: int) -> dict[str, Any]:
                 names={k: as_text(v[()]) for k, v in names.items() if v is not None},
                 records=read_job_records(h5),
                 sparse=sparse_group_of(h5) is not None,
+                outliers_pick=outliers_pick_of(h5),
             )
     except AzfilterError:
         raise
@@ -91,14 +101,9 @@ def _read_shard(path: Path, order: int) -> dict[str, Any]:
 
 def _check_same_job(infos: list[dict[str, Any]]) -> None:
     """Refuse inputs of different jobs: options, bins, manifest digest, shard count N."""
-    from ..config import result_signature
-
     first = infos[0]
-    signature = result_signature(first["config"])
     for info in infos[1:]:
-        other = result_signature(info["config"])
-        differ = sorted(k for k in set(signature) | set(other)
-                        if comparable(signature.get(k)) != comparable(other.get(k)))
+        differ = job_differences(first["config"], info["config"])
         if differ:
             raise AzfilterError(
                 f"{info['path']}: comes from a different job than {first['path']} "
@@ -111,6 +116,14 @@ def _check_same_job(infos: list[dict[str, Any]]) -> None:
             raise AzfilterError(
                 f"{info['path']}: χ sectors differ from {first['path']} "
                 f"({describe_sectors(info['sectors'])}, not {describe_sectors(first['sectors'])})")
+    picks = {i["outliers_pick"] for i in infos if i["outliers_pick"] is not None}
+    if len(picks) > 1:
+        with_pick = [i for i in infos if i["outliers_pick"] is not None]
+        other = next(i for i in with_pick if i["outliers_pick"] != with_pick[0]["outliers_pick"])
+        raise AzfilterError(
+            f"{other['path']}: comes from a different job than {with_pick[0]['path']} "
+            f"(outlier statistics with pick {other['outliers_pick']:g}, not "
+            f"{with_pick[0]['outliers_pick']:g})")
     with_manifest = [i for i in infos if i["records"]["digest"]]
     if with_manifest and len(with_manifest) != len(infos):
         bare = next(i for i in infos if not i["records"]["digest"])
@@ -203,8 +216,14 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
     config = dict(first["config"])
     config["output"] = str(output.resolve())
     config.pop("shard", None)
+    parameters = dict(first["parameters"])
+    # outlier statistics when any input has them (rows of the others: -1 / NaN)
+    pick = next((i["outliers_pick"] for i in infos if i["outliers_pick"] is not None), None)
+    if pick is not None:
+        parameters["pick"] = pick
+        config.setdefault("pick", pick)
     meta = OutputMeta(operation=first["operation"], unit=first["unit"],
-                      parameters=first["parameters"], poni_text=first["poni"], geometry=[],
+                      parameters=parameters, poni_text=first["poni"], geometry=[],
                       config=config, manifest=manifest, wavelength=first["wavelength"],
                       sectors=first["sectors"],
                       **first["names"])
@@ -228,6 +247,9 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                 with h5py.File(info["path"], "r") as h5:
                     data = h5["entry/data"]
                     datasets = {name: row_dataset(data, name, info["layout"]) for name in arrays}
+                    group = h5.get(f"entry/{OUTLIERS_GROUP}")
+                    outlier_sets = {} if group is None else {
+                        name: group[name] for name, _dtype, _per_bin in OUTLIER_ARRAYS}
                     for start in range(0, info["rows"], block_rows):
                         stop = min(info["rows"], start + block_rows)
                         sources = [as_text(s) for s in data["source"][start:stop]]
@@ -242,7 +264,10 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                         if not keep:
                             continue
                         block = {name: dset[start:stop][keep] for name, dset in datasets.items()}
-                        out.append(block, [sources[k] for k in keep], [indices[k] for k in keep])
+                        outliers = {name: dset[start:stop][keep]
+                                    for name, dset in outlier_sets.items()}
+                        out.append(block, [sources[k] for k in keep], [indices[k] for k in keep],
+                                   outliers)
                         if merger is not None:
                             rows = [start + k for k in keep]
                             out.guarded(lambda rows=rows, h5=h5: merger.add(h5, rows))

@@ -30,6 +30,55 @@ ROW_ARRAYS = (
     ("sum_normalization2", "sum_normalization2", np.float64),
 )
 REQUIRED_ROW_ARRAYS = ("I", "I_errors")
+
+# The outlier statistics of sigma-clip and medfilt (azfilter.outliers), in the NXcollection
+# ``/entry/outliers`` (attribute ``pick``): (dataset name, dtype, per bin?). Per-frame
+# datasets are (rows,), per-bin ones have the shape of the data group's rows. Rows without
+# statistics (appended to or merged with an output written before them) hold FILL_VALUES.
+OUTLIERS_GROUP = "outliers"
+OUTLIER_ARRAYS = (
+    ("rejected", np.int64, False),
+    ("rejected_sum", np.float64, False),
+    ("picked", np.int64, False),
+    ("max_sigma", np.float64, False),
+    ("kept", np.int32, True),
+    ("available", np.int32, True),
+)
+OUTLIER_FILL = {"rejected": -1, "rejected_sum": np.nan, "picked": -1, "max_sigma": np.nan,
+                "kept": -1, "available": -1}
+OUTLIER_DESCRIPTIONS = {
+    "rejected": "pixels (fragments with splitting) left out: sum over bins of available - kept",
+    "rejected_sum": "summed signal (raw - dark, times the table coefficient) of the pixels "
+                    "left out, in the units of sum_signal",
+    "picked": "pixels with (I_pixel - I)/std > pick in their bin (I, std: the bin's final "
+              "values in /entry/data)",
+    "max_sigma": "largest (I_pixel - I)/std of the frame (NaN: no pixel)",
+    "kept": "pixels kept per bin (/entry/data/count)",
+    "available": "valid pixels per bin before clipping (not masked, not dummy)",
+}
+
+
+def outlier_rows(result: Any) -> dict[str, np.ndarray]:
+    """One row of every outlier dataset for a result (fill values when it has none)."""
+    outliers = getattr(result, "outliers", None)
+    if outliers is None:
+        shape = np.shape(result.count)
+        return {name: (np.full(shape, OUTLIER_FILL[name], dtype=dtype) if per_bin
+                       else np.asarray(OUTLIER_FILL[name], dtype=dtype))
+                for name, dtype, per_bin in OUTLIER_ARRAYS}
+    values = outliers.frame_values()
+    return {name: (np.asarray(getattr(outliers, name), dtype=dtype) if per_bin
+                   else np.asarray(values[name], dtype=dtype))
+            for name, dtype, per_bin in OUTLIER_ARRAYS}
+
+
+def outliers_pick(meta: OutputMeta) -> float | None:
+    """The pick of a job whose outputs carry outlier statistics (sigma-clip, medfilt), or
+    None."""
+    pick = meta.parameters.get("pick")
+    if meta.operation not in ("sigma-clip", "medfilt") or pick is None:
+        return None
+    return float(pick)
 # Names of the same arrays in files written before the NXazint1d layout (azfilter <= 0.x).
 LEGACY_ROW_NAMES = {"I": "intensity", "I_errors": "intensity_errors"}
 
@@ -250,3 +299,19 @@ def comparable(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def job_differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The result-deciding keys (:func:`azfilter.config.result_signature`) on which two job
+    configs differ, sorted.
+
+    A key of :data:`azfilter.config.LATER_KEYS` that one config lacks (an output written
+    before the key existed) does not count: such outputs stay joinable, their rows simply
+    lack what the key controls.
+    """
+    from ..config import LATER_KEYS, result_signature
+
+    a, b = result_signature(mine), result_signature(theirs)
+    return sorted(k for k in set(a) | set(b)
+                  if comparable(a.get(k)) != comparable(b.get(k))
+                  and not (k in LATER_KEYS and (k not in a or k not in b)))

@@ -26,14 +26,20 @@ from .. import __version__
 from ..errors import AzfilterError, RunFailed
 from ..fileio import commit_temporary, remove_quietly, temporary_path
 from .meta import (
+    OUTLIER_ARRAYS,
+    OUTLIER_DESCRIPTIONS,
+    OUTLIER_FILL,
+    OUTLIERS_GROUP,
     PROGRAM,
     REQUIRED_ROW_ARRAYS,
     ROW_ARRAYS,
     OutputMeta,
-    comparable,
     describe_sectors,
     format_value,
+    job_differences,
     nexus_axis_attributes,
+    outlier_rows,
+    outliers_pick,
     row_array,
     same_sectors,
     sector_array,
@@ -47,6 +53,7 @@ from .read import (
     SIGNAL,
     check_nexus,
     missing_entries,
+    outliers_pick_of,
     read_nexus_config,
     sector_ranges_of,
     stored_keys,
@@ -303,9 +310,29 @@ class NexusFile:
     def array_names(self) -> list[str]:
         return [name for name, _a, _d in ROW_ARRAYS if name in self.data]
 
+    @property
+    def outliers(self) -> Any:
+        """The ``/entry/outliers`` group (outlier statistics), or None."""
+        return self.h5["entry"].get(OUTLIERS_GROUP)
+
+    def add_outliers(self, pick: float | None) -> None:
+        """Give a file written before outlier statistics its ``/entry/outliers`` group, its
+        existing rows filled with -1 / NaN (nothing when ``pick`` is None or it has one)."""
+        if pick is None or self.outliers is not None:
+            return
+
+        def write() -> None:
+            group = _outliers_group(self.h5["entry"], pick, self.data[SIGNAL].shape[1:])
+            for name, _dtype, _per_bin in OUTLIER_ARRAYS:
+                group[name].resize(self.rows, axis=0)   # the fill value
+
+        self.guarded(write)
+
     def append(self, arrays: dict[str, np.ndarray], sources: Sequence[str],
-               frame_indices: Sequence[int]) -> None:
-        """Append rows (one per source/frame) to every per-bin dataset."""
+               frame_indices: Sequence[int],
+               outliers: dict[str, np.ndarray] | None = None) -> None:
+        """Append rows (one per source/frame) to every per-bin dataset, and to the outlier
+        datasets when the file has them (``outliers``: their rows; fill values if absent)."""
         n_new = len(sources)
         if n_new == 0:
             return
@@ -317,6 +344,18 @@ class NexusFile:
                 dset.resize(start + n_new, axis=0)
                 if name in arrays:
                     dset[start:] = np.asarray(arrays[name]).reshape(n_new, *dset.shape[1:])
+            group = self.outliers
+            if group is not None:
+                for name, _dtype, _per_bin in OUTLIER_ARRAYS:
+                    dset = group[name]
+                    # a file extended after rows of an older azfilter: those keep the fill
+                    old_rows = dset.shape[0]
+                    dset.resize(start + n_new, axis=0)
+                    if old_rows < start:
+                        dset[old_rows:start] = OUTLIER_FILL[name]
+                    if outliers is not None and name in outliers:
+                        dset[start:] = np.asarray(outliers[name]).reshape(n_new,
+                                                                          *dset.shape[1:])
             _extend(self.data["source"], list(sources))
             _extend(self.data["frame_index"], [int(i) for i in frame_indices])
 
@@ -555,8 +594,29 @@ def _write_header(h5: Any, meta: OutputMeta, radial: np.ndarray, arrays: Sequenc
                         dtype=h5py.string_dtype("utf-8"), chunks=(256,))
     data.create_dataset("frame_index", shape=(0,), maxshape=(None,), dtype=np.int64,
                         chunks=(256,))
+    pick = outliers_pick(meta)
+    if pick is not None:
+        _outliers_group(entry, pick, row)
     _group(entry, "azfilter", "NXcollection").attrs["description"] = (
         "azfilter's job records: manifest (planned frames), failed frames, completeness")
+
+
+def _outliers_group(entry: Any, pick: float, row: tuple[int, ...]) -> Any:
+    """The empty ``/entry/outliers`` NXcollection (rows are appended with the data's)."""
+    group = _group(entry, OUTLIERS_GROUP, "NXcollection")
+    group.attrs["pick"] = float(pick)
+    group.attrs["description"] = (
+        "per-frame outlier statistics of the clipping (azfilter README, 'Outputs'); rows "
+        "match /entry/data/source and frame_index; -1 / NaN: a row without statistics")
+    for name, dtype, per_bin in OUTLIER_ARRAYS:
+        shape = row if per_bin else ()
+        itemsize = np.dtype(dtype).itemsize
+        chunk = _chunk_rows(int(np.prod(shape)), itemsize) if per_bin else 1024
+        dset = group.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape),
+                                    dtype=dtype, chunks=(chunk, *shape),
+                                    fillvalue=OUTLIER_FILL[name])
+        dset.attrs["description"] = OUTLIER_DESCRIPTIONS[name]
+    return group
 
 
 class NexusWriter:
@@ -586,7 +646,7 @@ class NexusWriter:
     """
 
     def __init__(self, path: str | os.PathLike, meta: OutputMeta, mode: str = "new"):
-        from ..config import result_signature
+        import h5py
 
         self.path = Path(path)
         self.meta = meta
@@ -595,6 +655,7 @@ class NexusWriter:
         self._tmp: Path | None = None
         self._radial: np.ndarray | None = None
         self._buffer: dict[str, list[np.ndarray]] = {}
+        self._outlier_buffer: dict[str, list[np.ndarray]] = {}
         self._buffer_keys: list[tuple[str, int]] = []
         self.buffer_rows = 64
         self.written = 0
@@ -617,9 +678,11 @@ class NexusWriter:
                         f"{self.path}: written by an older azfilter (layout before NXazint1d); "
                         "use --overwrite, or write to a new file and 'azfilter merge' both")
                 stored = read_nexus_config(self.path)
-                mine, theirs = result_signature(meta.config), result_signature(stored)
-                differ = sorted(k for k in set(mine) | set(theirs)
-                                if comparable(mine.get(k)) != comparable(theirs.get(k)))
+                differ = job_differences(meta.config, stored)
+                with h5py.File(self.path, "r") as h5:
+                    stored_pick = outliers_pick_of(h5)
+                if stored_pick is not None and stored_pick != outliers_pick(meta):
+                    differ = sorted({*differ, "pick"})
                 if differ:
                     raise AzfilterError(
                         f"{self.path}: exists with a different configuration "
@@ -662,6 +725,7 @@ class NexusWriter:
                         f"{self.path}: exists with other sectors ({describe_sectors(stored)}; "
                         f"this run: {describe_sectors(mine)}); use --overwrite or another "
                         "output name")
+                handle.add_outliers(outliers_pick(self.meta))
                 return handle
             return NexusFile.create(self._tmp, self.meta, np.asarray(radial), arrays,
                                     name=self.path)
@@ -709,6 +773,8 @@ class NexusWriter:
             value = row_array(result, attr)
             if value is not None:
                 self._buffer.setdefault(name, []).append(value)
+        for name, value in outlier_rows(result).items():
+            self._outlier_buffer.setdefault(name, []).append(value)
         self._buffer_keys.append((source, int(index)))
         self.written += 1
         if len(self._buffer_keys) >= self.buffer_rows:
@@ -751,12 +817,13 @@ class NexusWriter:
         if self._file is None or not self._buffer_keys:
             return
         arrays = {name: np.stack(rows) for name, rows in self._buffer.items()}
+        outliers = {name: np.stack(rows) for name, rows in self._outlier_buffer.items()}
         sources = [key[0] for key in self._buffer_keys]
         indices = [key[1] for key in self._buffer_keys]
         self._keys.update(self._buffer_keys)
-        self._buffer, self._buffer_keys = {}, []
+        self._buffer, self._outlier_buffer, self._buffer_keys = {}, {}, []
         file = self._file
-        self._run(lambda: file.append(arrays, sources, indices))
+        self._run(lambda: file.append(arrays, sources, indices, outliers))
 
     # -------------------------------------------------------------- closing
 
@@ -814,7 +881,7 @@ class NexusWriter:
 
     def abort(self) -> None:
         """Drop the temporary file; the final name is left as it was."""
-        self._buffer, self._buffer_keys = {}, []
+        self._buffer, self._outlier_buffer, self._buffer_keys = {}, {}, []
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -10,8 +10,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import AzfilterError
+from ..outliers import TEXT_BIN_PREFIXES as OUTLIER_BIN_PREFIXES
+from ..outliers import TEXT_PREFIX as OUTLIER_TEXT_PREFIX
+from ..outliers import parse_summary
 from ..vocabulary import HDF5_SUFFIXES
-from .meta import LEGACY_ROW_NAMES, ROW_ARRAYS, TEXT_CONFIG_PREFIX, sector_array
+from .meta import (
+    LEGACY_ROW_NAMES,
+    OUTLIER_ARRAYS,
+    OUTLIERS_GROUP,
+    ROW_ARRAYS,
+    TEXT_CONFIG_PREFIX,
+    sector_array,
+)
 from .text import source_stem
 
 DEFINITION = "NXazint1d"
@@ -61,6 +71,12 @@ def as_text(value: Any) -> str:
     if isinstance(value, np.ndarray) and value.shape == ():
         return as_text(value.item())
     return str(value)
+
+
+def outliers_pick_of(h5: Any) -> float | None:
+    """The ``pick`` of an open azfilter NeXus file's outlier statistics; None without."""
+    group = h5.get(f"entry/{OUTLIERS_GROUP}")
+    return None if group is None else float(group.attrs["pick"])
 
 
 def read_nexus_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -119,6 +135,13 @@ class ResultTable:
     missing_shards : list of int
     sectors : ndarray (n_sectors, 2) or None
         Each sector's χ range ``(lo, hi)`` in degrees; None for a result without sectors.
+    outliers : dict or None
+        The outlier statistics of sigma-clip and medfilt outputs, one row per result row:
+        ``rejected``, ``rejected_sum``, ``picked``, ``max_sigma`` (n_rows,) and ``kept``,
+        ``available`` (the shape of ``intensity``); -1 / NaN for rows without statistics.
+        None when the file has none (integrate, or written before them).
+    pick : float or None
+        The threshold of ``picked`` (None without statistics).
     """
 
     radial: np.ndarray
@@ -139,6 +162,8 @@ class ResultTable:
     missing: list[tuple[str, int]] = field(default_factory=list)
     missing_shards: list[int] = field(default_factory=list)
     sectors: np.ndarray | None = None
+    outliers: dict[str, np.ndarray] | None = None
+    pick: float | None = None
 
     @property
     def n_sectors(self) -> int | None:
@@ -285,6 +310,11 @@ def _read_nexus(path: Path) -> ResultTable:
                 missing_shards=records["missing_shards"],
                 sectors=sector_ranges_of(data),
             )
+            group = h5.get(f"entry/{OUTLIERS_GROUP}")
+            if group is not None:
+                table.pick = float(group.attrs["pick"])
+                table.outliers = {name: group[name][()]
+                                  for name, _dtype, _per_bin in OUTLIER_ARRAYS}
     except AzfilterError:
         raise
     except (json.JSONDecodeError, *READ_ERRORS) as err:
@@ -377,6 +407,8 @@ def missing_entries(planned: Iterable[tuple[str, int]], rows: set[tuple[str, int
 
 def _read_text(path: Path) -> ResultTable:
     source, frame, config, unit, operation = "", -1, {}, None, None
+    summary: tuple[dict[str, Any], float] | None = None
+    per_bin: dict[str, np.ndarray] = {}
     try:
         with open(path, encoding="utf-8", errors="replace") as stream:
             header = [line.rstrip("\n") for line in stream if line.startswith("#")]
@@ -400,6 +432,19 @@ def _read_text(path: Path) -> ResultTable:
                 config = {}
         elif line.startswith("# operation: "):
             operation = line[len("# operation: "):]
+        elif line.startswith(OUTLIER_TEXT_PREFIX):
+            try:
+                summary = parse_summary(line[len(OUTLIER_TEXT_PREFIX):])
+            except (KeyError, ValueError):
+                raise AzfilterError(f"{path}: bad '{OUTLIER_TEXT_PREFIX.strip()}' line") \
+                    from None
+        else:
+            for name, prefix in OUTLIER_BIN_PREFIXES.items():
+                if line.startswith(prefix):
+                    try:
+                        per_bin[name] = np.array(line[len(prefix):].split(), dtype=np.int64)
+                    except ValueError:
+                        raise AzfilterError(f"{path}: bad '{prefix.strip()}' line") from None
     if header:
         # The last header line names the columns: "# <unit> intensity sigma".
         fields = header[-1].lstrip("#").split()
@@ -408,10 +453,22 @@ def _read_text(path: Path) -> ResultTable:
     if unit not in ("q_nm^-1", "q_A^-1", "2th_deg", "2th_rad", "r_mm"):
         unit = config.get("unit", "2th_deg" if path.suffix == ".xy" else "q_nm^-1")
     sigma = values[:, 2] if values.shape[1] > 2 else np.full(values.shape[0], np.nan)
+    outliers, pick = None, None
+    if summary is not None:
+        frame_values, pick = summary
+        outliers = {name: np.array([value]) for name, value in frame_values.items()}
+        for name, _dtype, per_bin_field in OUTLIER_ARRAYS:
+            if not per_bin_field:
+                continue
+            row = per_bin.get(name)
+            if row is None or row.size != values.shape[0]:
+                raise AzfilterError(f"{path}: '# {name}:' line missing or not of "
+                                    f"{values.shape[0]} values")
+            outliers[name] = row[None, :]
     return ResultTable(
         radial=values[:, 0], unit=unit, intensity=values[None, :, 1], sigma=sigma[None, :],
         sources=[source], frame_indices=[frame], path=str(path), config=config,
-        operation=operation,
+        operation=operation, outliers=outliers, pick=pick,
     )
 
 

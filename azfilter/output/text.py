@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import __version__
 from ..fileio import atomic_write_text
+from ..outliers import text_lines as outlier_text_lines
 from ..vocabulary import COMPRESSION_SUFFIXES
 from .meta import PROGRAM, TEXT_CONFIG_PREFIX, OutputMeta, format_value, to_json
 
@@ -75,11 +76,19 @@ def text_header(meta: OutputMeta, source: str | None, index: int | None,
 
 def format_text(result: Any, meta: OutputMeta, source: str | None = None,
                 index: int | None = None, nframes: int | None = None) -> str:
-    """The full text output of one frame: header, column line, ``radial intensity sigma``."""
+    """The full text output of one frame: header, column line, ``radial intensity sigma``.
+
+    A result with outlier statistics (sigma-clip, medfilt) adds three header lines before
+    the column line: ``# outliers: rejected=… rejected_sum=… picked=… max_sigma=… pick=…``
+    and the per-bin ``# kept: …`` and ``# available: …`` (npt integers each).
+    """
     radial = np.asarray(result.radial, dtype=np.float64)
     intensity = np.asarray(result.intensity, dtype=np.float64)
     sigma = np.asarray(result.sigma, dtype=np.float64)
     lines = text_header(meta, source, index, nframes)
+    outliers = getattr(result, "outliers", None)
+    if outliers is not None:
+        lines += outlier_text_lines(outliers)
     lines.append(f"# {meta.unit} intensity sigma")
     body = "\n".join(
         f"{x:.9e} {i:.9e} {s:.9e}" for x, i, s in zip(radial.tolist(), intensity.tolist(),

@@ -143,11 +143,12 @@ def reduction_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         params = {"error_model": config["error_model"], "split": config["split"]}
     elif operation in ("sigma-clip", "sparsify"):
         params = {"thres": config["thres"], "max_iter": config["max_iter"],
-                  "error_model": config["error_model"]}
+                  "error_model": config["error_model"], "pick": config["pick"]}
     else:
         percentile = config["percentile"]
         params = {"percentile": percentile[0] if len(percentile) == 1 else tuple(percentile),
-                  "split": config["split"], "error_model": config["error_model"]}
+                  "split": config["split"], "error_model": config["error_model"],
+                  "pick": config["pick"]}
     return METHOD_OF[operation], params
 
 

@@ -1,5 +1,7 @@
 """Every OpenCL kernel on small cases, meant to run under Oclgrind (see tests/test_oclgrind.py).
 
+sigma_clip and medfilt also run the outlier_stats kernel; its statistics are checked too.
+
 Oclgrind simulates each work-item, so the cases are tiny: a 64x64 frame, 12 radial bins,
 work-groups of 16, both arithmetic variants (double and compensated float32), medfilt with the
 local-memory sort and with the global chunk sort and merges, and the bitshuffle-LZ4 decoder
@@ -80,6 +82,17 @@ def assert_close(expected, got, what: str) -> None:
                                    err_msg=f"{what}: {name}")
 
 
+def assert_outliers_close(expected, got, what: str) -> None:
+    """The outlier statistics (outlier_stats kernel): counts exactly, the rest to 1e-5."""
+    a, b = got.outliers, expected.outliers
+    np.testing.assert_array_equal(a.available, b.available, err_msg=f"{what}: available")
+    np.testing.assert_array_equal(a.picked, b.picked, err_msg=f"{what}: picked")
+    scale = float(np.abs(b.rejected_sum).max(initial=0.0))
+    np.testing.assert_allclose(a.rejected_sum, b.rejected_sum, rtol=1e-5, atol=1e-9 * scale,
+                               err_msg=f"{what}: rejected_sum")
+    np.testing.assert_allclose(a.max_sigma, b.max_sigma, rtol=1e-5, err_msg=f"{what}: max_sigma")
+
+
 @pytest.mark.parametrize("fp64", [True, False], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("local_sort_size", [512, 64], ids=["local_sort", "global_sort"])
 def test_engine_kernels(device, fp64, local_sort_size):
@@ -104,10 +117,15 @@ def test_engine_kernels(device, fp64, local_sort_size):
         for model in ("azimuthal", "hybrid"):
             expected = ref.sigma_clip(raw, 3.0, 3, model)
             assert np.any(expected.count < ref.integrate(raw, model).count)   # it clipped
-            assert_close(expected, ocl.sigma_clip(raw, 3.0, 3, model), f"sigma_clip {model}")
+            got = ocl.sigma_clip(raw, 3.0, 3, model)
+            assert_close(expected, got, f"sigma_clip {model}")
+            assert_outliers_close(expected, got, f"sigma_clip {model}")
+            assert got.outliers.picked.sum() >= 20   # most of the 30 strong pixels
     for model, quantiles in (("poisson", (0.5, 0.5)), ("azimuthal", (0.2, 0.8))):
-        assert_close(ref.medfilt(raw, *quantiles, model), ocl.medfilt(raw, *quantiles, model),
-                     f"medfilt {model} {quantiles}")
+        expected = ref.medfilt(raw, *quantiles, model)
+        got = ocl.medfilt(raw, *quantiles, model)
+        assert_close(expected, got, f"medfilt {model} {quantiles}")
+        assert_outliers_close(expected, got, f"medfilt {model} {quantiles}")
 
 
 def test_bslz4_decoder(device):

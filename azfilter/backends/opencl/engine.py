@@ -47,8 +47,8 @@ import numpy as np
 from ...errors import AzfilterError
 from ...frames.chunks import CompressedChunk
 from ...vocabulary import ERROR_MODELS, METHODS
-from ..base import Engine, FrameBufferRing
-from ..sums import BinSums
+from ..base import DEFAULT_PICK, Engine, FrameBufferRing
+from ..sums import BinSums, OutlierSums
 from . import hostmem
 from .bslz4 import BitshuffleLZ4Decoder, check_error_flag
 from .hostmem import copy_piece, copy_pool, is_pinned
@@ -98,6 +98,8 @@ class _Pending:
     # a frame decoded on the device: the decoder's error flag (read back before ``done``)
     # and the chunk's number of blocks
     decode_error: tuple[np.ndarray, int] | None = None
+    # sigma_clip / medfilt: (pick, counts host array, reals host array), copied before done
+    outliers: tuple[float, np.ndarray, np.ndarray] | None = None
 
 
 class OpenCLEngine(OpenCLProcessing, Engine):
@@ -244,7 +246,8 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             self._raw_bytes = max(8, self.npix * 8)   # room for any raw dtype up to 8 bytes
             sums_bytes = _NSUMS * self.npt * acc_bytes
             self._raw = [self.allocate(f"raw{slot}", self._raw_bytes, "r") for slot in (0, 1)]
-            self._sums = [self.allocate(f"sums{slot}", sums_bytes, "w") for slot in (0, 1)]
+            # read back by outlier_stats too
+            self._sums = [self.allocate(f"sums{slot}", sums_bytes, "rw") for slot in (0, 1)]
             self._slot_free: list[Any] = [None, None]    # event after which a slot is reusable
             # per-entry "kept" flags, one array per slot: the kernels of two frames run at
             # once, each slot on its own in-order queue (sigma_clip on an H200: 0.70 ms per
@@ -253,6 +256,12 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             self._flags = [self.allocate(f"flags{slot}", self.nnz) for slot in (0, 1)]
             self._slot_queues = [self.queue, cl.CommandQueue(self.context, self._device,
                                                                   properties=self.queue.properties)]
+            # outlier statistics per slot: (available, picked) int32, (rejected_sum,
+            # max_sigma) accumulators
+            self._stats_counts = [self.allocate(f"stats_counts{slot}", 2 * 4 * self.npt, "w")
+                                  for slot in (0, 1)]
+            self._stats_reals = [self.allocate(f"stats_reals{slot}", 2 * acc_bytes * self.npt,
+                                               "w") for slot in (0, 1)]
         except cl.MemoryError as err:
             raise AzfilterError(f"OpenCL device {self.device_info['name']} has not enough "
                                 f"memory for this lookup table ({self.nnz} entries)") from err
@@ -299,7 +308,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         while self._kernels.get(raw_type) is None:
             kernels = self.kernels([f"-D RAW_T={raw_type}"] + self._base_options,
                                    ("integrate", "sigma_clip", "medfilt", "medfilt_chunk_sort",
-                                    "medfilt_merge"))
+                                    "medfilt_merge", "outlier_stats"))
             if self.largest_workgroup(kernels) >= self.workgroup_size:
                 self._kernels[raw_type] = kernels
             elif self.workgroup_size > 1:
@@ -594,6 +603,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         else:
             raise AzfilterError(f"unknown operation {operation!r}; choose one of "
                                 f"{', '.join(OPERATIONS)}")
+        outliers = None
+        if operation != "integrate":
+            outliers = self._submit_outlier_stats(kernels, frame_args, params, slot, queue)
         host = np.empty((_NSUMS, self.npt) if self.fp64 else (_NSUMS, self.npt, 2),
                         dtype=np.float64 if self.fp64 else np.float32)
         done = cl.enqueue_copy(queue, host, out, is_blocking=False)
@@ -604,7 +616,26 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         uploaded.wait()
         decode_error = self._chunk_errors.pop(slot, None) \
             if isinstance(frame, CompressedChunk) else None
-        return _Pending(host, done, decode_error)
+        return _Pending(host, done, decode_error, outliers)
+
+    def _submit_outlier_stats(self, kernels: dict[str, Any], frame_args: list, params: dict,
+                              slot: int, queue: Any) -> tuple[float, np.ndarray, np.ndarray]:
+        """Queue the outlier statistics of the operation just queued (its flags and sums)
+        and their read-back, before the sums' read-back."""
+        cl = self._cl
+        pick = float(params.get("pick", DEFAULT_PICK))
+        kernel = kernels["outlier_stats"]
+        kernel.set_args(self._indptr, self._indices, self._coefs, *frame_args,
+                        self._flags[slot], self._sums[slot], self._real(pick), np.int32(self.npt),
+                        self._stats_counts[slot], self._stats_reals[slot])
+        wg = self.workgroup_size
+        cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,))
+        counts = np.empty((2, self.npt), dtype=np.int32)
+        reals = np.empty((2, self.npt) if self.fp64 else (2, self.npt, 2),
+                         dtype=np.float64 if self.fp64 else np.float32)
+        cl.enqueue_copy(queue, counts, self._stats_counts[slot], is_blocking=False)
+        cl.enqueue_copy(queue, reals, self._stats_reals[slot], is_blocking=False)
+        return pick, counts, reals
 
     @staticmethod
     def _finish(pending: _Pending) -> BinSums:
@@ -614,7 +645,13 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         sums = pending.sums
         if sums.ndim == 3:   # compensated float32 pairs: value = hi + lo
             sums = sums[..., 0].astype(np.float64) + sums[..., 1].astype(np.float64)
-        return BinSums(sums[0], sums[1], sums[2], sums[3], sums[4])
+        outliers = None
+        if pending.outliers is not None:   # read back before sums (in-order queue)
+            pick, counts, reals = pending.outliers
+            if reals.ndim == 3:
+                reals = reals[..., 0].astype(np.float64) + reals[..., 1].astype(np.float64)
+            outliers = OutlierSums(pick, counts[0], counts[1], reals[0], reals[1])
+        return BinSums(sums[0], sums[1], sums[2], sums[3], sums[4], outliers)
 
     # ------------------------------------------------------------------ operations
     def integrate(self, raw: np.ndarray, error_model: str,
@@ -624,17 +661,17 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                          dict(error_model=error_model, variance=variance), 0))
 
     def sigma_clip(self, raw: np.ndarray, thres: float, max_iter: int, error_model: str,
-                   variance: np.ndarray | None = None) -> BinSums:
+                   variance: np.ndarray | None = None, pick: float = DEFAULT_PICK) -> BinSums:
         """Iterative azimuthal sigma-clipping, all iterations in one kernel launch."""
         params = dict(thres=thres, max_iter=max_iter, error_model=error_model,
-                      variance=variance)
+                      variance=variance, pick=pick)
         return self._finish(self._submit(raw, "sigma_clip", params, 0))
 
     def medfilt(self, raw: np.ndarray, quant_min: float, quant_max: float, error_model: str,
-                variance: np.ndarray | None = None) -> BinSums:
+                variance: np.ndarray | None = None, pick: float = DEFAULT_PICK) -> BinSums:
         """Average of the fragments between two weighted quantiles of each bin."""
         params = dict(quant_min=quant_min, quant_max=quant_max, error_model=error_model,
-                      variance=variance)
+                      variance=variance, pick=pick)
         return self._finish(self._submit(raw, "medfilt", params, 0))
 
     def host_buffers(self, capacity: int) -> FrameBufferRing:
