@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_cli import (  # noqa: E402  (after the path set-up)
     H5PATH,
-    PILATUS_FRAME,
     eiger_stack,
     machine_info,
+    make_cbf_files,
     read_page_cache,
 )
 
@@ -161,33 +161,6 @@ def decoder_costs(stack: Path, repeat: int) -> dict[str, float]:
 
 
 # ============================================================================ (b) CBF files
-
-
-def make_cbf_files(directory: Path, n: int) -> list[Path]:
-    """``n`` Pilatus 1M CBF files (made once): the real AgBh frame with Poisson noise."""
-    import fabio
-    import fabio.cbfimage
-    import numpy as np
-
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"pilatus1m_{k:04d}.cbf" for k in range(n)]
-    if all(p.exists() for p in paths):
-        return paths
-    if PILATUS_FRAME.exists():
-        base = fabio.open(str(PILATUS_FRAME)).data.astype(np.float64)
-    else:                                   # no test data: a synthetic Pilatus 1M frame
-        from tests.synthetic import default_geometry, synthetic_frame
-
-        base = synthetic_frame(geometry=default_geometry("Pilatus1M"), seed=1)
-        base = np.asarray(base[0] if isinstance(base, tuple) else base, np.float64)
-    rng = np.random.default_rng(0)
-    for path in paths:
-        frame = rng.poisson(np.clip(base, 0, None)).astype(np.int32)
-        frame[base < 0] = base[base < 0].astype(np.int32)       # gaps -1, dead -2
-        tmp = path.with_suffix(".tmp")
-        fabio.cbfimage.CbfImage(data=frame).write(str(tmp))
-        os.replace(tmp, path)
-    return paths
 
 
 def cbf_rates(paths: list[Path], repeat: int) -> dict[str, Any]:

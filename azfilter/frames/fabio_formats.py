@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -237,13 +238,27 @@ def _precheck(path: str) -> None:
 
 
 class _FabioSource:
-    """A file opened through fabio; frames are read one at a time with ``getframe``."""
+    """A file opened through fabio; frames are read one at a time with ``getframe``.
 
-    def __init__(self, path: str):
+    A miniCBF that :mod:`.cbf` reads itself (byte offset, the usual header) is decoded here
+    without fabio, into ``allocate(shape, dtype)`` when given: :attr:`native` then holds its
+    (image, header).
+    """
+
+    def __init__(self, path: str, allocate: Callable[[tuple, Any], np.ndarray] | None = None):
         _check_file(path)
-        _precheck(path)
         self.path = path
         self.source = path
+        self.native: tuple[np.ndarray, Mapping] | None = None
+        if _extension(path).startswith(".cbf"):
+            from .cbf import read_cbf
+
+            self.native = read_cbf(path, allocate if allocate is not None else np.empty)
+            if self.native is not None:
+                self.image = None
+                self.format, self.nframes = "CBF", 1
+                return
+        _precheck(path)
         what = _fabio_format_name(path)
         fabio = _import_fabio()
         with _fabio_guard(path, None, what):
@@ -251,7 +266,12 @@ class _FabioSource:
         self.format = _fabio_format_name(path, self.image)
         self.nframes = int(getattr(self.image, "nframes", 1) or 1)
 
-    def read(self, index: int) -> tuple[np.ndarray, dict]:
+    def read(self, index: int) -> tuple[np.ndarray, Mapping]:
+        if self.native is not None:
+            if index != 0:
+                raise FrameReadError(self.source, index, "a CBF file holds one frame (0)")
+            data, header = self.native
+            return _check_image(data, self.source, index), header
         with _fabio_guard(self.source, index, self.format):
             frame = self.image if index == 0 else self.image.getframe(index)
             data = frame.data
@@ -261,6 +281,7 @@ class _FabioSource:
         return _check_image(data, self.source, index), header
 
     def close(self) -> None:
+        self.native = None
         close = getattr(self.image, "close", None)
         if close is not None:
             try:

@@ -263,7 +263,7 @@ def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, head
 def _fabio_frame(reader: _FabioSource, index: int, allocate: Callable,
                  copy: bool) -> Frame:
     data, header = reader.read(index)
-    if copy:
+    if copy and reader.native is None:     # a native CBF was decoded into allocate()'s buffer
         out = allocate(data.shape, data.dtype)
         np.copyto(out, data)
         data = out
@@ -310,7 +310,7 @@ def _single_fabio_work(item: InputItem, index: int, allocate: Callable,
                        copy: bool) -> Callable[[], Frame]:
     def work() -> Frame:
         try:
-            reader = _FabioSource(item.path)
+            reader = _FabioSource(item.path, allocate)
         except FrameReadError as exc:
             raise FrameReadError(exc.source, index, exc.reason) from None
         try:
