@@ -1,4 +1,5 @@
-"""azfilter's own miniCBF reader (azfilter/frames/cbf.py, kernels/_cbf.pyx) against fabio.
+"""azfilter's own miniCBF reader (azfilter/frames/cbf.py, kernels/_cbf.pyx) and single-frame
+EDF reader (azfilter/frames/edf.py) against fabio.
 
 - every CBF of the real test data: the reader takes it, pixels and header identical to fabio's;
 - synthetic files written here (a small spec-following byte-offset encoder) for every element
@@ -159,9 +160,9 @@ def test_every_escape_width_and_sign_matches_the_values_and_fabio(tmp_path, dtyp
         assert b"\x80\x00\x80\x00\x00\x00\x80" in stream        # 64-bit escapes are there
     path = tmp_path / "escapes.cbf"
     path.write_bytes(minicbf(values, payload=stream))
-    got = cbf_reader.read_cbf(str(path), np.empty)
-    assert got is not None
-    data, header = got
+    reader = _FabioSource(str(path))
+    assert reader.native is not None
+    data, header = reader.read(0)
     assert data.dtype == dtype
     np.testing.assert_array_equal(data, values)
     expected, expected_header = fabio_read(path)
@@ -226,8 +227,10 @@ def test_header_is_parsed_by_fabio_only_when_looked_at(tmp_path, monkeypatch):
     path = tmp_path / "h.cbf"
     path.write_bytes(minicbf(values))
     calls = []
-    original = cbf_reader._fabio_header
-    monkeypatch.setattr(cbf_reader, "_fabio_header",
+    from azfilter.frames import fabio_formats
+
+    original = fabio_formats._cbf_header
+    monkeypatch.setattr(fabio_formats, "_cbf_header",
                         lambda *args: calls.append(args) or original(*args))
     frame = next(open_frames(path))
     assert calls == []
@@ -375,3 +378,124 @@ def test_unusual_files_go_to_fabio(tmp_path, change):
     except FrameReadError:
         return
     np.testing.assert_array_equal(data, fabio.open(str(path)).data)
+
+
+# ------------------------------------------------------------------------ single-frame EDF
+
+def edf_bytes(data: np.ndarray, order: str = "LowByteFirst", extra: str = "") -> bytes:
+    """A one-frame EDF written by hand (header padded to 512 bytes)."""
+    names = {np.dtype(np.int16): "SignedShort", np.dtype(np.float32): "FloatValue",
+             np.dtype(np.uint32): "UnsignedInteger"}
+    stored = data.astype(data.dtype.newbyteorder("<" if order == "LowByteFirst" else ">"))
+    text = (f"{{\nHeaderID = EH:000001:000000:000000 ;\nImage = 1 ;\nByteOrder = {order} ;\n"
+            f"DataType = {names[data.dtype]} ;\nDim_1 = {data.shape[1]} ;\n"
+            f"Dim_2 = {data.shape[0]} ;\nSize = {data.nbytes} ;\n{extra}")
+    header = text.encode() + b" " * (510 - len(text) % 512 if len(text) % 512 <= 510 else 1022
+                                     - len(text) % 512) + b"}\n"
+    assert len(header) % 512 == 0
+    return header + stored.tobytes()
+
+
+@pytest.mark.slow
+def test_testdata_edf_files_are_read_natively_identical_to_fabio(testdata):
+    files = sorted(testdata.rglob("*.edf"))
+    assert files
+    for path in files:
+        reader = _FabioSource(str(path))
+        assert reader.native is not None, path.name
+        data, header = reader.read(0)
+        image = fabio.open(str(path))
+        assert data.dtype == image.data.dtype
+        np.testing.assert_array_equal(data, image.data)
+        assert dict(header) == dict(image.header)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32,
+                                   np.uint32, np.int64, np.float32, np.float64])
+def test_fabio_written_edf_of_every_type(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    data = (rng.normal(0, 50, (31, 17)) if np.dtype(dtype).kind == "f"
+            else rng.integers(0, 100, (31, 17))).astype(dtype)
+    path = tmp_path / "f.edf"
+    fabio.edfimage.EdfImage(data=data, header={"Title": "mask; of sorts"}).write(str(path))
+    reader = _FabioSource(str(path))
+    assert reader.native is not None
+    got, header = reader.read(0)
+    np.testing.assert_array_equal(got, data)
+    assert got.dtype == data.dtype
+    assert dict(header) == dict(fabio.open(str(path)).header)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.uint32])
+def test_edf_big_endian(tmp_path, dtype):
+    data = (np.arange(12 * 7).reshape(12, 7) * 37 - 300).astype(dtype)
+    if np.dtype(dtype).kind == "u":
+        data = np.abs(data)
+    path = tmp_path / "be.edf"
+    path.write_bytes(edf_bytes(data, "HighByteFirst"))
+    reader = _FabioSource(str(path))
+    assert reader.native is not None
+    got = reader.read(0)[0]
+    assert got.dtype.isnative
+    np.testing.assert_array_equal(got, data)
+    np.testing.assert_array_equal(got, fabio.open(str(path)).data)
+
+
+@pytest.mark.parametrize("change", ["two_frames", "dim3", "compression", "trailing",
+                                    "size"])
+def test_unusual_edf_files_go_to_fabio(tmp_path, change):
+    data = np.arange(20 * 9, dtype=np.int16).reshape(20, 9)
+    content = edf_bytes(data)
+    if change == "two_frames":
+        content = content + edf_bytes(data + 1)
+    elif change == "dim3":
+        content = edf_bytes(data, extra="Dim_3 = 1 ;\n")
+    elif change == "compression":
+        content = edf_bytes(data, extra="Compression = None ;\n")
+    elif change == "trailing":
+        content = content + b"\0" * 512
+    else:
+        content = content.replace(b"Size = 360", b"Size = 720")
+    path = tmp_path / "unusual.edf"
+    path.write_bytes(content)
+    from azfilter.frames import edf
+
+    assert edf.read_edf(str(path), np.empty) is None
+    frames = [f for f in open_frames(path, errors="report")]
+    expected = fabio.open(str(path))
+    assert len(frames) == expected.nframes
+    if isinstance(frames[0], Frame):
+        np.testing.assert_array_equal(frames[0].data, expected.data)
+
+
+def test_cbf_run_with_an_edf_mask_does_not_import_fabio(tmp_path):
+    """A run over CBF files with an EDF mask reads both itself: fabio (and the h5py it
+    brings) are not imported."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (tmp_path / f"img_{k}.cbf").write_bytes(
+            minicbf(rng.poisson(100, (40, 50)).astype(np.int32)))
+    mask = np.zeros((40, 50), np.int8)
+    mask[:3] = 1
+    fabio.edfimage.EdfImage(data=mask).write(str(tmp_path / "mask.edf"))
+    (tmp_path / "geo.poni").write_text(
+        "poni_version: 2.1\nDetector: Detector\nDetector_config: "
+        '{"pixel1": 0.0001, "pixel2": 0.0001, "max_shape": [40, 50]}\n'
+        "Distance: 0.05\nPoni1: 0.002\nPoni2: 0.0025\nRot1: 0\nRot2: 0\nRot3: 0\n"
+        "Wavelength: 1e-10\n")
+    script = (
+        "import sys\nfrom azfilter.cli import run\n"
+        f"code = run(['sigma-clip', '-p', {str(tmp_path / 'geo.poni')!r}, '--npt', '20', "
+        f"'--mask', {str(tmp_path / 'mask.edf')!r}, '--backend', 'python', "
+        f"{str(tmp_path / 'img_0.cbf')!r}, {str(tmp_path / 'img_1.cbf')!r}, "
+        f"'-o', {str(tmp_path / 'out') + '/'!r}])\n"
+        "loaded = sorted(m for m in ('fabio', 'h5py', 'hdf5plugin') if m in sys.modules)\n"
+        "print('loaded:', loaded)\nsys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "loaded: []" in result.stdout, result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_0.dat", "img_1.dat"]

@@ -13,14 +13,16 @@ other element type) says.
 
 The Content-MD5 of the binary data is checked as fabio does by default; a mismatch makes the
 frame fail, as fabio's logged error does through :func:`~.fabio_formats._fabio_guard`.
+:func:`precheck` refuses the damaged files that make fabio's reader loop or crash (found by
+fuzzing); it runs before fabio too.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import threading
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +97,52 @@ class MiniCbf:
     md5: bytes | None
 
 
+#: bytes of a CBF read to check its headers (Pilatus/Eiger headers take a few kB)
+HEAD_BYTES = 256 * 1024
+_CBF_KEYS = {
+    "size": rb"X-Binary-Size:\s*(\d+)",
+    "elements": rb"X-Binary-Number-of-Elements:\s*(\d+)",
+    "fastest": rb"X-Binary-Size-Fastest-Dimension:\s*(\d+)",
+    "second": rb"X-Binary-Size-Second-Dimension:\s*(\d+)",
+}
+
+
+def precheck(path: str, content: bytes, size: int) -> None:
+    """A CBF's binary section must be there and agree with its MIME header: fabio's reader
+    loops forever without the section and its byte-offset decoder trusts the sizes (a damaged
+    header crashed the process)."""
+    # fabio looks for the MIME section in the first 16 blocks of 512 bytes, then for the
+    # binary start after it, reading on forever when it is not there.
+    section = content.find(SECTION, 0, 16 * 512)
+    if section < 0:
+        if any(mark in content for mark in (SECTION, BINARY_START,
+                                              b"_array_data.data")):
+            raise FrameReadError(path, None, "corrupt or truncated CBF file: no binary section "
+                                 "header in its first 8 kB")
+        return                      # no binary data at all: fabio reports it itself
+    start = content.find(BINARY_START, section)
+    if start < 0:
+        raise FrameReadError(path, None, "corrupt or truncated CBF file: its binary section "
+                             "is missing (a file still being written?)")
+    header = content[section:start]
+    values = {}
+    for name, pattern in _CBF_KEYS.items():
+        matches = re.findall(pattern, header)
+        match = matches[-1] if matches else None      # fabio keeps the last value
+        if match is None:
+            raise FrameReadError(path, None, f"corrupt or truncated CBF file: no "
+                                 f"{pattern.split(b':')[0].decode()}")
+        values[name] = int(match)
+    available = size - start - len(BINARY_START)
+    if values["size"] > available:
+        raise FrameReadError(path, None, f"corrupt or truncated CBF file: {values['size']} "
+                             f"bytes of binary data announced, {available} present")
+    if values["fastest"] * values["second"] != values["elements"] or values["elements"] == 0:
+        raise FrameReadError(path, None, "corrupt or truncated CBF file: "
+                             f"{values['fastest']} x {values['second']} is not "
+                             f"{values['elements']} elements")
+
+
 def _mime_lines(header: bytes) -> dict[str, str] | None:
     """The MIME header's ``key: value`` (or ``key=value``) lines as fabio reads them: from
     the line after SECTION to the first line shorter than 10 bytes; values stripped of
@@ -120,7 +168,7 @@ def parse(content: bytes) -> MiniCbf | None:
     does not handle the file (fabio then reads it; it also reports the damaged ones).
 
     Files that would make fabio loop or crash are refused before this by
-    :func:`~.fabio_formats._precheck_cbf`; the sizes are checked again here, so that the
+    :func:`precheck`; the sizes are checked again here, so that the
     decoder is never given a range outside ``content``.
     """
     if _DECODE is None:
@@ -196,56 +244,6 @@ def decode(content: bytes, layout: MiniCbf, out: np.ndarray) -> None:
     _DECODE(memoryview(content)[layout.start:layout.start + layout.size], out.reshape(-1))
 
 
-class LazyCbfHeader(Mapping):
-    """The header fabio gives for a CBF file (its CIF items and MIME lines), parsed by fabio
-    only when first looked at: a run that reads no header key (no ``--monitor``) does not
-    pay for fabio's CIF parser on every file."""
-
-    def __init__(self, path: str, head: bytes):
-        self._path = path
-        self._head = head           # the file up to and including the binary start bytes
-        self._values: dict[str, Any] | None = None
-        self._lock = threading.Lock()
-
-    def _parsed(self) -> dict[str, Any]:
-        with self._lock:
-            if self._values is None:
-                self._values = _fabio_header(self._path, self._head)
-            return self._values
-
-    def __getitem__(self, key: str) -> Any:
-        return self._parsed()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._parsed())
-
-    def __len__(self) -> int:
-        return len(self._parsed())
-
-    def __bool__(self) -> bool:
-        return True                 # never empty: it has at least the MIME keys
-
-    def __repr__(self) -> str:
-        return f"LazyCbfHeader({self._path!r})"
-
-
-def _fabio_header(path: str, head: bytes) -> dict[str, Any]:
-    """fabio's header of a CBF whose first bytes (through the binary start) are ``head``."""
-    import io
-
-    from .fabio_formats import _fabio_guard, _import_fabio
-
-    _import_fabio()
-    from fabio.cbfimage import CbfImage
-
-    image = CbfImage()
-    stream = io.BytesIO(head)
-    stream.name = path
-    with _fabio_guard(path, 0, "CBF"):
-        image._readheader(stream)
-    return dict(image.header)
-
-
 def read_file(path: str) -> bytes:
     """The bytes of ``path`` (``.cbf.gz``/``.cbf.bz2`` decompressed)."""
     ext = _extension(path)
@@ -264,7 +262,7 @@ def read_file(path: str) -> bytes:
 
 
 def read_cbf(path: str, allocate: Callable[[tuple, Any], np.ndarray],
-             index: int | None = None) -> tuple[np.ndarray, Mapping] | None:
+             index: int | None = None) -> tuple[np.ndarray, bytes] | None:
     """Read a single-frame miniCBF into ``allocate(shape, dtype)``; None when fabio must.
 
     Parameters
@@ -279,9 +277,10 @@ def read_cbf(path: str, allocate: Callable[[tuple, Any], np.ndarray],
 
     Returns
     -------
-    (numpy.ndarray, Mapping) or None
-        The image and its (lazily parsed) header; None when the file is not one this reader
-        handles (another compression, an unusual header): read it with fabio.
+    (numpy.ndarray, bytes) or None
+        The image and the file's bytes up to its data (for fabio's header parser, when the
+        header is wanted); None when the file is not one this reader handles (another
+        compression, an unusual header): read it with fabio.
 
     Raises
     ------
@@ -290,15 +289,13 @@ def read_cbf(path: str, allocate: Callable[[tuple, Any], np.ndarray],
     """
     if _DECODE is None:
         return None
-    from .fabio_formats import _precheck_cbf
-
     _check_file(path)
     try:
         content = read_file(path)
     except (OSError, EOFError, ValueError) as exc:
         raise FrameReadError(path, index, _exception_reason(exc, "CBF")) from None
     try:
-        _precheck_cbf(path, content, len(content))
+        precheck(path, content, len(content))
     except FrameReadError as exc:
         raise FrameReadError(path, index, exc.reason) from None
     layout = parse(content)
@@ -314,4 +311,4 @@ def read_cbf(path: str, allocate: Callable[[tuple, Any], np.ndarray],
     except ValueError as exc:
         raise FrameReadError(path, index, "corrupt or truncated CBF file ("
                              f"{_one_line(str(exc), _MAX_MESSAGE)})") from None
-    return out, LazyCbfHeader(path, content[:layout.start])
+    return out, content[:layout.start]
