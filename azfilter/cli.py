@@ -142,6 +142,10 @@ def _reduction_options(operation: str | None) -> list[Callable]:
         opt("--device", metavar="DEV",
             help="OpenCL device: gpu, cpu or P:D indices (see azfilter devices) [default: the "
                  "best GPU, else CPU]."),
+        opt("--decode", type=click.Choice(cfg.DECODE_MODES), default=cfg.DEFAULTS["decode"],
+            show_default=True,
+            help="Where --backend opencl decodes bitshuffle-LZ4 HDF5 chunks: on the device "
+                 "(the compressed chunk crosses PCIe), on the host, or auto (device for GPUs)."),
         opt("-r", "--recursive", is_flag=True, default=False,
             help="Descend into subdirectories of directory inputs."),
         opt("--overwrite", is_flag=True, default=False,

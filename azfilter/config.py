@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import AzfilterError
 from .fileio import atomic_write_text
-from .vocabulary import BACKENDS, OPERATIONS, SPLITS
+from .vocabulary import BACKENDS, DECODE_MODES, OPERATIONS, SPLITS
 from .vocabulary import CLI_ERROR_MODELS as ERROR_MODELS
 
 #: Version of the job-config layout that this azfilter writes (the ``schema`` key of saved
@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "unit": "q_nm^-1",
     "backend": "cython",
     "device": None,
+    "decode": "auto",       # bitshuffle-LZ4 chunks decoded on the OpenCL device or the host
     "mask": None,
     "dark": None,
     "flat": None,
@@ -337,6 +338,12 @@ def normalize(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> 
             if value not in BACKENDS:
                 raise AzfilterError(
                     f"{where}: backend must be one of {', '.join(BACKENDS)}, not {value!r}"
+                )
+        elif key == "decode":
+            value = str(value)
+            if value not in DECODE_MODES:
+                raise AzfilterError(
+                    f"{where}: decode must be one of {', '.join(DECODE_MODES)}, not {value!r}"
                 )
         elif key in ("unit", "device"):
             value = str(value)

@@ -26,6 +26,7 @@ import numpy as np
 from . import vocabulary
 from .backends import BACKENDS, BinSums, FrameBufferRing, get_engine_class, parse_error_model
 from .errors import AzfilterError
+from .frames.chunks import CompressedChunk
 from .preproc import PixelConstants, describe_source, parse_polarization, pixel_constants
 from .units import get_unit
 
@@ -479,8 +480,19 @@ class Integrator:
 
     # ------------------------------------------------------------------ checks
     def _check_image(self, img: Any, what: str = "image") -> np.ndarray:
-        """The frame as an array of the detector's shape (fixing a generic detector's shape)."""
-        array = np.asarray(img)
+        """The frame as an array of the detector's shape (fixing a generic detector's shape).
+
+        A :class:`~azfilter.frames.chunks.CompressedChunk` (a frame still compressed) passes
+        as it is when the engine decodes chunks itself (the OpenCL engine).
+        """
+        if isinstance(img, CompressedChunk):
+            if not getattr(self._engine_class, "decodes_chunks", False):
+                raise AzfilterError(f"{what} is a compressed chunk, which the "
+                                    f"{self.backend} engine cannot decode (device decoding "
+                                    "needs the opencl backend)")
+            array = img
+        else:
+            array = np.asarray(img)
         if array.ndim != 2:
             raise AzfilterError(f"{what} must be 2-D, got shape {tuple(array.shape)}")
         if array.dtype.kind not in "biuf":

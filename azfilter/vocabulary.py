@@ -29,6 +29,10 @@ CLI_ERROR_MODELS: tuple[str, ...] = ("poisson", "azimuthal", "hybrid")
 BACKENDS: tuple[str, ...] = ("python", "cython", "opencl")
 DEFAULT_BACKEND = "cython"
 
+#: where bitshuffle-LZ4 HDF5 chunks are decoded with the OpenCL backend: ``auto`` (on the
+#: device for GPUs, on the host for CPU devices), ``device`` or ``host``
+DECODE_MODES: tuple[str, ...] = ("auto", "device", "host")
+
 #: Output suffixes (lower case): one HDF5/NeXus file, or one text file per frame.
 HDF5_SUFFIXES: tuple[str, ...] = (".h5", ".nxs", ".hdf5", ".hdf", ".nx5")
 TEXT_SUFFIXES: tuple[str, ...] = (".dat", ".xy", ".txt")

@@ -169,8 +169,10 @@ def azfilter_launcher(mode: str, work: Path) -> Launcher:
     package = site / "azfilter"
     shutil.copytree(Path(azfilter.__file__).parent, package,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    # every compiled module (_engine, _tables, _cbf, ...): they are built side by side
-    for module in Path(engine.__file__).parent.glob("_*" + Path(engine.__file__).suffix):
+    # every compiled module of the package (_engine, _tables, _chunks, _cbf), as a wheel has
+    # them
+    suffix = Path(engine.__file__).name[len("_engine"):]
+    for module in Path(engine.__file__).parent.glob(f"_*{suffix}"):
         shutil.copy2(module, package / module.name)
     (package / "kernels").mkdir(exist_ok=True)
     for kernel in (REPO / "kernels").glob("*.cl"):
@@ -324,12 +326,10 @@ def eiger_stack(data_dir: Path, n_frames: int) -> tuple[Path, Path, float]:
     return stack_path, poni_path, time.perf_counter() - start
 
 
-def write_eiger_stack(path: Path, geometry: Any, n_frames: int) -> None:
-    """Synthetic Eiger 4M frames: DISTINCT_FRAMES Poisson samples of one powder pattern
-    (with fixed hot pixels, dead pixels and gaps at 2^32-1), cycled, plus ~one Bragg spot per
-    2000 pixels whose positions move from frame to frame (rolled)."""
-    import h5py
-    import hdf5plugin
+def eiger_frames(geometry: Any, n_frames: int) -> Any:
+    """Synthetic Eiger 4M uint32 frames, one after the other: DISTINCT_FRAMES Poisson samples
+    of one powder pattern (with fixed hot pixels, dead pixels and gaps at 2^32-1), cycled,
+    plus ~one Bragg spot per 2000 pixels whose positions move from frame to frame (rolled)."""
     import numpy as np
 
     from tests.synthetic import synthetic_case
@@ -353,19 +353,29 @@ def write_eiger_stack(path: Path, geometry: Any, n_frames: int) -> None:
     spot_rows = (centre_rows[:, None] + offsets[None, :, 0]).ravel()
     spot_cols = (centre_cols[:, None] + offsets[None, :, 1]).ravel()
     spot_counts = rng.uniform(500, 5000, spot_rows.size).astype(np.uint32)
+    for k in range(n_frames):
+        frame = bases[k % DISTINCT_FRAMES].copy()
+        rows = (spot_rows + 37 * k) % shape[0]
+        cols = (spot_cols + 101 * k) % shape[1]
+        frame[rows, cols] += spot_counts
+        frame.ravel()[invalid] = np.iinfo(np.uint32).max
+        yield frame
 
+
+def write_eiger_stack(path: Path, geometry: Any, n_frames: int) -> None:
+    """:func:`eiger_frames` written as a bitshuffle-LZ4 stack, one frame per chunk."""
+    import h5py
+    import hdf5plugin
+    import numpy as np
+
+    shape = geometry.detector.shape
     with h5py.File(path, "w") as h5:
         dset = h5.create_dataset(H5PATH, shape=(n_frames, *shape), dtype=np.uint32,
                                  chunks=(1, *shape), **hdf5plugin.Bitshuffle())
         h5["entry"].attrs["NX_class"] = "NXentry"
         h5["entry/data"].attrs["NX_class"] = "NXdata"
         h5["entry/data"].attrs["signal"] = "data"
-        for k in range(n_frames):
-            frame = bases[k % DISTINCT_FRAMES].copy()
-            rows = (spot_rows + 37 * k) % shape[0]
-            cols = (spot_cols + 101 * k) % shape[1]
-            frame[rows, cols] += spot_counts
-            frame.ravel()[invalid] = np.iinfo(np.uint32).max
+        for k, frame in enumerate(eiger_frames(geometry, n_frames)):
             dset[k] = frame
         h5.attrs["complete"] = True
         h5.attrs["description"] = (

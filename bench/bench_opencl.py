@@ -194,7 +194,7 @@ class Uploads:
             ocl.STAGING_UNIT_BYTES = 1
 
         def upload(src):
-            events = engine._upload(src, src.dtype, 0, None)
+            events = engine._upload(src, src.dtype, 0, None, engine.queue)
             events[-1].wait()
         try:
             return median_ms(upload, sources, repeat)

@@ -5,8 +5,10 @@ bounded read-ahead, early stop."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -429,19 +431,21 @@ def test_bitshuffle_block_stored_at_full_size_goes_to_h5py(tmp_path, monkeypatch
     verbatim (HDF5's LZ4 filter convention); bitshuffle never stores blocks that way, so such
     chunks are left to h5py."""
     header = chunks._HEADER.pack(3 * 8192 + 800, 8192)
-    blocks = [100, 8192, 8000, 800]
-    framed = header + b"".join(chunks._BLOCK_SIZE.pack(n) + bytes(n) for n in blocks)
-    assert not chunks._lz4_blocks_are_all_compressed(framed, 8192, 3 * 8192 + 800)
-    blocks = [100, 8191, 8000, 799]
-    framed = header + b"".join(chunks._BLOCK_SIZE.pack(n) + bytes(n) for n in blocks)
-    assert chunks._lz4_blocks_are_all_compressed(framed, 8192, 3 * 8192 + 800)
-    last_verbatim = header + b"".join(chunks._BLOCK_SIZE.pack(n) + bytes(n)
-                                      for n in [100, 8191, 8000, 800])
-    assert not chunks._lz4_blocks_are_all_compressed(last_verbatim, 8192, 3 * 8192 + 800)
+    size = struct.Struct(">I")
+
+    def verbatim(sizes: list[int]) -> int:
+        framed = header + b"".join(size.pack(n) + bytes(n) for n in sizes)
+        return chunks.bslz4_layout(framed, 3 * 8192 + 800, 1).verbatim_blocks
+
+    assert verbatim([100, 8192, 8000, 800]) == 2
+    assert verbatim([100, 8191, 8000, 799]) == 0
+    assert verbatim([100, 8191, 8000, 800]) == 1     # the last, shorter block
 
     stack = varied_frames(3, (24, 32), np.int32)
     path = write_stack(tmp_path / "s.h5", stack, FILTERS["bitshuffle-lz4"])
-    monkeypatch.setattr(chunks, "_lz4_blocks_are_all_compressed", lambda *args: False)
+    real = chunks.bslz4_layout
+    monkeypatch.setattr(chunks, "bslz4_layout", lambda *args: dataclasses.replace(
+        real(*args), verbatim_blocks=1))
     got = results(path)
     np.testing.assert_array_equal(np.stack([f.data for f in got]), stack)
 

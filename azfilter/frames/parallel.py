@@ -30,8 +30,12 @@ import numpy as np
 
 from ..errors import FrameReadError
 from .chunks import (
+    FILTER_BITSHUFFLE,
     ChunkError,
+    CompressedChunk,
+    DirectLayout,
     NeedsH5py,
+    bslz4_layout,
     chunk_coordinates,
     chunk_location,
     chunk_scratch,
@@ -149,7 +153,8 @@ def _whole_file_failure(item: InputItem, error: FrameReadError) -> list[_Task]:
 # --------------------------------------------------------------------------------------------
 
 
-def _hdf5_tasks(item: InputItem, allocate: Callable) -> Iterator[_Task]:
+def _hdf5_tasks(item: InputItem, allocate: Callable,
+                device_decode: bool = False) -> Iterator[_Task]:
     try:
         h5 = _Hdf5Source(item.path, item.h5path, item._layout)
     except FrameReadError as exc:
@@ -192,8 +197,8 @@ def _hdf5_tasks(item: InputItem, allocate: Callable) -> Iterator[_Task]:
                 elif layout is not None:
                     location = _VIA_H5PY
                 yield _Task(h5.source, index, _hdf5_work(
-                    h5, shared, block, index, header, layout, location, dataset, allocate),
-                    shared)
+                    h5, shared, block, index, header, layout, location, dataset, allocate,
+                    device_decode), shared)
     finally:
         shared.release()
 
@@ -203,10 +208,13 @@ _VIA_H5PY = "read_direct_chunk"
 
 
 def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, header: dict,
-               layout, location, dataset, allocate: Callable) -> Callable[[], Frame]:
+               layout, location, dataset, allocate: Callable,
+               device_decode: bool = False) -> Callable[[], Frame]:
     """The task reading one HDF5 frame: chunk bytes by ``os.pread`` (``location`` = offset and
     size) or by ``read_direct_chunk`` (``_VIA_H5PY``), decoded outside h5py's lock; or the
-    whole read through h5py (``location`` None, or a chunk the decoders leave to h5py)."""
+    whole read through h5py (``location`` None, or a chunk the decoders leave to h5py).
+    With ``device_decode``, a bitshuffle-LZ4 chunk read by ``os.pread`` is not decoded: the
+    frame is a :class:`~.chunks.CompressedChunk` (its bytes and block table)."""
     source, nframes = h5.source, h5.nframes
 
     def through_h5py() -> Frame:
@@ -217,13 +225,20 @@ def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, head
     if location is None:
         return through_h5py
 
+    def frame_memory() -> np.ndarray:
+        out = allocate(layout.shape, layout.dtype)
+        if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
+                and out.shape == layout.shape and out.dtype == layout.dtype):
+            out = np.empty(layout.shape, layout.dtype)
+        return out
+
     def direct() -> Frame:
+        # the decoded frame's buffer is taken only where a frame is decoded here: a chunk
+        # handed to the device compressed holds a buffer of the ring already
+        out = None
         try:
-            out = allocate(layout.shape, layout.dtype)
-            if not (isinstance(out, np.ndarray) and out.flags.c_contiguous
-                    and out.shape == layout.shape and out.dtype == layout.dtype):
-                out = np.empty(layout.shape, layout.dtype)
             if location == _VIA_H5PY:
+                out = frame_memory()
                 with shared.lock:
                     try:
                         mask, raw = dataset.id.read_direct_chunk(
@@ -236,6 +251,13 @@ def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, head
                 return Frame(_check_image(out, source, index), source, index, nframes, header)
             offset, size = location
             fd = shared.fd(layout.filename)
+            # integer frames only (what detectors write): float64 may need converting to
+            # float32 for a device without doubles, which only the host path does
+            if device_decode and layout.filters == (FILTER_BITSHUFFLE,) \
+                    and layout.dtype.kind in "iu":
+                return Frame(_read_compressed(fd, offset, size, layout, allocate), source,
+                             index, nframes, header)
+            out = frame_memory()
             if layout.filters == ():
                 # uncompressed: read straight into the frame's memory
                 if size != layout.nbytes:
@@ -253,6 +275,36 @@ def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, head
         return Frame(_check_image(out, source, index), source, index, nframes, header)
 
     return direct
+
+
+def chunk_buffer_bytes(frame_bytes: int) -> int:
+    """Bytes of the ring buffers compressed chunks are read into: the frame's size plus
+    LZ4's worst-case growth (incompressible blocks) and the block headers, so that every
+    chunk of a frame fits (a larger one, which a valid chunk cannot be, gets its own
+    array)."""
+    return frame_bytes + frame_bytes // 128 + 4096
+
+
+def _read_compressed(fd: int, offset: int, size: int, layout: DirectLayout,
+                     allocate: Callable) -> CompressedChunk:
+    """One bitshuffle-LZ4 chunk read into a buffer of the caller's ring (page-locked memory
+    for the OpenCL engine), with its block table (compiled walk, outside the GIL).
+
+    Raises
+    ------
+    ChunkError
+        When the chunk's header or block chain is wrong (one failed frame).
+    """
+    capacity = chunk_buffer_bytes(layout.nbytes)
+    buffer = allocate((capacity,), np.uint8) if size <= capacity else None
+    if not (isinstance(buffer, np.ndarray) and buffer.flags.c_contiguous
+            and buffer.dtype == np.uint8 and buffer.size >= size):
+        buffer = np.empty(size, np.uint8)
+    data = buffer[:size]
+    read_exactly(fd, size, offset, data)
+    elements = int(np.prod(layout.shape, dtype=np.int64))
+    blocks = bslz4_layout(data, elements, layout.dtype.itemsize)
+    return CompressedChunk(buffer, size, blocks, layout.shape, layout.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,7 +377,8 @@ def _single_fabio_work(item: InputItem, index: int, allocate: Callable,
 # --------------------------------------------------------------------------------------------
 
 
-def _plan(inputs: Sequence, allocate: Callable, copy: bool) -> Iterator[_Task]:
+def _plan(inputs: Sequence, allocate: Callable, copy: bool,
+          device_decode: bool = False) -> Iterator[_Task]:
     """One task per planned frame (or per failed input), in plan order."""
     for spec in _as_spec_list(inputs):
         try:
@@ -336,7 +389,7 @@ def _plan(inputs: Sequence, allocate: Callable, copy: bool) -> Iterator[_Task]:
         for item in items:
             try:
                 if item.is_hdf5:
-                    yield from _hdf5_tasks(item, allocate)
+                    yield from _hdf5_tasks(item, allocate, device_decode)
                 else:
                     yield from _fabio_tasks(item, allocate, copy)
             except Exception as exc:        # noqa: BLE001 - a planner must never die silently
@@ -347,7 +400,8 @@ def _plan(inputs: Sequence, allocate: Callable, copy: bool) -> Iterator[_Task]:
 
 def iter_frames(items: str | os.PathLike | InputItem | Sequence, *, workers: int,
                 buffer: Callable | None = None, errors: str = "report",
-                read_ahead: int | None = None) -> Iterator[Frame | FrameReadError]:
+                read_ahead: int | None = None,
+                device_decode: bool = False) -> Iterator[Frame | FrameReadError]:
     """Decode the frames of ``items`` on ``workers`` threads; yield them in plan order.
 
     Parameters
@@ -369,6 +423,12 @@ def iter_frames(items: str | os.PathLike | InputItem | Sequence, *, workers: int
     read_ahead : int, optional
         Frames decoded ahead of the caller, at most (default ``2 * workers + 2``); this bounds
         memory whatever the stack length.
+    device_decode : bool
+        Leave bitshuffle-LZ4 chunks of integer frames (HDF5 filter 32008, one frame per
+        chunk, read with ``os.pread``) compressed: such a frame's ``data`` is a
+        :class:`~azfilter.frames.chunks.CompressedChunk` (the chunk's bytes in a ``buffer``
+        of ``(n,)`` uint8, and its block table) for an engine that decodes on the device.
+        Other frames are decoded as usual.
 
     Yields
     ------
@@ -393,7 +453,7 @@ def iter_frames(items: str | os.PathLike | InputItem | Sequence, *, workers: int
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="azfilter-decode")
 
     def planner() -> None:
-        tasks = _plan(items, allocate, copy)
+        tasks = _plan(items, allocate, copy, device_decode)
         try:
             for task in tasks:
                 while not slots.acquire(timeout=0.1):

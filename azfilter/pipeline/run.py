@@ -282,6 +282,9 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     from ..output import NexusWriter, OutputMeta, geometry_lines
     from ..poni import load_poni
 
+    if config.get("decode") == "device" and config["backend"] != "opencl":
+        raise AzfilterError(f"--decode device needs --backend opencl (the {config['backend']} "
+                            "backend decodes on the host)")
     out_kind, output, shard = resolve_output(config)
     output_arg = config["output"]
     geometry = apply_overrides(load_poni(config["poni"]), config)
@@ -535,13 +538,43 @@ def _runs(todo: list[Planned]) -> list[tuple[Any, list[Planned]]]:
             for item, group in runs]
 
 
+def decode_on_device(config: dict[str, Any]) -> bool:
+    """Whether the job's bitshuffle-LZ4 HDF5 chunks go to the device compressed.
+
+    ``decode`` ``device``: yes (with ``--backend opencl``); ``host``: no; ``auto``: with
+    ``--backend opencl`` on a GPU (a compressed Eiger frame is ~5x fewer bytes over PCIe),
+    not on a CPU device (the host decoder there is as fast and runs on all cores).
+    """
+    mode = config.get("decode") or "auto"
+    if config.get("backend") != "opencl" or mode == "host":
+        return False
+    if mode == "device":
+        return True
+    from ..backends.opencl import select_device
+
+    try:
+        info, _ = select_device(config.get("device"))
+    except AzfilterError:
+        return False
+    return info.get("type") == "GPU"
+
+
+def _ring_buffer(data: Any) -> Any:
+    """The ring buffer behind a frame's data (a compressed chunk's byte buffer)."""
+    from ..frames.chunks import CompressedChunk
+
+    return data.buffer if isinstance(data, CompressedChunk) else data
+
+
 def _read_frames(todo: list[Planned], workers: int, buffers: Any,
-                 fail: Callable[[Exception, int], None]) -> Iterator[tuple[Planned, Any]]:
+                 fail: Callable[[Exception, int], None],
+                 device_decode: bool = False) -> Iterator[tuple[Planned, Any]]:
     """The planned frames in plan order as (planned, Frame); read failures go to ``fail``,
     one per planned frame.
 
     Frames are decoded by :func:`azfilter.frames.iter_frames` on ``workers`` threads (HDF5
-    chunks read directly and decoded outside h5py's lock), into the engine's ring buffers.
+    chunks read directly and decoded outside h5py's lock), into the engine's ring buffers;
+    with ``device_decode``, bitshuffle-LZ4 chunks are left compressed for the engine.
     """
     from ..frames import iter_frames
 
@@ -561,7 +594,7 @@ def _read_frames(todo: list[Planned], workers: int, buffers: Any,
         position += 1
 
     stream = iter_frames([item for item, _ in runs], workers=workers, buffer=buffers.take,
-                         errors="report")
+                         errors="report", device_decode=device_decode)
     try:
         for obj in stream:
             if obj.index is None:          # a whole file failed: every frame of its run
@@ -578,7 +611,7 @@ def _read_frames(todo: list[Planned], workers: int, buffers: Any,
                          1)
                 continue
             if planned is None:            # not planned (cannot happen: selected runs)
-                buffers.give_back(obj.data)
+                buffers.give_back(_ring_buffer(obj.data))
                 continue
             yield planned, obj
         fail_remaining("frame was not delivered by the reader")
@@ -634,6 +667,11 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     # every frame iter_frames may hold decoded ahead, plus those in the engine
     buffers = integrator.frame_buffers(2 * readers + 2 + READ_AHEAD + 4)
     method, params = reduction_parameters(job.config)
+    device_decode = decode_on_device(job.config)
+    if job.config.get("backend") == "opencl":
+        logger.info("%s: bitshuffle-LZ4 HDF5 chunks decoded on the %s (--decode %s)",
+                    job.label, "device" if device_decode else "host",
+                    job.config.get("decode") or "auto")
     logger.info("%s: %d frames; backend %s%s, engine threads %s, %d reader threads, "
                 "%d cores usable", job.label, len(job.todo), job.config["backend"],
                 f" (device {job.config['device']})" if job.config.get("device") else "",
@@ -646,12 +684,12 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     monitors: dict[int, float] = {}
 
     def frames() -> Iterator[tuple[Planned, Any]]:
-        for planned, frame in _read_frames(job.todo, readers, buffers, fail):
+        for planned, frame in _read_frames(job.todo, readers, buffers, fail, device_decode):
             if monitor is not None:
                 try:
                     monitors[id(planned)] = monitor.value(frame)
                 except FrameReadError as err:
-                    buffers.give_back(frame.data)
+                    buffers.give_back(_ring_buffer(frame.data))
                     fail(err, 1)
                     continue
             in_flight[id(planned)] = (_frame_source(frame), frame.data)
@@ -661,7 +699,7 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
         for planned, outcome in integrator.process_many(frames(), method, **params):
             frame_source, data = in_flight.pop(id(planned))
             frame_monitor = monitors.pop(id(planned), 1.0)
-            buffers.give_back(data)   # the engine has read it: reuse the buffer
+            buffers.give_back(_ring_buffer(data))   # the engine has read it: reuse the buffer
             if stop.is_set():
                 break
             if isinstance(outcome, Exception):

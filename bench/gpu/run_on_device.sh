@@ -6,7 +6,9 @@ export PYTHONUNBUFFERED=1 AZFILTER_CACHE_DIR=/tmp/azcache
 INC=$(python3 -c "import sysconfig;print(sysconfig.get_paths()['include'])")
 SUF=$(python3 -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))")
 ( python3 -m cython -3 --cplus kernels/_engine.pyx -o /tmp/_engine.cpp \
-  && g++ -O3 -fopenmp -shared -fPIC -std=c++17 -I"$INC" /tmp/_engine.cpp -o "azfilter/_engine$SUF" ) \
+  && g++ -O3 -fopenmp -shared -fPIC -std=c++17 -I"$INC" /tmp/_engine.cpp -o "azfilter/_engine$SUF" \
+  && python3 -m cython -3 kernels/_chunks.pyx -o /tmp/_chunks.c \
+  && gcc -O3 -shared -fPIC -I"$INC" /tmp/_chunks.c -o "azfilter/_chunks$SUF" ) \
   > "$OUT/build.log" 2>&1 &
 BUILD=$!
 source bench/gpu/setup.sh

@@ -1,7 +1,28 @@
-# Sourced by run_on_device.sh on a GPU machine without network: install the carried wheels
-# (bench/gpu/wheels/, see bench/README.md) and register the NVIDIA OpenCL driver next to PoCL.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site bench/gpu/wheels/*.whl >/dev/null 2>&1 || echo "pip failed"
-export PYTHONPATH=/tmp/site
-mkdir -p /tmp/icd; echo /usr/local/nvidia/lib64/libnvidia-opencl.so.1 > /tmp/icd/nvidia.icd; cp /etc/OpenCL/vendors/pocl.icd /tmp/icd/ 2>/dev/null
+# Sourced on a GPU machine without network (see bench/README.md): builds every Cython kernel
+# (kernels/*.pyx, as kernels/meson.build does) in place with g++, installs the wheels carried
+# in bench/gpu/wheels/ (+ the trimmed imagecodecs and hdf5plugin folders in
+# bench/gpu/wheels/pydirs/), and registers NVIDIA's OpenCL driver next to PoCL.
+# Use: cd REPO && source bench/gpu/setup.sh   (build log in ${OUT:-/tmp}/build.log)
+export PYTHONUNBUFFERED=1 AZFILTER_CACHE_DIR=${AZFILTER_CACHE_DIR:-/tmp/azcache}
+_azf_build() {
+    local inc suf pyx name
+    inc=$(python3 -c "import sysconfig;print(sysconfig.get_paths()['include'])")
+    suf=$(python3 -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))")
+    for pyx in kernels/*.pyx; do
+        name=$(basename "$pyx" .pyx)
+        ( python3 -m cython -3 --cplus -X boundscheck=False -X wraparound=False \
+              -X cdivision=True -X initializedcheck=False "$pyx" -o "/tmp/$name.cpp" \
+          && g++ -O3 -fopenmp -shared -fPIC -std=c++17 -I"$inc" -Ikernels "/tmp/$name.cpp" \
+              -o "azfilter/$name$suf" ) || { echo "build of $pyx failed"; return 1; }
+    done
+}
+_azf_build > "${OUT:-/tmp}/build.log" 2>&1 &
+_AZF_BUILD=$!
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site bench/gpu/wheels/*.whl >/dev/null 2>&1 || echo "pip failed"
+export PYTHONPATH=$PWD/bench/gpu/wheels/pydirs:/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+mkdir -p /tmp/icd; echo /usr/local/nvidia/lib64/libnvidia-opencl.so.1 > /tmp/icd/nvidia.icd
+cp /etc/OpenCL/vendors/pocl.icd /tmp/icd/ 2>/dev/null
 export OCL_ICD_VENDORS=/tmp/icd
-export PYTHONUNBUFFERED=1
+wait $_AZF_BUILD && echo "extensions built: $(ls azfilter/*.so | xargs -n1 basename | tr '\n' ' ')" \
+    || { echo "extension build failed:"; tail -20 "${OUT:-/tmp}/build.log"; }

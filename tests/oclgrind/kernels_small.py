@@ -145,3 +145,35 @@ def test_bslz4_decoder(device):
                     bytes([0x30, 1, 2, 3])):                        # too short
         with pytest.raises(BitshuffleLZ4Error):
             decoder.decode(with_block(chunk, n_blocks, 3, payload), array.shape, array.dtype)
+
+
+def test_engine_decodes_chunks(device):
+    """The engine's device-decode path: a bitshuffle-LZ4 chunk uploaded, decoded into the
+    raw-frame buffer and reduced there (process_many), equal to the frame sent decoded; a
+    corrupt chunk is that frame's error and the next frame is still right."""
+    from test_bslz4_opencl import bslz4_chunk, with_block
+
+    from azfilter.frames.chunks import CompressedChunk, bslz4_layout
+
+    table = SmallTable()
+    raw, norm, dark = small_frame()
+    try:
+        ocl = opencl.OpenCLEngine(table, norm, dark, DUMMY, DELTA_DUMMY, device=device,
+                                  workgroup_size=WORKGROUP, fp64=True, staging=False)
+    except AzfilterError as err:   # a device without cl_khr_fp64
+        pytest.skip(str(err))
+
+    def compressed(chunk: bytes) -> CompressedChunk:
+        buffer = np.frombuffer(chunk, np.uint8).copy()
+        return CompressedChunk(buffer, buffer.size, bslz4_layout(buffer, raw.size, 4),
+                               (SIDE, SIDE), np.dtype(np.int32))
+
+    chunk = bslz4_chunk(raw, 1024)                      # 4 blocks of 1024 int32
+    corrupt = with_block(chunk, 4, 2, bytes([0x30, 1, 2, 3]))   # block 2 decodes too short
+    frames = [(0, compressed(chunk)), (1, compressed(corrupt)), (2, compressed(chunk))]
+    got = dict(ocl.process_many(frames, "integrate", {"error_model": "azimuthal"}))
+    expected = ocl.integrate(raw, "azimuthal")
+    assert isinstance(got[1], AzfilterError) and "block 2 of 4" in str(got[1])
+    for index in (0, 2):
+        for name in ("signal", "variance", "normalization", "normalization2", "count"):
+            np.testing.assert_array_equal(getattr(got[index], name), getattr(expected, name))

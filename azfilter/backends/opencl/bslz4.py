@@ -5,8 +5,8 @@ compressed chunk to the device and decoding it there saves most of the PCIe tran
 decoded frame stays on the device, where the OpenCL engine reduces it in place.
 
 The host reads the chunk's 12-byte header and walks the chain of 4-byte block sizes
-(:func:`parse_chunk`: about 0.3 us of CPU per block in Python, 0.7 ms for an Eiger 4M uint32
-frame of 2191 blocks, holding the GIL; a compiled walk can hand its result in as ``layout=``);
+(:func:`parse_chunk`, the compiled walk of :func:`azfilter.frames.chunks.bslz4_layout`, outside
+the GIL; a reader thread that found the blocks already hands them in as ``layout=``);
 the kernel ``bslz4_decode``
 (``kernels/azf_bslz4.cl``) decodes one block per work-group: LZ4 into local memory, then the
 bit-unshuffle into the output buffer, one typed store per element. The kernel checks every
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
-import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,10 @@ from typing import Any
 import numpy as np
 
 from ...errors import AzfilterError
+from ...frames.chunks import ChunkError, ChunkLayout, bslz4_layout
 
 #: the kernel file (installed next to the other kernels)
 KERNEL_FILE = "azf_bslz4.cl"
-#: bytes of the chunk header: uncompressed size (uint64 BE) and block size (uint32 BE)
-HEADER_BYTES = 12
-#: bitshuffle blocks hold a multiple of this many elements; the rest is stored as is
-BLOCK_MULTIPLE = 8
 #: element sizes the kernel decodes (every numeric numpy dtype)
 ELEMENT_SIZES = (1, 2, 4, 8)
 
@@ -45,6 +42,10 @@ _SEQUENCES_PER_BATCH = 128
 _LOCAL_OVERHEAD = _SEQUENCES_PER_BATCH * 21 + 256
 # largest block decoded in local memory (bigger ones use a global scratch buffer)
 _MAX_LOCAL_BLOCK = 32768
+
+# compiled programs, by (context, build options)
+_PROGRAMS: dict[tuple[int, str], Any] = {}
+_PROGRAMS_LOCK = threading.Lock()
 
 # kernel error codes (error[0]) -> what is wrong
 _ERRORS = {
@@ -61,43 +62,9 @@ class BitshuffleLZ4Error(AzfilterError):
     """A bitshuffle-LZ4 chunk that cannot be decoded; ``str(err)`` is one line."""
 
 
-@dataclass(frozen=True)
-class ChunkLayout:
-    """Where the blocks of one bitshuffle-LZ4 chunk are.
-
-    Attributes
-    ----------
-    n_elements : int
-        Elements of the decoded chunk.
-    block_elements : int
-        Elements of a full block.
-    blocked_elements : int
-        Elements held by the LZ4 blocks (``n_elements`` rounded down to a multiple of 8).
-    block_ranges : numpy.ndarray
-        ``uint32`` (n_blocks, 2): start and end of each block's LZ4 data in the chunk.
-    tail_offset : int
-        Offset of the last ``n_elements % 8`` elements, stored uncompressed.
-    """
-
-    n_elements: int
-    block_elements: int
-    blocked_elements: int
-    block_ranges: np.ndarray
-    tail_offset: int
-
-    @property
-    def n_blocks(self) -> int:
-        """Number of LZ4 blocks."""
-        return len(self.block_ranges)
-
-    @property
-    def tail_elements(self) -> int:
-        """Elements stored uncompressed after the blocks."""
-        return self.n_elements - self.blocked_elements
-
-
 def parse_chunk(chunk: bytes | np.ndarray, n_elements: int, itemsize: int) -> ChunkLayout:
-    """Check a chunk's header and find its blocks (the chain of 4-byte block sizes).
+    """Check a chunk's header and find its blocks (:func:`azfilter.frames.chunks.bslz4_layout`,
+    the compiled walk that the host decoder uses too).
 
     Parameters
     ----------
@@ -118,58 +85,10 @@ def parse_chunk(chunk: bytes | np.ndarray, n_elements: int, itemsize: int) -> Ch
         When the header disagrees with the frame's size, the block size is not a positive
         multiple of 8 elements, or the block sizes do not chain exactly to the chunk's end.
     """
-    data = memoryview(_as_bytes(chunk))
-    size = len(data)
-    if size < HEADER_BYTES:
-        raise BitshuffleLZ4Error(f"bitshuffle-LZ4 chunk of {size} bytes is shorter than its "
-                                 f"{HEADER_BYTES}-byte header")
-    total = int.from_bytes(data[0:8], "big")
-    block_bytes = int.from_bytes(data[8:12], "big")
-    expected = n_elements * itemsize
-    if total != expected:
-        raise BitshuffleLZ4Error(f"bitshuffle-LZ4 chunk header says {total} bytes, the frame "
-                                 f"holds {expected} ({n_elements} x {itemsize} bytes)")
-    if block_bytes == 0 or block_bytes % (BLOCK_MULTIPLE * itemsize):
-        raise BitshuffleLZ4Error(f"bitshuffle-LZ4 block size {block_bytes} bytes is not a "
-                                 f"positive multiple of {BLOCK_MULTIPLE} elements of "
-                                 f"{itemsize} bytes")
-    block_elements = block_bytes // itemsize
-    blocked = n_elements - n_elements % BLOCK_MULTIPLE
-    n_blocks = -(-blocked // block_elements)
-    tail_bytes = (n_elements - blocked) * itemsize
-    if size >= 2**32:
-        raise BitshuffleLZ4Error(f"bitshuffle-LZ4 chunk of {size} bytes is too large "
-                                 "(4 GiB at most)")
-    # the chain is sequential: each block's size says where the next one starts (the loop
-    # is kept minimal: it is the decoder's only per-block cost on the host)
-    starts: list[int] = []
-    append = starts.append
-    unpack_size = struct.Struct(">I").unpack_from
-    position = HEADER_BYTES
     try:
-        for _ in range(n_blocks):
-            append(position + 4)
-            position += 4 + unpack_size(data, position)[0]
-    except struct.error:   # the 4-byte size of block len(starts) - 1 is not in the chunk
-        block = len(starts) - 1
-        if position > size:
-            raise BitshuffleLZ4Error(f"bitshuffle-LZ4 block {block - 1} of {n_blocks} says "
-                                     f"it ends at byte {position}, past the chunk's {size} "
-                                     "bytes") from None
-        raise BitshuffleLZ4Error(f"bitshuffle-LZ4 chunk truncated: its {size} bytes end "
-                                 f"inside the size of block {block} of {n_blocks}") from None
-    if position > size:
-        raise BitshuffleLZ4Error(f"bitshuffle-LZ4 block {n_blocks - 1} of {n_blocks} says it "
-                                 f"ends at byte {position}, past the chunk's {size} bytes")
-    ranges = np.empty((n_blocks, 2), dtype=np.uint32)
-    if n_blocks:
-        ranges[:, 0] = starts
-        ranges[:-1, 1] = ranges[1:, 0] - 4
-        ranges[-1, 1] = position
-    if position + tail_bytes != size:
-        raise BitshuffleLZ4Error(f"bitshuffle-LZ4 chunk has {size} bytes, its blocks and "
-                                 f"uncompressed tail end at {position + tail_bytes}")
-    return ChunkLayout(n_elements, block_elements, blocked, ranges, position)
+        return bslz4_layout(_as_bytes(chunk), n_elements, itemsize)
+    except ChunkError as err:
+        raise BitshuffleLZ4Error(str(err)) from None
 
 
 def _as_bytes(chunk: bytes | bytearray | memoryview | np.ndarray) -> bytes | np.ndarray:
@@ -216,13 +135,18 @@ class DecodeJob:
     def check(self) -> Any:
         """Wait for the decode; return the buffer or raise :class:`BitshuffleLZ4Error`."""
         self.event.wait()
-        code, block = int(self._error[0]), int(self._error[1])
-        if code:
-            reason = _ERRORS.get(code, f"decoder error code {code}")
-            where = ("its uncompressed tail" if block < 0
-                     else f"block {block} of {self._n_blocks}")
-            raise BitshuffleLZ4Error(f"corrupt bitshuffle-LZ4 chunk, {where}: {reason}")
+        check_error_flag(self._error, self._n_blocks)
         return self.buffer
+
+
+def check_error_flag(error: np.ndarray, n_blocks: int) -> None:
+    """Raise :class:`BitshuffleLZ4Error` when the kernel's error flag (read back into the
+    two ``int32`` of ``error``: code, block) reports a corrupt chunk of ``n_blocks`` blocks."""
+    code, block = int(error[0]), int(error[1])
+    if code:
+        reason = _ERRORS.get(code, f"decoder error code {code}")
+        where = "its uncompressed tail" if block < 0 else f"block {block} of {n_blocks}"
+        raise BitshuffleLZ4Error(f"corrupt bitshuffle-LZ4 chunk, {where}: {reason}")
 
 
 class BitshuffleLZ4Decoder:
@@ -285,12 +209,18 @@ class BitshuffleLZ4Decoder:
                        f"-DNSEQ={_SEQUENCES_PER_BATCH}",
                        f"-DBLOCK_IN_LOCAL={1 if local_block else 0}",
                        f"-DLBLOCK={max(local_block, 8)}"]
-            try:
-                program = self._cl.Program(self.context, kernel_source()).build(options=options)
-            except self._cl.RuntimeError as err:   # a compiler error is our bug: show the log
-                raise RuntimeError(f"OpenCL build of {KERNEL_FILE} failed with options "
-                                   f"{options}:\n{err}") from err
-            kernel = self._kernels[key] = program.bslz4_decode
+            program_key = (int(self.context.int_ptr), " ".join(options))
+            with _PROGRAMS_LOCK:   # compiled once per context and options (engines share it)
+                program = _PROGRAMS.get(program_key)
+                if program is None:
+                    try:
+                        program = self._cl.Program(self.context, kernel_source()).build(
+                            options=options)
+                    except self._cl.RuntimeError as err:   # a compiler error is our bug
+                        raise RuntimeError(f"OpenCL build of {KERNEL_FILE} failed with "
+                                           f"options {options}:\n{err}") from err
+                    _PROGRAMS[program_key] = program
+            kernel = self._kernels[key] = self._cl.Kernel(program, "bslz4_decode")
         return kernel
 
     def _local_block(self, block_bytes: int) -> int:
@@ -357,20 +287,54 @@ class BitshuffleLZ4Decoder:
         error_buffer = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, error.nbytes)
         cl.enqueue_copy(self.queue, error_buffer, error, is_blocking=False)
 
-        block_bytes = layout.block_elements * dtype.itemsize
+        self.enqueue_kernel(self.queue, chunk_buffer, chunk_bytes, ranges_buffer, layout,
+                            dtype.itemsize, out, error_buffer)
+        event = cl.enqueue_copy(self.queue, error, error_buffer, is_blocking=False)
+        return DecodeJob(out, event, error, layout.n_blocks)
+
+    def enqueue_kernel(self, queue: Any, chunk_buffer: Any, chunk_bytes: int, ranges_buffer: Any,
+                       layout: ChunkLayout, itemsize: int, out: Any, error_buffer: Any,
+                       wait_for: list | None = None) -> Any:
+        """Enqueue the decode kernel alone, on buffers the caller owns (an engine's).
+
+        Parameters
+        ----------
+        queue : pyopencl.CommandQueue
+            In-order queue of this decoder's context (the kernels after it on the same queue
+            see the decoded frame).
+        chunk_buffer : pyopencl.Buffer
+            The chunk's bytes (``chunk_bytes`` of them), uploaded.
+        chunk_bytes : int
+        ranges_buffer : pyopencl.Buffer
+            ``layout.block_ranges`` (uint32 pairs), uploaded (at least 8 bytes).
+        layout : ChunkLayout
+        itemsize : int
+            Bytes per element (1, 2, 4 or 8).
+        out : pyopencl.Buffer
+            Where the frame is decoded (at least ``layout.n_elements * itemsize`` bytes).
+        error_buffer : pyopencl.Buffer
+            Two ``int32`` set to 0 beforehand; the kernel writes (code, block) of the first
+            error (read back and checked with :func:`check_error_flag`).
+        wait_for : list of pyopencl.Event, optional
+
+        Returns
+        -------
+        pyopencl.Event
+            The kernel's.
+        """
+        block_bytes = layout.block_elements * itemsize
         local_block = self._local_block(block_bytes)
         scratch = self._no_scratch
         if not local_block and layout.n_blocks:
             scratch = self._scratch_buffer(layout.n_blocks * block_bytes)
-        kernel = self._kernel(dtype.itemsize, local_block)
+        kernel = self._kernel(itemsize, local_block)
         groups = max(layout.n_blocks, 1)
-        kernel(self.queue, (groups * self.workgroup_size,), (self.workgroup_size,),
-               chunk_buffer, np.uint32(chunk_bytes), ranges_buffer,
-               np.uint32(layout.n_blocks), np.uint32(layout.block_elements),
-               np.uint32(layout.blocked_elements), np.uint32(layout.tail_offset),
-               np.uint32(layout.tail_elements), out, scratch, error_buffer)
-        event = cl.enqueue_copy(self.queue, error, error_buffer, is_blocking=False)
-        return DecodeJob(out, event, error, layout.n_blocks)
+        return kernel(queue, (groups * self.workgroup_size,), (self.workgroup_size,),
+                      chunk_buffer, np.uint32(chunk_bytes), ranges_buffer,
+                      np.uint32(layout.n_blocks), np.uint32(layout.block_elements),
+                      np.uint32(layout.blocked_elements), np.uint32(layout.tail_offset),
+                      np.uint32(layout.tail_elements), out, scratch, error_buffer,
+                      wait_for=wait_for)
 
     def decode(self, chunk: bytes | np.ndarray, shape: int | tuple[int, ...], dtype: Any,
                out: Any = None, layout: ChunkLayout | None = None) -> Any:
