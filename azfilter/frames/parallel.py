@@ -315,7 +315,7 @@ def _read_compressed(fd: int, offset: int, size: int, layout: DirectLayout,
 def _fabio_frame(reader: _FabioSource, index: int, allocate: Callable,
                  copy: bool) -> Frame:
     data, header = reader.read(index)
-    if copy and reader.native is None:     # a native CBF was decoded into allocate()'s buffer
+    if copy and reader.native is None:     # own CBF/EDF readers decode into allocate()'s buffer
         out = allocate(data.shape, data.dtype)
         np.copyto(out, data)
         data = out
