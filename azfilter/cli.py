@@ -98,13 +98,21 @@ def _reduction_options(operation: str | None) -> list[Callable]:
             show_default=error_default,
             help="Variance model: poisson (raw counts), azimuthal (scatter in the ring), "
                  "hybrid (clip azimuthal, report poisson)."),
-        opt("--thres", ops=("sigma-clip",), type=click.FloatRange(min=0),
-            default=cfg.DEFAULTS["thres"], show_default=True,
+        opt("--thres", ops=("sigma-clip", "sparsify"), type=click.FloatRange(min=0),
+            default=defaults.get("thres", cfg.DEFAULTS["thres"]), show_default=True,
             help="sigma-clip: reject pixels further than THRES standard deviations from the "
-                 "ring mean."),
-        opt("--max-iter", ops=("sigma-clip",), type=click.IntRange(min=0),
+                 "ring mean (the Chauvenet cutoff takes over when larger; 0: Chauvenet)."),
+        opt("--max-iter", ops=("sigma-clip", "sparsify"), type=click.IntRange(min=0),
             default=cfg.DEFAULTS["max_iter"], show_default=True,
             help="sigma-clip: maximum clipping passes."),
+        opt("--cutoff-pick", ops=("sparsify",), type=click.FloatRange(min=0),
+            default=cfg.DEFAULTS["cutoff_pick"], show_default=True,
+            help="sparsify: keep the pixels whose corrected intensity exceeds the clipped "
+                 "background by more than CUTOFF_PICK * sqrt(std^2 + noise^2)."),
+        opt("--noise", ops=("sparsify",), type=click.FloatRange(min=0),
+            default=cfg.DEFAULTS["noise"], show_default=True,
+            help="sparsify: noise floor (corrected intensity): a kept pixel exceeds the "
+                 "background by more than NOISE in any case."),
         opt("--percentile", ops=("medfilt",), type=PercentileType(), default="50",
             show_default=True,
             help="medfilt: one percentile (50 = median) or two (40 60: mean of the fragments "
@@ -222,6 +230,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
               "Join the shard files of one job into one HDF5 file."),
     "cache": ("azfilter.commands.cache:cache_command",
               "Show or empty the on-disk cache of lookup tables."),
+    "hits": ("azfilter.commands.hits:hits_command",
+             "List the frames with Bragg spots (crystal hits) of sparsify/sigma-clip outputs."),
 }
 
 
@@ -269,6 +279,7 @@ _EXAMPLES = {
     "integrate": "azfilter integrate -p geo.poni --npt 2000 --unit 2th_deg 'run1/*.cbf' -o out/",
     "sigma-clip": "azfilter sigma-clip -p geo.poni --thres 4 scan.h5 -o scan_clipped.h5",
     "medfilt": "azfilter medfilt -p geo.poni --percentile 40 60 data/ -r -o med.h5",
+    "sparsify": "azfilter sparsify -p geo.poni --npt 800 'run1/*.cbf' -o run1_sparse.h5",
     "run": "azfilter run job.toml --skip-existing",
 }
 
@@ -278,6 +289,9 @@ _SUMMARIES = {
                   "THRES standard deviations from the ring mean, average the rest.",
     "medfilt": "Azimuthal median/quantile filter: per bin, sort the pixel fragments by "
                "corrected intensity and average those between two percentiles.",
+    "sparsify": "Sparse Bragg frames (pyFAI sparsify-Bragg's format, read by fabio): per "
+                "frame the sigma-clipped background (mean and std per radial bin) and the "
+                "pixels above it (index, raw value), in one HDF5 file.",
     "run": "Run the job described by a config file (.toml/.json) or stored in an azfilter "
            "output (.h5/.nxs/.dat/.xy); options given here override it.",
 }
@@ -395,11 +409,11 @@ def _reduction(ctx: click.Context, operation: str | None, params: dict[str, Any]
     config, _ = _merge_config(ctx, operation, params)
     if config.get("wavelength") is not None and config.get("energy") is not None:
         raise click.UsageError("--wavelength and --energy exclude each other", ctx)
-    if config["operation"] == "sigma-clip" and config.get("split") == "full":
+    if config["operation"] in ("sigma-clip", "sparsify") and config.get("split") == "full":
         raise click.UsageError(
-            "sigma-clip works without pixel splitting only (--split no): a pixel shared "
-            "between bins cannot be rejected in one of them and kept in the other; use medfilt "
-            "--split full for a split-pixel outlier filter", ctx)
+            f"{config['operation']} works without pixel splitting only (--split no): a pixel "
+            "shared between bins cannot be rejected in one of them and kept in the other; use "
+            "medfilt --split full for a split-pixel outlier filter", ctx)
     save_path = params.get("save_config")
     if not config.get("poni"):
         raise click.UsageError("Missing option '-p' / '--poni' (the geometry PONI file)", ctx)

@@ -88,6 +88,8 @@ DEFAULTS: dict[str, Any] = {
     "split": None,  # per operation
     "thres": 5.0,
     "max_iter": 5,
+    "cutoff_pick": 3.0,     # sparsify: pick pixels above bg + cutoff_pick * sqrt(std² + noise²)
+    "noise": 1.0,           # sparsify: noise floor (corrected intensity)
     "percentile": [50.0],
     "recursive": False,
     "overwrite": False,
@@ -110,6 +112,8 @@ OPERATION_DEFAULTS: dict[str, dict[str, Any]] = {
     "integrate": {"error_model": "poisson", "split": "no"},
     "sigma-clip": {"error_model": "azimuthal", "split": "no"},
     "medfilt": {"error_model": "poisson", "split": "full"},
+    # pyFAI sparsify-Bragg's defaults: Poisson model, Chauvenet cutoff (thres 0), 5 cycles
+    "sparsify": {"error_model": "poisson", "split": "no", "thres": 0.0},
 }
 
 # Keys that only one operation uses; they are dropped from the other operations' configs.
@@ -117,6 +121,7 @@ OPERATION_KEYS: dict[str, tuple[str, ...]] = {
     "integrate": (),
     "sigma-clip": ("thres", "max_iter"),
     "medfilt": ("percentile",),
+    "sparsify": ("thres", "max_iter", "cutoff_pick", "noise"),
 }
 OPERATION_ONLY = {key for keys in OPERATION_KEYS.values() for key in keys}
 
@@ -130,8 +135,8 @@ RUN_ONLY_KEYS = ("shard", "quiet", "wait")
 RESULT_KEYS = (
     "operation", "poni", "npt", "unit", "mask", "dark", "flat", "polarization", "solid_angle",
     "radial_range", "azimuth_range", "error_model", "normalization", "split", "thres",
-    "max_iter", "percentile", "wavelength", "energy", "dummy", "delta_dummy", "monitor",
-    "sectors",
+    "max_iter", "cutoff_pick", "noise", "percentile", "wavelength", "energy", "dummy",
+    "delta_dummy", "monitor", "sectors",
 )
 
 
@@ -300,6 +305,10 @@ def normalize(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> 
                 raise AzfilterError(f"{where}: threads must be at least 1, not {value}")
         elif key in ("thres", "normalization", "dummy"):
             value = float(_as_number(value, name, where))
+        elif key in ("cutoff_pick", "noise"):
+            value = float(_as_number(value, name, where))
+            if not value >= 0:
+                raise AzfilterError(f"{where}: {name} must be >= 0, not {value}")
         elif key in ("wavelength", "energy", "delta_dummy"):
             value = float(_as_number(value, name, where))
             if value < 0 or (value == 0 and key != "delta_dummy"):

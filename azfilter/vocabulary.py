@@ -8,14 +8,16 @@ The radial units live in :mod:`azfilter.units`, next to their formulas.
 
 from __future__ import annotations
 
-#: Operations as the command line and job files name them.
-OPERATIONS: tuple[str, ...] = ("integrate", "sigma-clip", "medfilt")
+#: Operations as the command line and job files name them. ``sparsify`` is sigma-clip plus
+#: the picking of Bragg pixels (:mod:`azfilter.bragg`), written in pyFAI's sparse format.
+OPERATIONS: tuple[str, ...] = ("integrate", "sigma-clip", "medfilt", "sparsify")
 
 #: The same operations as method names of :class:`azfilter.Integrator` and the engines.
 METHODS: tuple[str, ...] = ("integrate", "sigma_clip", "medfilt")
 
-#: command-line operation name -> method name
-METHOD_OF: dict[str, str] = dict(zip(OPERATIONS, METHODS, strict=True))
+#: command-line operation name -> method name (sparsify clips as sigma-clip, then picks)
+METHOD_OF: dict[str, str] = {**dict(zip(OPERATIONS[:3], METHODS, strict=True)),
+                             "sparsify": "sigma_clip"}
 
 #: Pixel splitting schemes: ``no`` (each pixel in one bin), ``full`` (exact area split).
 SPLITS: tuple[str, ...] = ("no", "full")

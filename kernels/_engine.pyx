@@ -22,6 +22,8 @@ Conventions shared by the three operations:
   are invalid; so are non-finite pixels.
 - ``error_model``: ``"poisson"``, ``"azimuthal"``, ``"hybrid"`` or ``"variance"``.
 - ``threads``: number of OpenMP threads; 0 or None means :func:`default_threads`.
+- ``work`` (optional): a float64 scratch array of :func:`workspace_doubles` values to reuse
+  (one per calling thread; calls running at once need their own); None allocates one.
 - The result is a new float64 array of shape (5, npt): rows S, V, W, W2, N (the fields of
   ``BinSums`` in that order).
 """
@@ -112,6 +114,23 @@ RAW_DTYPES = tuple(np.dtype(name) for name in
                    ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"))
 
 
+def workspace_doubles(Py_ssize_t longest_row, int threads):
+    """Length (float64 values) of the workspace a kernel call needs (the ``work`` argument).
+
+    Parameters
+    ----------
+    longest_row : int
+        Entries of the table's longest row.
+    threads : int
+        OpenMP threads of the call.
+
+    Returns
+    -------
+    int
+    """
+    return max(1, threads) * WORK_PER_ENTRY * (longest_row + 1)
+
+
 def default_threads():
     """Number of OpenMP threads used when none is asked for (``OMP_NUM_THREADS`` or all cores).
 
@@ -135,6 +154,11 @@ cdef struct Workspace:
     azf_item* items     # medfilt: sort keys and positions in the row
     azf_item* scratch   # medfilt: the partitioning's second buffer
     int64_t* selected   # medfilt: positions of the selected fragments
+    # what gather_row stored: c only for a table with coefficients (else every c is 1 and
+    # N = the entry count), c²·var only when the error model reads a per-entry variance;
+    # skipping the other stores saves memory traffic in the gather and the clipping passes
+    bint has_c
+    bint has_v
 
 
 cdef inline Workspace workspace_at(double* base, Py_ssize_t maxlen) noexcept nogil:
@@ -148,6 +172,8 @@ cdef inline Workspace workspace_at(double* base, Py_ssize_t maxlen) noexcept nog
     ws.items = <azf_item*> (base + 5 * maxlen)
     ws.scratch = <azf_item*> (base + 7 * maxlen)
     ws.selected = <int64_t*> (base + 9 * maxlen)
+    ws.has_c = True
+    ws.has_v = True
     return ws
 
 
@@ -181,8 +207,13 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
                                   Py_ssize_t nnz, const int32_t* indices, const float* coefs,
                                   const float* norm, const float* dark, const float* variance,
                                   const DummyRule* rule, int var_kind,
-                                  Workspace* ws) noexcept nogil:
+                                  Workspace* ws, bint skip_unused=False) noexcept nogil:
     """Preprocess the valid entries of one row into the workspace, keeping the row order.
+
+    With ``skip_unused`` (callers that read c and c²·var only through ``ws.has_c`` and
+    ``ws.has_v``: row_sums, drop_outliers), c is stored only for a table with coefficients
+    and c²·var only when the error model has a per-entry variance. medfilt keeps every store
+    (its loop, measured, runs slower with the conditional stores).
 
     ``nnz`` (the table's entry count) bounds the prefetching, which runs on into the next row.
     Returns the number of valid entries.
@@ -190,6 +221,17 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
     cdef Py_ssize_t e, m = 0
     cdef int32_t j
     cdef double v = 0.0, n, s, c = 1.0, var = 0.0
+    # locals: the module is built without strict aliasing, so the compiler would reload
+    # fields of *ws after every store into the arrays
+    cdef bint has_c = coefs != NULL or not skip_unused
+    cdef bint has_v = var_kind != VAR_NONE or not skip_unused
+    cdef double* out_x = ws.x
+    cdef double* out_w = ws.w
+    cdef double* out_c = ws.c
+    cdef double* out_s = ws.s
+    cdef double* out_v = ws.v
+    ws.has_c = has_c
+    ws.has_v = has_v
     for e in range(start, stop):
         if e + PREFETCH_AHEAD < nnz:
             azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
@@ -206,11 +248,13 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
             var = v if v > 1.0 else 1.0
         elif var_kind == VAR_ARRAY:
             var = <double> variance[j]
-        ws.x[m] = s / n
-        ws.w[m] = c * n
-        ws.c[m] = c
-        ws.s[m] = c * s
-        ws.v[m] = c * c * var
+        out_x[m] = s / n
+        out_w[m] = c * n
+        if has_c:
+            out_c[m] = c
+        out_s[m] = c * s
+        if has_v:
+            out_v[m] = c * c * var
         m += 1
     return m
 
@@ -225,7 +269,17 @@ cdef inline void row_sums(Py_ssize_t n, const Workspace* ws, bint azimuthal,
     cdef Py_ssize_t m = 0
     cdef double s0 = 0.0, s1 = 0.0, w0 = 0.0, w1 = 0.0, q0 = 0.0, q1 = 0.0
     cdef double c0 = 0.0, c1 = 0.0, v0 = 0.0, v1 = 0.0
-    cdef double mean, d0, d1
+    if ws.has_c:
+        while m + 1 < n:
+            c0 += ws.c[m]
+            c1 += ws.c[m + 1]
+            m += 2
+        if m < n:
+            c0 += ws.c[m]
+    else:
+        # every coefficient is 1: the two partial sums of ones are exact, so is their sum
+        c0 = <double> n
+    m = 0
     while m + 1 < n:
         s0 += ws.s[m]
         s1 += ws.s[m + 1]
@@ -233,31 +287,19 @@ cdef inline void row_sums(Py_ssize_t n, const Workspace* ws, bint azimuthal,
         w1 += ws.w[m + 1]
         q0 += ws.w[m] * ws.w[m]
         q1 += ws.w[m + 1] * ws.w[m + 1]
-        c0 += ws.c[m]
-        c1 += ws.c[m + 1]
         m += 2
     if m < n:
         s0 += ws.s[m]
         w0 += ws.w[m]
         q0 += ws.w[m] * ws.w[m]
-        c0 += ws.c[m]
     sums[0] = s0 + s1
     sums[2] = w0 + w1
     sums[3] = q0 + q1
     sums[4] = c0 + c1
     m = 0
     if azimuthal:
-        if n > 0:
-            mean = sums[0] / sums[2]
-            while m + 1 < n:
-                d0 = ws.w[m] * (ws.x[m] - mean)
-                d1 = ws.w[m + 1] * (ws.x[m + 1] - mean)
-                v0 += d0 * d0
-                v1 += d1 * d1
-                m += 2
-            if m < n:
-                d0 = ws.w[m] * (ws.x[m] - mean)
-                v0 += d0 * d0
+        sums[1] = azimuthal_variance(n, ws, sums)
+        return
     else:
         while m + 1 < n:
             v0 += ws.v[m]
@@ -266,6 +308,25 @@ cdef inline void row_sums(Py_ssize_t n, const Workspace* ws, bint azimuthal,
         if m < n:
             v0 += ws.v[m]
     sums[1] = v0 + v1
+
+
+cdef inline double azimuthal_variance(Py_ssize_t n, const Workspace* ws,
+                                     const double* sums) noexcept nogil:
+    """The exact second pass ``Σ w²(x − S/W)²`` over the first n entries (0 when n is 0)."""
+    cdef Py_ssize_t m = 0
+    cdef double v0 = 0.0, v1 = 0.0, mean, d0, d1
+    if n > 0:
+        mean = sums[0] / sums[2]
+        while m + 1 < n:
+            d0 = ws.w[m] * (ws.x[m] - mean)
+            d1 = ws.w[m + 1] * (ws.x[m + 1] - mean)
+            v0 += d0 * d0
+            v1 += d1 * d1
+            m += 2
+        if m < n:
+            d0 = ws.w[m] * (ws.x[m] - mean)
+            v0 += d0 * d0
+    return v0 + v1
 
 
 cdef inline void store_sums(double* result, Py_ssize_t npt, Py_ssize_t k, double sum_s,
@@ -341,7 +402,7 @@ cdef inline void integrate_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t st
         # exact two-pass variance: keep x and w of the row in the (cache-resident) workspace
         ws = workspace_at(work, maxlen)
         n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule, VAR_NONE,
-                       &ws)
+                       &ws, True)
         row_sums(n, &ws, True, sums)
         store_sums(result, npt, k, sums[0], sums[1], sums[2], sums[3], sums[4])
         return
@@ -394,19 +455,88 @@ cdef void integrate_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt
 # --------------------------------------------------------------------------------------------
 
 cdef inline Py_ssize_t drop_outliers(Py_ssize_t n, Workspace* ws, double mean,
-                                     double limit) noexcept nogil:
-    """Drop every entry with |x − mean| > limit at once; survivors keep the row order."""
-    cdef Py_ssize_t m, kept = 0
-    for m in range(n):
+                                     double limit, bint azimuthal, double* sums) noexcept nogil:
+    """Drop every entry with |x − mean| > limit at once (survivors keep the row order) and,
+    when any was dropped, set ``sums`` to the survivors' :func:`row_sums`.
+
+    One read-only sweep finds the first outlier (a converged row ends there); the entries
+    before it are summed as they are, and the rest is compacted and summed in the same
+    sweep. Every partial sum receives the same values in the same order as in
+    :func:`row_sums` (kept entry m goes to partial sum m % 2), so the sums are identical.
+    Returns the number of entries kept (n: nothing dropped, ``sums`` untouched).
+    """
+    cdef Py_ssize_t m = 0, first = 0, kept
+    cdef double s0 = 0.0, s1 = 0.0, w0 = 0.0, w1 = 0.0, q0 = 0.0, q1 = 0.0
+    cdef double c0 = 0.0, c1 = 0.0, v0 = 0.0, v1 = 0.0, swap
+    cdef bint has_c = ws.has_c, sum_v = not azimuthal
+    while first < n and not fabs(ws.x[first] - mean) > limit:
+        first += 1
+    if first == n:
+        return n
+    # the survivors before the first outlier stay in place: sum them in pairs
+    while m + 1 < first:
+        s0 += ws.s[m]
+        s1 += ws.s[m + 1]
+        w0 += ws.w[m]
+        w1 += ws.w[m + 1]
+        q0 += ws.w[m] * ws.w[m]
+        q1 += ws.w[m + 1] * ws.w[m + 1]
+        if has_c:
+            c0 += ws.c[m]
+            c1 += ws.c[m + 1]
+        if sum_v:
+            v0 += ws.v[m]
+            v1 += ws.v[m + 1]
+        m += 2
+    if m < first:
+        s0 += ws.s[m]
+        w0 += ws.w[m]
+        q0 += ws.w[m] * ws.w[m]
+        if has_c:
+            c0 += ws.c[m]
+        if sum_v:
+            v0 += ws.v[m]
+        # the "0" variables always hold the partial sums of the next survivor's parity, and
+        # trade places with the others after each survivor; the next one (index first) is
+        # odd. Addition is commutative: s0 + s1 at the end is the same whichever holds which.
+        s0, s1 = s1, s0
+        w0, w1 = w1, w0
+        q0, q1 = q1, q0
+        c0, c1 = c1, c0
+        v0, v1 = v1, v0
+    kept = first
+    for m in range(first + 1, n):
         if fabs(ws.x[m] - mean) > limit:
             continue
-        if kept != m:
-            ws.x[kept] = ws.x[m]
-            ws.w[kept] = ws.w[m]
+        ws.x[kept] = ws.x[m]
+        ws.w[kept] = ws.w[m]
+        ws.s[kept] = ws.s[m]
+        swap = s1
+        s1 = s0 + ws.s[m]
+        s0 = swap
+        swap = w1
+        w1 = w0 + ws.w[m]
+        w0 = swap
+        swap = q1
+        q1 = q0 + ws.w[m] * ws.w[m]
+        q0 = swap
+        if has_c:
             ws.c[kept] = ws.c[m]
-            ws.s[kept] = ws.s[m]
+            swap = c1
+            c1 = c0 + ws.c[m]
+            c0 = swap
+        if ws.has_v:
             ws.v[kept] = ws.v[m]
+        if sum_v:
+            swap = v1
+            v1 = v0 + ws.v[m]
+            v0 = swap
         kept += 1
+    sums[0] = s0 + s1
+    sums[2] = w0 + w1
+    sums[3] = q0 + q1
+    sums[4] = c0 + c1 if has_c else <double> kept
+    sums[1] = azimuthal_variance(kept, ws, sums) if azimuthal else v0 + v1
     return kept
 
 
@@ -425,7 +555,7 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
     # clip with the azimuthal scatter for azimuthal and hybrid; hybrid reports poisson at the end
     cdef bint clip_azimuthal = error_model == MODEL_AZIMUTHAL or error_model == MODEL_HYBRID
     n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
-                   variance_kind(error_model), &ws)
+                   variance_kind(error_model), &ws, True)
     row_sums(n, &ws, clip_azimuthal, sums)
     while iteration < max_iter:
         iteration += 1
@@ -437,11 +567,10 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
         cutoff = sqrt(2.0 * log(count / SQRT_2PI))
         if cutoff < thres:
             cutoff = thres
-        kept = drop_outliers(n, &ws, mean, cutoff * std)
+        kept = drop_outliers(n, &ws, mean, cutoff * std, clip_azimuthal, sums)
         if kept == n:
             break
         n = kept
-        row_sums(n, &ws, clip_azimuthal, sums)
     if error_model == MODEL_HYBRID:
         sums[1] = 0.0
         for m in range(n):
@@ -598,8 +727,13 @@ cdef set_dummy_rule(DummyRule* rule, dummy, double delta_dummy):
 
 
 cdef _Call prepare_call(Py_ssize_t n_raw, indptr, indices, coefs, norm, dark, variance, dummy,
-                        double delta_dummy, error_model, threads, bint need_work):
-    """Check shapes and dtypes once, with the GIL, and collect the raw pointers."""
+                        double delta_dummy, error_model, threads, bint need_work, work=None):
+    """Check shapes and dtypes once, with the GIL, and collect the raw pointers.
+
+    ``work``: a float64 array of at least :func:`workspace_doubles` values that the call may
+    use as its workspace (callers reuse one per thread: a fresh one is megabytes of page
+    faults per frame); None allocates one.
+    """
     cdef _Call call = _Call()
     cdef const int64_t[::1] indptr_view = indptr
     cdef const int32_t[::1] indices_view = indices
@@ -662,14 +796,18 @@ cdef _Call prepare_call(Py_ssize_t n_raw, indptr, indices, coefs, norm, dark, va
         call.result_ptr = &result_view[0, 0]
     call.work_ptr = NULL
     if need_work:
-        call.work = np.empty(call.nthreads * WORK_PER_ENTRY * (longest + 1), dtype=np.float64)
+        if work is not None and work.dtype == np.float64 and work.ndim == 1 \
+                and work.shape[0] >= workspace_doubles(longest, call.nthreads):
+            call.work = work
+        else:
+            call.work = np.empty(workspace_doubles(longest, call.nthreads), dtype=np.float64)
         work_view = call.work
         call.work_ptr = &work_view[0]
     return call
 
 
 def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
-              double delta_dummy, str error_model, threads=None):
+              double delta_dummy, str error_model, threads=None, work=None):
     """Per-bin sums of a plain integration (see the module docstring for the arguments).
 
     S = Σ c·signal, W = Σ c·norm, W2 = Σ (c·norm)², N = Σ c, V = Σ c²·var (poisson,
@@ -682,7 +820,7 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
     """
     cdef _Call call = prepare_call(raw.shape[0], indptr, indices, coefs, norm, dark, variance,
                                    dummy, delta_dummy, error_model, threads,
-                                   error_model == "azimuthal")
+                                   error_model == "azimuthal", work)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
     if call.npt > 0:
         with nogil:
@@ -693,7 +831,8 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
 
 
 def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
-               double delta_dummy, str error_model, double thres, int max_iter, threads=None):
+               double delta_dummy, str error_model, double thres, int max_iter, threads=None,
+               work=None):
     """Per-bin sums after iterative azimuthal sigma-clipping (``docs/internals.md``).
 
     Within each bin, entirely in compiled code: sums with the clipping model (azimuthal for
@@ -709,7 +848,7 @@ def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, varianc
     if max_iter < 0:
         raise ValueError("max_iter must be >= 0")
     cdef _Call call = prepare_call(raw.shape[0], indptr, indices, coefs, norm, dark, variance,
-                                   dummy, delta_dummy, error_model, threads, True)
+                                   dummy, delta_dummy, error_model, threads, True, work)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
     if call.npt > 0:
         with nogil:
@@ -722,7 +861,7 @@ def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, varianc
 
 def medfilt(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
             double delta_dummy, str error_model, double quant_min, double quant_max,
-            threads=None):
+            threads=None, work=None):
     """Per-bin sums of the fragments between two weighted quantiles (``docs/internals.md``).
 
     Fragments (key x = signal/norm, weight w = c·norm) are sorted by (key, pixel index); with
@@ -737,7 +876,7 @@ def medfilt(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, 
     if not (0.0 <= quant_min <= quant_max <= 1.0):
         raise ValueError("quantiles must satisfy 0 <= quant_min <= quant_max <= 1")
     cdef _Call call = prepare_call(raw.shape[0], indptr, indices, coefs, norm, dark, variance,
-                                   dummy, delta_dummy, error_model, threads, True)
+                                   dummy, delta_dummy, error_model, threads, True, work)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
     if call.npt > 0:
         with nogil:

@@ -984,6 +984,21 @@ def test_run_job_is_the_command_without_click(data, tmp_path):
     assert not (tmp_path / "dry.h5").exists()
 
 
+def test_cython_lanes_give_the_same_output(data, tmp_path):
+    """Frames reduced several at once (AZFILTER_CYTHON_LANES) give the one-at-a-time file."""
+    outputs = []
+    for lanes in ("1", "2"):
+        output = tmp_path / f"lanes{lanes}.h5"
+        result = invoke("sigma-clip", "-p", data.poni, "--backend", "cython", "--threads", 2,
+                        "--npt", 40, data.stack, *data.cbfs, "-o", output, "--quiet",
+                        env={"AZFILTER_CYTHON_LANES": lanes})
+        assert result.exit_code == 0, result.output
+        outputs.append(read_result(output))
+    assert outputs[0].intensity.shape[0] > 4
+    for name in ("radial", "intensity", "sigma"):
+        np.testing.assert_array_equal(getattr(outputs[1], name), getattr(outputs[0], name))
+
+
 def test_verbose_prints_pools_and_follows_slurm_cpus(data, tmp_path):
     result = invoke("integrate", "-v", "-p", data.poni, "--backend", "python", "--npt", 30,
                     *data.cbfs, "-o", tmp_path / "v.h5", env={"SLURM_CPUS_PER_TASK": "1"})
@@ -995,3 +1010,10 @@ def test_verbose_prints_pools_and_follows_slurm_cpus(data, tmp_path):
     quiet = invoke("integrate", "-p", data.poni, "--backend", "python", "--npt", 30,
                    *data.cbfs, "-o", tmp_path / "q.h5")
     assert "engine threads" not in quiet.stderr
+    assert "frames at once" not in line      # the python engine reduces one frame at a time
+    compiled = invoke("integrate", "-v", "-p", data.poni, "--backend", "cython", "--npt", 30,
+                      *data.cbfs, "-o", tmp_path / "c.h5",
+                      env={"SLURM_CPUS_PER_TASK": "1", "AZFILTER_CYTHON_LANES": "3"})
+    assert compiled.exit_code == 0, compiled.output
+    line = next(ln for ln in compiled.stderr.splitlines() if "engine threads" in ln)
+    assert "engine threads 1 (1 frames at once)" in line   # lanes never exceed the threads

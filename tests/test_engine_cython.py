@@ -20,6 +20,7 @@ from engine_contract import (
     SHAPE,
     Case,
     check_agreement,
+    check_process_many,
     dummy_for,
     frame,
     make_case,
@@ -145,6 +146,76 @@ def test_threads_do_not_change_results(case):
         a, b = call(one), call(three)
         for name in FIELDS:
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+@pytest.mark.parametrize("threads, lanes", [(2, 2), (4, 3), (3, 1)])
+def test_process_many_in_lanes_keeps_the_contract(case, threads, lanes):
+    """Several frames at once: input order, per-frame errors, results bit-identical to the
+    single-frame calls on all threads, an abandoned stream (the contract's checks)."""
+    def factory(table, pixel_norm, dark, dummy, delta_dummy):
+        return CythonEngine(table, pixel_norm, dark, dummy, delta_dummy, threads=threads,
+                            lanes=lanes)
+    engine = factory(case.tables["no"], case.pixel_norm, None, None, 0.0)
+    assert engine.lanes == lanes
+    check_process_many(factory, case)
+
+
+def test_process_many_in_lanes_holds_a_bounded_number_of_frames(case):
+    """However long the stream, at most 2 × lanes frames are taken and not yet returned."""
+    engine = CythonEngine(case.tables["full"], case.pixel_norm, None, None, 0.0, threads=3,
+                          lanes=3)
+    raw = frame(case, "int32")
+    expected = engine.medfilt(raw, 0.3, 0.7, "poisson")
+    taken = [0]
+
+    def frames():
+        for index in range(40):
+            taken[0] += 1
+            yield index, raw + (index % 2)
+
+    returned = 0
+    for tag, sums in engine.process_many(frames(), "medfilt",
+                                         {"quant_min": 0.3, "quant_max": 0.7,
+                                          "error_model": "poisson"}):
+        assert tag == returned
+        returned += 1
+        assert taken[0] - returned < 2 * engine.lanes
+        if tag % 2 == 0:
+            np.testing.assert_array_equal(sums.signal, expected.signal)
+    assert returned == 40
+
+
+def test_default_lanes(monkeypatch):
+    from azfilter.backends.cython import LANES_VARIABLE, THREADS_PER_LANE, default_lanes
+
+    monkeypatch.delenv(LANES_VARIABLE, raising=False)
+    assert default_lanes(1) == 1 and default_lanes(THREADS_PER_LANE - 1) == 1
+    assert default_lanes(4 * THREADS_PER_LANE) == 4
+    assert default_lanes(16, {LANES_VARIABLE: "8"}) == 8
+    assert default_lanes(2, {LANES_VARIABLE: "8"}) == 2      # at least one thread per lane
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(AzfilterError, match=LANES_VARIABLE):
+            default_lanes(4, {LANES_VARIABLE: bad})
+    with pytest.raises(AzfilterError, match="lanes"):
+        CythonEngine(Table(np.array([0, 1]), np.array([0], np.int32), np.ones(1, np.float32)),
+                     np.ones(1, np.float32), None, None, 0.0, lanes=0)
+
+
+def test_workspace_argument_of_the_kernels(case):
+    """A reused workspace gives the same sums as a fresh one; one too small is replaced."""
+    engine = CythonEngine(case.tables["full"], case.pixel_norm, case.dark, None, 0.0,
+                          threads=2)
+    raw = frame(case, "float32").ravel()
+    table = engine._table()
+    longest = int(np.diff(table[0]).max())
+    size = _engine.workspace_doubles(longest, 2)
+    fresh = _engine.medfilt(raw, *table, None, None, 0.0, "azimuthal", 0.2, 0.8, 2)
+    for work in (np.full(size, np.nan), np.zeros(3), None):
+        again = _engine.medfilt(raw, *table, None, None, 0.0, "azimuthal", 0.2, 0.8, 2, work)
+        np.testing.assert_array_equal(again, fresh)
+        clipped = _engine.sigma_clip(raw, *table, None, None, 0.0, "hybrid", 2.0, 4, 2, work)
+        np.testing.assert_array_equal(
+            clipped, _engine.sigma_clip(raw, *table, None, None, 0.0, "hybrid", 2.0, 4, 2))
 
 
 def test_default_threads_is_openmp_default(case):

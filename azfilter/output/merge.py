@@ -27,6 +27,7 @@ from .read import (
     row_dataset,
     sector_ranges_of,
 )
+from .sparse import sparse_group_of
 
 # NXparameters entries the writer adds itself (not reduction parameters).
 _WRITER_INPUTS = ("operation", "wavelength", "poni")
@@ -73,6 +74,7 @@ def _read_shard(path: Path, order: int) -> dict[str, Any]:
                 rows=int(data["source"].shape[0]), order=order, wavelength=wavelength,
                 names={k: as_text(v[()]) for k, v in names.items() if v is not None},
                 records=read_job_records(h5),
+                sparse=sparse_group_of(h5) is not None,
             )
     except AzfilterError:
         raise
@@ -193,6 +195,11 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
         present = {i["shard_index"] for i in infos}
         missing_shards = [k for k in range(count) if k not in present]
     arrays = [name for name in first["arrays"] if all(name in i["arrays"] for i in infos)]
+    sparse = [i["sparse"] for i in infos]
+    if any(sparse) and not all(sparse):
+        plain = next(i for i in infos if not i["sparse"])
+        raise AzfilterError(f"{plain['path']}: holds no sparse frames, unlike "
+                            f"{next(i for i in infos if i['sparse'])['path']}")
     config = dict(first["config"])
     config["output"] = str(output.resolve())
     config.pop("shard", None)
@@ -210,6 +217,12 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
     out = None
     try:
         out = NexusFile.create(tmp, meta, first["radial"], arrays, name=output)
+        merger = None
+        if all(sparse):   # azfilter sparsify outputs: carry the sparse frames along
+            from .sparse import SparseMerger
+
+            opened = out
+            merger = opened.guarded(lambda: SparseMerger(opened.h5, [i["path"] for i in infos]))
         for info in infos:
             try:
                 with h5py.File(info["path"], "r") as h5:
@@ -230,6 +243,9 @@ def merge_nexus(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                             continue
                         block = {name: dset[start:stop][keep] for name, dset in datasets.items()}
                         out.append(block, [sources[k] for k in keep], [indices[k] for k in keep])
+                        if merger is not None:
+                            rows = [start + k for k in keep]
+                            out.guarded(lambda rows=rows, h5=h5: merger.add(h5, rows))
                         written += len(keep)
             except (AzfilterError, OutputWriteError):
                 raise

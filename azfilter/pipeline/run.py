@@ -81,6 +81,9 @@ class Job:
     integrator: Any = None
     notes: list[str] = field(default_factory=list)
     manifest: Manifest | None = None
+    # sparsify: (raw frame, result) -> what the sink writes, run before the frame's buffer
+    # is reused (azfilter.bragg.BraggPicker)
+    postprocess: Callable[[Any, Any], Any] | None = None
 
     @property
     def label(self) -> str:
@@ -138,7 +141,7 @@ def reduction_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     operation = config["operation"]
     if operation == "integrate":
         params = {"error_model": config["error_model"], "split": config["split"]}
-    elif operation == "sigma-clip":
+    elif operation in ("sigma-clip", "sparsify"):
         params = {"thres": config["thres"], "max_iter": config["max_iter"],
                   "error_model": config["error_model"]}
     else:
@@ -261,6 +264,54 @@ def check_npt(npt: int, shape: tuple[int, int] | None) -> None:
                             "typically the larger image dimension)")
 
 
+def check_sparsify(config: dict[str, Any], out_kind: str, output: str) -> None:
+    """Refuse what the sparse format cannot hold.
+
+    Raises
+    ------
+    AzfilterError
+        For an output that is not one HDF5 file, χ sectors, or a monitor.
+    """
+    if out_kind != "hdf5":
+        raise AzfilterError(f"-o {output}: sparsify writes one HDF5 file for all frames "
+                            "(give a name ending in .h5)")
+    if config.get("sectors"):
+        raise AzfilterError("sparsify keeps one background profile per frame: it takes no "
+                            "--sectors")
+    if config.get("monitor"):
+        raise AzfilterError("sparsify stores raw frames (densified from the background times "
+                            "the pixel normalisation): it takes no --monitor")
+
+
+def make_picker(config: dict[str, Any], integrator: Any, writer: Any) -> Any:
+    """The sparsify step of a job: a :class:`azfilter.bragg.BraggPicker` that also gives the
+    writer (:class:`azfilter.output.sparse.SparseWriter`) its detector layout.
+
+    Raises
+    ------
+    AzfilterError
+        When the detector's shape is unknown.
+    """
+    from ..bragg import BraggPicker, pick_geometry
+    from ..output.sparse import SparseLayout
+
+    if integrator.shape is None:
+        raise AzfilterError("sparsify needs the detector's shape (from the PONI file or the "
+                            "first frame)")
+    geometry = pick_geometry(integrator)
+    if writer is not None:
+        writer.set_layout(SparseLayout(
+            shape=geometry.shape, radius=geometry.radius, position=geometry.position,
+            pixel_norm=geometry.pixel_norm, detector_dummy=integrator.geometry.detector,
+            parameters={"cutoff_pick": config["cutoff_pick"], "noise": config["noise"],
+                        "cutoff_clip": config["thres"], "cycle": config["max_iter"],
+                        "error_model": config["error_model"], "unit": config["unit"],
+                        "npt": config["npt"], "picking": "host (azfilter.bragg)"}))
+    return BraggPicker(geometry, config["cutoff_pick"], config["noise"],
+                       integrator.geometry.detector, threads=integrator.threads or 0,
+                       convert=None if writer is None else writer.intensity_values)
+
+
 def prepare_job(config: dict[str, Any], dry_run: bool = False,
                 note: Callable[[str], None] | None = None) -> Job:
     """Plan a job from its effective config and set up what the run needs.
@@ -323,8 +374,15 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     todo, skipped = planning.skip_existing(frames, out_kind, output, mode, config["npt"],
                                            cfg.sector_count(config.get("sectors")))
     writer = None
+    if config["operation"] == "sparsify":
+        check_sparsify(config, out_kind, output_arg)
     if out_kind == "hdf5":
-        writer = NexusWriter(output, meta, mode=mode)
+        if config["operation"] == "sparsify":
+            from ..output.sparse import SparseWriter
+
+            writer = SparseWriter(output, meta, mode=mode)
+        else:
+            writer = NexusWriter(output, meta, mode=mode)
         if mode == "append":
             todo, more = planning.drop_stored(todo, writer.existing)
             skipped += more
@@ -342,6 +400,8 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     if todo or empty_output:
         job.integrator = make_integrator(config, geometry, todo[0].item if todo else None)
         meta.geometry = geometry_lines(job.integrator.geometry)
+        if config["operation"] == "sparsify":
+            job.postprocess = make_picker(config, job.integrator, writer)
         if empty_output and writer is not None and job.integrator.shape is not None:
             writer.start(job.integrator.table(config["split"]).radial,
                          sectors=job.integrator.sectors)
@@ -667,15 +727,21 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     # every frame iter_frames may hold decoded ahead, plus those in the engine
     buffers = integrator.frame_buffers(2 * readers + 2 + READ_AHEAD + 4)
     method, params = reduction_parameters(job.config)
-    device_decode = decode_on_device(job.config)
+    # sparsify picks its pixels on the host from the decoded frame: its chunks are decoded here
+    device_decode = decode_on_device(job.config) and job.postprocess is None
     if job.config.get("backend") == "opencl":
         logger.info("%s: bitshuffle-LZ4 HDF5 chunks decoded on the %s (--decode %s)",
                     job.label, "device" if device_decode else "host",
                     job.config.get("decode") or "auto")
-    logger.info("%s: %d frames; backend %s%s, engine threads %s, %d reader threads, "
+    lanes = ""
+    if job.config["backend"] == "cython":
+        from ..backends.cython import default_lanes  # the compiled engine loads only here
+
+        lanes = f" ({default_lanes(integrator.threads)} frames at once)"
+    logger.info("%s: %d frames; backend %s%s, engine threads %s%s, %d reader threads, "
                 "%d cores usable", job.label, len(job.todo), job.config["backend"],
                 f" (device {job.config['device']})" if job.config.get("device") else "",
-                integrator.threads, readers, usable_cores())
+                integrator.threads, lanes, readers, usable_cores())
     interrupted: BaseException | None = None
     # frame source and buffer of each frame in the engine, until its result is back
     in_flight: dict[int, tuple[str, Any]] = {}
@@ -699,6 +765,11 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
         for planned, outcome in integrator.process_many(frames(), method, **params):
             frame_source, data = in_flight.pop(id(planned))
             frame_monitor = monitors.pop(id(planned), 1.0)
+            if job.postprocess is not None and not isinstance(outcome, Exception):
+                try:   # sparsify: pick the Bragg pixels while the raw frame is at hand
+                    outcome = job.postprocess(data, outcome)
+                except Exception as err:  # noqa: BLE001 - one failed frame, reported
+                    outcome = err
             buffers.give_back(_ring_buffer(data))   # the engine has read it: reuse the buffer
             if stop.is_set():
                 break
