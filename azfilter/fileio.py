@@ -16,6 +16,7 @@ the umask to read it is not thread-safe while another thread creates files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import socket
@@ -26,8 +27,12 @@ from pathlib import Path
 _FALLBACK_MODE = 0o644
 
 
+@functools.cache
 def new_file_mode() -> int:
     """Permissions an ordinary ``open(path, "w")`` would give a new file (0o666 minus umask).
+
+    Read once per process (azfilter never changes its umask): a run writing one text file
+    per frame would otherwise read ``/proc/self/status`` once per frame.
 
     Returns
     -------
@@ -44,6 +49,7 @@ def new_file_mode() -> int:
     return _FALLBACK_MODE
 
 
+@functools.cache
 def _host_tag() -> str:
     # host names may contain dots and dashes; keep a form that cannot hide the separators
     return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname() or "host")
@@ -112,9 +118,25 @@ def atomic_output(path: str | os.PathLike, fsync: bool = True,
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder + rename)."""
-    with atomic_output(path) as temporary, open(temporary, "wb") as handle:
-        handle.write(data)
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder + rename).
+
+    The same steps as :func:`atomic_output` on the one descriptor of the temporary file
+    (write, fsync, permissions, rename): a run writing one text file per frame calls this
+    for every frame.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    fd, name = tempfile.mkstemp(prefix=temporary_prefix(target), suffix=".tmp", dir=folder)
+    try:
+        with open(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(fd)
+            os.fchmod(fd, new_file_mode())
+        os.replace(name, path)
+    except BaseException:
+        remove_quietly(name)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -5,7 +5,9 @@
     ``open_frames`` (today's reader) and ``iter_frames`` (direct chunk reads + imagecodecs)
     at 1 and 2 workers; also each decoder alone, per frame (CPU ms).
 (b) 100 Pilatus 1M CBF files (the real AgBh frame with fresh Poisson noise per file, written
-    by fabio): plain ``fabio.open``, ``open_frames``, ``iter_frames`` at 1 and 2 workers.
+    by fabio): plain ``fabio.open``, ``open_frames``, ``iter_frames`` at 1 and 2 workers (both
+    with azfilter's own CBF reader); also each reading step alone, per file (CPU ms): fabio's
+    and azfilter's.
 (c) Whether each decoder releases the GIL: while a thread calls it in a loop, the main thread
     counts pure-Python steps; a call that holds the GIL stops the main thread for its whole
     length (control: ``bytes.translate``), one that releases it does not (control: sleep).
@@ -35,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_cli import (  # noqa: E402  (after the path set-up)
     H5PATH,
-    PILATUS_FRAME,
     eiger_stack,
     machine_info,
+    make_cbf_files,
     read_page_cache,
 )
 
@@ -163,33 +165,6 @@ def decoder_costs(stack: Path, repeat: int) -> dict[str, float]:
 # ============================================================================ (b) CBF files
 
 
-def make_cbf_files(directory: Path, n: int) -> list[Path]:
-    """``n`` Pilatus 1M CBF files (made once): the real AgBh frame with Poisson noise."""
-    import fabio
-    import fabio.cbfimage
-    import numpy as np
-
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"pilatus1m_{k:04d}.cbf" for k in range(n)]
-    if all(p.exists() for p in paths):
-        return paths
-    if PILATUS_FRAME.exists():
-        base = fabio.open(str(PILATUS_FRAME)).data.astype(np.float64)
-    else:                                   # no test data: a synthetic Pilatus 1M frame
-        from tests.synthetic import default_geometry, synthetic_frame
-
-        base = synthetic_frame(geometry=default_geometry("Pilatus1M"), seed=1)
-        base = np.asarray(base[0] if isinstance(base, tuple) else base, np.float64)
-    rng = np.random.default_rng(0)
-    for path in paths:
-        frame = rng.poisson(np.clip(base, 0, None)).astype(np.int32)
-        frame[base < 0] = base[base < 0].astype(np.int32)       # gaps -1, dead -2
-        tmp = path.with_suffix(".tmp")
-        fabio.cbfimage.CbfImage(data=frame).write(str(tmp))
-        os.replace(tmp, path)
-    return paths
-
-
 def cbf_rates(paths: list[Path], repeat: int) -> dict[str, Any]:
     import fabio
 
@@ -213,6 +188,58 @@ def cbf_rates(paths: list[Path], repeat: int) -> dict[str, Any]:
             lambda w=workers: count_frames_of(iter_frames(items, workers=w)), len(paths),
             repeat)
     return rows
+
+
+def cbf_costs(paths: list[Path], repeat: int) -> dict[str, float]:
+    """CPU ms per Pilatus 1M CBF file of each reading step, on one thread (best of
+    ``repeat`` passes over the files; files in the page cache)."""
+    import base64
+    import hashlib
+
+    import fabio
+    import fabio.cbfimage
+    import numpy as np
+    from fabio.compression import decByteOffset
+
+    from azfilter.frames import cbf
+
+    contents = {p: p.read_bytes() for p in paths}
+    layouts = {p: cbf.parse(contents[p]) for p in paths}
+    if any(layout is None for layout in layouts.values()):
+        sys.exit("bench_read: azfilter's CBF reader does not take these files (not built?)")
+    out = np.empty(layouts[paths[0]].shape, layouts[paths[0]].dtype)
+
+    def payload(p: Path) -> memoryview:
+        layout = layouts[p]
+        return memoryview(contents[p])[layout.start:layout.start + layout.size]
+
+    np.testing.assert_array_equal(cbf.read_cbf(str(paths[0]), np.empty)[0],
+                                  fabio.open(str(paths[0])).data)
+    steps = {
+        "fabio.open(f).data (whole read, MD5 checked)": lambda p: fabio.open(str(p)).data,
+        "fabio CbfImage().read(f, check_MD5=False)":
+            lambda p: fabio.cbfimage.CbfImage().read(str(p), check_MD5=False).data,
+        "fabio decByteOffset (payload bytes -> int32)":
+            lambda p: decByteOffset(bytes(payload(p)), size=out.size, dtype="int32"),
+        "MD5 of the payload (hashlib, as both check it)":
+            lambda p: base64.b64encode(hashlib.md5(payload(p)).digest()),
+        "file read (bytes, page cache)": lambda p: cbf.read_file(str(p)),
+        "azfilter MIME header parse": lambda p: cbf.parse(contents[p]),
+        "azfilter decode_byte_offset (into a buffer)":
+            lambda p: cbf.decode(contents[p], layouts[p], out),
+        "azfilter read_cbf (whole read, MD5 checked)":
+            lambda p: cbf.read_cbf(str(p), lambda shape, dtype: out),
+    }
+    costs = {}
+    for name, step in steps.items():
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.process_time()
+            for p in paths:
+                step(p)
+            best = min(best, (time.process_time() - start) / len(paths))
+        costs[name] = round(best * 1000, 2)
+    return costs
 
 
 # ============================================================================ (c) the GIL
@@ -296,6 +323,13 @@ def gil_probe(stack: Path, cbf: Path) -> dict[str, Any]:
             lambda: decByteOffset(cbf_payload, size=cbf_pixels, dtype=np.int32),
         "fabio.open(cbf).data (whole file)": lambda: fabio.open(str(cbf)).data,
     }
+    from azfilter.frames import cbf as cbf_reader
+
+    layout = cbf_reader.parse(cbf_bytes)
+    cbf_out = np.empty(layout.shape, layout.dtype)
+    calls["azfilter decode_byte_offset (Pilatus 1M CBF)"] = \
+        lambda: cbf_reader.decode(cbf_bytes, layout, cbf_out)
+    calls["azfilter read_cbf (whole file)"] = lambda: cbf_reader.read_cbf(str(cbf), np.empty)
     return {name: main_thread_steps(call) for name, call in calls.items()}
 
 
@@ -325,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                        "frames_per_s": eiger_rates(stack, args.frames, args.repeat),
                        "decoder_cpu_ms_per_frame": decoder_costs(stack, args.repeat)}
     report["cbf"] = {"input": f"{len(cbf_paths)} Pilatus 1M int32 CBF files (byte offset)",
-                     "frames_per_s": cbf_rates(cbf_paths, args.repeat)}
+                     "frames_per_s": cbf_rates(cbf_paths, args.repeat),
+                     "cpu_ms_per_file": cbf_costs(cbf_paths, args.repeat)}
     report["gil"] = gil_probe(stack, cbf_paths[0])
     machine["load_average_end"] = list(os.getloadavg())
     report["generated_stack_s"] = round(generated, 1)
@@ -341,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{value['cores_busy']:6.2f}")
     print("\n## Eiger 4M decoding, CPU ms per frame (one thread)")
     for name, value in report["eiger"]["decoder_cpu_ms_per_frame"].items():
+        print(f"  {name:45s} {value:8.2f}")
+    print("\n## Pilatus 1M CBF reading, CPU ms per file (one thread)")
+    for name, value in report["cbf"]["cpu_ms_per_file"].items():
         print(f"  {name:45s} {value:8.2f}")
     print("\n## GIL: main-thread Python steps per ms while a thread runs the call")
     for name, value in report["gil"].items():

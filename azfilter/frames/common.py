@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -134,3 +137,36 @@ def _looks_like_hdf5(path: str) -> bool:
             return stream.read(8) == _HDF5_SIGNATURE
     except OSError:
         return False
+
+
+class LazyHeader(Mapping):
+    """A file's header, parsed by ``parse()`` only when first looked at (azfilter's own
+    readers decode the pixels without parsing the rest of the header: a run that reads no
+    header key, i.e. no ``--monitor``, does not pay for it on every file)."""
+
+    def __init__(self, parse: Callable[[], dict[str, Any]], name: str = ""):
+        self._parse = parse
+        self._name = name
+        self._values: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def _parsed(self) -> dict[str, Any]:
+        with self._lock:
+            if self._values is None:
+                self._values = self._parse()
+            return self._values
+
+    def __getitem__(self, key: str) -> Any:
+        return self._parsed()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsed())
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
+    def __bool__(self) -> bool:
+        return True                 # never looked at just to know whether it is empty
+
+    def __repr__(self) -> str:
+        return f"LazyHeader({self._name!r})"

@@ -7,15 +7,20 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from ..errors import FrameReadError
+from . import cbf, edf
+from .cbf import BINARY_START
+from .cbf import precheck as precheck_cbf
 from .common import (
     _DECODER_BUGS,
     _MAX_MESSAGE,
+    LazyHeader,
     _check_file,
     _check_image,
     _exception_reason,
@@ -131,9 +136,6 @@ def _fabio_format_name(path: str, image: Any = None) -> str:
     return {"tif": "TIFF", "tiff": "TIFF", "mccd": "MarCCD", "": "image"}.get(ext, ext.upper())
 
 
-#: CBF: the bytes that open the binary section. fabio's reader loops forever when a CBF has a
-#: binary header but not these bytes (a file cut while being written).
-_CBF_BINARY_START = b"\x0c\x1a\x04\xd5"
 #: EDF: ``Dim_<k>`` header keys; fabio loops over range(1, k), so a damaged key such as
 #: Dim_2147483648 hangs it. Images have at most 3 dimensions.
 _EDF_DIM_KEY = re.compile(rb"(?m)^\s*Dim_(\d+)\s*=")
@@ -152,53 +154,6 @@ def _open_maybe_compressed(path: str):
     return open(path, "rb")
 
 
-_CBF_SECTION = b"--CIF-BINARY-FORMAT-SECTION--"
-#: bytes of a CBF read to check its headers (Pilatus/Eiger headers take a few kB)
-_CBF_HEAD = 256 * 1024
-_CBF_KEYS = {
-    "size": rb"X-Binary-Size:\s*(\d+)",
-    "elements": rb"X-Binary-Number-of-Elements:\s*(\d+)",
-    "fastest": rb"X-Binary-Size-Fastest-Dimension:\s*(\d+)",
-    "second": rb"X-Binary-Size-Second-Dimension:\s*(\d+)",
-}
-
-
-def _precheck_cbf(path: str, content: bytes, size: int) -> None:
-    """A CBF's binary section must be there and agree with its MIME header: fabio's reader
-    loops forever without the section and its byte-offset decoder trusts the sizes (a damaged
-    header crashed the process)."""
-    # fabio looks for the MIME section in the first 16 blocks of 512 bytes, then for the
-    # binary start after it, reading on forever when it is not there.
-    section = content.find(_CBF_SECTION, 0, 16 * 512)
-    if section < 0:
-        if any(mark in content for mark in (_CBF_SECTION, _CBF_BINARY_START,
-                                              b"_array_data.data")):
-            raise FrameReadError(path, None, "corrupt or truncated CBF file: no binary section "
-                                 "header in its first 8 kB")
-        return                      # no binary data at all: fabio reports it itself
-    start = content.find(_CBF_BINARY_START, section)
-    if start < 0:
-        raise FrameReadError(path, None, "corrupt or truncated CBF file: its binary section "
-                             "is missing (a file still being written?)")
-    header = content[section:start]
-    values = {}
-    for name, pattern in _CBF_KEYS.items():
-        matches = re.findall(pattern, header)
-        match = matches[-1] if matches else None      # fabio keeps the last value
-        if match is None:
-            raise FrameReadError(path, None, f"corrupt or truncated CBF file: no "
-                                 f"{pattern.split(b':')[0].decode()}")
-        values[name] = int(match)
-    available = size - start - len(_CBF_BINARY_START)
-    if values["size"] > available:
-        raise FrameReadError(path, None, f"corrupt or truncated CBF file: {values['size']} "
-                             f"bytes of binary data announced, {available} present")
-    if values["fastest"] * values["second"] != values["elements"] or values["elements"] == 0:
-        raise FrameReadError(path, None, "corrupt or truncated CBF file: "
-                             f"{values['fastest']} x {values['second']} is not "
-                             f"{values['elements']} elements")
-
-
 def _precheck(path: str) -> None:
     """Refuse the damaged files that make fabio's readers loop forever (found by fuzzing).
 
@@ -213,8 +168,8 @@ def _precheck(path: str) -> None:
             with _open_maybe_compressed(path) as stream:
                 # The header and the binary start lie in the first kilobytes: fabio reads the
                 # file anyway, so read the rest only when they are not there (damaged files).
-                content = stream.read(_CBF_HEAD)
-                if _CBF_BINARY_START not in content:
+                content = stream.read(cbf.HEAD_BYTES)
+                if BINARY_START not in content:
                     content += stream.read()
                     size = len(content)
                 elif ext == ".cbf":
@@ -222,7 +177,7 @@ def _precheck(path: str) -> None:
                 else:                   # compressed: the decoded size needs the whole file
                     content += stream.read()
                     size = len(content)
-            _precheck_cbf(path, content, size)
+            precheck_cbf(path, content, size)
         elif ext.startswith(".edf"):
             with _open_maybe_compressed(path) as stream:
                 head = stream.read(65536)
@@ -237,13 +192,31 @@ def _precheck(path: str) -> None:
 
 
 class _FabioSource:
-    """A file opened through fabio; frames are read one at a time with ``getframe``."""
+    """A file opened through fabio; frames are read one at a time with ``getframe``.
 
-    def __init__(self, path: str):
+    A miniCBF that :mod:`.cbf` reads itself (byte offset, the usual header) is decoded here
+    without fabio, into ``allocate(shape, dtype)`` when given: :attr:`native` then holds its
+    (image, header).
+    """
+
+    def __init__(self, path: str, allocate: Callable[[tuple, Any], np.ndarray] | None = None):
         _check_file(path)
-        _precheck(path)
         self.path = path
         self.source = path
+        self.native: tuple[np.ndarray, Mapping] | None = None
+        ext = _extension(path)
+        if ext.startswith(".cbf") or ext == ".edf":
+            is_cbf = ext.startswith(".cbf")
+            read = cbf.read_cbf if is_cbf else edf.read_edf
+            native = read(path, allocate if allocate is not None else np.empty)
+            if native is not None:
+                data, head = native
+                parse = _cbf_header if is_cbf else _edf_header
+                self.native = (data, LazyHeader(lambda: parse(path, head), path))
+                self.image = None
+                self.format, self.nframes = ("CBF" if is_cbf else "EDF"), 1
+                return
+        _precheck(path)
         what = _fabio_format_name(path)
         fabio = _import_fabio()
         with _fabio_guard(path, None, what):
@@ -251,7 +224,13 @@ class _FabioSource:
         self.format = _fabio_format_name(path, self.image)
         self.nframes = int(getattr(self.image, "nframes", 1) or 1)
 
-    def read(self, index: int) -> tuple[np.ndarray, dict]:
+    def read(self, index: int) -> tuple[np.ndarray, Mapping]:
+        if self.native is not None:
+            if index != 0:
+                raise FrameReadError(self.source, index,
+                                     f"a single-frame {self.format} file (frame 0 only)")
+            data, header = self.native
+            return _check_image(data, self.source, index), header
         with _fabio_guard(self.source, index, self.format):
             frame = self.image if index == 0 else self.image.getframe(index)
             data = frame.data
@@ -261,6 +240,7 @@ class _FabioSource:
         return _check_image(data, self.source, index), header
 
     def close(self) -> None:
+        self.native = None
         close = getattr(self.image, "close", None)
         if close is not None:
             try:
@@ -269,12 +249,50 @@ class _FabioSource:
                 pass
 
 
+def _cbf_header(path: str, head: bytes) -> dict[str, Any]:
+    """fabio's header of a CBF whose bytes up to its binary data are ``head``."""
+    import io
+
+    _import_fabio()
+    from fabio.cbfimage import CbfImage
+
+    image = CbfImage()
+    stream = io.BytesIO(head)
+    stream.name = path
+    with _fabio_guard(path, 0, "CBF"):
+        image._readheader(stream)
+    return dict(image.header)
+
+
+def _edf_header(path: str, head: bytes) -> dict[str, Any]:
+    """fabio's header of a single-frame EDF whose header bytes are ``head``."""
+    import io
+
+    _import_fabio()
+    from fabio.edfimage import EdfImage
+
+    stream = io.BytesIO(head)
+    stream.name = path
+    with _fabio_guard(path, 0, "EDF"):
+        block = EdfImage._read_header_block(stream, 0)
+    return dict(block.header)
+
+
 def _fabio_frame_count(path: str) -> int:
     """Frames in a fabio file, reading as little as possible."""
     ext = _extension(path)
     if ext.startswith(".cbf"):
         _check_file(path)
         return 1                    # CBF files hold one image
+    if ext == ".edf":
+        _check_file(path)
+        try:
+            with open(path, "rb") as stream:
+                head = stream.read(4 * edf.BLOCK)
+                if edf.layout(head, os.fstat(stream.fileno()).st_size) is not None:
+                    return 1            # a plain single-frame EDF (read without fabio)
+        except OSError:
+            pass                        # fabio says why below
     fabio = _import_fabio()
     if ext.startswith(".edf"):
         _check_file(path)

@@ -315,7 +315,7 @@ def _read_compressed(fd: int, offset: int, size: int, layout: DirectLayout,
 def _fabio_frame(reader: _FabioSource, index: int, allocate: Callable,
                  copy: bool) -> Frame:
     data, header = reader.read(index)
-    if copy:
+    if copy and reader.native is None:     # own CBF/EDF readers decode into allocate()'s buffer
         out = allocate(data.shape, data.dtype)
         np.copyto(out, data)
         data = out
@@ -362,7 +362,7 @@ def _single_fabio_work(item: InputItem, index: int, allocate: Callable,
                        copy: bool) -> Callable[[], Frame]:
     def work() -> Frame:
         try:
-            reader = _FabioSource(item.path)
+            reader = _FabioSource(item.path, allocate)
         except FrameReadError as exc:
             raise FrameReadError(exc.source, index, exc.reason) from None
         try:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -85,16 +86,25 @@ def format_text(result: Any, meta: OutputMeta, source: str | None = None,
     radial = np.asarray(result.radial, dtype=np.float64)
     intensity = np.asarray(result.intensity, dtype=np.float64)
     sigma = np.asarray(result.sigma, dtype=np.float64)
+    if not radial.shape == intensity.shape == sigma.shape:
+        raise ValueError(f"radial, intensity and sigma differ in shape: {radial.shape}, "
+                         f"{intensity.shape}, {sigma.shape}")
     lines = text_header(meta, source, index, nframes)
     outliers = getattr(result, "outliers", None)
     if outliers is not None:
         lines += outlier_text_lines(outliers)
     lines.append(f"# {meta.unit} intensity sigma")
-    body = "\n".join(
-        f"{x:.9e} {i:.9e} {s:.9e}" for x, i, s in zip(radial.tolist(), intensity.tolist(),
-                                                       sigma.tolist(), strict=True)
-    )
-    return "\n".join(lines) + "\n" + body + "\n"
+    # One %-format over all rows: the same text as f"{x:.9e}" per number (both are Python's
+    # correctly rounded float formatting), in 2/3 of the time of a per-row f-string.
+    body = _rows_format(radial.size) % tuple(
+        np.column_stack([radial.ravel(), intensity.ravel(), sigma.ravel()]).ravel().tolist())
+    return "\n".join(lines) + "\n" + body
+
+
+@functools.lru_cache(maxsize=8)
+def _rows_format(rows: int) -> str:
+    """The %-format of ``rows`` lines ``radial intensity sigma``."""
+    return "%.9e %.9e %.9e\n" * rows
 
 
 def text_output_complete(path: str | os.PathLike, npt: int) -> bool:
