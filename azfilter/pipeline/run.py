@@ -142,8 +142,10 @@ def reduction_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if operation == "integrate":
         params = {"error_model": config["error_model"], "split": config["split"]}
     elif operation in ("sigma-clip", "sparsify"):
+        # sparsify has no --pick: its 1-D pattern's outlier statistics use the default
         params = {"thres": config["thres"], "max_iter": config["max_iter"],
-                  "error_model": config["error_model"], "pick": config["pick"]}
+                  "error_model": config["error_model"],
+                  "pick": config.get("pick", cfg.DEFAULTS["pick"])}
     else:
         percentile = config["percentile"]
         params = {"percentile": percentile[0] if len(percentile) == 1 else tuple(percentile),
