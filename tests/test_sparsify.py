@@ -409,9 +409,13 @@ def test_hits_from_outlier_statistics_are_pixels_only(data, tmp_path):
     out = tmp_path / "clip.h5"
     assert invoke("sigma-clip", "-q", "-p", data.poni, "--npt", NPT, data.stack,
                   "-o", out).exit_code == 0
-    counts = np.arange(N_FRAMES, dtype=np.int64) * 10
+    real = invoke("hits", out, "--min-pixels", 0, "--count")   # what sigma-clip wrote
+    assert real.exit_code == 0 and real.stdout.split()[0] == str(N_FRAMES)
     with h5py.File(out, "a") as h5:
-        h5.create_dataset("entry/outliers/picked", data=counts)
+        picked = h5["entry/outliers/picked"]
+        assert picked.shape == (N_FRAMES,) and picked.dtype == np.int64
+        # known counts, to check the threshold and the printed values
+        picked[...] = np.arange(N_FRAMES, dtype=np.int64) * 10
     result = invoke("hits", out, "--min-pixels", 150)
     assert result.exit_code == 0
     assert [line.split()[1:] for line in result.stdout.splitlines()] == \
