@@ -365,7 +365,11 @@ def test_memory_stays_bounded_and_an_abandoned_stream_stops(case):
         assert tag == k and sums.signal[0] == 3 * k
         state["yielded"] += 1
     assert state["yielded"] == 400
-    assert state["most"] <= 2 * 3 + 2 + 1, state   # window 6, +2 the engine keeps, +1 read
+    # window 6 (2 devices x 3), + what each engine stages ahead when it copies ordinary
+    # frames into page-locked memory (discrete GPUs: its copy threads; PoCL: none), + 2 the
+    # engine keeps, + 1 read
+    staged = sum(e.copy_threads for e in engine.engines if e.staging)
+    assert state["most"] <= 2 * 3 + staged + 2 + 1, state
     # (how the frames split between the devices depends on their speed: on a GPU the first
     # device is often free again before the next frame comes; spreading is tested above)
     assert sum(engine.frame_counts) == 400, engine.frame_counts

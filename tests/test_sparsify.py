@@ -106,7 +106,9 @@ def test_compiled_picker_equals_reference(data, kind):
         frame = frame.astype(np.float32) + 0.25
         dark = np.full(frame.shape, 0.5, dtype=np.float32)
     elif kind == "uint32":
-        frame = np.where(frame < 0, np.iinfo(np.uint32).max, frame).astype(np.uint32)
+        # int64 first: numpy 2 refuses 2**32 - 1 as an int32 scalar
+        frame = np.where(frame < 0, np.iinfo(np.uint32).max,
+                         frame.astype(np.int64)).astype(np.uint32)
     integrator = az.Integrator(data.geometry, npt=NPT, dark=dark)
     result = integrator.sigma_clip(frame, thres=0.0, max_iter=5, error_model="poisson")
     geometry = bragg.pick_geometry(integrator)
