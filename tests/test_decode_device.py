@@ -273,6 +273,20 @@ def test_decode_option_and_config_key(tmp_path, device, monkeypatch):
     assert pipeline_run.decode_on_device(config)
 
 
+def test_device_decode_uses_few_readers(tmp_path, device):
+    """Chunks that go to the device compressed need few readers (more contend for the GIL):
+    --threads 8 gives DEVICE_DECODE_READERS readers with --decode device, 8 with host."""
+    (tmp_path / "geo.poni").write_text(PONI)
+    write_bslz4(tmp_path / "s.h5", ring_frames(3, np.uint32))
+    for mode, readers in (("device", pipeline_run.DEVICE_DECODE_READERS), ("host", 8)):
+        args = ["integrate", "-p", tmp_path / "geo.poni", *OPERATIONS["integrate"],
+                "--backend", "opencl", "--device", device, "--decode", mode, "--threads", 8,
+                "-v", tmp_path / "s.h5", "-o", tmp_path / f"{mode}.h5"]
+        result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert f", {readers} reader threads" in result.output, result.output
+
+
 def test_engines_that_do_not_decode_refuse_a_chunk():
     """A compressed chunk handed to the cython or python engine is that frame's error (one
     line), never a wrong result; the frames around it are reduced."""
