@@ -72,6 +72,20 @@ def check_operation(operation: str, params: Mapping[str, Any]) -> dict[str, Any]
     return checked
 
 
+def fill_buffer(ring: Any, data: Any) -> Any:
+    """``data`` copied into a buffer that ``ring`` lends (``ring.is_lent``, ``ring.take``);
+    ``data`` itself when it is a lent buffer already, is not a numeric array, or no buffer
+    is free."""
+    if ring.is_lent(data) or not isinstance(data, np.ndarray) \
+            or data.dtype.kind not in "biuf" or data.ndim == 0:
+        return data
+    buffer = ring.take(data.shape, data.dtype)
+    if buffer is None:
+        return data
+    buffer[...] = data
+    return buffer
+
+
 class FrameBufferRing:
     """A bounded set of reusable frame buffers that an engine reads fastest.
 
@@ -150,14 +164,7 @@ class FrameBufferRing:
     def fill(self, data: np.ndarray) -> np.ndarray:
         """``data`` copied into a buffer; ``data`` itself when it is a lent buffer already,
         is not a numeric array, or no buffer is free."""
-        if self.is_lent(data) or not isinstance(data, np.ndarray) \
-                or data.dtype.kind not in "biuf" or data.ndim == 0:
-            return data
-        buffer = self.take(data.shape, data.dtype)
-        if buffer is None:
-            return data
-        buffer[...] = data
-        return buffer
+        return fill_buffer(self, data)
 
     def give_back(self, array: Any) -> None:
         """Return a buffer from :meth:`take` or :meth:`fill` (anything else is ignored)."""

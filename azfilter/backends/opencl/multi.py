@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import AzfilterError
-from ..base import Engine, FrameBufferRing
+from ..base import Engine, FrameBufferRing, fill_buffer
 from ..sums import BinSums
 from .devices import select_devices
 from .engine import OpenCLEngine
@@ -155,14 +155,7 @@ class DeviceRings:
 
     def fill(self, data: np.ndarray) -> np.ndarray:
         """``data`` copied into a buffer (see :meth:`FrameBufferRing.fill`)."""
-        if self.is_lent(data) or not isinstance(data, np.ndarray) \
-                or data.dtype.kind not in "biuf" or data.ndim == 0:
-            return data
-        buffer = self.take(data.shape, data.dtype)
-        if buffer is None:
-            return data
-        buffer[...] = data
-        return buffer
+        return fill_buffer(self, data)
 
     def give_back(self, array: Any) -> None:
         """Return a buffer to the ring that lent it (anything else is ignored)."""
