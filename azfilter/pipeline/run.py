@@ -585,7 +585,7 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
 def _reason(error: FrameReadError, planned: Planned | None) -> str:
     """The reason of a read error, naming the file that failed when it is not the planned
     source itself (an Eiger data file of a master file)."""
-    if planned is None or error.source == planned.source:
+    if planned is None or _absolute(error.source) == _absolute(planned.source):
         return error.reason
     return str(error)
 
@@ -694,9 +694,14 @@ def _read_frames(todo: list[Planned], workers: int, buffers: Any,
         stream.close()
 
 
+def _absolute(source: str) -> str:
+    """A source (``file`` or ``file::/dataset``) with its file part made absolute."""
+    part = planning.file_part(source)
+    return source if os.path.isabs(part) else os.path.abspath(part) + source[len(part):]
+
+
 def _frame_source(obj: Any) -> str:
-    part = planning.file_part(obj.source)
-    return obj.source if os.path.isabs(part) else os.path.abspath(part) + obj.source[len(part):]
+    return _absolute(obj.source)
 
 
 def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
