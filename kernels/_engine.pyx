@@ -207,13 +207,11 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
                                   Py_ssize_t nnz, const int32_t* indices, const float* coefs,
                                   const float* norm, const float* dark, const float* variance,
                                   const DummyRule* rule, int var_kind,
-                                  Workspace* ws, bint skip_unused=False) noexcept nogil:
+                                  Workspace* ws) noexcept nogil:
     """Preprocess the valid entries of one row into the workspace, keeping the row order.
 
-    With ``skip_unused`` (callers that read c and c²·var only through ``ws.has_c`` and
-    ``ws.has_v``: row_sums, drop_outliers), c is stored only for a table with coefficients
-    and c²·var only when the error model has a per-entry variance. medfilt keeps every store
-    (its loop, measured, runs slower with the conditional stores).
+    Stores x, w, c, c·signal and c²·var of every entry (medfilt's loop, measured, runs slower
+    with conditional stores; integrate and sigma_clip use :func:`gather_row_sums`).
 
     ``nnz`` (the table's entry count) bounds the prefetching, which runs on into the next row.
     Returns the number of valid entries.
@@ -223,15 +221,13 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
     cdef double v = 0.0, n, s, c = 1.0, var = 0.0
     # locals: the module is built without strict aliasing, so the compiler would reload
     # fields of *ws after every store into the arrays
-    cdef bint has_c = coefs != NULL or not skip_unused
-    cdef bint has_v = var_kind != VAR_NONE or not skip_unused
     cdef double* out_x = ws.x
     cdef double* out_w = ws.w
     cdef double* out_c = ws.c
     cdef double* out_s = ws.s
     cdef double* out_v = ws.v
-    ws.has_c = has_c
-    ws.has_v = has_v
+    ws.has_c = True
+    ws.has_v = True
     for e in range(start, stop):
         if e + PREFETCH_AHEAD < nnz:
             azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
@@ -250,83 +246,122 @@ cdef inline Py_ssize_t gather_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t
             var = <double> variance[j]
         out_x[m] = s / n
         out_w[m] = c * n
-        if has_c:
-            out_c[m] = c
+        out_c[m] = c
         out_s[m] = c * s
-        if has_v:
-            out_v[m] = c * c * var
+        out_v[m] = c * c * var
         m += 1
     return m
 
 
-cdef inline void row_sums(Py_ssize_t n, const Workspace* ws, bint azimuthal,
-                          double* sums) noexcept nogil:
-    """S, V, W, W2, N over the first n gathered entries.
+cdef struct RowState:
+    # what the sigma-clip passes know of the entries kept in a row: their sums S, V, W, W2,
+    # N (in that order, as ``BinSums``) and the range of their x
+    double sums[5]
+    double x_min
+    double x_max
 
-    V is the exact two-pass azimuthal ``Σ w²(x − S/W)²`` or ``Σ c²·var``. Two interleaved
-    partial sums per quantity keep the adds from waiting on each other.
+
+cdef inline Py_ssize_t gather_row_sums(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                                       Py_ssize_t nnz, const int32_t* indices,
+                                       const float* coefs, const float* norm, const float* dark,
+                                       const float* variance, const DummyRule* rule,
+                                       int var_kind, Workspace* ws,
+                                       RowState* row) noexcept nogil:
+    """:func:`gather_row` (``skip_unused``) that also sums what it stores, in the same pass.
+
+    ``row.sums`` gets S, W, W2, N and, with a per-entry variance (``var_kind`` not
+    VAR_NONE), V = Σ c²·var; without one V is left 0 (the azimuthal V needs the mean: a second
+    pass, :func:`azimuthal_variance`). ``row.x_min`` / ``row.x_max`` get the range of x
+    (+inf / -inf for an empty row). Each sum is one chain of adds in entry order: the loop
+    waits on its loads, not on the adds. Callers pass ``var_kind`` as a constant, so that
+    each call site compiles to a loop without the tests of the other kinds.
+    Returns the number of valid entries.
+    """
+    cdef Py_ssize_t e, m = 0
+    cdef int32_t j
+    cdef double v = 0.0, n, s, c = 1.0, var = 0.0, x, w, cv
+    cdef double sum_s = 0.0, sum_v = 0.0, sum_w = 0.0, sum_w2 = 0.0, sum_c = 0.0
+    cdef double x_min = INFINITY, x_max = -INFINITY
+    cdef bint has_c = coefs != NULL
+    cdef bint has_v = var_kind != VAR_NONE
+    cdef double* out_x = ws.x
+    cdef double* out_w = ws.w
+    cdef double* out_c = ws.c
+    cdef double* out_s = ws.s
+    cdef double* out_v = ws.v
+    ws.has_c = has_c
+    ws.has_v = has_v
+    for e in range(start, stop):
+        if e + PREFETCH_AHEAD < nnz:
+            azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
+        n = <double> norm[e]
+        if n == 0.0:
+            continue
+        j = indices[e]
+        if not read_raw(raw, j, rule, &v):
+            continue
+        s = v - <double> dark[e] if dark != NULL else v
+        x = s / n
+        out_x[m] = x
+        x_min = x if x < x_min else x_min
+        x_max = x if x > x_max else x_max
+        if has_c:
+            c = <double> coefs[e]
+            w = c * n
+            s = c * s
+            out_c[m] = c
+            sum_c += c
+        else:
+            w = n
+        out_w[m] = w
+        out_s[m] = s
+        sum_s += s
+        sum_w += w
+        sum_w2 += w * w
+        if has_v:
+            if var_kind == VAR_POISSON:
+                var = v if v > 1.0 else 1.0
+            else:
+                var = <double> variance[j]
+            cv = c * c * var if has_c else var
+            out_v[m] = cv
+            sum_v += cv
+        m += 1
+    row.sums[0] = sum_s
+    row.sums[1] = sum_v
+    row.sums[2] = sum_w
+    row.sums[3] = sum_w2
+    row.sums[4] = sum_c if has_c else <double> m
+    row.x_min = x_min
+    row.x_max = x_max
+    return m
+
+
+cdef inline double azimuthal_variance(Py_ssize_t n, const double* x, const double* w,
+                                     double mean) noexcept nogil:
+    """The exact second pass ``Σ w²(x − mean)²`` over the first n entries (0 when n is 0).
+
+    Four partial sums (entry m to sum m % 4), so that the adds do not wait on each other.
     """
     cdef Py_ssize_t m = 0
-    cdef double s0 = 0.0, s1 = 0.0, w0 = 0.0, w1 = 0.0, q0 = 0.0, q1 = 0.0
-    cdef double c0 = 0.0, c1 = 0.0, v0 = 0.0, v1 = 0.0
-    if ws.has_c:
-        while m + 1 < n:
-            c0 += ws.c[m]
-            c1 += ws.c[m + 1]
-            m += 2
-        if m < n:
-            c0 += ws.c[m]
-    else:
-        # every coefficient is 1: the two partial sums of ones are exact, so is their sum
-        c0 = <double> n
-    m = 0
-    while m + 1 < n:
-        s0 += ws.s[m]
-        s1 += ws.s[m + 1]
-        w0 += ws.w[m]
-        w1 += ws.w[m + 1]
-        q0 += ws.w[m] * ws.w[m]
-        q1 += ws.w[m + 1] * ws.w[m + 1]
-        m += 2
-    if m < n:
-        s0 += ws.s[m]
-        w0 += ws.w[m]
-        q0 += ws.w[m] * ws.w[m]
-    sums[0] = s0 + s1
-    sums[2] = w0 + w1
-    sums[3] = q0 + q1
-    sums[4] = c0 + c1
-    m = 0
-    if azimuthal:
-        sums[1] = azimuthal_variance(n, ws, sums)
-        return
-    else:
-        while m + 1 < n:
-            v0 += ws.v[m]
-            v1 += ws.v[m + 1]
-            m += 2
-        if m < n:
-            v0 += ws.v[m]
-    sums[1] = v0 + v1
-
-
-cdef inline double azimuthal_variance(Py_ssize_t n, const Workspace* ws,
-                                     const double* sums) noexcept nogil:
-    """The exact second pass ``Σ w²(x − S/W)²`` over the first n entries (0 when n is 0)."""
-    cdef Py_ssize_t m = 0
-    cdef double v0 = 0.0, v1 = 0.0, mean, d0, d1
-    if n > 0:
-        mean = sums[0] / sums[2]
-        while m + 1 < n:
-            d0 = ws.w[m] * (ws.x[m] - mean)
-            d1 = ws.w[m + 1] * (ws.x[m + 1] - mean)
-            v0 += d0 * d0
-            v1 += d1 * d1
-            m += 2
-        if m < n:
-            d0 = ws.w[m] * (ws.x[m] - mean)
-            v0 += d0 * d0
-    return v0 + v1
+    cdef double v0 = 0.0, v1 = 0.0, v2 = 0.0, v3 = 0.0, d0, d1, d2, d3
+    if n == 0:
+        return 0.0
+    while m + 3 < n:
+        d0 = w[m] * (x[m] - mean)
+        d1 = w[m + 1] * (x[m + 1] - mean)
+        d2 = w[m + 2] * (x[m + 2] - mean)
+        d3 = w[m + 3] * (x[m + 3] - mean)
+        v0 += d0 * d0
+        v1 += d1 * d1
+        v2 += d2 * d2
+        v3 += d3 * d3
+        m += 4
+    while m < n:
+        d0 = w[m] * (x[m] - mean)
+        v0 += d0 * d0
+        m += 1
+    return (v0 + v1) + (v2 + v3)
 
 
 cdef inline void store_sums(double* result, Py_ssize_t npt, Py_ssize_t k, double sum_s,
@@ -395,16 +430,18 @@ cdef inline void integrate_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t st
                                Py_ssize_t npt,
                                Py_ssize_t k) noexcept nogil:
     cdef Py_ssize_t n
-    cdef double sums[5]
+    cdef RowState row
     cdef int var_kind = variance_kind(error_model)
     cdef Workspace ws
     if error_model == MODEL_AZIMUTHAL:
         # exact two-pass variance: keep x and w of the row in the (cache-resident) workspace
         ws = workspace_at(work, maxlen)
-        n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule, VAR_NONE,
-                       &ws, True)
-        row_sums(n, &ws, True, sums)
-        store_sums(result, npt, k, sums[0], sums[1], sums[2], sums[3], sums[4])
+        n = gather_row_sums(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
+                            VAR_NONE, &ws, &row)
+        row.sums[1] = azimuthal_variance(n, ws.x, ws.w, row.sums[0] / row.sums[2]) \
+            if n > 0 else 0.0
+        store_sums(result, npt, k, row.sums[0], row.sums[1], row.sums[2], row.sums[3],
+                   row.sums[4])
         return
     integrate_loop(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule, var_kind,
                    result, npt, k)
@@ -543,102 +580,165 @@ cdef inline void store_stats(double* stats, Py_ssize_t npt, Py_ssize_t k, Py_ssi
     stats[3 * npt + k] = z.best
 
 
-cdef inline Py_ssize_t drop_outliers(Py_ssize_t n, Workspace* ws, double mean,
-                                     double limit, bint azimuthal, double* sums,
-                                     Rejected* rejected) noexcept nogil:
-    """Drop every entry with |x − mean| > limit at once (survivors keep the row order) and,
-    when any was dropped, set ``sums`` to the survivors' :func:`row_sums`.
+cdef struct ClipSums:
+    # partial sums of the entries one clip sweep keeps: S, W, W2, N, V and, for the azimuthal
+    # model, A = Σ (w·d)² and B = Σ w·(w·d) with d = x − (the mean the sweep tested against)
+    double s, w, q, c, v, a, b
 
-    One read-only sweep finds the first outlier (a converged row ends there); the entries
-    before it are summed as they are, and the rest is compacted and summed in the same
-    sweep. Every partial sum receives the same values in the same order as in
-    :func:`row_sums` (kept entry m goes to partial sum m % 2), so the sums are identical.
-    Returns the number of entries kept (n: nothing dropped, ``sums`` untouched).
 
-    With ``rejected`` (not NULL) the x and c·signal of each dropped entry are recorded there
-    for the outlier statistics, in row order.
+cdef inline void clear_clip_sums(ClipSums* acc) noexcept nogil:
+    acc.s = 0.0
+    acc.w = 0.0
+    acc.q = 0.0
+    acc.c = 0.0
+    acc.v = 0.0
+    acc.a = 0.0
+    acc.b = 0.0
+
+
+cdef inline void clip_entry(double* x, double* w, double* s, double* c, double* v,
+                           Py_ssize_t m, Py_ssize_t* kept, double mean, double limit,
+                           bint azimuthal, bint has_c, bint has_v, ClipSums* acc,
+                           double* x_range, Rejected* rejected) noexcept nogil:
+    """Entry m of :func:`clip_sweep`: record it as dropped, or move it to ``kept`` and sum it.
+
+    The arrays come as separate pointers (not through the Workspace): the module is built
+    without strict aliasing, so fields read through a pointer would be reloaded after every
+    store.
     """
-    cdef Py_ssize_t m = 0, first = 0, kept
-    cdef double s0 = 0.0, s1 = 0.0, w0 = 0.0, w1 = 0.0, q0 = 0.0, q1 = 0.0
-    cdef double c0 = 0.0, c1 = 0.0, v0 = 0.0, v1 = 0.0, swap
-    cdef bint has_c = ws.has_c, sum_v = not azimuthal
-    while first < n and not fabs(ws.x[first] - mean) > limit:
-        first += 1
-    if first == n:
-        return n
-    # the survivors before the first outlier stay in place: sum them in pairs
-    while m + 1 < first:
-        s0 += ws.s[m]
-        s1 += ws.s[m + 1]
-        w0 += ws.w[m]
-        w1 += ws.w[m + 1]
-        q0 += ws.w[m] * ws.w[m]
-        q1 += ws.w[m + 1] * ws.w[m + 1]
+    cdef double xm = x[m], wm, sm, d
+    cdef Py_ssize_t to = kept[0]
+    if fabs(xm - mean) > limit:
+        if rejected != NULL:
+            rejected.x[rejected.n] = xm
+            rejected.n += 1
+            rejected.signal_sum += s[m]
+        return
+    wm = w[m]
+    sm = s[m]
+    if to != m:   # nothing moves before the first dropped entry (a well-predicted branch)
+        x[to] = xm
+        w[to] = wm
+        s[to] = sm
         if has_c:
-            c0 += ws.c[m]
-            c1 += ws.c[m + 1]
-        if sum_v:
-            v0 += ws.v[m]
-            v1 += ws.v[m + 1]
+            c[to] = c[m]
+        if has_v:
+            v[to] = v[m]
+    acc.s += sm
+    acc.w += wm
+    acc.q += wm * wm
+    x_range[0] = xm if xm < x_range[0] else x_range[0]
+    x_range[1] = xm if xm > x_range[1] else x_range[1]
+    if azimuthal:
+        d = wm * (xm - mean)
+        acc.a += d * d
+        acc.b += wm * d
+    if has_c:
+        acc.c += c[m]
+    if has_v and not azimuthal:
+        acc.v += v[m]
+    kept[0] = to + 1
+
+
+cdef inline Py_ssize_t clip_sweep(Py_ssize_t n, double* x, double* w, double* s, double* c,
+                                  double* v, double mean, double limit, bint azimuthal,
+                                  bint has_c, bint has_v, ClipSums* acc0, ClipSums* acc1,
+                                  double* x_range, Rejected* rejected) noexcept nogil:
+    """The sweep of :func:`clip_pass` (entry m to partial sums m % 2); returns the kept count.
+
+    Called with constant flags for the usual case, so that it compiles to a loop without
+    their tests."""
+    cdef Py_ssize_t m = 0, kept = 0
+    cdef ClipSums a0, a1
+    cdef double r[2]
+    clear_clip_sums(&a0)
+    clear_clip_sums(&a1)
+    r[0] = INFINITY
+    r[1] = -INFINITY
+    while m + 1 < n:
+        clip_entry(x, w, s, c, v, m, &kept, mean, limit, azimuthal, has_c, has_v, &a0, r,
+                   rejected)
+        clip_entry(x, w, s, c, v, m + 1, &kept, mean, limit, azimuthal, has_c, has_v, &a1, r,
+                   rejected)
         m += 2
-    if m < first:
-        s0 += ws.s[m]
-        w0 += ws.w[m]
-        q0 += ws.w[m] * ws.w[m]
-        if has_c:
-            c0 += ws.c[m]
-        if sum_v:
-            v0 += ws.v[m]
-        # the "0" variables always hold the partial sums of the next survivor's parity, and
-        # trade places with the others after each survivor; the next one (index first) is
-        # odd. Addition is commutative: s0 + s1 at the end is the same whichever holds which.
-        s0, s1 = s1, s0
-        w0, w1 = w1, w0
-        q0, q1 = q1, q0
-        c0, c1 = c1, c0
-        v0, v1 = v1, v0
-    kept = first
-    if rejected != NULL:   # the first outlier (the loop below starts after it)
-        rejected.x[rejected.n] = ws.x[first]
-        rejected.n += 1
-        rejected.signal_sum += ws.s[first]
-    for m in range(first + 1, n):
-        if fabs(ws.x[m] - mean) > limit:
-            if rejected != NULL:
-                rejected.x[rejected.n] = ws.x[m]
-                rejected.n += 1
-                rejected.signal_sum += ws.s[m]
-            continue
-        ws.x[kept] = ws.x[m]
-        ws.w[kept] = ws.w[m]
-        ws.s[kept] = ws.s[m]
-        swap = s1
-        s1 = s0 + ws.s[m]
-        s0 = swap
-        swap = w1
-        w1 = w0 + ws.w[m]
-        w0 = swap
-        swap = q1
-        q1 = q0 + ws.w[m] * ws.w[m]
-        q0 = swap
-        if has_c:
-            ws.c[kept] = ws.c[m]
-            swap = c1
-            c1 = c0 + ws.c[m]
-            c0 = swap
-        if ws.has_v:
-            ws.v[kept] = ws.v[m]
-        if sum_v:
-            swap = v1
-            v1 = v0 + ws.v[m]
-            v0 = swap
-        kept += 1
-    sums[0] = s0 + s1
-    sums[2] = w0 + w1
-    sums[3] = q0 + q1
-    sums[4] = c0 + c1 if has_c else <double> kept
-    sums[1] = azimuthal_variance(kept, ws, sums) if azimuthal else v0 + v1
+    if m < n:
+        clip_entry(x, w, s, c, v, m, &kept, mean, limit, azimuthal, has_c, has_v, &a0, r,
+                   rejected)
+    acc0[0] = a0
+    acc1[0] = a1
+    x_range[0] = r[0]
+    x_range[1] = r[1]
     return kept
+
+
+cdef Py_ssize_t clip_pass(Py_ssize_t n, Workspace* ws, double mean, double limit,
+                          bint azimuthal, RowState* row, Rejected* rejected) noexcept nogil:
+    """Drop every entry with |x − mean| > limit at once (survivors keep the row order) and,
+    when any was dropped, set ``row`` to the survivors' sums and x range, in one sweep.
+
+    The azimuthal V = Σ w²(x − μ)² of the survivors (μ = S/W, not known during the sweep) is
+    computed from sums around the tested mean: with d = x − mean and δ = μ − mean,
+    V = A − 2δB + δ²·W2 (A = Σ w²d², B = Σ w²d). When δ²·W2 <= A/4, Cauchy-Schwarz
+    (|B| <= sqrt(A·W2)) gives V >= A/4, so the terms are at most 9·V in size and V is good to
+    a few ulps times 9; otherwise (a mean moved far by the drop, or non-finite values) an exact
+    second pass computes it.
+
+    Returns the number of entries kept (n: nothing dropped, ``row`` untouched). With
+    ``rejected`` (not NULL) the x and c·signal of each dropped entry are recorded there for
+    the outlier statistics, in row order.
+    """
+    cdef Py_ssize_t kept
+    cdef ClipSums acc0, acc1
+    cdef double x_range[2]
+    cdef bint has_c = ws.has_c, has_v = ws.has_v
+    cdef double delta, shift, total_a, total_b
+    if azimuthal and not has_c and not has_v:
+        # no splitting, azimuthal model: the usual case
+        kept = clip_sweep(n, ws.x, ws.w, ws.s, ws.c, ws.v, mean, limit, True, False, False,
+                          &acc0, &acc1, x_range, rejected)
+    else:
+        kept = clip_sweep(n, ws.x, ws.w, ws.s, ws.c, ws.v, mean, limit, azimuthal, has_c,
+                          has_v, &acc0, &acc1, x_range, rejected)
+    if kept == n:
+        return n
+    row.sums[0] = acc0.s + acc1.s
+    row.sums[2] = acc0.w + acc1.w
+    row.sums[3] = acc0.q + acc1.q
+    row.sums[4] = acc0.c + acc1.c if has_c else <double> kept
+    row.x_min = x_range[0]
+    row.x_max = x_range[1]
+    if not azimuthal:
+        row.sums[1] = acc0.v + acc1.v
+    elif kept == 0:
+        row.sums[1] = 0.0
+    else:
+        delta = row.sums[0] / row.sums[2] - mean
+        shift = delta * delta * row.sums[3]
+        total_a = acc0.a + acc1.a
+        total_b = acc0.b + acc1.b
+        if isfinite(total_a) and isfinite(total_b) and isfinite(shift) \
+                and shift <= 0.25 * total_a:
+            row.sums[1] = (total_a - 2.0 * delta * total_b) + shift
+        else:
+            row.sums[1] = azimuthal_variance(kept, ws.x, ws.w, row.sums[0] / row.sums[2])
+    return kept
+
+
+cdef inline bint cannot_drop(const RowState* row, double mean, double limit) noexcept nogil:
+    """True when no kept entry has |x − mean| > limit, known from the x range alone.
+
+    x − mean is rounded monotonically in x, so |x − mean| is at most the larger of its values
+    at x_min and x_max: the answer is exact, not an estimate. False (ask the entries) when
+    the mean or the range is not finite.
+    """
+    cdef double spread, other
+    if not (isfinite(mean) and isfinite(row.x_min) and isfinite(row.x_max)):
+        return False
+    spread = fabs(row.x_max - mean)
+    other = fabs(row.x_min - mean)
+    if other > spread:
+        spread = other
+    return not spread > limit
 
 
 cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
@@ -652,15 +752,27 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
     cdef Workspace ws = workspace_at(work, maxlen)
     cdef Py_ssize_t n, m, kept, available
     cdef int iteration = 0
-    cdef double sums[5]
-    cdef double mean, std, count, cutoff
+    cdef RowState row
+    cdef double mean, std, count, cutoff, limit
     cdef Rejected dropped
     cdef Rejected* record = NULL
     cdef ZStats z
     # clip with the azimuthal scatter for azimuthal and hybrid; hybrid reports poisson at the end
     cdef bint clip_azimuthal = error_model == MODEL_AZIMUTHAL or error_model == MODEL_HYBRID
-    n = gather_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
-                   variance_kind(error_model), &ws, True)
+    cdef int var_kind = variance_kind(error_model)
+    # one call per variance kind, each with a constant: loops without the others' tests
+    if var_kind == VAR_NONE:
+        n = gather_row_sums(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
+                            VAR_NONE, &ws, &row)
+    elif var_kind == VAR_POISSON:
+        n = gather_row_sums(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
+                            VAR_POISSON, &ws, &row)
+    else:
+        n = gather_row_sums(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
+                            VAR_ARRAY, &ws, &row)
+    if clip_azimuthal:
+        row.sums[1] = azimuthal_variance(n, ws.x, ws.w, row.sums[0] / row.sums[2]) \
+            if n > 0 else 0.0
     available = n
     if stats != NULL:
         # medfilt's sort buffer is free here: it holds the dropped entries' x
@@ -668,30 +780,33 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
         dropped.n = 0
         dropped.signal_sum = 0.0
         record = &dropped
-    row_sums(n, &ws, clip_azimuthal, sums)
     while iteration < max_iter:
         iteration += 1
-        if sums[4] == 0.0:
+        if row.sums[4] == 0.0:
             break
-        mean = sums[0] / sums[2]
-        std = sqrt(sums[1] / sums[3])
-        count = sums[4] if sums[4] > 3.0 else 3.0
+        mean = row.sums[0] / row.sums[2]
+        std = sqrt(row.sums[1] / row.sums[3])
+        count = row.sums[4] if row.sums[4] > 3.0 else 3.0
         cutoff = sqrt(2.0 * log(count / SQRT_2PI))
         if cutoff < thres:
             cutoff = thres
-        kept = drop_outliers(n, &ws, mean, cutoff * std, clip_azimuthal, sums, record)
+        limit = cutoff * std
+        if cannot_drop(&row, mean, limit):
+            break   # converged, without reading the entries
+        kept = clip_pass(n, &ws, mean, limit, clip_azimuthal, &row, record)
         if kept == n:
             break
         n = kept
     if error_model == MODEL_HYBRID:
-        sums[1] = 0.0
+        row.sums[1] = 0.0
         for m in range(n):
-            sums[1] += ws.v[m]
-    store_sums(result, npt, k, sums[0], sums[1], sums[2], sums[3], sums[4])
+            row.sums[1] += ws.v[m]
+    store_sums(result, npt, k, row.sums[0], row.sums[1], row.sums[2], row.sums[3],
+               row.sums[4])
     if stats != NULL:
         # z against the final mean and spread, as the results report them
-        mean = sums[0] / sums[2]
-        std = sqrt(sums[1] / sums[3])
+        mean = row.sums[0] / row.sums[2]
+        std = sqrt(row.sums[1] / row.sums[3])
         z.picked = 0
         z.best = NAN
         add_z_values(&z, ws.x, n, mean, std, pick, NULL, NULL, NULL)
