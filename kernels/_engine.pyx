@@ -61,6 +61,18 @@ cdef extern from "azf_medfilt_select.h":
                         double base, uint64_t kmin, uint64_t kmax) noexcept nogil
 
 
+cdef extern from "azf_clip_sweep.h":
+    ctypedef struct azf_clip_sums:
+        double s, w, q, a, b, x_min, x_max
+    ctypedef struct azf_clip_record:
+        double* x
+        Py_ssize_t n
+        double signal_sum
+    Py_ssize_t azf_clip_sweep(Py_ssize_t n, double* x, double* w, double* s, double mean,
+                              double limit, azf_clip_sums* out,
+                              azf_clip_record* record) noexcept nogil
+
+
 cdef extern from *:
     """
     #if defined(__GNUC__) || defined(__clang__)
@@ -494,12 +506,9 @@ cdef void integrate_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt
 # Outlier statistics (``OutlierSums``): per bin, after the final sums, the rows
 # available, picked, rejected_sum, max_sigma of a (4, npt) float64 array.
 
-cdef struct Rejected:
-    # the entries sigma_clip dropped from one row: their x (in a per-thread buffer), count
-    # and Σ c·signal
-    double* x
-    Py_ssize_t n
-    double signal_sum
+# the entries sigma_clip dropped from one row: their x (in a per-thread buffer), count
+# and Σ c·signal (x, n, signal_sum)
+ctypedef azf_clip_record Rejected
 
 
 cdef struct ZStats:
@@ -689,13 +698,24 @@ cdef Py_ssize_t clip_pass(Py_ssize_t n, Workspace* ws, double mean, double limit
     """
     cdef Py_ssize_t kept
     cdef ClipSums acc0, acc1
+    cdef azf_clip_sums fast
+    cdef Rejected nowhere
     cdef double x_range[2]
     cdef bint has_c = ws.has_c, has_v = ws.has_v
     cdef double delta, shift, total_a, total_b
     if azimuthal and not has_c and not has_v:
-        # no splitting, azimuthal model: the usual case
-        kept = clip_sweep(n, ws.x, ws.w, ws.s, ws.c, ws.v, mean, limit, True, False, False,
-                          &acc0, &acc1, x_range, rejected)
+        # no splitting, azimuthal model: the usual case, two entries at a time
+        if rejected == NULL:
+            nowhere.x = NULL
+            nowhere.n = 0
+            nowhere.signal_sum = 0.0
+            rejected = &nowhere
+        kept = azf_clip_sweep(n, ws.x, ws.w, ws.s, mean, limit, &fast, rejected)
+        acc0.s, acc0.w, acc0.q, acc0.a, acc0.b = fast.s, fast.w, fast.q, fast.a, fast.b
+        acc0.c = acc0.v = 0.0
+        clear_clip_sums(&acc1)
+        x_range[0] = fast.x_min
+        x_range[1] = fast.x_max
     else:
         kept = clip_sweep(n, ws.x, ws.w, ws.s, ws.c, ws.v, mean, limit, azimuthal, has_c,
                           has_v, &acc0, &acc1, x_range, rejected)

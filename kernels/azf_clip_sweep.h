@@ -1,0 +1,154 @@
+/* azf_clip_sweep.h: one clipping sweep of sigma_clip over a bin, two entries at a time.
+
+   Part of the Cython backend (kernels/_engine.pyx includes it, in clip_pass). Plain C++ over
+   arrays, no Python objects: the caller holds no GIL. The usual case only (azimuthal model,
+   no coefficients, no per-entry variance: the arrays x, w = norm, s = signal); the other
+   cases run the generic sweep of _engine.pyx.
+
+   The sweep drops every entry with |x - mean| > limit (the survivors keep the row order) and
+   sums the survivors: S = sum s, W = sum w, W2 = sum w^2 and, around the tested mean
+   (d = x - mean), A = sum (w d)^2 and B = sum w (w d), plus the range of their x. The scalar
+   sweep of _engine.pyx spends its time issuing instructions (about 25 per entry), so this one
+   does the same arithmetic on pairs of entries with GCC/Clang vector extensions: SSE2, the
+   x86-64 baseline, executes each pair operation as one instruction. A pair holding a dropped
+   entry (a few per bin) takes the scalar path.
+
+   Every operation is the IEEE operation of the scalar code, lane by lane: entry m goes to
+   partial sum m % 2 whichever path it takes, so the results do not depend on the path and
+   the fallback for other compilers gives the same sums bit for bit.
+*/
+#ifndef AZF_CLIP_SWEEP_H
+#define AZF_CLIP_SWEEP_H
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+/* What a sweep returns besides the kept count: totals of the survivors' sums and x range. */
+struct azf_clip_sums {
+    double s, w, q, a, b;
+    double x_min, x_max;
+};
+
+/* Where the dropped entries are recorded for the outlier statistics (x and the sum of s);
+   x == NULL records nothing. */
+struct azf_clip_record {
+    double* x;
+    Py_ssize_t n;
+    double signal_sum;
+};
+
+/* Entry m by the scalar rules: dropped (and recorded), or moved to *kept and added to acc
+   (s, w, q, a, b of its lane) and to the range. */
+static inline void azf_clip_one(double* x, double* w, double* s, Py_ssize_t m,
+                                Py_ssize_t* kept, double mean, double limit, double* acc,
+                                double* range, azf_clip_record* record) {
+    double xm = x[m];
+    double d = xm - mean;
+    if (std::fabs(d) > limit) {
+        if (record->x != NULL) {
+            record->x[record->n++] = xm;
+            record->signal_sum += s[m];
+        }
+        return;
+    }
+    double wm = w[m], sm = s[m];
+    Py_ssize_t to = *kept;
+    x[to] = xm;
+    w[to] = wm;
+    s[to] = sm;
+    acc[0] += sm;
+    acc[1] += wm;
+    acc[2] += wm * wm;
+    double wd = wm * d;
+    acc[3] += wd * wd;
+    acc[4] += wm * wd;
+    range[0] = xm < range[0] ? xm : range[0];
+    range[1] = xm > range[1] ? xm : range[1];
+    *kept = to + 1;
+}
+
+/* Returns the number of entries kept (compacted to the front of x, w, s). */
+static inline Py_ssize_t azf_clip_sweep(Py_ssize_t n, double* x, double* w, double* s,
+                                        double mean, double limit, azf_clip_sums* out,
+                                        azf_clip_record* record) {
+    Py_ssize_t m = 0, kept = 0;
+    /* partial sums s, w, q, a, b of the even (lane 0) and odd (lane 1) entries */
+    double lane0[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+    double lane1[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+    double range[2] = {INFINITY, -INFINITY};
+#if defined(__GNUC__) || defined(__clang__)
+    typedef double v2d __attribute__((vector_size(16)));
+    typedef long long v2i __attribute__((vector_size(16)));
+    const v2d vmean = {mean, mean};
+    const v2d vlimit = {limit, limit};
+    const v2i no_sign = {0x7fffffffffffffffLL, 0x7fffffffffffffffLL};
+    /* the two lanes' partial sums, lane l in element l */
+    v2d vs = {0.0, 0.0}, vw = {0.0, 0.0}, vq = {0.0, 0.0}, va = {0.0, 0.0}, vb = {0.0, 0.0};
+    v2d lo = {INFINITY, INFINITY}, hi = {-INFINITY, -INFINITY};
+    for (; m + 1 < n; m += 2) {
+        v2d xv, wv, sv;
+        std::memcpy(&xv, x + m, sizeof xv);
+        v2d d = xv - vmean;
+        v2d dist = (v2d) ((v2i) d & no_sign);  /* fabs */
+        v2i drop = dist > vlimit;               /* false for NaN, as the scalar test */
+        if (drop[0] | drop[1]) {
+            /* a pair with a dropped entry: its entries one by one, into the same lanes */
+            for (int lane = 0; lane < 2; ++lane) {
+                double acc[5] = {vs[lane], vw[lane], vq[lane], va[lane], vb[lane]};
+                azf_clip_one(x, w, s, m + lane, &kept, mean, limit, acc, range, record);
+                vs[lane] = acc[0];
+                vw[lane] = acc[1];
+                vq[lane] = acc[2];
+                va[lane] = acc[3];
+                vb[lane] = acc[4];
+            }
+            continue;
+        }
+        std::memcpy(&wv, w + m, sizeof wv);
+        std::memcpy(&sv, s + m, sizeof sv);
+        if (kept != m) {  /* nothing moves before the first dropped entry */
+            std::memcpy(x + kept, &xv, sizeof xv);
+            std::memcpy(w + kept, &wv, sizeof wv);
+            std::memcpy(s + kept, &sv, sizeof sv);
+        }
+        kept += 2;
+        vs += sv;
+        vw += wv;
+        vq += wv * wv;
+        v2d wd = wv * d;
+        va += wd * wd;
+        vb += wv * wd;
+        v2i below = xv < lo;
+        lo = (v2d) (((v2i) xv & below) | ((v2i) lo & ~below));
+        v2i above = xv > hi;
+        hi = (v2d) (((v2i) xv & above) | ((v2i) hi & ~above));
+    }
+    const v2d sums[5] = {vs, vw, vq, va, vb};
+    for (int k = 0; k < 5; ++k) {
+        lane0[k] = sums[k][0];
+        lane1[k] = sums[k][1];
+    }
+    for (int lane = 0; lane < 2; ++lane) {
+        range[0] = lo[lane] < range[0] ? lo[lane] : range[0];
+        range[1] = hi[lane] > range[1] ? hi[lane] : range[1];
+    }
+#else
+    for (; m + 1 < n; m += 2) {
+        azf_clip_one(x, w, s, m, &kept, mean, limit, lane0, range, record);
+        azf_clip_one(x, w, s, m + 1, &kept, mean, limit, lane1, range, record);
+    }
+#endif
+    if (m < n)
+        azf_clip_one(x, w, s, m, &kept, mean, limit, lane0, range, record);
+    out->s = lane0[0] + lane1[0];
+    out->w = lane0[1] + lane1[1];
+    out->q = lane0[2] + lane1[2];
+    out->a = lane0[3] + lane1[3];
+    out->b = lane0[4] + lane1[4];
+    out->x_min = range[0];
+    out->x_max = range[1];
+    return kept;
+}
+
+#endif
