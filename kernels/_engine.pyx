@@ -71,6 +71,8 @@ cdef extern from "azf_clip_sweep.h":
     Py_ssize_t azf_clip_sweep(Py_ssize_t n, double* x, double* w, double* s, double mean,
                               double limit, azf_clip_sums* out,
                               azf_clip_record* record) noexcept nogil
+    Py_ssize_t azf_count_above(Py_ssize_t n, const double* x, double bound, double mean,
+                               double spread, double pick, double* x_max) noexcept nogil
 
 
 cdef extern from *:
@@ -538,7 +540,7 @@ cdef inline void add_z_values(ZStats* stats, const double* x, Py_ssize_t n, doub
     dwarf the rounding). The results are those of the division per entry, bit for bit.
     """
     cdef Py_ssize_t m = 0
-    cdef double d, bound, best_d = -INFINITY, best_d1 = -INFINITY
+    cdef double d, bound, best_d = -INFINITY
     cdef double out0 = 0.0, out1 = 0.0, out2 = 0.0, out3 = 0.0
     if chosen != NULL:
         # four partial sums, so that the adds do not wait on each other
@@ -557,22 +559,10 @@ cdef inline void add_z_values(ZStats* stats, const double* x, Py_ssize_t n, doub
         # the largest x (branch-free), and the exact test only on the rare entries above
         # the bound
         bound = (mean + pick * spread * (1.0 - 1e-9)) - 1e-9 * fabs(mean)
-        m = 0
-        while m + 1 < n:
-            best_d = x[m] if x[m] > best_d else best_d
-            best_d1 = x[m + 1] if x[m + 1] > best_d1 else best_d1
-            if x[m] > bound and (x[m] - mean) / spread > pick:
-                candidates += 1
-            if x[m + 1] > bound and (x[m + 1] - mean) / spread > pick:
-                candidates += 1
-            m += 2
-        if m < n:
-            best_d = x[m] if x[m] > best_d else best_d
-            if x[m] > bound and (x[m] - mean) / spread > pick:
-                candidates += 1
+        candidates = azf_count_above(n, x, bound, mean, spread, pick, &best_d)
         stats.picked += candidates
         if n > 0:
-            keep_best(stats, ((best_d if best_d > best_d1 else best_d1) - mean) / spread)
+            keep_best(stats, (best_d - mean) / spread)
         return
     for m in range(n):
         d = (x[m] - mean) / spread

@@ -1,4 +1,5 @@
-/* azf_clip_sweep.h: one clipping sweep of sigma_clip over a bin, two entries at a time.
+/* azf_clip_sweep.h: one clipping sweep of sigma_clip over a bin, two entries at a time
+   (and the count of the outlier statistics, azf_count_above).
 
    Part of the Cython backend (kernels/_engine.pyx includes it, in clip_pass). Plain C++ over
    arrays, no Python objects: the caller holds no GIL. The usual case only (azimuthal model,
@@ -149,6 +150,40 @@ static inline Py_ssize_t azf_clip_sweep(Py_ssize_t n, double* x, double* w, doub
     out->x_min = range[0];
     out->x_max = range[1];
     return kept;
+}
+
+/* The outlier statistics' count over a bin's x: how many x > bound have (x - mean) / spread
+   > pick (the exact test, on the few above the bound), and the largest x (-inf when n is
+   0), two entries at a time. */
+static inline Py_ssize_t azf_count_above(Py_ssize_t n, const double* x, double bound,
+                                         double mean, double spread, double pick,
+                                         double* x_max) {
+    Py_ssize_t m = 0, count = 0;
+    double hi_s = -INFINITY;
+#if defined(__GNUC__) || defined(__clang__)
+    typedef double v2d __attribute__((vector_size(16)));
+    typedef long long v2i __attribute__((vector_size(16)));
+    const v2d vbound = {bound, bound};
+    v2d hi = {-INFINITY, -INFINITY};
+    for (; m + 1 < n; m += 2) {
+        v2d xv;
+        std::memcpy(&xv, x + m, sizeof xv);
+        v2i above = xv > hi;
+        hi = (v2d) (((v2i) xv & above) | ((v2i) hi & ~above));
+        v2i over = xv > vbound;
+        if (over[0] | over[1]) {
+            count += (xv[0] > bound && (xv[0] - mean) / spread > pick);
+            count += (xv[1] > bound && (xv[1] - mean) / spread > pick);
+        }
+    }
+    hi_s = hi[0] > hi[1] ? hi[0] : hi[1];
+#endif
+    for (; m < n; ++m) {
+        hi_s = x[m] > hi_s ? x[m] : hi_s;
+        count += (x[m] > bound && (x[m] - mean) / spread > pick);
+    }
+    *x_max = hi_s;
+    return count;
 }
 
 #endif
