@@ -95,6 +95,66 @@ def test_dummy_values_as_the_float_test(case, dummy, delta, dtype):
     np.testing.assert_array_equal(got.count, expected.count)
 
 
+# ------------------------------------------------------------ sigma_clip, kernel paths
+def clip_rows(rng, lengths, hot: float):
+    """A table of bins of the given lengths (pixels in order), a uint32 frame of Poisson
+    counts with a few outliers per bin (``hot`` counts, and some at 30-60 sigma), norms."""
+    indptr = np.cumsum([0, *lengths]).astype(np.int64)
+    n = int(indptr[-1])
+    raw = rng.poisson(200.0, n).astype(np.uint32)
+    outliers = rng.choice(n, max(1, n // 150), replace=False)
+    raw[outliers[::2]] = np.uint32(hot)
+    raw[outliers[1::2]] += rng.integers(400, 900, outliers[1::2].size).astype(np.uint32)
+    norm = rng.uniform(0.6, 1.0, n).astype(np.float32)
+    return indptr, np.arange(n, dtype=np.int32), raw, norm
+
+
+@pytest.mark.parametrize("hot", [3000.0, 4.0e9])
+@pytest.mark.parametrize("model", ["azimuthal", "hybrid", "poisson"])
+def test_sigma_clip_paths_agree(model, hot):
+    """The sweep for tables without coefficients (two entries at a time, kernels/
+    azf_clip_sweep.h) and the generic sweep (explicit unit coefficients) give the same sums
+    and statistics bit for bit; both equal the reference. Rows of odd and even lengths, empty
+    and single-entry rows; ``hot`` 4e9 moves the mean so far that the variance after the drop
+    comes from the exact second pass, 3000 from the sums around the tested mean."""
+    rng = np.random.default_rng(5)
+    lengths = [0, 1, 2, 3, 7, 8, 64, 65, 301, 1000, 1001, 4097]
+    indptr, indices, raw, norm = clip_rows(rng, lengths, hot)
+    results = []
+    for coefs in (None, np.ones(indices.size, np.float32)):
+        stats = np.empty((4, len(lengths)))
+        sums = _engine.sigma_clip(raw, indptr, indices, coefs, norm, None, None, None, 0.0,
+                                  model, 3.0, 5, 1, None, 2.0, stats)
+        results.append((sums, stats))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    reference = PythonEngine(Table(indptr, indices, np.ones(indices.size, np.float32)), norm,
+                             None, None, 0.0).sigma_clip(raw, 3.0, 5, model, pick=2.0)
+    got = BinSums(*results[0][0])
+    contract_assert_close(got, reference, 1e-12, f"sigma_clip {model}", exact_count=True)
+    stats = results[0][1]
+    np.testing.assert_array_equal(stats[0], reference.outliers.available)
+    np.testing.assert_array_equal(stats[1], reference.outliers.picked)
+    np.testing.assert_allclose(stats[2], reference.outliers.rejected_sum, rtol=1e-12)
+    np.testing.assert_allclose(stats[3], reference.outliers.max_sigma, rtol=1e-12)
+    clipped = results[0][0][4] < np.diff(indptr)
+    assert clipped.sum() >= 5   # the outliers were dropped: the sweeps did run
+
+
+def test_sigma_clip_converged_rows_keep_their_sums():
+    """A row with nothing to drop (known from its x range, no sweep) reports its unclipped
+    sums: sigma_clip with max_iter 5 equals max_iter 0 on a frame without outliers."""
+    indptr = np.array([0, 500, 1501], dtype=np.int64)
+    indices = np.arange(1501, dtype=np.int32)
+    raw = np.full(1501, 100, np.uint32)
+    raw[::3] = 101   # x within 1.5 sigma of the mean
+    norm = np.full(1501, 0.75, np.float32)
+    args = (raw, indptr, indices, None, norm, None, None, None, 0.0, "azimuthal", 3.0)
+    np.testing.assert_array_equal(_engine.sigma_clip(*args, 5, 1),
+                                  _engine.sigma_clip(*args, 0, 1))
+    np.testing.assert_array_equal(_engine.sigma_clip(*args, 5, 1)[4], [500, 1001])
+
+
 # ------------------------------------------------------------------- medfilt, long rows
 def big_row_engines(rng, n: int, unit_norm: bool, split: bool):
     """One bin holding everything and a second, smaller one: long rows, many ties."""
