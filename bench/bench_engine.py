@@ -14,8 +14,16 @@ With ``--outlier-cost`` it measures instead what the outlier statistics (``--pic
 Cython engine: sigma_clip and medfilt kernel calls with and without the statistics pass,
 interleaved, ms per frame (median) and the difference.
 
+With ``--passes`` it times the Cython kernels pass by pass with the settings of the
+command-line benchmark's case (b) (1000 bins, polarization 0.99, solid angle): integrate
+(poisson, azimuthal), sigma_clip with max_iter 0 (gather and sums only) and 5, without and
+with the outlier statistics, on 1 and 2 threads (fastest of ``--repeat`` interleaved calls:
+the machine is shared), and sets them against the bytes each frame moves (table streams and
+frame) and a numpy copy's memory bandwidth. ``--baseline SO`` adds the same calls on another
+build of the kernels (a copy of an older ``_engine*.so``), interleaved, for before/after.
+
 Usage: ``python bench/bench_engine.py [--detectors Pilatus1M Eiger4M] [--repeat 7]
-[--backend cython|python] [--outlier-cost] [--json F]``
+[--backend cython|python] [--outlier-cost] [--passes [--baseline SO]] [--json F]``
 """
 
 from __future__ import annotations
@@ -198,6 +206,10 @@ def main() -> None:
                         help="azfilter backend, against pyFAI's implementation of that name")
     parser.add_argument("--outlier-cost", action="store_true",
                         help="measure the outlier statistics' extra cost (Cython) instead")
+    parser.add_argument("--passes", action="store_true",
+                        help="time the Cython kernels pass by pass (case (b) settings)")
+    parser.add_argument("--baseline", help="with --passes: another build of azfilter/_engine "
+                        "(.so) to time alongside")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -210,6 +222,9 @@ def main() -> None:
 
     if args.outlier_cost:
         outlier_cost(args)
+        return
+    if args.passes:
+        passes(args)
         return
 
     import pyFAI
@@ -271,6 +286,96 @@ def outlier_cost(args: argparse.Namespace) -> None:
                 print(f"| {detector} | {op} | {times['without_ms']:.1f} | "
                       f"{times['with_ms']:.1f} | {extra:+.1f} | "
                       f"{100 * extra / times['without_ms']:+.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def load_kernels(path: str):
+    """An ``_engine`` extension module from a file (another build, for before/after)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_engine", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def copy_bandwidth(megabytes: int = 256, repeat: int = 7) -> float:
+    """GB/s of a one-thread numpy copy (bytes read + bytes written), fastest of ``repeat``."""
+    import numpy as np
+
+    source = np.ones(megabytes * 2**20 // 8)
+    target = np.empty_like(source)
+    best = min(timed(lambda: np.copyto(target, source), 1) for _ in range(repeat))
+    return 2 * source.nbytes / best / 1e6
+
+
+# --passes: (label, kernel, (its arguments after the table and dummies..., with statistics))
+PASS_CALLS = (
+    ("integrate poisson", "integrate", ("poisson", False)),
+    ("integrate azimuthal", "integrate", ("azimuthal", False)),
+    ("sigma_clip max_iter 0", "sigma_clip", ("azimuthal", 5.0, 0, False)),
+    ("sigma_clip max_iter 0 + stats", "sigma_clip", ("azimuthal", 5.0, 0, True)),
+    ("sigma_clip max_iter 5", "sigma_clip", ("azimuthal", 5.0, 5, False)),
+    ("sigma_clip max_iter 5 + stats", "sigma_clip", ("azimuthal", 5.0, 5, True)),
+)
+
+
+def passes(args: argparse.Namespace) -> None:
+    """Print (and store with ``--json``) per-pass kernel times, bytes per frame, bandwidth."""
+    import numpy as np
+
+    import azfilter as az
+    from azfilter import _engine
+
+    builds = {"this build": _engine}
+    if args.baseline:
+        builds["baseline"] = load_kernels(args.baseline)
+    bandwidth = copy_bandwidth()
+    print(f"# machine: {machine_line()}, load average {os.getloadavg()[0]:.2f}")
+    print(f"# numpy copy, one thread: {bandwidth:.1f} GB/s (read + write)")
+    print(f"# fastest of {args.repeat} interleaved calls, ms per frame; GB/s = bytes per "
+          "frame (table streams + frame) / time")
+    print("| detector | threads | call | " + " | ".join(f"{b} ms" for b in builds)
+          + " | GB/s (this build) |")
+    print("|" + "---|" * (4 + len(builds)))
+    results: dict = {"copy_gb_s": bandwidth}
+    with tempfile.TemporaryDirectory() as tmp:
+        for detector in args.detectors:
+            poni_path = os.path.join(tmp, f"{detector}.poni")
+            Path(poni_path).write_text(poni_text(detector))
+            geo, frame, mask = make_frame(detector, poni_path)
+            integ = az.Integrator(geo, npt=1000, unit="q_nm^-1", mask=mask, polarization=0.99,
+                                  solid_angle=True, backend="cython")
+            engine = integ.engine("no", frame.dtype)
+            raw = engine._frame(frame)
+            table = engine._table()
+            stream_bytes = sum(a.nbytes for a in table[1:] if a is not None)
+            frame_bytes = raw.nbytes
+            stats = np.empty((4, engine.npt))
+            common = (raw, *table, None, engine.dummy, engine.delta_dummy)
+            res = results[detector] = {"table_stream_bytes": stream_bytes,
+                                       "frame_bytes": frame_bytes, "entries": int(raw.size),
+                                       "ms": {}}
+            print(f"| {detector} | | bytes per frame: table streams {stream_bytes / 1e6:.1f} "
+                  f"MB ({table[1].size} entries), frame {frame_bytes / 1e6:.1f} MB | |")
+            for threads in (1, 2):
+                works = {name: np.empty(kernels.workspace_doubles(engine._longest_row, threads))
+                         for name, kernels in builds.items()}
+                for label, function, extra in PASS_CALLS:
+                    best = dict.fromkeys(builds, float("inf"))
+                    for _ in range(args.repeat):
+                        for name, kernels in builds.items():
+                            arguments = (*common, *extra[:-1], threads, works[name])
+                            if extra[-1]:
+                                arguments += (3.0, stats)
+                            t0 = time.perf_counter()
+                            getattr(kernels, function)(*arguments)
+                            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+                    res["ms"][f"{threads} {label}"] = best
+                    gb_s = (stream_bytes + frame_bytes) / best["this build"] / 1e6
+                    print(f"| {detector} | {threads} | {label} | "
+                          + " | ".join(f"{best[b]:.2f}" for b in builds) + f" | {gb_s:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
