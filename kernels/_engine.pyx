@@ -275,44 +275,38 @@ cdef struct RowState:
     double x_max
 
 
-cdef inline Py_ssize_t gather_row_sums(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
-                                       Py_ssize_t nnz, const int32_t* indices,
-                                       const float* coefs, const float* norm, const float* dark,
-                                       const float* variance, const DummyRule* rule,
-                                       int var_kind, Workspace* ws,
-                                       RowState* row) noexcept nogil:
-    """:func:`gather_row` (``skip_unused``) that also sums what it stores, in the same pass.
+cdef struct GatherSums:
+    # running sums of gather_row_sums: entries stored, S, V, W, W2, N and the x range
+    Py_ssize_t m
+    double s, v, w, q, c, x_min, x_max
 
-    ``row.sums`` gets S, W, W2, N and, with a per-entry variance (``var_kind`` not
-    VAR_NONE), V = Σ c²·var; without one V is left 0 (the azimuthal V needs the mean: a second
-    pass, :func:`azimuthal_variance`). ``row.x_min`` / ``row.x_max`` get the range of x
-    (+inf / -inf for an empty row). Each sum is one chain of adds in entry order: the loop
-    waits on its loads, not on the adds. Callers pass ``var_kind`` as a constant, so that
-    each call site compiles to a loop without the tests of the other kinds.
-    Returns the number of valid entries.
-    """
-    cdef Py_ssize_t e, m = 0
+
+cdef inline void gather_span(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                             bint prefetch, const int32_t* indices, const float* coefs,
+                             const float* norm, const float* dark, const float* variance,
+                             const DummyRule* rule, int var_kind, double* out_x,
+                             double* out_w, double* out_c, double* out_s, double* out_v,
+                             GatherSums* acc) noexcept nogil:
+    """Entries start to stop of :func:`gather_row_sums`; ``prefetch`` (a constant at each
+    call) when entry ``e + PREFETCH_AHEAD`` exists for every e of the span."""
+    cdef Py_ssize_t e, m = acc.m
     cdef int32_t j
     cdef double v = 0.0, n, s, c = 1.0, var = 0.0, x, w, cv
-    cdef double sum_s = 0.0, sum_v = 0.0, sum_w = 0.0, sum_w2 = 0.0, sum_c = 0.0
-    cdef double x_min = INFINITY, x_max = -INFINITY
+    cdef double sum_s = acc.s, sum_v = acc.v, sum_w = acc.w, sum_w2 = acc.q, sum_c = acc.c
+    cdef double x_min = acc.x_min, x_max = acc.x_max
     cdef bint has_c = coefs != NULL
     cdef bint has_v = var_kind != VAR_NONE
-    cdef double* out_x = ws.x
-    cdef double* out_w = ws.w
-    cdef double* out_c = ws.c
-    cdef double* out_s = ws.s
-    cdef double* out_v = ws.v
-    ws.has_c = has_c
-    ws.has_v = has_v
+    # a local copy: the module is built without strict aliasing, so the fields of *rule
+    # would be reloaded after every store into the arrays
+    cdef DummyRule local_rule = rule[0]
     for e in range(start, stop):
-        if e + PREFETCH_AHEAD < nnz:
+        if prefetch:
             azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
         n = <double> norm[e]
         if n == 0.0:
             continue
         j = indices[e]
-        if not read_raw(raw, j, rule, &v):
+        if not read_raw(raw, j, &local_rule, &v):
             continue
         s = v - <double> dark[e] if dark != NULL else v
         x = s / n
@@ -341,14 +335,56 @@ cdef inline Py_ssize_t gather_row_sums(const raw_t* raw, Py_ssize_t start, Py_ss
             out_v[m] = cv
             sum_v += cv
         m += 1
-    row.sums[0] = sum_s
-    row.sums[1] = sum_v
-    row.sums[2] = sum_w
-    row.sums[3] = sum_w2
-    row.sums[4] = sum_c if has_c else <double> m
-    row.x_min = x_min
-    row.x_max = x_max
-    return m
+    acc.m = m
+    acc.s = sum_s
+    acc.v = sum_v
+    acc.w = sum_w
+    acc.q = sum_w2
+    acc.c = sum_c
+    acc.x_min = x_min
+    acc.x_max = x_max
+
+
+cdef inline Py_ssize_t gather_row_sums(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                                       Py_ssize_t nnz, const int32_t* indices,
+                                       const float* coefs, const float* norm, const float* dark,
+                                       const float* variance, const DummyRule* rule,
+                                       int var_kind, Workspace* ws,
+                                       RowState* row) noexcept nogil:
+    """:func:`gather_row` (storing c only with coefficients, c²·var only with a per-entry
+    variance) that also sums what it stores, in the same pass.
+
+    ``row.sums`` gets S, W, W2, N and, with a per-entry variance (``var_kind`` not
+    VAR_NONE), V = Σ c²·var; without one V is left 0 (the azimuthal V needs the mean: a second
+    pass, :func:`azimuthal_variance`). ``row.x_min`` / ``row.x_max`` get the range of x
+    (+inf / -inf for an empty row). Each sum is one chain of adds in entry order: the loop
+    waits on its loads, not on the adds. Callers pass ``var_kind`` (and NULL for absent
+    coefficients or dark current) as constants, so that each call site compiles to a loop
+    without the tests of the other cases; the row is cut where the prefetching would run past
+    the table, so that the loop does not test it per entry.
+    Returns the number of valid entries.
+    """
+    cdef GatherSums acc
+    cdef Py_ssize_t cut = nnz - PREFETCH_AHEAD
+    acc.m = 0
+    acc.s = acc.v = acc.w = acc.q = acc.c = 0.0
+    acc.x_min = INFINITY
+    acc.x_max = -INFINITY
+    cut = start if cut < start else (stop if cut > stop else cut)
+    ws.has_c = coefs != NULL
+    ws.has_v = var_kind != VAR_NONE
+    gather_span(raw, start, cut, True, indices, coefs, norm, dark, variance, rule, var_kind,
+                ws.x, ws.w, ws.c, ws.s, ws.v, &acc)
+    gather_span(raw, cut, stop, False, indices, coefs, norm, dark, variance, rule, var_kind,
+                ws.x, ws.w, ws.c, ws.s, ws.v, &acc)
+    row.sums[0] = acc.s
+    row.sums[1] = acc.v
+    row.sums[2] = acc.w
+    row.sums[3] = acc.q
+    row.sums[4] = acc.c if coefs != NULL else <double> acc.m
+    row.x_min = acc.x_min
+    row.x_max = acc.x_max
+    return acc.m
 
 
 cdef inline double azimuthal_variance(Py_ssize_t n, const double* x, const double* w,
@@ -450,15 +486,49 @@ cdef inline void integrate_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t st
     if error_model == MODEL_AZIMUTHAL:
         # exact two-pass variance: keep x and w of the row in the (cache-resident) workspace
         ws = workspace_at(work, maxlen)
-        n = gather_row_sums(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
-                            VAR_NONE, &ws, &row)
+        if coefs == NULL and dark == NULL:
+            n = gather_row_sums(raw, start, stop, nnz, indices, NULL, norm, NULL, variance,
+                                rule, VAR_NONE, &ws, &row)
+        else:
+            n = gather_row_sums(raw, start, stop, nnz, indices, coefs, norm, dark, variance,
+                                rule, VAR_NONE, &ws, &row)
         row.sums[1] = azimuthal_variance(n, ws.x, ws.w, row.sums[0] / row.sums[2]) \
             if n > 0 else 0.0
         store_sums(result, npt, k, row.sums[0], row.sums[1], row.sums[2], row.sums[3],
                    row.sums[4])
         return
-    integrate_loop(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule, var_kind,
-                   result, npt, k)
+    if coefs == NULL and dark == NULL:
+        # the usual case (no split, no dark current), with constants: a loop without the tests
+        integrate_loop(raw, start, stop, nnz, indices, NULL, norm, NULL, variance, rule,
+                       var_kind, result, npt, k)
+    else:
+        integrate_loop(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
+                       var_kind, result, npt, k)
+
+
+cdef inline void integrate_span(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                                bint prefetch, const int32_t* indices, const float* coefs,
+                                const float* norm, const float* dark, const float* variance,
+                                const DummyRule* rule, int var_kind, double* acc0,
+                                double* acc1) noexcept nogil:
+    """Entries start to stop of :func:`integrate_loop`, alternating between two sets of sums
+    (so that the adds overlap); ``prefetch`` (a constant at each call) when entry
+    ``e + PREFETCH_AHEAD + 1`` exists for every e of the span."""
+    cdef Py_ssize_t e = start
+    # a local copy: without strict aliasing the fields of *rule would be reloaded
+    cdef DummyRule local_rule = rule[0]
+    while e + 1 < stop:
+        if prefetch:
+            azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
+            azf_prefetch(&raw[indices[e + PREFETCH_AHEAD + 1]])
+        accumulate_entry(raw, e, indices, coefs, norm, dark, variance, &local_rule, var_kind,
+                         acc0)
+        accumulate_entry(raw, e + 1, indices, coefs, norm, dark, variance, &local_rule,
+                         var_kind, acc1)
+        e += 2
+    if e < stop:
+        accumulate_entry(raw, e, indices, coefs, norm, dark, variance, &local_rule, var_kind,
+                         acc0)
 
 
 cdef inline void integrate_loop(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
@@ -466,24 +536,23 @@ cdef inline void integrate_loop(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
                                 const float* norm, const float* dark, const float* variance,
                                 const DummyRule* rule, int var_kind, double* result,
                                 Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
-    """Sums of one row in one pass (poisson / hybrid / variance models)."""
-    cdef Py_ssize_t e
+    """Sums of one row in one pass (poisson / hybrid / variance models).
+
+    The row is cut at an even offset where the prefetching would run past the table, so
+    that the loop does not test it per entry; entry e goes to the sums (e - start) % 2.
+    """
+    cdef Py_ssize_t e, cut = nnz - PREFETCH_AHEAD - 1
     cdef double acc0[5]
     cdef double acc1[5]
-    # entries alternate between two sets of sums so that the adds overlap
     for e in range(5):
         acc0[e] = 0.0
         acc1[e] = 0.0
-    e = start
-    while e + 1 < stop:
-        if e + PREFETCH_AHEAD + 1 < nnz:
-            azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
-            azf_prefetch(&raw[indices[e + PREFETCH_AHEAD + 1]])
-        accumulate_entry(raw, e, indices, coefs, norm, dark, variance, rule, var_kind, acc0)
-        accumulate_entry(raw, e + 1, indices, coefs, norm, dark, variance, rule, var_kind, acc1)
-        e += 2
-    if e < stop:
-        accumulate_entry(raw, e, indices, coefs, norm, dark, variance, rule, var_kind, acc0)
+    cut = start if cut < start else (stop if cut > stop else cut)
+    cut -= (cut - start) % 2
+    integrate_span(raw, start, cut, True, indices, coefs, norm, dark, variance, rule,
+                   var_kind, acc0, acc1)
+    integrate_span(raw, cut, stop, False, indices, coefs, norm, dark, variance, rule,
+                   var_kind, acc0, acc1)
     store_sums(result, npt, k, acc0[0] + acc1[0], acc0[1] + acc1[1], acc0[2] + acc1[2],
                acc0[3] + acc1[3], acc0[4] + acc1[4])
 
@@ -771,7 +840,11 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
     cdef bint clip_azimuthal = error_model == MODEL_AZIMUTHAL or error_model == MODEL_HYBRID
     cdef int var_kind = variance_kind(error_model)
     # one call per variance kind, each with a constant: loops without the others' tests
-    if var_kind == VAR_NONE:
+    if var_kind == VAR_NONE and coefs == NULL and dark == NULL:
+        # the usual case (no split, no dark current, azimuthal model)
+        n = gather_row_sums(raw, start, stop, nnz, indices, NULL, norm, NULL, variance, rule,
+                            VAR_NONE, &ws, &row)
+    elif var_kind == VAR_NONE:
         n = gather_row_sums(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
                             VAR_NONE, &ws, &row)
     elif var_kind == VAR_POISSON:
