@@ -25,6 +25,43 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__GNUC__) || defined(__clang__)
+typedef double azf_v2d __attribute__((vector_size(16)));
+typedef long long azf_v2i __attribute__((vector_size(16)));
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* a > b ? a : b and a < b ? a : b lane by lane (b where either is NaN): one MAXPD / MINPD
+   with SSE2, which the compiler does not make of the comparison and masks. */
+static inline azf_v2d azf_larger(azf_v2d a, azf_v2d b) {
+#if defined(__SSE2__)
+    return (azf_v2d) _mm_max_pd((__m128d) a, (__m128d) b);
+#else
+    azf_v2i pick = a > b;
+    return (azf_v2d) (((azf_v2i) a & pick) | ((azf_v2i) b & ~pick));
+#endif
+}
+
+static inline azf_v2d azf_smaller(azf_v2d a, azf_v2d b) {
+#if defined(__SSE2__)
+    return (azf_v2d) _mm_min_pd((__m128d) a, (__m128d) b);
+#else
+    azf_v2i pick = a < b;
+    return (azf_v2d) (((azf_v2i) a & pick) | ((azf_v2i) b & ~pick));
+#endif
+}
+
+/* Whether either lane of a comparison's result is true. */
+static inline bool azf_either(azf_v2i mask) {
+#if defined(__SSE2__)
+    return _mm_movemask_pd((__m128d) mask) != 0;
+#else
+    return (mask[0] | mask[1]) != 0;
+#endif
+}
+#endif
+
 /* What a sweep returns besides the kept count: totals of the survivors' sums and x range. */
 struct azf_clip_sums {
     double s, w, q, a, b;
@@ -79,8 +116,8 @@ static inline Py_ssize_t azf_clip_sweep(Py_ssize_t n, double* x, double* w, doub
     double lane1[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
     double range[2] = {INFINITY, -INFINITY};
 #if defined(__GNUC__) || defined(__clang__)
-    typedef double v2d __attribute__((vector_size(16)));
-    typedef long long v2i __attribute__((vector_size(16)));
+    typedef azf_v2d v2d;
+    typedef azf_v2i v2i;
     const v2d vmean = {mean, mean};
     const v2d vlimit = {limit, limit};
     const v2i no_sign = {0x7fffffffffffffffLL, 0x7fffffffffffffffLL};
@@ -92,8 +129,7 @@ static inline Py_ssize_t azf_clip_sweep(Py_ssize_t n, double* x, double* w, doub
         std::memcpy(&xv, x + m, sizeof xv);
         v2d d = xv - vmean;
         v2d dist = (v2d) ((v2i) d & no_sign);  /* fabs */
-        v2i drop = dist > vlimit;               /* false for NaN, as the scalar test */
-        if (drop[0] | drop[1]) {
+        if (azf_either(dist > vlimit)) {        /* false for NaN, as the scalar test */
             /* a pair with a dropped entry: its entries one by one, into the same lanes */
             for (int lane = 0; lane < 2; ++lane) {
                 double acc[5] = {vs[lane], vw[lane], vq[lane], va[lane], vb[lane]};
@@ -120,10 +156,8 @@ static inline Py_ssize_t azf_clip_sweep(Py_ssize_t n, double* x, double* w, doub
         v2d wd = wv * d;
         va += wd * wd;
         vb += wv * wd;
-        v2i below = xv < lo;
-        lo = (v2d) (((v2i) xv & below) | ((v2i) lo & ~below));
-        v2i above = xv > hi;
-        hi = (v2d) (((v2i) xv & above) | ((v2i) hi & ~above));
+        lo = azf_smaller(xv, lo);
+        hi = azf_larger(xv, hi);
     }
     const v2d sums[5] = {vs, vw, vq, va, vb};
     for (int k = 0; k < 5; ++k) {
@@ -161,17 +195,15 @@ static inline Py_ssize_t azf_count_above(Py_ssize_t n, const double* x, double b
     Py_ssize_t m = 0, count = 0;
     double hi_s = -INFINITY;
 #if defined(__GNUC__) || defined(__clang__)
-    typedef double v2d __attribute__((vector_size(16)));
-    typedef long long v2i __attribute__((vector_size(16)));
+    typedef azf_v2d v2d;
+    typedef azf_v2i v2i;
     const v2d vbound = {bound, bound};
     v2d hi = {-INFINITY, -INFINITY};
     for (; m + 1 < n; m += 2) {
         v2d xv;
         std::memcpy(&xv, x + m, sizeof xv);
-        v2i above = xv > hi;
-        hi = (v2d) (((v2i) xv & above) | ((v2i) hi & ~above));
-        v2i over = xv > vbound;
-        if (over[0] | over[1]) {
+        hi = azf_larger(xv, hi);
+        if (azf_either(xv > vbound)) {
             count += (xv[0] > bound && (xv[0] - mean) / spread > pick);
             count += (xv[1] > bound && (xv[1] - mean) / spread > pick);
         }
