@@ -17,13 +17,15 @@ interleaved, ms per frame (median) and the difference.
 With ``--passes`` it times the Cython kernels pass by pass with the settings of the
 command-line benchmark's case (b) (1000 bins, polarization 0.99, solid angle): integrate
 (poisson, azimuthal), sigma_clip with max_iter 0 (gather and sums only) and 5, without and
-with the outlier statistics, on 1 and 2 threads (fastest of ``--repeat`` interleaved calls:
+with the outlier statistics, on 1 and 2 threads (``--threads``; fastest of ``--repeat``
+interleaved calls:
 the machine is shared), and sets them against the bytes each frame moves (table streams and
 frame) and a numpy copy's memory bandwidth. ``--baseline SO`` adds the same calls on another
 build of the kernels (a copy of an older ``_engine*.so``), interleaved, for before/after.
 
 Usage: ``python bench/bench_engine.py [--detectors Pilatus1M Eiger4M] [--repeat 7]
-[--backend cython|python] [--outlier-cost] [--passes [--baseline SO]] [--json F]``
+[--backend cython|python] [--outlier-cost] [--passes [--baseline SO] [--threads 1 2]]
+[--json F]``
 """
 
 from __future__ import annotations
@@ -210,6 +212,8 @@ def main() -> None:
                         help="time the Cython kernels pass by pass (case (b) settings)")
     parser.add_argument("--baseline", help="with --passes: another build of azfilter/_engine "
                         "(.so) to time alongside")
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
+                        help="with --passes: OpenMP threads per call (default 1 2)")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -359,7 +363,7 @@ def passes(args: argparse.Namespace) -> None:
                                        "ms": {}}
             print(f"| {detector} | | bytes per frame: table streams {stream_bytes / 1e6:.1f} "
                   f"MB ({table[1].size} entries), frame {frame_bytes / 1e6:.1f} MB | |")
-            for threads in (1, 2):
+            for threads in args.threads:
                 works = {name: np.empty(kernels.workspace_doubles(engine._longest_row, threads))
                          for name, kernels in builds.items()}
                 for label, function, extra in PASS_CALLS:
