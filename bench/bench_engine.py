@@ -18,8 +18,7 @@ With ``--passes`` it times the Cython kernels pass by pass with the settings of 
 command-line benchmark's case (b) (1000 bins, polarization 0.99, solid angle): integrate
 (poisson, azimuthal), sigma_clip with max_iter 0 (gather and sums only) and 5, without and
 with the outlier statistics, on 1 and 2 threads (``--threads``; fastest of ``--repeat``
-interleaved calls:
-the machine is shared), and sets them against the bytes each frame moves (table streams and
+interleaved calls: the machine is shared), and sets them against the bytes each frame moves (table streams and
 frame) and a numpy copy's memory bandwidth. ``--baseline SO`` adds the same calls on another
 build of the kernels (a copy of an older ``_engine*.so``), interleaved, for before/after.
 
