@@ -18,9 +18,11 @@ With ``--passes`` it times the Cython kernels pass by pass with the settings of 
 command-line benchmark's case (b) (1000 bins, polarization 0.99, solid angle): integrate
 (poisson, azimuthal), sigma_clip with max_iter 0 (gather and sums only) and 5, without and
 with the outlier statistics, on 1 and 2 threads (``--threads``; fastest of ``--repeat``
-interleaved calls: the machine is shared), and sets them against the bytes each frame moves (table streams and
-frame) and a numpy copy's memory bandwidth. ``--baseline SO`` adds the same calls on another
-build of the kernels (a copy of an older ``_engine*.so``), interleaved, for before/after.
+interleaved calls: the machine is shared), and sets them against the bytes each frame moves
+(table streams and frame) and a numpy copy's memory bandwidth. ``--baseline SO`` adds the
+same calls on another build of the kernels (a copy of an older ``_engine*.so``), interleaved,
+for before/after; without ``--passes`` it runs azfilter's worker once more with that build
+(before/after against pyFAI in the same run).
 
 Usage: ``python bench/bench_engine.py [--detectors Pilatus1M Eiger4M] [--repeat 7]
 [--backend cython|python] [--outlier-cost] [--passes [--baseline SO] [--threads 1 2]]
@@ -42,6 +44,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# environment variable telling a worker to use another build of azfilter._engine (--baseline)
+KERNELS_VARIABLE = "AZFILTER_BENCH_KERNELS"
 
 # Geometries: a tilted detector ~0.3 m from the sample, beam near the middle.
 GEOMETRIES = {
@@ -182,10 +187,17 @@ def worker_outlier_cost(detector: str, poni_path: str, repeat: int,
     return out
 
 
-def run_worker(tool: str, detector: str, poni_path: str, repeat: int, backend: str) -> dict:
+def run_worker(tool: str, detector: str, poni_path: str, repeat: int, backend: str,
+               kernels: str | None = None) -> dict:
+    """Run one worker in a fresh process; ``kernels``: another build of ``azfilter._engine``
+    (.so) for it to use instead of this one."""
     cmd = [sys.executable, __file__, "--worker", tool, detector, poni_path, str(repeat),
            backend]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    env = dict(os.environ)
+    env.pop(KERNELS_VARIABLE, None)
+    if kernels:
+        env[KERNELS_VARIABLE] = kernels
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} {detector} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -209,8 +221,8 @@ def main() -> None:
                         help="measure the outlier statistics' extra cost (Cython) instead")
     parser.add_argument("--passes", action="store_true",
                         help="time the Cython kernels pass by pass (case (b) settings)")
-    parser.add_argument("--baseline", help="with --passes: another build of azfilter/_engine "
-                        "(.so) to time alongside")
+    parser.add_argument("--baseline", help="another build of azfilter._engine (.so) to time "
+                        "alongside (with --passes, or against pyFAI)")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
                         help="with --passes: OpenMP threads per call (default 1 2)")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -218,6 +230,12 @@ def main() -> None:
 
     if args.worker:
         tool, detector, poni_path, repeat, backend = args.worker
+        if os.environ.get(KERNELS_VARIABLE):
+            import azfilter
+
+            kernels = load_kernels(os.environ[KERNELS_VARIABLE])
+            sys.modules["azfilter._engine"] = kernels
+            azfilter._engine = kernels
         worker = {"azfilter": worker_azfilter, "pyfai": worker_pyfai,
                   "outliers": worker_outlier_cost}[tool]
         print(json.dumps(worker(detector, poni_path, int(repeat), backend)))
@@ -246,6 +264,9 @@ def main() -> None:
             az_res = run_worker("azfilter", detector, poni_path, args.repeat, args.backend)
             fai_res = run_worker("pyfai", detector, poni_path, args.repeat, args.backend)
             results[detector] = {"azfilter": az_res, "pyfai": fai_res}
+            if args.baseline:
+                results[detector]["baseline"] = run_worker(
+                    "azfilter", detector, poni_path, args.repeat, args.backend, args.baseline)
             for op in OPERATIONS:
                 rows.append((detector, op, fai_res["ms"][op], az_res["ms"][op],
                              fai_res["ms"][op] / az_res["ms"][op], fai_res["cold_ms"][op],
@@ -263,6 +284,17 @@ def main() -> None:
         else:
             print(f"| {det} | {op} | {fai:.1f} | {az_:.1f} | {ratio:.1f}x | {fai_cold:.0f} | "
                   f"{az_cold:.0f} | {az_warm:.0f} |")
+    if args.baseline:
+        print(f"\nbaseline kernels ({args.baseline}), same run:\n")
+        print("| detector | operation | baseline ms/frame | ratio pyFAI / baseline | "
+              "this build ms/frame | this build / baseline |")
+        print("|" + "---|" * 6)
+        for detector, res in results.items():
+            for op in OPERATIONS:
+                base, now, fai = (res["baseline"]["ms"][op], res["azfilter"]["ms"][op],
+                                  res["pyfai"]["ms"][op])
+                print(f"| {detector} | {op} | {base:.1f} | {fai / base:.1f}x | {now:.1f} | "
+                      f"{now / base:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
