@@ -53,8 +53,23 @@ def _describe(cl, platform_index: int, device_index: int, platform, device) -> d
     }
 
 
+#: _enumerate's answer, once per process: the devices do not change while it runs, and each
+#: enumeration asks every platform (0.25 s of the start-up on the H200 machine, where the
+#: device was selected three times: for the decode choice, the readers' buffers, the engine)
+_FOUND: list[tuple[dict, Any]] | None = None
+
+
 def _enumerate(cl) -> list[tuple[dict, Any]]:
-    """(description, cl.Device) of every device of every platform that answers."""
+    """(description, cl.Device) of every device of every platform that answers (asked once
+    per process)."""
+    global _FOUND
+    with _LOCK:
+        if _FOUND is None:
+            _FOUND = _ask_platforms(cl)
+        return list(_FOUND)
+
+
+def _ask_platforms(cl) -> list[tuple[dict, Any]]:
     found = []
     for platform_index, platform in enumerate(cl.get_platforms()):
         try:
