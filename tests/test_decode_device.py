@@ -287,6 +287,46 @@ def test_device_decode_uses_few_readers(tmp_path, device):
         assert f", {readers} reader threads" in result.output, result.output
 
 
+def test_opencl_start_up_runs_beside_the_table_and_ends_with_the_job(tmp_path, device,
+                                                                      monkeypatch):
+    """With --backend opencl the device's start-up (pyopencl, device list, context) runs in a
+    thread while the lookup table loads; the thread has ended when the command returns, also
+    when the set-up fails after it started (a mask of the wrong shape)."""
+    import threading
+    import time
+
+    from azfilter.backends.opencl import devices
+
+    started = []
+    warm_up = devices.warm_up
+
+    def counted(spec):
+        """The start-up, made slower than the rest of the set-up: a job that did not wait
+        for it would leave it running."""
+        def slow() -> None:
+            warm_up(spec).join()
+            time.sleep(0.5)
+        thread = threading.Thread(target=slow, name="azfilter-opencl-start", daemon=True)
+        thread.start()
+        started.append(thread)
+        return thread
+
+    monkeypatch.setattr(devices, "warm_up", counted)
+    (tmp_path / "geo.poni").write_text(PONI)
+    write_bslz4(tmp_path / "s.h5", ring_frames(2, np.uint32))
+    result = run_command(tmp_path, "integrate", [tmp_path / "s.h5"], tmp_path / "o.h5",
+                         "--backend", "opencl", "--device", device)
+    assert result.exit_code == 0, result.output
+    assert len(started) == 1 and not started[0].is_alive()
+    np.save(tmp_path / "mask.npy", np.zeros((5, 5), np.uint8))
+    result = run_command(tmp_path, "integrate", [tmp_path / "s.h5"], tmp_path / "p.h5",
+                         "--backend", "opencl", "--device", device,
+                         "--mask", tmp_path / "mask.npy")
+    assert result.exit_code == 2 and "mask" in result.output, result.output
+    assert len(started) == 2 and not started[1].is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "azfilter-opencl-start"]
+
+
 def test_engines_that_do_not_decode_refuse_a_chunk():
     """A compressed chunk handed to the cython or python engine is that frame's error (one
     line), never a wrong result; the frames around it are reduced."""

@@ -115,8 +115,11 @@ def run_job(config: dict[str, Any], *, dry_run: bool = False, quiet: bool | None
         # Under the lock: what the output holds now is what this run extends.
         sweep_temporaries(output, out_kind)
         job = prepare_job(merged, note=note)
-        progress = Progress(len(job.todo) + len(job.failures), quiet, job.label,
-                            stream=stream)
-        report = execute(job, progress)
+        try:
+            progress = Progress(len(job.todo) + len(job.failures), quiet, job.label,
+                                stream=stream)
+            report = execute(job, progress)
+        finally:
+            job.finish_warm_up()
     write_summary(job, report)
     return report

@@ -52,8 +52,10 @@ logger = logging.getLogger(__name__)
 READ_AHEAD = 2
 #: reader threads at most when bitshuffle-LZ4 chunks go to the device compressed
 DEVICE_DECODE_READERS = 4
-# Results waiting for the writer thread.
-WRITE_QUEUE = 8
+# Results waiting for the writer thread (~100 kB each for 1000 bins): room for what is reduced
+# while the NeXus writer flushes its 64 buffered rows (milliseconds); with 8 places the
+# reducing thread waited on a full queue during each flush (H200, py-spy).
+WRITE_QUEUE = 32
 
 
 @dataclass
@@ -86,6 +88,14 @@ class Job:
     # sparsify: (raw frame, result) -> what the sink writes, run before the frame's buffer
     # is reused (azfilter.bragg.BraggPicker)
     postprocess: Callable[[Any, Any], Any] | None = None
+    # the OpenCL start-up running beside the table's loading (join before leaving)
+    warm_up: threading.Thread | None = None
+
+    def finish_warm_up(self) -> None:
+        """Wait for the OpenCL start-up thread, if any (it must not outlive the job)."""
+        if self.warm_up is not None:
+            self.warm_up.join()
+            self.warm_up = None
 
     @property
     def label(self) -> str:
@@ -403,13 +413,22 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     # failures, so that a shard is never missing from the merge.)
     empty_output = out_kind == "hdf5" and not todo and not Path(output).exists()
     if todo or empty_output:
-        job.integrator = make_integrator(config, geometry, todo[0].item if todo else None)
-        meta.geometry = geometry_lines(job.integrator.geometry)
-        if config["operation"] == "sparsify":
-            job.postprocess = make_picker(config, job.integrator, writer)
-        if empty_output and writer is not None and job.integrator.shape is not None:
-            writer.start(job.integrator.table(config["split"]).radial,
-                         sectors=job.integrator.sectors)
+        if todo and config["backend"] == "opencl":
+            from ..backends.opencl.devices import warm_up
+
+            job.warm_up = warm_up(config.get("device"))
+        try:
+            job.integrator = make_integrator(config, geometry,
+                                             todo[0].item if todo else None)
+            meta.geometry = geometry_lines(job.integrator.geometry)
+            if config["operation"] == "sparsify":
+                job.postprocess = make_picker(config, job.integrator, writer)
+            if empty_output and writer is not None and job.integrator.shape is not None:
+                writer.start(job.integrator.table(config["split"]).radial,
+                             sectors=job.integrator.sectors)
+        except BaseException:
+            job.finish_warm_up()
+            raise
     return job
 
 

@@ -4,6 +4,10 @@
 # bench/gpu/wheels/pydirs/), and registers NVIDIA's OpenCL driver next to PoCL.
 # Use: cd REPO && source bench/gpu/setup.sh   (build log in ${OUT:-/tmp}/build.log)
 export PYTHONUNBUFFERED=1 AZFILTER_CACHE_DIR=${AZFILTER_CACHE_DIR:-/tmp/azcache}
+# Bytecode in a writable place: the machine's numpy cannot write its __pycache__ and the
+# wheels are installed --no-compile, so every fresh process compiled ~0.4 s of sources
+# (py-spy, H200 machine) where an installed package loads its .pyc; both tools gain.
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 _azf_build() {
     local inc suf pyx name
     inc=$(python3 -c "import sysconfig;print(sysconfig.get_paths()['include'])")

@@ -39,7 +39,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -100,6 +100,10 @@ class _Pending:
     decode_error: tuple[np.ndarray, int] | None = None
     # sigma_clip / medfilt: (pick, counts host array, reals host array), copied before done
     outliers: tuple[float, np.ndarray, np.ndarray] | None = None
+    # the events of the other read-backs into host memory, kept until ``done``: pyopencl
+    # waits for a copy's completion when its event is dropped, holding the GIL (H200,
+    # sigma-clip: 0.75 ms per frame of the feeding thread, waiting for the kernels)
+    reads: list = field(default_factory=list)
 
 
 class OpenCLEngine(OpenCLProcessing, Engine):
@@ -219,7 +223,13 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         # device decoding of compressed chunks (built on the first chunk): the decoder, and
         # per slot the error flag of the chunk being decoded there
         self._bslz4 = None
-        self._chunk_errors: dict[int, tuple[np.ndarray, int]] = {}
+        self._chunk_errors: dict[int, tuple[np.ndarray, int, Any]] = {}
+        # per slot: page-locked host arrays the results are read back into (and the block
+        # table is uploaded from), made on first use. A non-blocking copy between the device
+        # and pageable memory is synchronous on NVIDIA's driver: reading the sums into
+        # np.empty made the thread that feeds the engine wait for each frame's kernels
+        # (H200, sigma-clip: 15 % of that thread's time in the read of the statistics).
+        self._host_slots: list[dict[str, np.ndarray] | None] = [None, None]
 
         # ---- geometry, once
         row_lengths = np.diff(indptr)
@@ -289,7 +299,11 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         self._base_options = [f"-D WG={wg}", f"-D LSORT={self.local_sort_size}"]
         if self.fp64:
             self._base_options.append("-D USE_FP64")
-        self._kernels: dict[str, dict[str, Any]] = {}
+        # kernels by (raw type, frame slot): each slot has its own kernel objects, whose
+        # arguments are set again only when they change (set_args of the 16-22 arguments of
+        # a reduction kernel took ~6 % of the feeding thread's time per kernel, per frame)
+        self._kernels: dict[tuple[str, int], dict[str, Any]] = {}
+        self._kernel_args: dict[int, tuple] = {}
         if self._long_rows.size:
             blocks = -(-self._long_lengths // wg)
             self._block_row = self.upload(
@@ -299,24 +313,37 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             self._n_blocks = int(blocks.sum())
 
     # ------------------------------------------------------------------ device plumbing
-    def _kernels_for(self, raw_type: str) -> dict[str, Any]:
-        """The kernels compiled for one raw dtype (built on first use, then cached).
+    def _kernels_for(self, raw_type: str, slot: int = 0) -> dict[str, Any]:
+        """The kernels compiled for one raw dtype (built on first use, then cached), as
+        objects of frame slot ``slot`` (set their arguments with :meth:`_set_args`).
 
         A device may run a kernel only with smaller work-groups than it advertises (register
         or local-memory pressure): then the work-group size is halved until every kernel fits.
         """
-        while self._kernels.get(raw_type) is None:
+        key = (raw_type, slot)
+        while self._kernels.get(key) is None:
             kernels = self.kernels([f"-D RAW_T={raw_type}"] + self._base_options,
                                    ("integrate", "sigma_clip", "medfilt", "medfilt_chunk_sort",
                                     "medfilt_merge", "outlier_stats"))
             if self.largest_workgroup(kernels) >= self.workgroup_size:
-                self._kernels[raw_type] = kernels
+                self._kernels[key] = kernels
             elif self.workgroup_size > 1:
                 self._set_workgroup_size(self.workgroup_size // 2)
             else:
                 raise AzfilterError(f"OpenCL device {self.device_info['name']} cannot run "
                                     "the azfilter kernels")
-        return self._kernels[raw_type]
+        return self._kernels[key]
+
+    def _set_args(self, kernel: Any, *args: Any) -> Any:
+        """Set ``kernel``'s arguments unless they are those it already has (the same
+        buffers, scalars of the same type and value); returns the kernel."""
+        last = self._kernel_args.get(id(kernel))
+        if last is None or len(last) != len(args) or not all(
+                old is new or (type(old) is type(new) and isinstance(new, np.generic)
+                               and old == new) for old, new in zip(last, args, strict=True)):
+            kernel.set_args(*args)
+            self._kernel_args[id(kernel)] = args
+        return kernel
 
     def _device_dtype(self, dtype: np.dtype) -> np.dtype:
         """The dtype a frame of ``dtype`` goes to the device in (kernels read it as is)."""
@@ -380,8 +407,21 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         """
         return hostmem.pinned_array(shape, dtype, device=device)
 
+    @staticmethod
+    def _on_queue(event: Any, queue: Any) -> bool:
+        """Whether ``event`` is of a command of ``queue``."""
+        return event.command_queue.int_ptr == queue.int_ptr
+
+    def _pending_wait(self, event: Any) -> list | None:
+        """``[event]`` unless it is None or complete: a wait for an event of another queue
+        may block the enqueue itself on NVIDIA's driver."""
+        complete = self._cl.command_execution_status.COMPLETE
+        if event is None or event.command_execution_status == complete:
+            return None
+        return [event]
+
     def _upload(self, frame: np.ndarray, target: np.dtype, slot: int,
-                wait: list | None, queue: Any) -> list:
+                wait: list | None, queue: Any, host: dict[str, Any]) -> list:
         """Queue the copy of a frame into the raw buffer of ``slot`` (a compressed chunk is
         then decoded there on ``queue``, the kernel queue its reduction runs on).
 
@@ -392,11 +432,14 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         """
         cl = self._cl
         if isinstance(frame, CompressedChunk):
-            return self._upload_chunk(frame, slot, wait, queue)
+            return self._upload_chunk(frame, slot, wait, queue, host)
         direct = frame.dtype == target and frame.flags.c_contiguous
         if direct and (not self.staging or is_pinned(frame, self.context)):
-            events = [cl.enqueue_copy(self.transfer_queue, self._raw[slot], frame.reshape(-1),
+            # on the kernel queue, as a compressed chunk (see _upload_chunk)
+            events = [cl.enqueue_copy(queue, self._raw[slot], frame.reshape(-1),
                                       is_blocking=False, wait_for=wait)]
+            queue.flush()
+            return events
         elif not self.staging:
             converted = np.ascontiguousarray(frame, dtype=target).reshape(-1)
             events = [cl.enqueue_copy(self.transfer_queue, self._raw[slot], converted,
@@ -427,8 +470,41 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             buffer = self.allocate(name, max(nbytes, nbytes + nbytes // 8, 4096), "r")
         return buffer
 
+    def _host_arrays(self, slot: int | None) -> dict[str, np.ndarray]:
+        """The host arrays a frame's results are read back into (and its block table
+        uploaded from): ``sums``, ``counts``, ``reals``, ``error`` (the decoder's flag),
+        ``ranges``. For a stream's frame slot, the slot's page-locked ones (made on first
+        use); for ``None`` (one frame, :meth:`integrate`...), new ordinary arrays, since such
+        a call may come while a stream's frame waits for its results."""
+        arrays = None if slot is None else self._host_slots[slot]
+        if arrays is None:
+            real = np.float64 if self.fp64 else np.float32
+            pair = () if self.fp64 else (2,)
+            make = np.empty if slot is None else self.pinned_array
+            arrays = {
+                "sums": make((_NSUMS, self.npt, *pair), real),
+                "counts": make((2, self.npt), np.int32),
+                "reals": make((2, self.npt, *pair), real),
+                "error": make(2, np.int32),
+                "ranges": make(2 * 1024, np.uint32),
+                "make": make,
+            }
+            if slot is not None:
+                self._host_slots[slot] = arrays
+        return arrays
+
+    @staticmethod
+    def _host_ranges(host: dict[str, Any], ranges: np.ndarray) -> np.ndarray:
+        """``ranges`` (a chunk's block table) copied into ``host``'s (page-locked) array."""
+        flat = np.ascontiguousarray(ranges, dtype=np.uint32).reshape(-1)
+        if host["ranges"].size < flat.size:
+            host["ranges"] = host["make"](flat.size + flat.size // 4, np.uint32)
+        target = host["ranges"][:flat.size]
+        target[...] = flat
+        return target
+
     def _upload_chunk(self, chunk: CompressedChunk, slot: int, wait: list | None,
-                      queue: Any) -> list:
+                      queue: Any, host: dict[str, Any]) -> list:
         """Queue the upload of a compressed chunk and its block table (transfer queue), then
         its decode into the raw buffer of ``slot`` (kernel queue, after the uploads; the
         reduction queued next on that queue runs after it).
@@ -446,23 +522,25 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                 f"table {self.npix}")
         data = chunk.data
         chunk_buffer = self._device_buffer(f"chunk{slot}", data.nbytes)
-        ranges = layout.block_ranges if layout.n_blocks else np.zeros((1, 2), np.uint32)
+        ranges = self._host_ranges(
+            host, layout.block_ranges if layout.n_blocks else np.zeros((1, 2), np.uint32))
         ranges_buffer = self._device_buffer(f"ranges{slot}", ranges.nbytes)
         error_buffer = self.buffers.get(f"decode_error{slot}")
         if error_buffer is None:
             error_buffer = self.allocate(f"decode_error{slot}", 8, "rw")
-        transfer = self.transfer_queue
-        events = [cl.enqueue_copy(transfer, chunk_buffer, data, is_blocking=False,
-                                  wait_for=wait),
-                  cl.enqueue_copy(transfer, ranges_buffer, ranges, is_blocking=False)]
-        transfer.flush()
-        cleared = cl.enqueue_fill_buffer(queue, error_buffer, np.zeros(1, np.int32), 0, 8)
+        # The uploads go on the slot's kernel queue, in order before the decode and the
+        # reduction: the two slots' queues already overlap one frame's upload with the other's
+        # kernels, and a kernel waiting for an event of another queue made NVIDIA's driver
+        # block the enqueue (holding the GIL) until that event completed.
+        events = [cl.enqueue_copy(queue, chunk_buffer, data, is_blocking=False, wait_for=wait),
+                  cl.enqueue_copy(queue, ranges_buffer, ranges, is_blocking=False)]
+        cl.enqueue_fill_buffer(queue, error_buffer, np.zeros(1, np.int32), 0, 8)
         self._bslz4.enqueue_kernel(queue, chunk_buffer, data.nbytes, ranges_buffer, layout,
-                                   chunk.dtype.itemsize, self._raw[slot], error_buffer,
-                                   wait_for=[events[-1], cleared])
-        error = np.zeros(2, dtype=np.int32)
-        cl.enqueue_copy(queue, error, error_buffer, is_blocking=False)
-        self._chunk_errors[slot] = (error, layout.n_blocks)
+                                   chunk.dtype.itemsize, self._raw[slot], error_buffer)
+        queue.flush()
+        error = host["error"]
+        read = cl.enqueue_copy(queue, error, error_buffer, is_blocking=False)
+        self._chunk_errors[slot] = (error, layout.n_blocks, read)
         return events
 
     def _staging_pieces(self, slot: int, sizes: tuple[int, ...]) -> list[np.ndarray]:
@@ -538,9 +616,11 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                 np.int32(has_dummy), self._real(self.dummy if has_dummy else 0.0),
                 self._real(self.delta_dummy)]
 
-    def _submit(self, raw: Any, operation: str, params: dict, slot: int) -> _Pending:
+    def _submit(self, raw: Any, operation: str, params: dict, slot: int,
+                stream: bool = True) -> _Pending:
         """Queue the upload of one frame, the kernels and the read-back; return once the
-        frame is uploaded (the kernels and the read-back may still be running)."""
+        frame is uploaded (the kernels and the read-back may still be running). A frame of a
+        ``stream`` is read back into its slot's page-locked arrays, others into new ones."""
         cl = self._cl
         frame, target = self._prepare_frame(raw)
         raw_type = RAW_TYPES[target]
@@ -548,14 +628,18 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         if error_model not in ERROR_MODELS:
             raise AzfilterError(f"unknown error model {error_model!r}; choose one of "
                                 f"{', '.join(ERROR_MODELS)}")
-        kernels = self._kernels_for(raw_type)
+        kernels = self._kernels_for(raw_type, slot)
         frame_args = self._frame_args(slot, error_model, params.get("variance"))
-        wait = [self._slot_free[slot]] if self._slot_free[slot] is not None else None
+        wait = self._pending_wait(self._slot_free[slot])
         # medfilt's long rows share one sort scratch: those frames stay on one queue
         queue = self._slot_queues[0 if (operation == "medfilt" and self._long_rows.size)
                                   else slot]
-        uploads = self._upload(frame, target, slot, wait, queue)
+        host = self._host_arrays(slot if stream else None)
+        uploads = self._upload(frame, target, slot, wait, queue, host)
         uploaded = uploads[-1]   # in-order queue: the last copy completes last
+        # the kernels wait for an upload made on the transfer queue (staged frames); one on
+        # their own queue is before them already
+        kernel_wait = None if self._on_queue(uploaded, queue) else [uploaded]
         wg = self.workgroup_size
         geometry = [self._indptr, self._indices, self._coefs]
         npt = np.int32(self.npt)
@@ -563,38 +647,38 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         flags = self._flags[slot]
         if operation == "integrate":
             kernel = kernels["integrate"]
-            kernel.set_args(*geometry, *frame_args,
-                            np.int32(error_model == "azimuthal"), npt, out)
+            self._set_args(kernel, *geometry, *frame_args,
+                           np.int32(error_model == "azimuthal"), npt, out)
             cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,),
-                                       wait_for=[uploaded])
+                                       wait_for=kernel_wait)
         elif operation == "sigma_clip":
             kernel = kernels["sigma_clip"]
-            kernel.set_args(*geometry, *frame_args, self._real(params["thres"]),
-                            np.int32(max(0, int(params["max_iter"]))),
-                            np.int32(_CLIP_MODEL[error_model]), npt, flags, out)
+            self._set_args(kernel, *geometry, *frame_args, self._real(params["thres"]),
+                           np.int32(max(0, int(params["max_iter"]))),
+                           np.int32(_CLIP_MODEL[error_model]), npt, flags, out)
             cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,),
-                                       wait_for=[uploaded])
+                                       wait_for=kernel_wait)
         elif operation == "medfilt":
             idx_bits = np.int32(self._idx_bits)
             sorted_keys = self._no_variance   # any buffer: unused when every row fits
-            wait_for = [uploaded]
+            wait_for = kernel_wait
             if self._long_rows.size:
                 keys, other = self._sort_scratch()
                 chunk_sort = kernels["medfilt_chunk_sort"]
-                chunk_sort.set_args(self._indptr, self._indices, *frame_args,
-                                    self._chunk_row, self._chunk_offset, idx_bits, keys)
+                self._set_args(chunk_sort, self._indptr, self._indices, *frame_args,
+                               self._chunk_row, self._chunk_offset, idx_bits, keys)
                 cl.enqueue_nd_range_kernel(queue, chunk_sort, (self._n_chunks * wg,), (wg,),
                                            wait_for=wait_for)
                 wait_for = None
                 merge = kernels["medfilt_merge"]
                 for width in self._merge_widths:
-                    merge.set_args(self._indptr, self._block_row, self._block_offset,
+                    self._set_args(merge, self._indptr, self._block_row, self._block_offset,
                                    np.int32(width), keys, other)
                     cl.enqueue_nd_range_kernel(queue, merge, (self._n_blocks * wg,), (wg,))
                     keys, other = other, keys
                 sorted_keys = keys
             kernel = kernels["medfilt"]
-            kernel.set_args(*geometry, *frame_args, self._real(params["quant_min"]),
+            self._set_args(kernel, *geometry, *frame_args, self._real(params["quant_min"]),
                             self._real(params["quant_max"]),
                             np.int32(error_model == "azimuthal"), idx_bits, sorted_keys,
                             flags, npt, out)
@@ -604,52 +688,64 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             raise AzfilterError(f"unknown operation {operation!r}; choose one of "
                                 f"{', '.join(OPERATIONS)}")
         outliers = None
+        reads: list = []
         if operation != "integrate":
-            outliers = self._submit_outlier_stats(kernels, frame_args, params, slot, queue)
-        host = np.empty((_NSUMS, self.npt) if self.fp64 else (_NSUMS, self.npt, 2),
-                        dtype=np.float64 if self.fp64 else np.float32)
-        done = cl.enqueue_copy(queue, host, out, is_blocking=False)
+            outliers = self._submit_outlier_stats(kernels, frame_args, params, slot, queue,
+                                                  host, reads)
+        sums = host["sums"]
+        done = cl.enqueue_copy(queue, sums, out, is_blocking=False)
         queue.flush()
         self._slot_free[slot] = done
         # The frame's memory is free for reuse once this returns: the caller (a reader's ring
         # of page-locked buffers) may overwrite it while the kernels run.
         uploaded.wait()
-        decode_error = self._chunk_errors.pop(slot, None) \
-            if isinstance(frame, CompressedChunk) else None
-        return _Pending(host, done, decode_error, outliers)
+        decode_error = None
+        if isinstance(frame, CompressedChunk):
+            error, n_blocks, read = self._chunk_errors.pop(slot)
+            decode_error = (error, n_blocks)
+            reads.append(read)
+        return _Pending(sums, done, decode_error, outliers, reads)
 
     def _submit_outlier_stats(self, kernels: dict[str, Any], frame_args: list, params: dict,
-                              slot: int, queue: Any) -> tuple[float, np.ndarray, np.ndarray]:
+                              slot: int, queue: Any, host: dict[str, Any], reads: list,
+                              ) -> tuple[float, np.ndarray, np.ndarray]:
         """Queue the outlier statistics of the operation just queued (its flags and sums)
-        and their read-back, before the sums' read-back."""
+        and their read-back, before the sums' read-back (the copies' events go to
+        ``reads``)."""
         cl = self._cl
         pick = float(params.get("pick", DEFAULT_PICK))
         kernel = kernels["outlier_stats"]
-        kernel.set_args(self._indptr, self._indices, self._coefs, *frame_args,
-                        self._flags[slot], self._sums[slot], self._real(pick), np.int32(self.npt),
-                        self._stats_counts[slot], self._stats_reals[slot])
+        self._set_args(kernel, self._indptr, self._indices, self._coefs, *frame_args,
+                       self._flags[slot], self._sums[slot], self._real(pick),
+                       np.int32(self.npt), self._stats_counts[slot], self._stats_reals[slot])
         wg = self.workgroup_size
         cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,))
-        counts = np.empty((2, self.npt), dtype=np.int32)
-        reals = np.empty((2, self.npt) if self.fp64 else (2, self.npt, 2),
-                         dtype=np.float64 if self.fp64 else np.float32)
-        cl.enqueue_copy(queue, counts, self._stats_counts[slot], is_blocking=False)
-        cl.enqueue_copy(queue, reals, self._stats_reals[slot], is_blocking=False)
+        counts, reals = host["counts"], host["reals"]
+        reads.append(cl.enqueue_copy(queue, counts, self._stats_counts[slot],
+                                     is_blocking=False))
+        reads.append(cl.enqueue_copy(queue, reals, self._stats_reals[slot], is_blocking=False))
         return pick, counts, reals
 
     @staticmethod
     def _finish(pending: _Pending) -> BinSums:
+        """The sums of a submitted frame, once read back: new arrays (the slot's page-locked
+        ones take the next frame's)."""
         pending.done.wait()
         if pending.decode_error is not None:   # a corrupt chunk: the sums are meaningless
             check_error_flag(*pending.decode_error)
         sums = pending.sums
         if sums.ndim == 3:   # compensated float32 pairs: value = hi + lo
             sums = sums[..., 0].astype(np.float64) + sums[..., 1].astype(np.float64)
+        else:
+            sums = sums.copy()
         outliers = None
         if pending.outliers is not None:   # read back before sums (in-order queue)
             pick, counts, reals = pending.outliers
+            counts = counts.copy()
             if reals.ndim == 3:
                 reals = reals[..., 0].astype(np.float64) + reals[..., 1].astype(np.float64)
+            else:
+                reals = reals.copy()
             outliers = OutlierSums(pick, counts[0], counts[1], reals[0], reals[1])
         return BinSums(sums[0], sums[1], sums[2], sums[3], sums[4], outliers)
 
@@ -658,21 +754,22 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                   variance: np.ndarray | None = None) -> BinSums:
         """Per-bin sums S, V, W, W2, N of one frame (``docs/internals.md``, integrate)."""
         return self._finish(self._submit(raw, "integrate",
-                                         dict(error_model=error_model, variance=variance), 0))
+                                         dict(error_model=error_model, variance=variance), 0,
+                                         stream=False))
 
     def sigma_clip(self, raw: np.ndarray, thres: float, max_iter: int, error_model: str,
                    variance: np.ndarray | None = None, pick: float = DEFAULT_PICK) -> BinSums:
         """Iterative azimuthal sigma-clipping, all iterations in one kernel launch."""
         params = dict(thres=thres, max_iter=max_iter, error_model=error_model,
                       variance=variance, pick=pick)
-        return self._finish(self._submit(raw, "sigma_clip", params, 0))
+        return self._finish(self._submit(raw, "sigma_clip", params, 0, stream=False))
 
     def medfilt(self, raw: np.ndarray, quant_min: float, quant_max: float, error_model: str,
                 variance: np.ndarray | None = None, pick: float = DEFAULT_PICK) -> BinSums:
         """Average of the fragments between two weighted quantiles of each bin."""
         params = dict(quant_min=quant_min, quant_max=quant_max, error_model=error_model,
                       variance=variance, pick=pick)
-        return self._finish(self._submit(raw, "medfilt", params, 0))
+        return self._finish(self._submit(raw, "medfilt", params, 0, stream=False))
 
     def host_buffers(self, capacity: int) -> FrameBufferRing:
         """A bounded ring of ``capacity`` page-locked frame buffers of this engine's device.
