@@ -487,9 +487,9 @@ def write_summary(job: Job, report: JobReport) -> Path | None:
     failure, times, host, shard, manifest digest. Returns its path (None when not written;
     a summary that cannot be written is a warning in the report, never a failed run)."""
     import json
-    import socket
 
     from .. import __version__
+    from ..fileio import host_name
 
     path = summary_path(job)
     if path is None:
@@ -499,7 +499,7 @@ def write_summary(job: Job, report: JobReport) -> Path | None:
         "program": "azfilter", "version": __version__, "label": job.label,
         "operation": job.config["operation"], "output": os.path.abspath(job.output),
         "shard": None if job.shard is None else f"{job.shard[0]}/{job.shard[1]}",
-        "host": socket.gethostname(), "pid": os.getpid(),
+        "host": host_name(), "pid": os.getpid(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
                                  time.localtime(finished - report.elapsed)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
