@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .meta import OutputMeta
-from .nexus import NexusWriter
 from .text import format_text, sector_paths, write_text
+
+if TYPE_CHECKING:  # the NeXus writer (h5py) is imported by jobs that write HDF5 only
+    from .nexus import NexusWriter
 
 
 class PlannedFrame(Protocol):

@@ -335,7 +335,7 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     AzfilterError
         Any usage or configuration problem; nothing has been written.
     """
-    from ..output import NexusWriter, OutputMeta, geometry_lines
+    from ..output import OutputMeta, geometry_lines
     from ..poni import load_poni
 
     if config.get("decode") == "device" and config["backend"] != "opencl":
@@ -387,6 +387,8 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
 
             writer = SparseWriter(output, meta, mode=mode)
         else:
+            from ..output import NexusWriter
+
             writer = NexusWriter(output, meta, mode=mode)
         if mode == "append":
             todo, more = planning.drop_stored(todo, writer.existing)
