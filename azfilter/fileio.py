@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _FALLBACK_MODE = 0o644
 
@@ -187,6 +188,118 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (temporary file + rename)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class AtomicFiles:
+    """Many files written atomically by one thread, each file's fsync and rename done on a few
+    background threads.
+
+    Each file keeps the guarantees of :func:`atomic_write_bytes`: it is written under a
+    temporary name, flushed to disk (fsync), then renamed to its final name, so a file under
+    its final name is always complete and on disk. Only the waiting moves: an fsync waits for
+    the disk (a fraction of a millisecond on a local SSD, several on a loaded disk or a
+    network file system) while the caller goes on with the next file; up to ``pending``
+    files are in flight, their fsyncs overlapping on ``workers`` threads. Files may therefore
+    appear a few at a time, not strictly in the order written.
+
+    A failed fsync or rename removes that file's temporary and is raised, naming the file, by
+    the next :meth:`write_bytes` or by :meth:`finish`.
+
+    Parameters
+    ----------
+    workers : int
+        Threads doing the fsyncs and renames.
+    pending : int
+        Most files written but not yet renamed (each holds an open descriptor).
+    """
+
+    def __init__(self, workers: int = 4, pending: int = 16):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=workers,
+                                        thread_name_prefix="azfilter-commit")
+        self._slots = threading.BoundedSemaphore(pending)
+        self._lock = threading.Lock()
+        self._failure: OSError | None = None
+        self._futures: set = set()
+
+    def write_bytes(self, path: str | os.PathLike, data: bytes) -> None:
+        """Write ``data`` to a temporary file next to ``path``; it is renamed to ``path`` once
+        on disk.
+
+        Raises
+        ------
+        OSError
+            When the temporary file cannot be created or written (nothing is left behind),
+            or when an earlier file of this writer failed to reach the disk.
+        """
+        self._raise_failure()
+        fd, name = _create_temporary(Path(path), 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            remove_quietly(name)
+            raise
+        self._slots.acquire()
+        try:
+            future = self._pool.submit(self._commit, fd, name, os.fspath(path))
+        except BaseException:
+            self._slots.release()
+            os.close(fd)
+            remove_quietly(name)
+            raise
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+
+    def write_text(self, path: str | os.PathLike, text: str) -> None:
+        """:meth:`write_bytes` of ``text`` in UTF-8."""
+        self.write_bytes(path, text.encode("utf-8"))
+
+    def _commit(self, fd: int, name: str, path: str) -> None:
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(name, path)
+        except OSError as err:
+            remove_quietly(name)
+            with self._lock:
+                if self._failure is None:
+                    self._failure = OSError(err.errno, err.strerror, path)
+        finally:
+            self._slots.release()
+
+    def _forget(self, future: Any) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def _raise_failure(self) -> None:
+        with self._lock:
+            failure = self._failure
+        if failure is not None:
+            raise failure
+
+    def finish(self) -> None:
+        """Wait until every file written is on disk under its final name.
+
+        Raises
+        ------
+        OSError
+            The first failure (naming the file); the other files are finished all the same.
+        """
+        from concurrent.futures import wait
+
+        with self._lock:
+            futures = list(self._futures)
+        wait(futures)
+        self._pool.shutdown(wait=True)
+        self._raise_failure()
 
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.azf-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[^.]*\.tmp$")
