@@ -355,6 +355,44 @@ def lock_path(path: str | os.PathLike) -> Path:
     return target.parent / f".{target.name}.lock"
 
 
+def try_lock(path: str | os.PathLike) -> int | None:
+    """Take the ``flock`` lock of ``path`` (created if missing) if it is free right now.
+
+    The common case of :func:`azfilter.pipeline.run.output_lock` (no other run on the
+    output, a file system with ``flock``) without importing the ``filelock`` package, whose
+    import costs more than the rest of a text job's start-up modules together. Both lock
+    the same file with ``flock``, so they exclude each other.
+
+    Returns
+    -------
+    int or None
+        The descriptor that holds the lock (:func:`unlock` releases it); None when the lock
+        is held by another process or the file system gives no ``flock`` (the caller then
+        goes through ``filelock``, which waits, or falls back to its own scheme).
+
+    Raises
+    ------
+    OSError
+        When the lock file cannot be created or opened.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:    # held elsewhere (EWOULDBLOCK), or no flock here (ENOSYS, ENOLCK...)
+        os.close(fd)
+        return None
+    return fd
+
+
+def unlock(fd: int) -> None:
+    """Release a lock taken by :func:`try_lock` (closing its descriptor)."""
+    os.close(fd)
+
+
 def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files that killed azfilter processes left next to ``path``.
 

@@ -504,8 +504,9 @@ def test_cbf_run_with_an_edf_mask_does_not_import_fabio(tmp_path):
 def test_cbf_to_text_run_imports_only_what_it_needs(tmp_path):
     """The main workload of this reader, CBF files -> one text file each with the compiled
     engine, starts lean: no h5py/hdf5plugin/fabio (HDF5 and other formats), no pyopencl
-    (OpenCL backend), no scipy (Python backend), none of the NeXus writer/reader/merger; and
-    numpy's BLAS runs one thread (its idle threads otherwise spin at start-up)."""
+    (OpenCL backend), no scipy (Python backend), none of the NeXus writer/reader/merger, no
+    filelock (a free output lock is a plain flock); and numpy's BLAS runs one thread (its idle
+    threads otherwise spin at start-up)."""
     import subprocess
     import sys
 
@@ -526,7 +527,8 @@ def test_cbf_to_text_run_imports_only_what_it_needs(tmp_path):
         "Distance: 0.05\nPoni1: 0.002\nPoni2: 0.0025\nRot1: 0\nRot2: 0\nRot3: 0\n"
         "Wavelength: 1e-10\n")
     unwanted = ("h5py", "hdf5plugin", "fabio", "pyopencl", "scipy", "azfilter.output.nexus",
-                "azfilter.output.read", "azfilter.output.merge", "azfilter.output.sparse")
+                "azfilter.output.read", "azfilter.output.merge", "azfilter.output.sparse",
+                "filelock")   # the output lock is free: taken with a plain flock
     script = (
         "import os, sys\nos.environ.pop('OPENBLAS_NUM_THREADS', None)\n"
         "from azfilter.cli import run\n"

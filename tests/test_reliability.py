@@ -278,3 +278,26 @@ def test_atomic_files_finish_every_file_and_name_a_failed_one(tmp_path):
     assert again.value.filename == str(blocked)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert all(p.read_text() == "y\n" for p in tmp_path.glob("g*.dat"))
+
+
+def test_try_lock_and_filelock_exclude_each_other(tmp_path):
+    """output_lock's fast path (fileio.try_lock, plain flock) and filelock's FileLock (its
+    path when the lock is busy) lock the same file: each sees the other's hold."""
+    from filelock import FileLock, Timeout
+
+    path = tmp_path / ".out.lock"
+    fd = fileio.try_lock(path)
+    assert fd is not None and path.exists()
+    with pytest.raises(Timeout):
+        FileLock(str(path)).acquire(timeout=0)
+    assert fileio.try_lock(path) is None          # a second holder in this process too
+    fileio.unlock(fd)
+    other = FileLock(str(path))
+    other.acquire(timeout=0)
+    try:
+        assert fileio.try_lock(path) is None
+    finally:
+        other.release()
+    fd = fileio.try_lock(path)
+    assert fd is not None
+    fileio.unlock(fd)

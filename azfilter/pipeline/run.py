@@ -36,6 +36,8 @@ from ..fileio import (
     lock_path,
     sweep_folder,
     sweep_stale_temporaries,
+    try_lock,
+    unlock,
 )
 from ..manifest import Manifest
 from ..poni import format_poni
@@ -434,11 +436,22 @@ def output_lock(output: str, out_kind: str, wait: bool = True,
     if out_kind == "stdout":
         yield
         return
-    from filelock import FileLock, Timeout
-
     path = lock_path(output)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        held = try_lock(path)   # a free lock: taken without importing filelock
+    except OSError as err:
+        raise AzfilterError(f"{path}: cannot create the output's lock file: "
+                            f"{err.strerror or err}") from None
+    if held is not None:
+        try:
+            yield
+        finally:
+            unlock(held)
+        return
+    from filelock import FileLock, Timeout
+
+    try:
         lock = FileLock(str(path))
         try:
             lock.acquire(timeout=0)
