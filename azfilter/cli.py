@@ -400,6 +400,11 @@ def _run_reduction(ctx: click.Context, operation: str | None, params: dict[str, 
     if threading.current_thread() is threading.main_thread():
         for signum in _STOP_SIGNALS:
             previous[signum] = signal.signal(signum, _on_signal)
+    from . import cache
+
+    # A new lookup table is written to the cache while the frames are reduced; the run ends
+    # once it is complete.
+    cache.defer_stores()
     try:
         status = _reduction(ctx, operation, params)
     except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -414,6 +419,8 @@ def _run_reduction(ctx: click.Context, operation: str | None, params: dict[str, 
                     "unfinished outputs were removed")
         ctx.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     finally:
+        cache.defer_stores(False)
+        cache.wait_for_stores()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     ctx.exit(status)
