@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from . import vocabulary
-from .cache import cache_dir, open_npz, store_npz
+from .cache import cache_dir, open_npz, store_soon
 from .errors import AzfilterError
 from .units import get_unit
 
@@ -1351,8 +1351,9 @@ def _load_cached(path: Path, key: str, shape: tuple[int, int], npt: int,
 
 
 def _store_cached(path: Path, key: str, parts: CSRParts) -> bool:
-    """Write the table atomically; returns whether it was stored."""
-    return store_npz(
+    """Write the table atomically; returns whether it was stored (or is being stored, on a
+    background thread: :func:`azfilter.cache.store_soon`)."""
+    return store_soon(
         path,
         format=np.int64(CACHE_FORMAT_VERSION),
         key=np.str_(key),

@@ -415,6 +415,46 @@ def open_npz(path: str | os.PathLike) -> Any:
     return np.load(path, allow_pickle=False)
 
 
+# Stores handed to background threads (store_soon), when the process asked for it.
+_deferring = False
+_background: list[Any] = []
+
+
+def defer_stores(enabled: bool = True) -> None:
+    """Let :func:`store_soon` write cache entries on a background thread.
+
+    The command turns this on: a run with an empty cache then starts reducing while its new
+    table and correction factors are written and flushed to disk (an Eiger 4M: ~0.3 s of
+    copying, checksumming and fsync). The threads are not daemons: the process ends only
+    after every entry is complete (each appears atomically in any case).
+    """
+    global _deferring
+    _deferring = bool(enabled)
+
+
+def store_soon(path: Path, **arrays: np.ndarray) -> bool:
+    """:func:`store_npz`, on a background thread after :func:`defer_stores` (returns True:
+    the entry is being stored), else at once (returns whether it was stored).
+
+    The arrays must not change afterwards (lookup tables and correction factors do not).
+    """
+    if not _deferring:
+        return store_npz(path, **arrays)
+    import threading
+
+    thread = threading.Thread(target=store_npz, args=(path,), kwargs=arrays,
+                              name="azfilter-cache-store")
+    thread.start()
+    _background.append(thread)
+    return True
+
+
+def wait_for_stores() -> None:
+    """Wait until the entries handed to background threads are written."""
+    while _background:
+        _background.pop().join()
+
+
 def store_npz(path: Path, **arrays: np.ndarray) -> bool:
     """Write ``arrays`` to ``path`` atomically; returns whether it was stored.
 

@@ -19,7 +19,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import click
+# numpy's OpenBLAS starts one thread per core when numpy is imported, and these threads spin
+# for a while: ~0.1 s of CPU at every start (2 cores), taken from the command's own threads.
+# azfilter calls no BLAS routine (its engines are its own code), so one BLAS thread is all it
+# needs. Set before anything imports numpy; a user's setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import click  # noqa: E402 - after the environment above
 
 from . import __version__
 from . import config as cfg
@@ -240,16 +246,25 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: The reduction commands (name -> operation, None for ``run``), built when they run: each
+#: has some forty options, and a command line runs only one of them.
+REDUCTION_COMMANDS: dict[str, str | None] = {**{op: op for op in cfg.OPERATIONS}, "run": None}
+
+
 class LazyGroup(click.Group):
-    """A click group that imports a subcommand's module only when that subcommand runs."""
+    """A click group that imports a subcommand's module only when that subcommand runs, and
+    builds a reduction command's options only when it runs (or help lists it)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS)
+                      | set(REDUCTION_COMMANDS))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in LAZY_COMMANDS:
             module_name, attribute = LAZY_COMMANDS[name][0].split(":")
             return getattr(importlib.import_module(module_name), attribute)
+        if name in REDUCTION_COMMANDS and name not in self.commands:
+            self.add_command(_make_reduction_command(REDUCTION_COMMANDS[name], name))
         return super().get_command(ctx, name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -259,7 +274,9 @@ class LazyGroup(click.Group):
             if name in LAZY_COMMANDS:
                 rows.append((name, LAZY_COMMANDS[name][1]))
             else:
-                rows.append((name, self.commands[name].get_short_help_str(limit)))
+                command = self.get_command(ctx, name)
+                assert command is not None
+                rows.append((name, command.get_short_help_str(limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
@@ -328,10 +345,6 @@ def _make_reduction_command(operation: str | None, name: str) -> click.Command:
                          context_settings=CONTEXT)(function)
 
 
-for _operation in cfg.OPERATIONS:
-    main.add_command(_make_reduction_command(_operation, _operation))
-main.add_command(_make_reduction_command(None, "run"))
-
 
 # ============================================================================ the run
 
@@ -387,6 +400,11 @@ def _run_reduction(ctx: click.Context, operation: str | None, params: dict[str, 
     if threading.current_thread() is threading.main_thread():
         for signum in _STOP_SIGNALS:
             previous[signum] = signal.signal(signum, _on_signal)
+    from . import cache
+
+    # A new lookup table is written to the cache while the frames are reduced; the run ends
+    # once it is complete.
+    cache.defer_stores()
     try:
         status = _reduction(ctx, operation, params)
     except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -401,6 +419,8 @@ def _run_reduction(ctx: click.Context, operation: str | None, params: dict[str, 
                     "unfinished outputs were removed")
         ctx.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     finally:
+        cache.defer_stores(False)
+        cache.wait_for_stores()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     ctx.exit(status)

@@ -14,7 +14,6 @@ Detectors that need a spline or offset file, or whose pixels are not a flat regu
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
@@ -716,6 +715,8 @@ def resolve_name(name: str) -> str:
         return _LOOKUP[key]
     except KeyError:
         pass
+    import difflib  # only for the error message
+
     close = difflib.get_close_matches(key, list(_LOOKUP), n=8, cutoff=0.6)
     suggestions: list[str] = []
     for match in close:

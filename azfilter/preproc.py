@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import cache_dir, open_npz, store_npz
+from .cache import cache_dir, open_npz, store_soon
 from .errors import AzfilterError
 from .vocabulary import ERROR_MODELS
 
@@ -220,7 +220,7 @@ def geometric_factors(geometry: Any, shape: tuple[int, int],
     if solid_angle:
         arrays.append(geometry.solid_angle(shape=shape).astype(np.float32))
     if path is not None:
-        store_npz(path, key=np.str_(key), **dict(zip(names, arrays, strict=True)))
+        store_soon(path, key=np.str_(key), **dict(zip(names, arrays, strict=True)))
     return arrays
 
 

@@ -326,3 +326,43 @@ def test_cache_command(folder, monkeypatch):
     monkeypatch.setenv("AZFILTER_CACHE_DIR", "off")
     assert runner.invoke(cache_command, ["info"]).output.startswith("cache: off")
     assert "nothing to clear" in runner.invoke(cache_command, ["clear"]).output
+
+
+def test_deferred_stores_are_complete_when_the_command_returns(folder, tmp_path):
+    """The command writes a new table and its correction factors on background threads
+    (cache.defer_stores) while it reduces; when it returns, both entries are complete and
+    reused by the next run, and stores are synchronous again for library callers."""
+    from test_cli import PONI, invoke, make_frame, write_cbf
+
+    poni = tmp_path / "geo.poni"
+    poni.write_text(PONI)
+    frames = [write_cbf(tmp_path / f"img_{k}.cbf", make_frame(k)) for k in range(2)]
+    first = invoke("sigma-clip", "-p", poni, "--npt", 50, "--polarization", 0.99,
+                   "--backend", "python", *frames, "-o", tmp_path / "a.h5")
+    assert first.exit_code == 0, first.output
+    entries = sorted(p.name.split("-")[0] for p in folder.glob("*.npz"))
+    assert entries == ["csr", "factors"]
+    for path in folder.glob("*.npz"):
+        with cache.open_npz(path) as stored:
+            assert len(stored.files) >= 2
+    assert not cache._deferring and not cache._background
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npz")}
+    second = invoke("sigma-clip", "-p", poni, "--npt", 50, "--polarization", 0.99,
+                    "--backend", "python", *frames, "-o", tmp_path / "b.h5")
+    assert second.exit_code == 0, second.output
+    assert sorted(p.name for p in folder.glob("*.npz")) == sorted(stamps)   # hits, no new
+
+
+def test_store_soon_is_synchronous_unless_deferred(folder):
+    path = folder / "soon.npz"
+    assert cache.store_soon(path, data=np.arange(10.0))
+    assert path.exists()                                  # at once
+    cache.defer_stores()
+    try:
+        later = folder / "later.npz"
+        assert cache.store_soon(later, data=np.arange(5.0))
+        cache.wait_for_stores()
+        with cache.open_npz(later) as stored:
+            assert stored["data"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    finally:
+        cache.defer_stores(False)

@@ -499,3 +499,51 @@ def test_cbf_run_with_an_edf_mask_does_not_import_fabio(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "loaded: []" in result.stdout, result.stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_0.dat", "img_1.dat"]
+
+
+def test_cbf_to_text_run_imports_only_what_it_needs(tmp_path):
+    """The main workload of this reader, CBF files -> one text file each with the compiled
+    engine, starts lean: no h5py/hdf5plugin/fabio (HDF5 and other formats), no pyopencl
+    (OpenCL backend), no scipy (Python backend), none of the NeXus writer/reader/merger, no
+    filelock (a free output lock is a plain flock); and numpy's BLAS runs one thread (its idle
+    threads otherwise spin at start-up)."""
+    import subprocess
+    import sys
+
+    from azfilter.backends import get_engine_class
+    from azfilter.errors import AzfilterError
+
+    try:
+        get_engine_class("cython")
+    except AzfilterError:
+        pytest.skip("the compiled (cython) engine is not built")
+    rng = np.random.default_rng(1)
+    for k in range(3):
+        (tmp_path / f"img_{k}.cbf").write_bytes(
+            minicbf(rng.poisson(100, (40, 50)).astype(np.int32)))
+    (tmp_path / "geo.poni").write_text(
+        "poni_version: 2.1\nDetector: Detector\nDetector_config: "
+        '{"pixel1": 0.0001, "pixel2": 0.0001, "max_shape": [40, 50]}\n'
+        "Distance: 0.05\nPoni1: 0.002\nPoni2: 0.0025\nRot1: 0\nRot2: 0\nRot3: 0\n"
+        "Wavelength: 1e-10\n")
+    unwanted = ("h5py", "hdf5plugin", "fabio", "pyopencl", "scipy", "azfilter.output.nexus",
+                "azfilter.output.read", "azfilter.output.merge", "azfilter.output.sparse",
+                "filelock")   # the output lock is free: taken with a plain flock
+    script = (
+        "import os, sys\nos.environ.pop('OPENBLAS_NUM_THREADS', None)\n"
+        "from azfilter.cli import run\n"
+        "blas_threads = os.environ.get('OPENBLAS_NUM_THREADS')\n"
+        "numpy_before = 'numpy' in sys.modules\n"
+        f"code = run(['sigma-clip', '-p', {str(tmp_path / 'geo.poni')!r}, '--npt', '20', "
+        "'--backend', 'cython', '--quiet', "
+        + ", ".join(repr(str(tmp_path / f"img_{k}.cbf")) for k in range(3)) +
+        f", '-o', {str(tmp_path / 'out') + '/'!r}])\n"
+        f"loaded = sorted(m for m in {unwanted!r} if m in sys.modules)\n"
+        "print('loaded:', loaded, 'blas:', blas_threads, 'numpy before:', numpy_before)\n"
+        "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "loaded: [] blas: 1 numpy before: False" in result.stdout, result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["img_0.dat", "img_1.dat", "img_2.dat"]

@@ -687,3 +687,26 @@ def test_wavelength_and_monitor_options(tmp_path):
         assert _text(h5["entry/reduction/input/monitor"][()]) == "i0"
         assert bool(h5["entry/monitor_applied"][()]) is True
         assert nxdl_check(h5) == []
+
+
+def test_cli_text_outputs_on_a_full_disk_exit_3_one_line(small_disk, tmp_path):
+    """One text file per frame onto a full disk (their fsyncs and renames run in the
+    background): exit 3, one stderr line naming a file, no traceback, no temporary left."""
+    poni = tmp_path / "geo.poni"
+    poni.write_text(PONI_TEXT)
+    rng = np.random.default_rng(0)
+    stack = tmp_path / "stack.h5"
+    with h5py.File(stack, "w") as h5:
+        h5["entry/data/data"] = rng.poisson(100, (60, 64, 80)).astype(np.int32)
+    out = small_disk / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "azfilter", "integrate", "-p", poni, "--npt", "2000", "-q",
+         "--threads", "1", f"{stack}::/entry/data/data", "-o", f"{out}/"],
+        capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 3, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(out) in lines[0] and "No space left on device" in lines[0]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    for path in out.iterdir():               # what is there is complete
+        assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) > 2000

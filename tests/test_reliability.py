@@ -247,3 +247,57 @@ def test_file_lists_and_frozen_inputs(poni, tmp_path):
     assert len(read_result(tmp_path / "frozen.h5").sources) == 3
     missing = invoke("integrate", "-p", poni, "@nowhere.txt", "-o", tmp_path / "x.h5")
     assert missing.exit_code == 2 and "input list" in missing.stderr
+
+
+def test_atomic_files_finish_every_file_and_name_a_failed_one(tmp_path):
+    """The text outputs' writer (fileio.AtomicFiles): every file written is complete under
+    its final name after finish(), with an ordinary file's permissions and no temporary
+    left; a file whose rename fails (a folder in the way) is named by the next write and by
+    finish(), its temporary removed, the other files finished all the same."""
+    files = fileio.AtomicFiles(workers=2, pending=3)
+    texts = {tmp_path / f"f{k}.dat": f"# {k}\n" + "1.0 2.0 3.0\n" * (k + 1) for k in range(20)}
+    for path, text in texts.items():
+        files.write_text(path, text)
+    files.finish()
+    for path, text in texts.items():
+        assert path.read_text() == text
+        assert path.stat().st_mode & 0o777 == fileio.new_file_mode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in texts)
+
+    blocked = tmp_path / "blocked.dat"
+    (blocked / "inside").mkdir(parents=True)           # os.replace cannot replace it
+    files = fileio.AtomicFiles(workers=2, pending=2)
+    files.write_text(blocked, "x\n")
+    with pytest.raises(OSError) as failure:
+        for k in range(100):   # the failure shows at a later write (or at finish, below)
+            files.write_text(tmp_path / f"g{k}.dat", "y\n")
+            time.sleep(0.01)
+    assert failure.value.filename == str(blocked)
+    with pytest.raises(OSError) as again:
+        files.finish()
+    assert again.value.filename == str(blocked)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert all(p.read_text() == "y\n" for p in tmp_path.glob("g*.dat"))
+
+
+def test_try_lock_and_filelock_exclude_each_other(tmp_path):
+    """output_lock's fast path (fileio.try_lock, plain flock) and filelock's FileLock (its
+    path when the lock is busy) lock the same file: each sees the other's hold."""
+    from filelock import FileLock, Timeout
+
+    path = tmp_path / ".out.lock"
+    fd = fileio.try_lock(path)
+    assert fd is not None and path.exists()
+    with pytest.raises(Timeout):
+        FileLock(str(path)).acquire(timeout=0)
+    assert fileio.try_lock(path) is None          # a second holder in this process too
+    fileio.unlock(fd)
+    other = FileLock(str(path))
+    other.acquire(timeout=0)
+    try:
+        assert fileio.try_lock(path) is None
+    finally:
+        other.release()
+    fd = fileio.try_lock(path)
+    assert fd is not None
+    fileio.unlock(fd)

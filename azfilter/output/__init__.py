@@ -47,48 +47,39 @@ Every output appears atomically: it is written under a temporary name in the sam
 renamed when complete.
 """
 
-from .merge import merge_nexus
-from .meta import (
-    PROGRAM,
-    REQUIRED_ROW_ARRAYS,
-    ROW_ARRAYS,
-    TEXT_CONFIG_PREFIX,
-    OutputMeta,
-    beam_centre,
-    geometry_lines,
-    nexus_axis_attributes,
-    radial_dataset_name,
-    to_json,
-)
-from .nexus import NexusWriter, OutputWriteError
-from .read import (
-    ResultTable,
-    check_nexus,
-    read_nexus_config,
-    read_result,
-    read_stored_config,
-    read_text_config,
-    stored_frames,
-)
-from .sinks import NexusSink, Sink, TextSink
-from .text import (
-    format_text,
-    sector_paths,
-    source_stem,
-    text_header,
-    text_output_complete,
-    text_output_name,
-    text_suffix,
-    write_text,
-)
+from __future__ import annotations
 
-__all__ = [
-    "PROGRAM", "REQUIRED_ROW_ARRAYS", "ROW_ARRAYS", "TEXT_CONFIG_PREFIX", "NexusSink",
-    "NexusWriter", "OutputMeta", "OutputWriteError", "ResultTable", "Sink", "TextSink",
-    "beam_centre", "check_nexus", "format_text", "geometry_lines", "merge_nexus",
-    "nexus_axis_attributes", "radial_dataset_name", "read_nexus_config",
-    "read_result", "read_stored_config", "read_text_config", "sector_paths", "source_stem",
-    "stored_frames",
-    "text_header", "text_output_complete", "text_output_name", "text_suffix", "to_json",
-    "write_text",
-]
+import importlib
+
+# public name -> submodule that defines it. Imported on first use (PEP 562), so that a job
+# writing text files never imports the NeXus writer, reader and merger (and a job writing
+# HDF5 never imports the text writer).
+_EXPORTS = {
+    "merge_nexus": "merge",
+    **dict.fromkeys(["PROGRAM", "REQUIRED_ROW_ARRAYS", "ROW_ARRAYS", "TEXT_CONFIG_PREFIX",
+                     "OutputMeta", "beam_centre", "geometry_lines", "nexus_axis_attributes",
+                     "radial_dataset_name", "to_json"], "meta"),
+    **dict.fromkeys(["NexusWriter", "OutputWriteError"], "nexus"),
+    **dict.fromkeys(["ResultTable", "check_nexus", "read_nexus_config", "read_result",
+                     "read_stored_config", "read_text_config", "stored_frames"], "read"),
+    **dict.fromkeys(["NexusSink", "Sink", "TextSink"], "sinks"),
+    **dict.fromkeys(["format_text", "sector_paths", "source_stem", "text_header",
+                     "text_output_complete", "text_output_name", "text_suffix", "write_text"],
+                    "text"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

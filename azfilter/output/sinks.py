@@ -8,14 +8,19 @@ to one temporary file that ``close`` renames.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from ..errors import RunFailed
+from ..fileio import AtomicFiles
 from .meta import OutputMeta
-from .nexus import NexusWriter
-from .text import format_text, sector_paths, write_text
+from .text import format_text, sector_paths
+
+if TYPE_CHECKING:  # the NeXus writer (h5py) is imported by jobs that write HDF5 only
+    from .nexus import NexusWriter
 
 
 class PlannedFrame(Protocol):
@@ -49,12 +54,19 @@ class Sink:
 
 
 class TextSink(Sink):
-    """One text file per frame (``planned.out_path``), or the text on stdout."""
+    """One text file per frame (``planned.out_path``), or the text on stdout.
+
+    Each file is written atomically and durably (:class:`azfilter.fileio.AtomicFiles`): the
+    writer thread formats and writes it under a temporary name, and a few background threads
+    fsync and rename it, so that the writer never waits for the disk. :meth:`close` returns
+    once every file is on disk under its final name.
+    """
 
     def __init__(self, meta: OutputMeta, stdout: bool = False):
         self.meta = meta
         self.stdout = stdout
         self._made: set[Path] = set()
+        self._files: AtomicFiles | None = None
         # (source, frame index, reason) of each failed frame, for the run's summary
         self.failures: list[tuple[str, int, str]] = []
 
@@ -98,7 +110,34 @@ class TextSink(Sink):
         if parent not in self._made:
             parent.mkdir(parents=True, exist_ok=True)
             self._made.add(parent)
-        write_text(out_path, result, meta, frame_source, planned.index, planned.nframes)
+        if self._files is None:
+            self._files = AtomicFiles()
+        self._files.write_text(out_path, format_text(result, meta, frame_source, planned.index,
+                                                     planned.nframes))
+
+    def close(self) -> None:
+        """Wait until every file is on disk under its final name.
+
+        Raises
+        ------
+        RunFailed
+            When a file could not be flushed or renamed (naming it).
+        """
+        files, self._files = self._files, None
+        if files is None:
+            return
+        try:
+            files.finish()
+        except OSError as err:
+            raise RunFailed(f"{err.filename}: cannot write the output: "
+                            f"{err.strerror or err}") from None
+
+    def abort(self) -> None:
+        """Finish the files already written (they are complete), ignoring failures."""
+        files, self._files = self._files, None
+        if files is not None:
+            with contextlib.suppress(OSError):
+                files.finish()
 
 
 class NexusSink(Sink):

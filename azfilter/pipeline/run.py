@@ -36,6 +36,8 @@ from ..fileio import (
     lock_path,
     sweep_folder,
     sweep_stale_temporaries,
+    try_lock,
+    unlock,
 )
 from ..manifest import Manifest
 from ..poni import format_poni
@@ -345,7 +347,7 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     AzfilterError
         Any usage or configuration problem; nothing has been written.
     """
-    from ..output import NexusWriter, OutputMeta, geometry_lines
+    from ..output import OutputMeta, geometry_lines
     from ..poni import load_poni
 
     if config.get("decode") == "device" and config["backend"] != "opencl":
@@ -397,6 +399,8 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
 
             writer = SparseWriter(output, meta, mode=mode)
         else:
+            from ..output import NexusWriter
+
             writer = NexusWriter(output, meta, mode=mode)
         if mode == "append":
             todo, more = planning.drop_stored(todo, writer.existing)
@@ -451,11 +455,22 @@ def output_lock(output: str, out_kind: str, wait: bool = True,
     if out_kind == "stdout":
         yield
         return
-    from filelock import FileLock, Timeout
-
     path = lock_path(output)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        held = try_lock(path)   # a free lock: taken without importing filelock
+    except OSError as err:
+        raise AzfilterError(f"{path}: cannot create the output's lock file: "
+                            f"{err.strerror or err}") from None
+    if held is not None:
+        try:
+            yield
+        finally:
+            unlock(held)
+        return
+    from filelock import FileLock, Timeout
+
+    try:
         lock = FileLock(str(path))
         try:
             lock.acquire(timeout=0)
@@ -506,9 +521,9 @@ def write_summary(job: Job, report: JobReport) -> Path | None:
     failure, times, host, shard, manifest digest. Returns its path (None when not written;
     a summary that cannot be written is a warning in the report, never a failed run)."""
     import json
-    import socket
 
     from .. import __version__
+    from ..fileio import host_name
 
     path = summary_path(job)
     if path is None:
@@ -518,7 +533,7 @@ def write_summary(job: Job, report: JobReport) -> Path | None:
         "program": "azfilter", "version": __version__, "label": job.label,
         "operation": job.config["operation"], "output": os.path.abspath(job.output),
         "shard": None if job.shard is None else f"{job.shard[0]}/{job.shard[1]}",
-        "host": socket.gethostname(), "pid": os.getpid(),
+        "host": host_name(), "pid": os.getpid(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
                                  time.localtime(finished - report.elapsed)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
