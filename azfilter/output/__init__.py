@@ -49,7 +49,7 @@ renamed when complete.
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 # public name -> submodule that defines it. Imported on first use (PEP 562), so that a job
 # writing text files never imports the NeXus writer, reader and merger (and a job writing
@@ -71,15 +71,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)
