@@ -336,6 +336,28 @@ def test_frames_in_pinned_memory(engines, small):
             np.testing.assert_array_equal(getattr(direct, name), getattr(single, name))
 
 
+def test_stream_read_backs_keep_their_events_and_give_new_arrays(engines, small):
+    """A streamed frame is read back into its slot's page-locked arrays, and the events of
+    those copies stay with the frame until it is finished (pyopencl waits for a copy whose
+    event is dropped, holding the GIL: the thread feeding the engine then waited for every
+    frame's kernels). The sums handed out are new arrays, not the slot's: the next frame
+    in that slot must not change them."""
+    _, ocl = engines["no"]
+    pending = ocl._submit(small.raw, "sigma_clip", {"thres": 4.0, "max_iter": 5,
+                                                     "error_model": "azimuthal"}, 0)
+    assert len(pending.reads) == 2          # statistics: counts and reals
+    assert opencl.is_pinned(pending.sums) and opencl.is_pinned(pending.outliers[1])
+    first = ocl._finish(pending)
+    again = ocl._finish(ocl._submit(small.raw * 2, "sigma_clip",
+                                    {"thres": 4.0, "max_iter": 5,
+                                     "error_model": "azimuthal"}, 0))
+    assert not np.shares_memory(first.signal, pending.sums)
+    expected = ocl.sigma_clip(small.raw, 4.0, 5, "azimuthal")
+    for name in FIELDS:      # the second frame in the same slot left the first's results
+        np.testing.assert_array_equal(getattr(first, name), getattr(expected, name))
+    assert not np.array_equal(first.signal, again.signal)
+
+
 # ----------------------------------------------------------------------------- devices
 def test_list_devices_and_status(device):
     devices = opencl.list_devices()
