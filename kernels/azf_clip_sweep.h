@@ -1,5 +1,7 @@
 /* azf_clip_sweep.h: one clipping sweep of sigma_clip over a bin, two entries at a time
-   (and the count of the outlier statistics, azf_count_above).
+   (azf_clip_sweep; azf_clip_split also splits the survivors into near entries and
+   candidates, azf_clip_candidates sweeps the candidates alone: see _engine.pyx's candidate
+   passes), and the count of the outlier statistics, azf_count_above.
 
    Part of the Cython backend (kernels/_engine.pyx includes it, in clip_pass). Plain C++ over
    arrays, no Python objects: the caller holds no GIL. The usual case only (azimuthal model,
