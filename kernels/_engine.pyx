@@ -37,6 +37,7 @@ from cython.parallel cimport prange
 from libc.float cimport DBL_EPSILON
 from libc.math cimport INFINITY, M_PI, NAN, fabs, floor, isfinite, log, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.string cimport memcpy
 
 
 cdef extern from "azf_medfilt_select.h":
@@ -71,6 +72,13 @@ cdef extern from "azf_clip_sweep.h":
     Py_ssize_t azf_clip_sweep(Py_ssize_t n, double* x, double* w, double* s, double mean,
                               double limit, azf_clip_sums* out,
                               azf_clip_record* record) noexcept nogil
+    Py_ssize_t azf_clip_split(Py_ssize_t n, double* x, double* w, double* s, double mean,
+                              double limit, double margin, double* cx, double* cw, double* cs,
+                              Py_ssize_t* n_cand, azf_clip_sums* near,
+                              azf_clip_record* record) noexcept nogil
+    Py_ssize_t azf_clip_candidates(Py_ssize_t n, double* x, double* w, double* s, double mean,
+                                   double limit, double center, azf_clip_sums* out,
+                                   azf_clip_record* record) noexcept nogil
     Py_ssize_t azf_count_above(Py_ssize_t n, const double* x, double bound, double mean,
                                double spread, double pick, double* x_max) noexcept nogil
 
@@ -122,6 +130,9 @@ cdef enum:
     PREFETCH_AHEAD = 128
 
 cdef double SQRT_2PI = sqrt(2.0 * M_PI)
+
+#: sigma_clip's default split margin, as a fraction of the clip limit (see sigma_clip)
+SPLIT_MARGIN = 0.5
 
 #: dtypes of ``raw`` the kernels read directly (the caller converts anything else)
 RAW_DTYPES = tuple(np.dtype(name) for name in
@@ -803,21 +814,147 @@ cdef Py_ssize_t clip_pass(Py_ssize_t n, Workspace* ws, double mean, double limit
     return kept
 
 
-cdef inline bint cannot_drop(const RowState* row, double mean, double limit) noexcept nogil:
-    """True when no kept entry has |x − mean| > limit, known from the x range alone.
+cdef inline bint range_cannot_drop(double x_min, double x_max, double mean,
+                                   double limit) noexcept nogil:
+    """True when no entry with x in [x_min, x_max] has |x − mean| > limit.
 
     x − mean is rounded monotonically in x, so |x − mean| is at most the larger of its values
     at x_min and x_max: the answer is exact, not an estimate. False (ask the entries) when
     the mean or the range is not finite.
     """
     cdef double spread, other
-    if not (isfinite(mean) and isfinite(row.x_min) and isfinite(row.x_max)):
+    if not (isfinite(mean) and isfinite(x_min) and isfinite(x_max)):
         return False
-    spread = fabs(row.x_max - mean)
-    other = fabs(row.x_min - mean)
+    spread = fabs(x_max - mean)
+    other = fabs(x_min - mean)
     if other > spread:
         spread = other
     return not spread > limit
+
+
+cdef inline bint cannot_drop(const RowState* row, double mean, double limit) noexcept nogil:
+    """True when no kept entry has |x − mean| > limit, known from the x range alone."""
+    return range_cannot_drop(row.x_min, row.x_max, mean, limit)
+
+
+# The candidate passes (usual case: azimuthal model, no coefficients, no per-entry variance).
+# A full sweep splits the survivors: those with |x − mean| <= margin (the near entries, most
+# of the row) stay in the workspace, the others (the candidates) go to a small buffer. Later
+# passes read only the candidates as long as the near entries' x range proves that none of
+# them can be dropped (range_cannot_drop against the pass's mean and limit: exact, whatever
+# the margin); the near entries' sums, made once by the splitting sweep, are added to the
+# kept candidates' sums. When the range cannot prove it (the mean or the limit moved too
+# far), the candidates go back behind the near entries and the pass is a full sweep that
+# splits again. The kept entries, their count and every drop decision are those of the full
+# sweeps; only the order of the sums differs.
+cdef struct SplitRow:
+    bint active          # the kept entries are split (else all in the workspace)
+    Py_ssize_t n_near    # near entries: the first n_near of the workspace's x, w, s
+    Py_ssize_t n_cand    # candidates, in cx, cw, cs (row order)
+    double* cx
+    double* cw
+    double* cs
+    double center        # the mean of the splitting sweep: near.a, near.b are around it
+    azf_clip_sums near   # the near entries' S, W, W2, A, B and x range
+
+
+cdef inline void split_totals(const SplitRow* split, const azf_clip_sums* cand,
+                              const Workspace* ws, Py_ssize_t kept,
+                              RowState* row) noexcept nogil:
+    """``row`` = the sums and x range of the near entries and the kept candidates.
+
+    V = Σ w²(x − μ)² with μ = S/W from A and B around the split's center, as in
+    :func:`clip_pass` (the same bound decides between the sums and an exact second pass).
+    """
+    cdef double delta, shift, total_a, total_b, mu
+    row.sums[0] = split.near.s + cand.s
+    row.sums[2] = split.near.w + cand.w
+    row.sums[3] = split.near.q + cand.q
+    row.sums[4] = <double> kept
+    row.x_min = split.near.x_min if split.near.x_min < cand.x_min else cand.x_min
+    row.x_max = split.near.x_max if split.near.x_max > cand.x_max else cand.x_max
+    if kept == 0:
+        row.sums[1] = 0.0
+        return
+    mu = row.sums[0] / row.sums[2]
+    delta = mu - split.center
+    shift = delta * delta * row.sums[3]
+    total_a = split.near.a + cand.a
+    total_b = split.near.b + cand.b
+    if isfinite(total_a) and isfinite(total_b) and isfinite(shift) and shift <= 0.25 * total_a:
+        row.sums[1] = (total_a - 2.0 * delta * total_b) + shift
+    else:
+        row.sums[1] = azimuthal_variance(split.n_near, ws.x, ws.w, mu) \
+            + azimuthal_variance(split.n_cand, split.cx, split.cw, mu)
+
+
+cdef Py_ssize_t clip_pass_split(Py_ssize_t n, Workspace* ws, double mean, double limit,
+                                double margin, SplitRow* split, RowState* row,
+                                Rejected* rejected) noexcept nogil:
+    """:func:`clip_pass` of the usual case that also splits the survivors at ``margin``
+    (near entries compacted in the workspace, candidates in the split's buffer).
+
+    Returns the kept count (n: nothing dropped, ``row`` untouched; the split is made anyway).
+    ``rejected`` must not be NULL (its x NULL to record nothing).
+    """
+    cdef azf_clip_sums cand
+    cdef Rejected nowhere
+    cdef Py_ssize_t kept
+    split.n_near = azf_clip_split(n, ws.x, ws.w, ws.s, mean, limit, margin, split.cx,
+                                  split.cw, split.cs, &split.n_cand, &split.near, rejected)
+    split.center = mean
+    split.active = True
+    kept = split.n_near + split.n_cand
+    if kept == n:
+        return n
+    # the candidates' sums around the same center (an infinite limit keeps them all)
+    nowhere.x = NULL
+    nowhere.n = 0
+    nowhere.signal_sum = 0.0
+    azf_clip_candidates(split.n_cand, split.cx, split.cw, split.cs, mean, INFINITY, mean,
+                        &cand, &nowhere)
+    split_totals(split, &cand, ws, kept, row)
+    return kept
+
+
+cdef Py_ssize_t clip_pass_candidates(Py_ssize_t n, const Workspace* ws, double mean,
+                                     double limit, SplitRow* split, RowState* row,
+                                     Rejected* rejected) noexcept nogil:
+    """The clipping pass over the candidates alone, when no near entry can be dropped
+    (the caller checked it with :func:`range_cannot_drop` on the near entries' range).
+
+    Returns the kept count (n: nothing dropped, ``row`` untouched).
+    """
+    cdef azf_clip_sums cand
+    cdef Py_ssize_t kept_cand
+    kept_cand = azf_clip_candidates(split.n_cand, split.cx, split.cw, split.cs, mean, limit,
+                                    split.center, &cand, rejected)
+    if kept_cand == split.n_cand:
+        return n
+    split.n_cand = kept_cand
+    split_totals(split, &cand, ws, split.n_near + kept_cand, row)
+    return split.n_near + kept_cand
+
+
+cdef inline bint near_cannot_drop(const SplitRow* split, double mean,
+                                  double limit) noexcept nogil:
+    """True when no near entry can be dropped at this mean and limit (exact, from their x
+    range; always true without near entries)."""
+    if split.n_near == 0:
+        return True
+    return range_cannot_drop(split.near.x_min, split.near.x_max, mean, limit)
+
+
+cdef inline Py_ssize_t merge_split(Workspace* ws, SplitRow* split) noexcept nogil:
+    """Move the candidates behind the near entries (all kept entries in the workspace
+    again); returns their total."""
+    cdef size_t size = split.n_cand * sizeof(double)
+    if split.n_cand > 0:
+        memcpy(ws.x + split.n_near, split.cx, size)
+        memcpy(ws.w + split.n_near, split.cw, size)
+        memcpy(ws.s + split.n_near, split.cs, size)
+    split.active = False
+    return split.n_near + split.n_cand
 
 
 cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
@@ -827,9 +964,12 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
                                 int error_model, double thres, int max_iter, double* work,
                                 Py_ssize_t maxlen, double* result,
                                 Py_ssize_t npt, Py_ssize_t k, double pick,
-                                double* stats) noexcept nogil:
+                                double* stats, double split_margin) noexcept nogil:
     cdef Workspace ws = workspace_at(work, maxlen)
     cdef Py_ssize_t n, m, kept, available
+    cdef SplitRow split
+    cdef Rejected nowhere
+    cdef bint use_split
     cdef int iteration = 0
     cdef RowState row
     cdef double mean, std, count, cutoff, limit
@@ -863,6 +1003,15 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
         dropped.n = 0
         dropped.signal_sum = 0.0
         record = &dropped
+    # candidate passes: the usual case only; the candidates in the arrays it leaves unused
+    use_split = split_margin >= 0.0 and clip_azimuthal and not ws.has_c and not ws.has_v
+    split.active = False
+    split.cx = ws.c
+    split.cw = ws.v
+    split.cs = <double*> ws.scratch
+    nowhere.x = NULL
+    nowhere.n = 0
+    nowhere.signal_sum = 0.0
     while iteration < max_iter:
         iteration += 1
         if row.sums[4] == 0.0:
@@ -876,10 +1025,21 @@ cdef inline void sigma_clip_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t s
         limit = cutoff * std
         if cannot_drop(&row, mean, limit):
             break   # converged, without reading the entries
-        kept = clip_pass(n, &ws, mean, limit, clip_azimuthal, &row, record)
+        if split.active and near_cannot_drop(&split, mean, limit):
+            kept = clip_pass_candidates(n, &ws, mean, limit, &split, &row,
+                                        record if record != NULL else &nowhere)
+        elif use_split:
+            if split.active:
+                merge_split(&ws, &split)
+            kept = clip_pass_split(n, &ws, mean, limit, split_margin * limit, &split, &row,
+                                   record if record != NULL else &nowhere)
+        else:
+            kept = clip_pass(n, &ws, mean, limit, clip_azimuthal, &row, record)
         if kept == n:
             break
         n = kept
+    if split.active:
+        n = merge_split(&ws, &split)
     if error_model == MODEL_HYBRID:
         row.sums[1] = 0.0
         for m in range(n):
@@ -902,13 +1062,14 @@ cdef void sigma_clip_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t np
                           const float* dark, const float* variance, const DummyRule* rule,
                           int error_model, double thres, int max_iter, double* work,
                           Py_ssize_t maxlen, int nthreads,
-                          double* result, double pick, double* stats) noexcept nogil:
+                          double* result, double pick, double* stats,
+                          double split_margin) noexcept nogil:
     cdef Py_ssize_t k
     for k in prange(npt, schedule="dynamic", chunksize=4, num_threads=nthreads):
         sigma_clip_row(raw, indptr[k], indptr[k + 1], indptr[npt], indices, coefs, norm, dark,
                        variance, rule, error_model, thres, max_iter,
                        work + openmp.omp_get_thread_num() * WORK_PER_ENTRY * (maxlen + 1), maxlen,
-                       result, npt, k, pick, stats)
+                       result, npt, k, pick, stats, split_margin)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1168,7 +1329,7 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
 
 def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
                double delta_dummy, str error_model, double thres, int max_iter, threads=None,
-               work=None, double pick=3.0, stats=None):
+               work=None, double pick=3.0, stats=None, double split_margin=SPLIT_MARGIN):
     """Per-bin sums after iterative azimuthal sigma-clipping (``docs/internals.md``).
 
     Within each bin, entirely in compiled code: sums with the clipping model (azimuthal for
@@ -1180,6 +1341,13 @@ def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, varianc
     are written there too: per bin the valid entries, those with
     ``(x − S/W)/sqrt(V/W2) > pick`` over the final sums, Σ c·signal of the dropped entries,
     and the largest such z (NaN when none).
+
+    ``split_margin`` (tables without coefficients, azimuthal or no per-entry variance):
+    after a full sweep, the later passes re-read only the kept entries with
+    ``|x − mean| > split_margin·limit`` of that sweep, while the others' x range proves that
+    none of them can be dropped (``docs/internals.md``). It changes how much is read, not
+    the kept entries; the sums are the same up to the order of the additions. Negative:
+    every pass sweeps all kept entries.
 
     Returns
     -------
@@ -1197,7 +1365,7 @@ def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, varianc
             sigma_clip_rows(raw_ptr, call.indptr, call.npt, call.indices, call.coefs, call.norm,
                             call.dark, call.variance, &call.rule, call.error_model, thres,
                             max_iter, call.work_ptr, call.maxlen, call.nthreads,
-                            call.result_ptr, pick, stats_ptr)
+                            call.result_ptr, pick, stats_ptr, split_margin)
     return call.result
 
 

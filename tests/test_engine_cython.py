@@ -123,8 +123,10 @@ def test_sigma_clip_paths_agree(model, hot):
     results = []
     for coefs in (None, np.ones(indices.size, np.float32)):
         stats = np.empty((4, len(lengths)))
+        # split_margin -1: full sweeps at every pass (the candidate passes, which add the
+        # sums in another order, are checked in test_sigma_clip_candidate_passes_agree)
         sums = _engine.sigma_clip(raw, indptr, indices, coefs, norm, None, None, None, 0.0,
-                                  model, 3.0, 5, 1, None, 2.0, stats)
+                                  model, 3.0, 5, 1, None, 2.0, stats, split_margin=-1.0)
         results.append((sums, stats))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
@@ -139,6 +141,54 @@ def test_sigma_clip_paths_agree(model, hot):
     np.testing.assert_allclose(stats[3], reference.outliers.max_sigma, rtol=1e-12)
     clipped = results[0][0][4] < np.diff(indptr)
     assert clipped.sum() >= 5   # the outliers were dropped: the sweeps did run
+
+
+def clip_frame_with_dead_bins(rng):
+    """clip_rows with bins of every length, hot pixels, moderate outliers and dead bins (every
+    entry of norm 0, or every pixel the dummy value 0), as a uint32 frame."""
+    lengths = [0, 1, 2, 3, 5, 64, 65, 301, 1000, 1001, 2500, 4097, 300, 300]
+    indptr, indices, raw, norm = clip_rows(rng, lengths, 4.0e9)
+    raw[rng.choice(raw.size, raw.size // 40, replace=False)] = 0   # scattered dummies
+    # a second population in some bins (a ring edge): wide, skewed rows, many passes
+    skewed = rng.choice(raw.size, raw.size // 5, replace=False)
+    raw[skewed] += rng.integers(20, 120, skewed.size).astype(np.uint32)
+    norm[indptr[-3]:indptr[-2]] = 0.0   # a dead bin: no valid entry
+    raw[indptr[-2]:indptr[-1]] = 0      # a dead bin: every pixel a dummy
+    return indptr, indices, raw, norm
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("margin", [0.0, 1e-9, 0.2, 0.5, 0.9, 1.0, 3.0, np.inf])
+def test_sigma_clip_candidate_passes_agree(margin, threads):
+    """Later passes over the candidates alone (``split_margin``) keep exactly the entries the
+    full sweeps keep: same counts and outlier statistics counts, sums equal up to the order of
+    the additions. Margin 0 and 1e-9 make almost every entry a candidate (passes over the
+    candidates only, whatever the limit does), 1, 3 and inf none (the x range of the near
+    entries never proves anything: every pass falls back to a full sweep), 0.2-0.9 mix both;
+    rows with hot pixels (the exact second pass for V), dead bins and several passes."""
+    rng = np.random.default_rng(17)
+    indptr, indices, raw, norm = clip_frame_with_dead_bins(rng)
+    npt = indptr.size - 1
+    outputs = {}
+    for split_margin in (-1.0, margin):
+        for thres, max_iter in ((3.0, 5), (2.0, 9), (1.0, 20)):
+            stats = np.empty((4, npt))
+            sums = _engine.sigma_clip(raw, indptr, indices, None, norm, None, None, 0.0, 0.0,
+                                      "azimuthal", thres, max_iter, threads, None, 2.0, stats,
+                                      split_margin=split_margin)
+            outputs[split_margin, thres] = (sums, stats)
+    for thres in (3.0, 2.0, 1.0):
+        full_sums, full_stats = outputs[-1.0, thres]
+        sums, stats = outputs[margin, thres]
+        np.testing.assert_array_equal(sums[4], full_sums[4])      # kept counts
+        np.testing.assert_array_equal(stats[:2], full_stats[:2])  # available, picked
+        np.testing.assert_allclose(sums, full_sums, rtol=1e-12, atol=0.0)
+        np.testing.assert_allclose(stats[2:], full_stats[2:], rtol=1e-12, atol=0.0)
+        assert (full_sums[4] < np.diff(indptr)).sum() >= 8   # rows were clipped
+        assert full_sums[4][-2:].tolist() == [0.0, 0.0]      # the dead bins
+    # several passes ran: the thresholds keep fewer and fewer entries
+    assert outputs[-1.0, 1.0][0][4].sum() < outputs[-1.0, 2.0][0][4].sum() \
+        < outputs[-1.0, 3.0][0][4].sum()
 
 
 def test_sigma_clip_converged_rows_keep_their_sums():
