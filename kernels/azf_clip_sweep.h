@@ -78,116 +78,6 @@ struct azf_clip_record {
     double signal_sum;
 };
 
-/* Entry m by the scalar rules: dropped (and recorded), or moved to *kept and added to acc
-   (s, w, q, a, b of its lane) and to the range. */
-static inline void azf_clip_one(double* x, double* w, double* s, Py_ssize_t m,
-                                Py_ssize_t* kept, double mean, double limit, double* acc,
-                                double* range, azf_clip_record* record) {
-    double xm = x[m];
-    double d = xm - mean;
-    if (std::fabs(d) > limit) {
-        if (record->x != NULL) {
-            record->x[record->n++] = xm;
-            record->signal_sum += s[m];
-        }
-        return;
-    }
-    double wm = w[m], sm = s[m];
-    Py_ssize_t to = *kept;
-    x[to] = xm;
-    w[to] = wm;
-    s[to] = sm;
-    acc[0] += sm;
-    acc[1] += wm;
-    acc[2] += wm * wm;
-    double wd = wm * d;
-    acc[3] += wd * wd;
-    acc[4] += wm * wd;
-    range[0] = xm < range[0] ? xm : range[0];
-    range[1] = xm > range[1] ? xm : range[1];
-    *kept = to + 1;
-}
-
-/* Returns the number of entries kept (compacted to the front of x, w, s). */
-static inline Py_ssize_t azf_clip_sweep(Py_ssize_t n, double* x, double* w, double* s,
-                                        double mean, double limit, azf_clip_sums* out,
-                                        azf_clip_record* record) {
-    Py_ssize_t m = 0, kept = 0;
-    /* partial sums s, w, q, a, b of the even (lane 0) and odd (lane 1) entries */
-    double lane0[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
-    double lane1[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
-    double range[2] = {INFINITY, -INFINITY};
-#if defined(__GNUC__) || defined(__clang__)
-    typedef azf_v2d v2d;
-    typedef azf_v2i v2i;
-    const v2d vmean = {mean, mean};
-    const v2d vlimit = {limit, limit};
-    const v2i no_sign = {0x7fffffffffffffffLL, 0x7fffffffffffffffLL};
-    /* the two lanes' partial sums, lane l in element l */
-    v2d vs = {0.0, 0.0}, vw = {0.0, 0.0}, vq = {0.0, 0.0}, va = {0.0, 0.0}, vb = {0.0, 0.0};
-    v2d lo = {INFINITY, INFINITY}, hi = {-INFINITY, -INFINITY};
-    for (; m + 1 < n; m += 2) {
-        v2d xv, wv, sv;
-        std::memcpy(&xv, x + m, sizeof xv);
-        v2d d = xv - vmean;
-        v2d dist = (v2d) ((v2i) d & no_sign);  /* fabs */
-        if (azf_either(dist > vlimit)) {        /* false for NaN, as the scalar test */
-            /* a pair with a dropped entry: its entries one by one, into the same lanes */
-            for (int lane = 0; lane < 2; ++lane) {
-                double acc[5] = {vs[lane], vw[lane], vq[lane], va[lane], vb[lane]};
-                azf_clip_one(x, w, s, m + lane, &kept, mean, limit, acc, range, record);
-                vs[lane] = acc[0];
-                vw[lane] = acc[1];
-                vq[lane] = acc[2];
-                va[lane] = acc[3];
-                vb[lane] = acc[4];
-            }
-            continue;
-        }
-        std::memcpy(&wv, w + m, sizeof wv);
-        std::memcpy(&sv, s + m, sizeof sv);
-        if (kept != m) {  /* nothing moves before the first dropped entry */
-            std::memcpy(x + kept, &xv, sizeof xv);
-            std::memcpy(w + kept, &wv, sizeof wv);
-            std::memcpy(s + kept, &sv, sizeof sv);
-        }
-        kept += 2;
-        vs += sv;
-        vw += wv;
-        vq += wv * wv;
-        v2d wd = wv * d;
-        va += wd * wd;
-        vb += wv * wd;
-        lo = azf_smaller(xv, lo);
-        hi = azf_larger(xv, hi);
-    }
-    const v2d sums[5] = {vs, vw, vq, va, vb};
-    for (int k = 0; k < 5; ++k) {
-        lane0[k] = sums[k][0];
-        lane1[k] = sums[k][1];
-    }
-    for (int lane = 0; lane < 2; ++lane) {
-        range[0] = lo[lane] < range[0] ? lo[lane] : range[0];
-        range[1] = hi[lane] > range[1] ? hi[lane] : range[1];
-    }
-#else
-    for (; m + 1 < n; m += 2) {
-        azf_clip_one(x, w, s, m, &kept, mean, limit, lane0, range, record);
-        azf_clip_one(x, w, s, m + 1, &kept, mean, limit, lane1, range, record);
-    }
-#endif
-    if (m < n)
-        azf_clip_one(x, w, s, m, &kept, mean, limit, lane0, range, record);
-    out->s = lane0[0] + lane1[0];
-    out->w = lane0[1] + lane1[1];
-    out->q = lane0[2] + lane1[2];
-    out->a = lane0[3] + lane1[3];
-    out->b = lane0[4] + lane1[4];
-    out->x_min = range[0];
-    out->x_max = range[1];
-    return kept;
-}
-
 /* Entry m of azf_clip_split: dropped (and recorded) when |x - mean| > limit, else a candidate
    (copied to cx, cw, cs at *n_cand) when |x - mean| > margin, else moved to *kept and added
    to acc (s, w, q, a, b of its lane, around mean) and to the range. */
@@ -320,6 +210,18 @@ static inline Py_ssize_t azf_clip_split(Py_ssize_t n, double* x, double* w, doub
     near->x_min = range[0];
     near->x_max = range[1];
     return kept;
+}
+
+/* One clipping sweep: drops every entry with |x - mean| > limit (recorded), compacts the
+   survivors to the front of x, w, s and sums them into *out (around mean, with their x
+   range). Returns the number kept. It is azf_clip_split with an infinite margin (no
+   survivor is a candidate): the same vector path and the same sums, in the same order. */
+static inline Py_ssize_t azf_clip_sweep(Py_ssize_t n, double* x, double* w, double* s,
+                                        double mean, double limit, azf_clip_sums* out,
+                                        azf_clip_record* record) {
+    Py_ssize_t no_candidates = 0;
+    return azf_clip_split(n, x, w, s, mean, limit, INFINITY, NULL, NULL, NULL,
+                          &no_candidates, out, record);
 }
 
 /* The clipping sweep over the candidates alone (few entries, one at a time): drops every
