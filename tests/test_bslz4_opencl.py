@@ -18,6 +18,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
+from opencl_device import require_opencl
 
 from azfilter.backends import opencl
 from azfilter.errors import AzfilterError
@@ -79,12 +80,7 @@ def reference(chunk: bytes, shape, dtype) -> np.ndarray:
 @pytest.fixture(scope="module")
 def queue():
     """An in-order queue on the test device (PoCL in CI)."""
-    devices = opencl.list_devices()
-    if not devices:
-        reason = "no OpenCL device: " + opencl.opencl_status()
-        if IN_CI:
-            pytest.fail(reason + " (CI must run the OpenCL tests on PoCL)")
-        pytest.skip(reason)
+    require_opencl()
     _, device = opencl.select_device(os.environ.get("AZFILTER_OPENCL_DEVICE"))
     context = cl.Context([device])
     return cl.CommandQueue(context)

@@ -20,6 +20,7 @@ import fabio.edfimage
 import h5py
 import numpy as np
 import pytest
+from opencl_device import require_opencl
 
 try:
     import tomllib
@@ -845,13 +846,7 @@ def test_default_backend(data, tmp_path):
 
 @pytest.mark.opencl
 def test_opencl_backend_through_the_command(data, tmp_path):
-    from azfilter.backends import opencl
-
-    if not opencl.list_devices():
-        reason = f"no OpenCL device: {opencl.opencl_status()}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason + "; CI must have PoCL")
-        pytest.skip(reason)
+    require_opencl()
     out = tmp_path / "cl.h5"
     result = invoke("medfilt", "-p", data.poni, "--backend", "opencl", "--device", "0:0",
                     "--npt", 70, "--percentile", 20, 80, *data.cbfs, "-o", out)

@@ -18,6 +18,7 @@ import hdf5plugin
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from opencl_device import opencl_test_device
 
 from azfilter import cli
 from azfilter.backends import opencl
@@ -47,13 +48,7 @@ OPERATIONS = {
 @pytest.fixture(scope="module")
 def device() -> str:
     """The ``--device`` of the OpenCL device the tests run on (PoCL in CI)."""
-    devices = opencl.list_devices()
-    if not devices:
-        reason = "no OpenCL device: " + opencl.opencl_status()
-        if IN_CI:
-            pytest.fail(reason + " (CI must run the OpenCL tests on PoCL)")
-        pytest.skip(reason)
-    return opencl.select_device(os.environ.get("AZFILTER_OPENCL_DEVICE"))[0]["id"]
+    return opencl_test_device()
 
 
 def ring_frames(n: int, dtype, seed: int = 0) -> np.ndarray:

@@ -24,6 +24,7 @@ from engine_contract import (
     check_process_many,
     make_case,
 )
+from opencl_device import require_opencl
 
 from azfilter.backends import get_engine_class
 from azfilter.errors import AzfilterError
@@ -49,13 +50,8 @@ def factory(request):
         pytest.skip(str(err))
     options = {}
     if backend == "opencl":
-        from azfilter.backends import opencl
 
-        if not opencl.list_devices():
-            reason = "no OpenCL device: " + opencl.opencl_status()
-            if IN_CI:
-                pytest.fail(reason + " (CI must run the OpenCL tests on PoCL)")
-            pytest.skip(reason)
+        require_opencl()
         options["device"] = os.environ.get("AZFILTER_OPENCL_DEVICE")
 
     def make(table, pixel_norm, dark, dummy, delta_dummy):

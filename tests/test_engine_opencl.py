@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from opencl_device import require_opencl
 from synthetic import synthetic_case, table
 
 from azfilter.backends import BinSums, get_engine_class, opencl
@@ -41,12 +42,7 @@ DUMMY, DELTA_DUMMY = -2.0, 1.5      # Pilatus: -1 (gaps) and -2 (dead pixels) ar
 @pytest.fixture(scope="module")
 def device() -> str:
     """The ``device=`` string of the OpenCL device the tests run on."""
-    devices = opencl.list_devices()
-    if not devices:
-        reason = "no OpenCL device: " + opencl.opencl_status()
-        if IN_CI:
-            pytest.fail(reason + " (CI must run the OpenCL tests on PoCL)")
-        pytest.skip(reason)
+    devices = require_opencl()
     wanted = os.environ.get("AZFILTER_OPENCL_DEVICE")
     if IN_CI and not wanted:
         pocl = [d for d in devices if "portable computing language" in d["platform_name"].lower()

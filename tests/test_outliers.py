@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 import pytest
+from opencl_device import require_opencl
 
 import azfilter as az
 from azfilter.backends import get_engine_class
@@ -43,10 +44,7 @@ def integrator(backend: str) -> az.Integrator:
         pytest.skip(str(err))
     device = None
     if backend == "opencl":
-        from azfilter.backends import opencl
-
-        if not opencl.list_devices():
-            pytest.skip("no OpenCL device: " + opencl.opencl_status())
+        require_opencl()
         device = os.environ.get("AZFILTER_OPENCL_DEVICE")
     # no solid angle, no polarization: every pixel's norm is 1, so I_j is the raw value
     return az.Integrator(geometry(), npt=NPT, unit="q_nm^-1", backend=backend, device=device,

@@ -29,6 +29,7 @@ import os
 
 import numpy as np
 import pytest
+from opencl_device import opencl_test_device
 from synthetic import POLARIZATION, default_geometry, true_profile
 
 from azfilter import binning
@@ -78,15 +79,7 @@ def texture():
 
 def opencl_device() -> str | None:
     """The OpenCL device to test on (skips, or fails in CI, when there is none)."""
-    from azfilter.backends import opencl
-
-    devices = opencl.list_devices()
-    if not devices:
-        reason = "no OpenCL device: " + opencl.opencl_status()
-        if IN_CI:
-            pytest.fail(reason + " (CI must run the OpenCL tests on PoCL)")
-        pytest.skip(reason)
-    return opencl.select_device(os.environ.get("AZFILTER_OPENCL_DEVICE"))[0]["id"]
+    return opencl_test_device()
 
 
 def backend_options(backend: str) -> dict:

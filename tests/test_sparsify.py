@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from opencl_device import require_opencl
 
 import azfilter as az
 from azfilter import bragg, cli
@@ -192,13 +193,7 @@ def test_agrees_with_pyfai_sparsify_bragg(data, tmp_path):
     options: on a frame without spots the picked sets agree to a few pixels in 1500; with
     spots pyFAI also picks whole rings where Poisson clipping emptied a bin (its background
     there is the dummy value, -2): azfilter fills such bins from their neighbours."""
-    from azfilter.backends import opencl
-
-    if not opencl.list_devices():
-        reason = f"no OpenCL device: {opencl.opencl_status()}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason + "; CI must have PoCL")
-        pytest.skip(reason)
+    require_opencl()
     import hdf5plugin  # noqa: F401 - pyFAI compresses with bitshuffle
 
     frames = tmp_path / "two.h5"
@@ -341,13 +336,7 @@ def test_sparsify_refusals(data, tmp_path):
 @pytest.mark.opencl
 def test_opencl_backend_picks_as_cython(data, sparse, tmp_path):
     """The OpenCL clip (float32 compensated sums) then the same host picking."""
-    from azfilter.backends import opencl
-
-    if not opencl.list_devices():
-        reason = f"no OpenCL device: {opencl.opencl_status()}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason + "; CI must have PoCL")
-        pytest.skip(reason)
+    require_opencl()
     subset = tmp_path / "four.h5"
     with h5py.File(subset, "w") as h5:
         h5["entry/data/data"] = data.frames[:4]
