@@ -63,28 +63,9 @@ class BitshuffleLZ4Error(AzfilterError):
 
 
 def parse_chunk(chunk: bytes | np.ndarray, n_elements: int, itemsize: int) -> ChunkLayout:
-    """Check a chunk's header and find its blocks (:func:`azfilter.frames.chunks.bslz4_layout`,
-    the compiled walk that the host decoder uses too).
-
-    Parameters
-    ----------
-    chunk : bytes or numpy.ndarray
-        The compressed chunk as HDF5 stores it (``Dataset.id.read_direct_chunk``).
-    n_elements : int
-        Elements the decoded chunk must hold.
-    itemsize : int
-        Bytes per element.
-
-    Returns
-    -------
-    ChunkLayout
-
-    Raises
-    ------
-    BitshuffleLZ4Error
-        When the header disagrees with the frame's size, the block size is not a positive
-        multiple of 8 elements, or the block sizes do not chain exactly to the chunk's end.
-    """
+    """:func:`azfilter.frames.chunks.bslz4_layout` (the compiled walk that the host decoder
+    uses too) for a chunk as ``Dataset.id.read_direct_chunk`` gives it (bytes or array),
+    raising :class:`BitshuffleLZ4Error` where that raises ``ChunkError``."""
     try:
         return bslz4_layout(_as_bytes(chunk), n_elements, itemsize)
     except ChunkError as err:
