@@ -484,3 +484,54 @@ def test_raw_chunks_through_read_direct_chunk_when_offsets_are_unusable(tmp_path
         got = results(path)
         assert [type(r).__name__ for r in got] == ["Frame", "Frame", "FrameReadError", "Frame"]
         assert got[2].index == 2
+
+
+@pytest.mark.parametrize("piece_blocks", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(40, 52), (45, 47)], ids=["2080px", "2115px"])
+def test_bitshuffle_lz4_decoded_piece_by_piece(tmp_path, monkeypatch, piece_blocks, dtype, shape):
+    """A bitshuffle-LZ4 chunk is decoded a few blocks at a time (each piece's LZ4 header is
+    written over the end of the piece before it): the same frames as h5py's, with a partial
+    last block, a stored tail, blocks that compress to a few bytes (zeros: a piece's header
+    then reaches back over several earlier blocks), raw bytes from read_direct_chunk
+    (read-only: copied), and a corrupt block in a later piece failing its frame only."""
+    itemsize = np.dtype(dtype).itemsize
+    monkeypatch.setattr(chunks, "BSLZ4_PIECE_BYTES", piece_blocks * 256 * itemsize)
+    stack = varied_frames(4, shape, dtype)
+    stack[2] = 0
+    path = write_stack(tmp_path / "stack.h5", stack, FILTERS["bitshuffle-lz4-small-blocks"])
+    with h5py.File(path, "r") as h5:
+        dset = h5["entry/data/data"]
+        raw = dset.id.read_direct_chunk((2, 0, 0))[1]
+        layout = chunks.bslz4_layout(raw, stack[2].size, itemsize)
+        assert layout.n_blocks > 2 * piece_blocks
+        assert np.diff(layout.block_ranges, axis=1).min() < 16   # zeros: tiny blocks
+    direct = DirectReads(monkeypatch)
+    got = results(path, workers=2)
+    assert direct.count == len(stack)
+    np.testing.assert_array_equal(np.stack([f.data for f in got]), stack)
+
+    # read-only bytes (h5py's read_direct_chunk) are copied, not written to
+    with h5py.File(path, "r") as h5:
+        dset = h5["entry/data/data"]
+        layout = direct_layout(dset)
+        raw = dset.id.read_direct_chunk((1, 0, 0))[1]
+        before = bytes(raw)
+        out = np.empty(shape, dtype)
+        chunks.decode_chunk(raw, layout, out)
+        np.testing.assert_array_equal(out, stack[1])
+        assert raw == before
+
+    # a garbled block in the last piece: that frame fails, the others are read
+    with h5py.File(path, "r") as h5:
+        info = h5["entry/data/data"].id.get_chunk_info_by_coord((1, 0, 0))
+        blocks = chunks.bslz4_layout(h5["entry/data/data"].id.read_direct_chunk((1, 0, 0))[1],
+                                     stack[1].size, itemsize)
+    start, stop = (int(x) for x in blocks.block_ranges[-2])
+    data = bytearray(path.read_bytes())
+    data[info.byte_offset + start:info.byte_offset + stop] = bytes([0xF0]) * (stop - start)
+    path.write_bytes(bytes(data))
+    got = results(path, workers=2)
+    assert [type(r).__name__ for r in got] == ["Frame", "FrameReadError", "Frame", "Frame"]
+    for index in (0, 2, 3):
+        np.testing.assert_array_equal(got[index].data, stack[index])
