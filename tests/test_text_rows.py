@@ -109,10 +109,11 @@ def test_any_doubles(table):
 
 
 def test_a_typical_profile_takes_the_plain_path():
-    # positive radial, intensity, sigma: no padding bytes to drop
+    # positive radial, intensity, sigma (some 0): no padding bytes to drop
     radial = np.linspace(0.1, 40.0, 1000)
     intensity = np.random.default_rng(3).uniform(1, 1e5, 1000)
     table = np.column_stack([radial, intensity, np.sqrt(intensity)])
+    table[:20, 2] = 0.0                       # bins of one pixel: sigma 0
     text = format_rows(table)
     assert text == python_rows(table)
     assert len(text) == 3 * 1000 * 16

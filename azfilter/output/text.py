@@ -116,8 +116,9 @@ def format_text(result: Any, meta: OutputMeta, source: str | None = None,
 # nearest integer, i.e. the ten significant digits Python prints. scaled >= 1e9 checks
 # that e is not one too high (the exact product is >= 1e9 exactly when |x| >= 10**e, and
 # rounding is monotonic); rint(scaled) < 1e10 that it is not one too low and that rounding did
-# not carry into an eleventh digit. Everything else (zeros, nan, inf, tiny or huge values,
-# near-ties, carries: a few numbers in a thousand at most) is formatted by Python.
+# not carry into an eleventh digit. Zeros are written as Python writes them; everything else
+# (nan, inf, tiny or huge values, near-ties, carries: a few numbers in a thousand at most) is
+# formatted by Python.
 
 _EXPONENT_LOW, _EXPONENT_HIGH = -12, 30
 #: 10**e for e in [_EXPONENT_LOW, _EXPONENT_HIGH]: the doubles nearest to them
@@ -191,6 +192,11 @@ def format_rows(table: Any) -> str:
         distance_to_tie -= 0.5
         exact = (scaled >= 1e9) & (mantissa < 1e10) & (np.abs(distance_to_tie) > 1e-5)
         mantissa[~exact] = 1e9
+    zero = magnitude == 0.0                  # "0.000000000e+00" (empty bins' sigma)
+    if zero.any():
+        exact |= zero
+        mantissa[zero] = 0.0
+        power[zero] = -_EXPONENT_LOW
     digits = mantissa.astype(np.int64)
     lead = digits // 1000000000
     digits -= lead * 1000000000
@@ -198,7 +204,7 @@ def format_rows(table: Any) -> str:
     digits -= first3 * 1000000
     middle3 = digits // 1000
     digits -= middle3 * 1000
-    negative = values < 0
+    negative = np.signbit(values)           # -0.0 too: "-0.000000000e+00"
     plain = bool(exact.all()) and not negative.any()
     if plain:                                # every number 16 bytes: no padding to drop
         out = np.empty((count, 2), np.uint64)
