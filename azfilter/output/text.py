@@ -137,8 +137,9 @@ def _ascii_word(text: str, byte: int = 0) -> int:
 # A formatted number "d.ddddddddde+XX" plus its separator is 16 bytes: two little-endian
 # uint64 words, "d.dddddd" and "ddde+XX" + separator, assembled from these tables.
 _LEAD = np.array([_ascii_word(f"{d}.") for d in range(10)], np.uint64)
-_DIGITS3 = [_ascii_word(f"{i:03d}") for i in range(1000)]
-_DIGITS3_AT0 = np.array(_DIGITS3, np.uint64)
+_THREE = np.arange(1000, dtype=np.uint64)
+_DIGITS3_AT0 = (_THREE // 100 + 48) | (_THREE // 10 % 10 + 48) << np.uint64(8) | \
+    (_THREE % 10 + 48) << np.uint64(16)
 _DIGITS3_AT2 = _DIGITS3_AT0 << np.uint64(16)
 _DIGITS3_AT5 = _DIGITS3_AT0 << np.uint64(40)
 _EXPONENTS = np.array([_ascii_word(f"e{e:+03d}", 3)
