@@ -299,8 +299,10 @@ def test_default_lanes(monkeypatch):
     from azfilter.backends.cython import LANES_VARIABLE, THREADS_PER_LANE, default_lanes
 
     monkeypatch.delenv(LANES_VARIABLE, raising=False)
-    assert default_lanes(1) == 1 and default_lanes(THREADS_PER_LANE - 1) == 1
-    assert default_lanes(4 * THREADS_PER_LANE) == 4
+    assert default_lanes(1) == 1
+    # fewer threads than a lane's share: one frame per thread (2 cores: two frames at once)
+    assert default_lanes(2) == 2 and default_lanes(THREADS_PER_LANE - 1) == THREADS_PER_LANE - 1
+    assert default_lanes(THREADS_PER_LANE) == 1 and default_lanes(4 * THREADS_PER_LANE) == 4
     assert default_lanes(16, {LANES_VARIABLE: "8"}) == 8
     assert default_lanes(2, {LANES_VARIABLE: "8"}) == 2      # at least one thread per lane
     for bad in ("0", "two", "-1"):

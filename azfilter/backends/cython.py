@@ -11,8 +11,13 @@ kernels read directly. Results agree with :class:`~azfilter.backends.python.Pyth
 :meth:`CythonEngine.process_many` reduces several frames at once ("lanes"), each call with
 its share of the engine's threads: one frame on all cores spends a growing part of its time
 starting, waking and joining OpenMP threads and in the serial parts around each call, while
-frames on fewer threads each run at close to one core's speed. Results are the same whatever
-the number of lanes or threads (each bin is summed by one thread, in table order).
+frames on fewer threads each run at close to one core's speed. With fewer threads than
+:data:`THREADS_PER_LANE` each frame gets one thread: on a few cores the command's reader and
+writer threads take turns with the engine's, and one frame on all of them waits, at the end of
+each parallel loop, for the thread a reader interrupted (2 cores, Eiger 4M stack: a fifth of
+the cores' time idle with one frame on two threads, none with two frames on one thread each).
+Results are the same whatever the number of lanes or threads (each bin is summed by one
+thread, in table order).
 """
 
 from __future__ import annotations
@@ -52,8 +57,9 @@ LANES_VARIABLE = "AZFILTER_CYTHON_LANES"
 def default_lanes(threads: int, environ=None) -> int:
     """Frames :meth:`CythonEngine.process_many` reduces at once with ``threads`` threads.
 
-    ``threads // THREADS_PER_LANE`` (at least 1), or ``AZFILTER_CYTHON_LANES`` when it is set
-    to a positive integer (capped at ``threads``: every lane gets at least one thread).
+    ``threads // THREADS_PER_LANE``; with fewer threads than that, ``threads`` (one thread per
+    frame: see the module docstring). ``AZFILTER_CYTHON_LANES``, when it is set to a positive
+    integer, chooses instead (capped at ``threads``: every lane gets at least one thread).
 
     Parameters
     ----------
@@ -73,7 +79,9 @@ def default_lanes(threads: int, environ=None) -> int:
         if not asked.isdigit() or int(asked) < 1:
             raise AzfilterError(f"{LANES_VARIABLE} must be a positive integer, got {asked!r}")
         return min(int(asked), threads)
-    return max(1, threads // THREADS_PER_LANE)
+    if threads < THREADS_PER_LANE:
+        return threads
+    return threads // THREADS_PER_LANE
 
 
 def _sorted_rows(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray | None:
