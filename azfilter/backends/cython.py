@@ -15,7 +15,8 @@ frames on fewer threads each run at close to one core's speed. With fewer thread
 :data:`THREADS_PER_LANE` each frame gets one thread: on a few cores the command's reader and
 writer threads take turns with the engine's, and one frame on all of them waits, at the end of
 each parallel loop, for the thread a reader interrupted (2 cores, Eiger 4M stack: a fifth of
-the cores' time idle with one frame on two threads, none with two frames on one thread each).
+the cores' time idle with one frame on two threads; with two frames on one thread each, none
+between the first frame and the last).
 Results are the same whatever the number of lanes or threads (each bin is summed by one
 thread, in table order).
 """
