@@ -477,12 +477,19 @@ def test_staged_uploads_equal_direct_uploads(small, device, monkeypatch):
         opencl.OpenCLEngine(csr, small.pixel_norm, None, None, 0.0, device=device, threads=0)
 
 
-def test_process_many_staged_and_pinned_frames(small, device):
+@pytest.mark.parametrize("slots", [2, 3, 4])
+def test_process_many_staged_and_pinned_frames(small, device, slots, monkeypatch):
     """Streams mixing pageable (staged) and page-locked (direct) frames, and a ring of two
-    page-locked buffers refilled as soon as the next frame is asked for."""
+    page-locked buffers refilled as soon as the next frame is asked for, with 2 to 4 frames
+    in flight (CPU and GPU defaults)."""
+    from azfilter.backends.opencl import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CPU_SLOTS", slots)
+    monkeypatch.setattr(engine_module, "GPU_SLOTS", slots)
     csr = small.tables["no"]
     staged = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
                                  device=device, staging=True, threads=2)
+    assert staged.slots == slots and len(staged._slot_queues) == slots
     rng = np.random.default_rng(11)
     frames = [(small.raw + rng.poisson(2, small.raw.shape) * (small.raw >= 0)).astype(np.int32)
               for _ in range(9)]

@@ -71,6 +71,11 @@ _CLIP_MODEL = {"poisson": 0, "variance": 0, "azimuthal": 1, "hybrid": 2}
 _VAR_POISSON, _VAR_ARRAY = 0, 1
 _DEFAULT_GPU_WORKGROUP = 256
 _DEFAULT_CPU_WORKGROUP = 64
+#: frames a stream keeps in flight, each in a slot of its own (raw buffer, sums, flags,
+#: command queue): on a GPU the kernels of several frames overlap, and a pause of the thread
+#: feeding the engine (waiting for the GIL) leaves work queued
+GPU_SLOTS = 4
+CPU_SLOTS = 2
 _MAX_LOCAL_SORT = 4096
 
 # Staged uploads of one pageable frame (as integrate() does): sqrt(frame bytes /
@@ -217,7 +222,8 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         discrete = is_gpu and not shares_memory
         self.staging = discrete if staging is None else bool(staging)
         # per slot: (piece sizes in bytes, one page-locked array per piece)
-        self._staging: list[tuple[tuple, list[np.ndarray]] | None] = [None, None]
+        self.slots = GPU_SLOTS if is_gpu else CPU_SLOTS
+        self._staging: list[tuple[tuple, list[np.ndarray]] | None] = [None] * self.slots
         # process_many's page-locked frame buffers (up to threads + 1 per dtype), reused
         self._stream_buffers: dict[str, list[np.ndarray]] = {}
         # device decoding of compressed chunks (built on the first chunk): the decoder, and
@@ -229,7 +235,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         # and pageable memory is synchronous on NVIDIA's driver: reading the sums into
         # np.empty made the thread that feeds the engine wait for each frame's kernels
         # (H200, sigma-clip: 15 % of that thread's time in the read of the statistics).
-        self._host_slots: list[dict[str, np.ndarray] | None] = [None, None]
+        self._host_slots: list[dict[str, np.ndarray] | None] = [None] * self.slots
 
         # ---- geometry, once
         row_lengths = np.diff(indptr)
@@ -252,26 +258,29 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             self._variance = None           # device copy of the last variance array
             self._variance_host = None      # ... the array object it came from
             self._variance_copy = None      # ... and its content then
-            # two frames in flight (process_many): raw frame and sums per slot
+            # self.slots frames in flight (process_many): raw frame and sums per slot
             self._raw_bytes = max(8, self.npix * 8)   # room for any raw dtype up to 8 bytes
             sums_bytes = _NSUMS * self.npt * acc_bytes
-            self._raw = [self.allocate(f"raw{slot}", self._raw_bytes, "r") for slot in (0, 1)]
+            slots = range(self.slots)
+            self._raw = [self.allocate(f"raw{slot}", self._raw_bytes, "r") for slot in slots]
             # read back by outlier_stats too
-            self._sums = [self.allocate(f"sums{slot}", sums_bytes, "rw") for slot in (0, 1)]
-            self._slot_free: list[Any] = [None, None]    # event after which a slot is reusable
-            # per-entry "kept" flags, one array per slot: the kernels of two frames run at
-            # once, each slot on its own in-order queue (sigma_clip on an H200: 0.70 ms per
-            # frame on one queue, 0.52 ms on two, since a frame's longest bins no longer
+            self._sums = [self.allocate(f"sums{slot}", sums_bytes, "rw") for slot in slots]
+            # event after which a slot is reusable
+            self._slot_free: list[Any] = [None] * self.slots
+            # per-entry "kept" flags, one array per slot: the kernels of several frames run
+            # at once, each slot on its own in-order queue (sigma_clip on an H200: 0.70 ms
+            # per frame on one queue, 0.52 ms on two, since a frame's longest bins no longer
             # leave the rest of the device idle)
-            self._flags = [self.allocate(f"flags{slot}", self.nnz) for slot in (0, 1)]
-            self._slot_queues = [self.queue, cl.CommandQueue(self.context, self._device,
-                                                                  properties=self.queue.properties)]
+            self._flags = [self.allocate(f"flags{slot}", self.nnz) for slot in slots]
+            self._slot_queues = [self.queue] + [
+                cl.CommandQueue(self.context, self._device, properties=self.queue.properties)
+                for _ in range(1, self.slots)]
             # outlier statistics per slot: (available, picked) int32, (rejected_sum,
             # max_sigma) accumulators
             self._stats_counts = [self.allocate(f"stats_counts{slot}", 2 * 4 * self.npt, "w")
-                                  for slot in (0, 1)]
+                                  for slot in slots]
             self._stats_reals = [self.allocate(f"stats_reals{slot}", 2 * acc_bytes * self.npt,
-                                               "w") for slot in (0, 1)]
+                                               "w") for slot in slots]
         except cl.MemoryError as err:
             raise AzfilterError(f"OpenCL device {self.device_info['name']} has not enough "
                                 f"memory for this lookup table ({self.nnz} entries)") from err
@@ -782,8 +791,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                 params: dict[str, Any]) -> Iterator[tuple[Any, BinSums | Exception]]:
         """:meth:`process_many` overlapping transfers and kernels.
 
-        Frame n+1 is uploaded (on the transfer queue, into the second raw buffer) while the
-        kernels of frame n run; its sums are read back without blocking. Results come out in
+        Up to :attr:`slots` frames are in flight, each in a slot of its own (raw buffer,
+        sums, command queue): frame n+1 is uploaded while the kernels of frame n run, and the
+        kernels of several frames overlap; sums are read back without blocking. Results come out in
         input order, each as soon as it is ready; a frame that fails (wrong size, unsupported
         dtype, a device error) gives its exception in its place.
 
@@ -814,7 +824,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                 try:
                     if copy is not None:
                         copy.result()
-                    pending = self._submit(frame, operation, params, submitted % 2)
+                    pending = self._submit(frame, operation, params, submitted % self.slots)
                     submitted += 1
                 except Exception as err:  # noqa: BLE001 - one bad frame must not end the stream
                     pending = err
@@ -856,12 +866,12 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                         ahead = 0
                 while len(copying) > ahead:
                     submit_oldest()
-                    if len(in_flight) == 2:
+                    if len(in_flight) == self.slots:
                         yield finish_oldest()
             while copying or in_flight:
                 if copying:
                     submit_oldest()
-                if len(in_flight) == 2 or not copying:
+                if len(in_flight) == self.slots or not copying:
                     yield finish_oldest()
         finally:
             # abandoned generator: let the copying threads and the device finish
