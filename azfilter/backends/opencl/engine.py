@@ -52,7 +52,7 @@ from ..sums import BinSums, OutlierSums
 from . import hostmem
 from .bslz4 import BitshuffleLZ4Decoder, check_error_flag
 from .hostmem import copy_piece, copy_pool, is_pinned
-from .programs import OpenCLProcessing
+from .programs import KernelArgs, OpenCLProcessing
 
 #: numpy dtype of a raw frame -> OpenCL C type the kernels read it as
 RAW_TYPES: dict[np.dtype, str] = {
@@ -312,7 +312,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         # arguments are set again only when they change (set_args of the 16-22 arguments of
         # a reduction kernel took ~6 % of the feeding thread's time per kernel, per frame)
         self._kernels: dict[tuple[str, int], dict[str, Any]] = {}
-        self._kernel_args: dict[int, tuple] = {}
+        self._kernel_args = KernelArgs()
         if self._long_rows.size:
             blocks = -(-self._long_lengths // wg)
             self._block_row = self.upload(
@@ -344,15 +344,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         return self._kernels[key]
 
     def _set_args(self, kernel: Any, *args: Any) -> Any:
-        """Set ``kernel``'s arguments unless they are those it already has (the same
-        buffers, scalars of the same type and value); returns the kernel."""
-        last = self._kernel_args.get(id(kernel))
-        if last is None or len(last) != len(args) or not all(
-                old is new or (type(old) is type(new) and isinstance(new, np.generic)
-                               and old == new) for old, new in zip(last, args, strict=True)):
-            kernel.set_args(*args)
-            self._kernel_args[id(kernel)] = args
-        return kernel
+        """Set those of ``kernel``'s arguments that changed (:class:`KernelArgs`); returns
+        the kernel."""
+        return self._kernel_args.set(kernel, *args)
 
     def _device_dtype(self, dtype: np.dtype) -> np.dtype:
         """The dtype a frame of ``dtype`` goes to the device in (kernels read it as is)."""
