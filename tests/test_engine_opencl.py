@@ -332,17 +332,31 @@ def test_frames_in_pinned_memory(engines, small):
             np.testing.assert_array_equal(getattr(direct, name), getattr(single, name))
 
 
-def test_stream_read_backs_keep_their_events_and_give_new_arrays(engines, small):
-    """A streamed frame is read back into its slot's page-locked arrays, and the events of
-    those copies stay with the frame until it is finished (pyopencl waits for a copy whose
-    event is dropped, holding the GIL: the thread feeding the engine then waited for every
-    frame's kernels). The sums handed out are new arrays, not the slot's: the next frame
-    in that slot must not change them."""
+def test_stream_read_backs_keep_their_events_and_give_new_arrays(engines, small,
+                                                               monkeypatch):
+    """A streamed frame's results (sums and statistics) come back in one copy, into its
+    slot's page-locked results array, and the event of that copy stays with the frame until
+    it is finished (pyopencl waits for a copy whose event is dropped, holding the GIL: the
+    thread feeding the engine then waited for every frame's kernels). The sums handed out
+    are new arrays, not the slot's: the next frame in that slot must not change them."""
     _, ocl = engines["no"]
+    cl = ocl._cl
+    copies = []
+    enqueue_copy = cl.enqueue_copy
+
+    def counted(queue, dest, src, **kwargs):
+        copies.append("to host" if isinstance(dest, np.ndarray) else "to device")
+        return enqueue_copy(queue, dest, src, **kwargs)
+    monkeypatch.setattr(cl, "enqueue_copy", counted)
     pending = ocl._submit(small.raw, "sigma_clip", {"thres": 4.0, "max_iter": 5,
                                                      "error_model": "azimuthal"}, 0)
-    assert len(pending.reads) == 2          # statistics: counts and reals
-    assert opencl.is_pinned(pending.sums) and opencl.is_pinned(pending.outliers[1])
+    assert copies.count("to host") == 1     # sums, counts and reals in one copy
+    assert isinstance(pending.done, cl.Event)
+    results = ocl._host_arrays(0)["results"]
+    assert opencl.is_pinned(results)
+    for array in (pending.sums, *pending.outliers[1:]):
+        assert np.shares_memory(array, results)
+    monkeypatch.undo()
     first = ocl._finish(pending)
     again = ocl._finish(ocl._submit(small.raw * 2, "sigma_clip",
                                     {"thres": 4.0, "max_iter": 5,

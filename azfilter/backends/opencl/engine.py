@@ -39,7 +39,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -94,21 +94,35 @@ DEFAULT_COPY_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 # ------------------------------------------------------------------------------ the engine
+_MIN_ALIGN = 128   # bytes between the regions of a results buffer, at least
+
+
+def _results_layout(sizes: dict[str, int], align: int) -> dict[str, Any]:
+    """Regions of ``sizes`` bytes laid out one after the other, each starting at a multiple
+    of ``align`` bytes (a device's base address alignment, as sub-buffers need):
+    ``{"regions": {name: (offset, size)}, "total": bytes}``."""
+    regions, offset = {}, 0
+    for name, size in sizes.items():
+        regions[name] = (offset, size)
+        offset += -(-size // align) * align
+    return {"regions": regions, "total": offset}
+
+
 @dataclass
 class _Pending:
     """A frame submitted to the device whose sums are not read yet."""
 
     sums: np.ndarray    # host array the sums are copied into
-    done: Any           # event of that copy
-    # a frame decoded on the device: the decoder's error flag (read back before ``done``)
-    # and the chunk's number of blocks
+    # Event of the one copy of the slot's results buffer (sums, statistics, error flag):
+    # kept until the frame is finished, since pyopencl waits for a copy's completion when
+    # its event is dropped, holding the GIL (H200, sigma-clip: 0.75 ms per frame of the
+    # feeding thread, waiting for the kernels)
+    done: Any
+    # a frame decoded on the device: the decoder's error flag (host view, read with the
+    # sums) and the chunk's number of blocks
     decode_error: tuple[np.ndarray, int] | None = None
-    # sigma_clip / medfilt: (pick, counts host array, reals host array), copied before done
+    # sigma_clip / medfilt: (pick, counts host array, reals host array), read with the sums
     outliers: tuple[float, np.ndarray, np.ndarray] | None = None
-    # the events of the other read-backs into host memory, kept until ``done``: pyopencl
-    # waits for a copy's completion when its event is dropped, holding the GIL (H200,
-    # sigma-clip: 0.75 ms per frame of the feeding thread, waiting for the kernels)
-    reads: list = field(default_factory=list)
 
 
 class OpenCLEngine(OpenCLProcessing, Engine):
@@ -229,7 +243,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         # device decoding of compressed chunks (built on the first chunk): the decoder, and
         # per slot the error flag of the chunk being decoded there
         self._bslz4 = None
-        self._chunk_errors: dict[int, tuple[np.ndarray, int, Any]] = {}
+        self._chunk_errors: dict[int, tuple[np.ndarray, int]] = {}
         # per slot: page-locked host arrays the results are read back into (and the block
         # table is uploaded from), made on first use. A non-blocking copy between the device
         # and pageable memory is synchronous on NVIDIA's driver: reading the sums into
@@ -263,8 +277,25 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             sums_bytes = _NSUMS * self.npt * acc_bytes
             slots = range(self.slots)
             self._raw = [self.allocate(f"raw{slot}", self._raw_bytes, "r") for slot in slots]
+            # Everything a frame's kernels leave for the host, in one buffer per slot read
+            # back with one copy (each copy enqueued is tens of microseconds of the thread
+            # that feeds the engine, holding the GIL): the decoder's error flag, the sums,
+            # the outlier statistics' (available, picked) int32 and (rejected_sum, max_sigma)
+            # accumulators; each region is a sub-buffer the kernels write.
+            self._results_layout = _results_layout(
+                {"error": 8, "sums": sums_bytes, "counts": 2 * 4 * self.npt,
+                 "reals": 2 * acc_bytes * self.npt},
+                max(_MIN_ALIGN, int(self._device.mem_base_addr_align) // 8))
+            self._results = []
+            self._regions: list[dict[str, Any]] = []
+            for slot in slots:
+                results = self.allocate(f"results{slot}", self._results_layout["total"], "rw")
+                self._results.append(results)
+                self._regions.append({
+                    name: results.get_sub_region(offset, size)
+                    for name, (offset, size) in self._results_layout["regions"].items()})
             # read back by outlier_stats too
-            self._sums = [self.allocate(f"sums{slot}", sums_bytes, "rw") for slot in slots]
+            self._sums = [regions["sums"] for regions in self._regions]
             # event after which a slot is reusable
             self._slot_free: list[Any] = [None] * self.slots
             # per-entry "kept" flags, one array per slot: the kernels of several frames run
@@ -275,12 +306,6 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             self._slot_queues = [self.queue] + [
                 cl.CommandQueue(self.context, self._device, properties=self.queue.properties)
                 for _ in range(1, self.slots)]
-            # outlier statistics per slot: (available, picked) int32, (rejected_sum,
-            # max_sigma) accumulators
-            self._stats_counts = [self.allocate(f"stats_counts{slot}", 2 * 4 * self.npt, "w")
-                                  for slot in slots]
-            self._stats_reals = [self.allocate(f"stats_reals{slot}", 2 * acc_bytes * self.npt,
-                                               "w") for slot in slots]
         except cl.MemoryError as err:
             raise AzfilterError(f"OpenCL device {self.device_info['name']} has not enough "
                                 f"memory for this lookup table ({self.nnz} entries)") from err
@@ -475,20 +500,27 @@ class OpenCLEngine(OpenCLProcessing, Engine):
 
     def _host_arrays(self, slot: int | None) -> dict[str, np.ndarray]:
         """The host arrays a frame's results are read back into (and its block table
-        uploaded from): ``sums``, ``counts``, ``reals``, ``error`` (the decoder's flag),
-        ``ranges``. For a stream's frame slot, the slot's page-locked ones (made on first
-        use); for ``None`` (one frame, :meth:`integrate`...), new ordinary arrays, since such
-        a call may come while a stream's frame waits for its results."""
+        uploaded from): ``results`` (bytes, the copy of the slot's results buffer) and its
+        views ``sums``, ``counts``, ``reals``, ``error`` (the decoder's flag), and ``ranges``.
+        For a stream's frame slot, the slot's page-locked ones (made on first use); for
+        ``None`` (one frame, :meth:`integrate`...), new ordinary arrays, since such a call
+        may come while a stream's frame waits for its results."""
         arrays = None if slot is None else self._host_slots[slot]
         if arrays is None:
             real = np.float64 if self.fp64 else np.float32
             pair = () if self.fp64 else (2,)
             make = np.empty if slot is None else self.pinned_array
+            results = make(self._results_layout["total"], np.uint8)
+
+            def view(name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+                offset, size = self._results_layout["regions"][name]
+                return results[offset:offset + size].view(dtype).reshape(shape)
             arrays = {
-                "sums": make((_NSUMS, self.npt, *pair), real),
-                "counts": make((2, self.npt), np.int32),
-                "reals": make((2, self.npt, *pair), real),
-                "error": make(2, np.int32),
+                "results": results,
+                "sums": view("sums", real, (_NSUMS, self.npt, *pair)),
+                "counts": view("counts", np.int32, (2, self.npt)),
+                "reals": view("reals", real, (2, self.npt, *pair)),
+                "error": view("error", np.int32, (2,)),
                 "ranges": make(2 * 1024, np.uint32),
                 "make": make,
             }
@@ -513,8 +545,8 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         reduction queued next on that queue runs after it).
 
         Returns the events of the uploads (the chunk's host memory may be reused once they
-        are complete). The decoder's error flag is read back on the kernel queue, before the
-        sums; :meth:`_finish` checks it.
+        are complete). The decoder's error flag is read back with the sums (it is a region of
+        the slot's results buffer); :meth:`_finish` checks it.
         """
         cl = self._cl
         if self._bslz4 is None:
@@ -528,9 +560,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         ranges = self._host_ranges(
             host, layout.block_ranges if layout.n_blocks else np.zeros((1, 2), np.uint32))
         ranges_buffer = self._device_buffer(f"ranges{slot}", ranges.nbytes)
-        error_buffer = self.buffers.get(f"decode_error{slot}")
-        if error_buffer is None:
-            error_buffer = self.allocate(f"decode_error{slot}", 8, "rw")
+        error_buffer = self._regions[slot]["error"]
         # The uploads go on the slot's kernel queue, in order before the decode and the
         # reduction: the two slots' queues already overlap one frame's upload with the other's
         # kernels, and a kernel waiting for an event of another queue made NVIDIA's driver
@@ -538,12 +568,13 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         events = [cl.enqueue_copy(queue, chunk_buffer, data, is_blocking=False, wait_for=wait),
                   cl.enqueue_copy(queue, ranges_buffer, ranges, is_blocking=False)]
         cl.enqueue_fill_buffer(queue, error_buffer, np.zeros(1, np.int32), 0, 8)
-        self._bslz4.enqueue_kernel(queue, chunk_buffer, data.nbytes, ranges_buffer, layout,
-                                   chunk.dtype.itemsize, self._raw[slot], error_buffer)
+        # the buffer's size, not the chunk's, as the decoder's bound: the same value frame after
+        # frame, so that no argument is set again; the host's walk of the block sizes
+        # (bslz4_layout) already proved that every block and the tail lie inside the chunk
+        self._bslz4.enqueue_kernel(queue, chunk_buffer, chunk_buffer.size, ranges_buffer,
+                                   layout, chunk.dtype.itemsize, self._raw[slot], error_buffer)
         queue.flush()
-        error = host["error"]
-        read = cl.enqueue_copy(queue, error, error_buffer, is_blocking=False)
-        self._chunk_errors[slot] = (error, layout.n_blocks, read)
+        self._chunk_errors[slot] = (host["error"], layout.n_blocks)
         return events
 
     def _staging_pieces(self, slot: int, sizes: tuple[int, ...]) -> list[np.ndarray]:
@@ -691,12 +722,11 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             raise AzfilterError(f"unknown operation {operation!r}; choose one of "
                                 f"{', '.join(OPERATIONS)}")
         outliers = None
-        reads: list = []
         if operation != "integrate":
             outliers = self._submit_outlier_stats(kernels, frame_args, params, slot, queue,
-                                                  host, reads)
-        sums = host["sums"]
-        done = cl.enqueue_copy(queue, sums, out, is_blocking=False)
+                                                  host)
+        # one copy of the slot's results buffer: the sums, the statistics, the error flag
+        done = cl.enqueue_copy(queue, host["results"], self._results[slot], is_blocking=False)
         queue.flush()
         self._slot_free[slot] = done
         # The frame's memory is free for reuse once this returns: the caller (a reader's ring
@@ -704,30 +734,24 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         uploaded.wait()
         decode_error = None
         if isinstance(frame, CompressedChunk):
-            error, n_blocks, read = self._chunk_errors.pop(slot)
-            decode_error = (error, n_blocks)
-            reads.append(read)
-        return _Pending(sums, done, decode_error, outliers, reads)
+            decode_error = self._chunk_errors.pop(slot)
+        return _Pending(host["sums"], done, decode_error, outliers)
 
     def _submit_outlier_stats(self, kernels: dict[str, Any], frame_args: list, params: dict,
-                              slot: int, queue: Any, host: dict[str, Any], reads: list,
+                              slot: int, queue: Any, host: dict[str, Any],
                               ) -> tuple[float, np.ndarray, np.ndarray]:
-        """Queue the outlier statistics of the operation just queued (its flags and sums)
-        and their read-back, before the sums' read-back (the copies' events go to
-        ``reads``)."""
+        """Queue the outlier statistics of the operation just queued (its flags and sums),
+        into the slot's results buffer; returns (pick, host views they are read into)."""
         cl = self._cl
         pick = float(params.get("pick", DEFAULT_PICK))
         kernel = kernels["outlier_stats"]
         self._set_args(kernel, self._indptr, self._indices, self._coefs, *frame_args,
                        self._flags[slot], self._sums[slot], self._real(pick),
-                       np.int32(self.npt), self._stats_counts[slot], self._stats_reals[slot])
+                       np.int32(self.npt), self._regions[slot]["counts"],
+                       self._regions[slot]["reals"])
         wg = self.workgroup_size
         cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,))
-        counts, reals = host["counts"], host["reals"]
-        reads.append(cl.enqueue_copy(queue, counts, self._stats_counts[slot],
-                                     is_blocking=False))
-        reads.append(cl.enqueue_copy(queue, reals, self._stats_reals[slot], is_blocking=False))
-        return pick, counts, reals
+        return pick, host["counts"], host["reals"]
 
     @staticmethod
     def _finish(pending: _Pending) -> BinSums:
@@ -742,7 +766,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         else:
             sums = sums.copy()
         outliers = None
-        if pending.outliers is not None:   # read back before sums (in-order queue)
+        if pending.outliers is not None:   # read back with the sums (one copy)
             pick, counts, reals = pending.outliers
             counts = counts.copy()
             if reals.ndim == 3:
