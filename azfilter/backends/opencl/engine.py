@@ -562,7 +562,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         ranges_buffer = self._device_buffer(f"ranges{slot}", ranges.nbytes)
         error_buffer = self._regions[slot]["error"]
         # The uploads go on the slot's kernel queue, in order before the decode and the
-        # reduction: the two slots' queues already overlap one frame's upload with the other's
+        # reduction: the slots' queues already overlap one frame's upload with another's
         # kernels, and a kernel waiting for an event of another queue made NVIDIA's driver
         # block the enqueue (holding the GIL) until that event completed.
         events = [cl.enqueue_copy(queue, chunk_buffer, data, is_blocking=False, wait_for=wait),
