@@ -368,6 +368,39 @@ def test_stream_read_backs_keep_their_events_and_give_new_arrays(engines, small,
     assert not np.array_equal(first.signal, again.signal)
 
 
+@pytest.mark.parametrize("error_model", ["azimuthal", "poisson", "hybrid"])
+def test_sigma_clip_statistics_in_its_own_launch_equal_outlier_stats(engines, small,
+                                                                     error_model):
+    """sigma_clip computes the outlier statistics at its end (one launch less per frame):
+    they equal, bit for bit, those of the outlier_stats kernel run on its flags and sums."""
+    for split in ("no", "full"):
+        _, ocl = engines[split]
+        cl = ocl._cl
+        raw = small.raw * 3
+        fused = ocl.sigma_clip(raw, 3.0, 5, error_model, pick=2.5).outliers
+        # the frame's flags and sums are still in slot 0's buffers: run outlier_stats on them
+        kernels = ocl._kernels_for(opencl.RAW_TYPES[np.dtype(raw.dtype)], 0)
+        counts = cl.Buffer(ocl.context, cl.mem_flags.READ_WRITE, 2 * 4 * ocl.npt)
+        reals_host = np.empty_like(ocl._host_arrays(None)["reals"])
+        reals = cl.Buffer(ocl.context, cl.mem_flags.READ_WRITE, reals_host.nbytes)
+        kernel = cl.Kernel(kernels["outlier_stats"].program, "outlier_stats")
+        kernel.set_args(ocl._indptr, ocl._indices, ocl._coefs,
+                        *ocl._frame_args(0, error_model, None), ocl._flags[0], ocl._sums[0],
+                        ocl._real(2.5), np.int32(ocl.npt), counts, reals)
+        wg = ocl.workgroup_size
+        cl.enqueue_nd_range_kernel(ocl.queue, kernel, (ocl.npt * wg,), (wg,))
+        counts_host = np.empty((2, ocl.npt), np.int32)
+        cl.enqueue_copy(ocl.queue, counts_host, counts)
+        cl.enqueue_copy(ocl.queue, reals_host, reals)
+        if reals_host.ndim == 3:
+            reals_host = reals_host[..., 0].astype(np.float64) + reals_host[..., 1]
+        np.testing.assert_array_equal(fused.available, counts_host[0])
+        np.testing.assert_array_equal(fused.picked, counts_host[1])
+        np.testing.assert_array_equal(fused.rejected_sum, reals_host[0])
+        np.testing.assert_array_equal(fused.max_sigma, reals_host[1])
+        assert (fused.available > 0).any() and (fused.picked > 0).any()
+
+
 # ----------------------------------------------------------------------------- devices
 def test_list_devices_and_status(device):
     devices = opencl.list_devices()

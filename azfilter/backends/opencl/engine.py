@@ -298,6 +298,8 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             self._sums = [regions["sums"] for regions in self._regions]
             # event after which a slot is reusable
             self._slot_free: list[Any] = [None] * self.slots
+            # ... and the queue it is of
+            self._slot_queue: list[Any] = [None] * self.slots
             # per-entry "kept" flags, one array per slot: the kernels of several frames run
             # at once, each slot on its own in-order queue (sigma_clip on an H200: 0.70 ms
             # per frame on one queue, 0.52 ms on two, since a frame's longest bins no longer
@@ -435,11 +437,6 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         """
         return hostmem.pinned_array(shape, dtype, device=device)
 
-    @staticmethod
-    def _on_queue(event: Any, queue: Any) -> bool:
-        """Whether ``event`` is of a command of ``queue``."""
-        return event.command_queue.int_ptr == queue.int_ptr
-
     def _pending_wait(self, event: Any) -> list | None:
         """``[event]`` unless it is None or complete: a wait for an event of another queue
         may block the enqueue itself on NVIDIA's driver."""
@@ -448,34 +445,46 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             return None
         return [event]
 
+    def _slot_wait(self, slot: int, queue: Any) -> list | None:
+        """What an upload into ``slot``'s raw buffer on ``queue`` must wait for: nothing when
+        the slot's last frame ran on that in-order queue (it is before the upload already:
+        no query of its event's status, a call into the driver), else its last event unless
+        complete."""
+        if self._slot_queue[slot] is queue:
+            return None
+        return self._pending_wait(self._slot_free[slot])
+
     def _upload(self, frame: np.ndarray, target: np.dtype, slot: int,
-                wait: list | None, queue: Any, host: dict[str, Any]) -> list:
+                queue: Any, host: dict[str, Any]) -> tuple[list, Any]:
         """Queue the copy of a frame into the raw buffer of ``slot`` (a compressed chunk is
         then decoded there on ``queue``, the kernel queue its reduction runs on).
 
         A frame in page-locked memory, or any frame when staging is off, is handed to the
         driver as it is (non-blocking); other frames are staged (:meth:`_staged_upload`).
-        Returns the events of the copies, the last one completing last; they also keep the
-        host memory they read alive (pyopencl's NannyEvent).
+        Returns the events of the copies, the last one completing last (they also keep the
+        host memory they read alive: pyopencl's NannyEvent), and the queue they are on.
         """
         cl = self._cl
         if isinstance(frame, CompressedChunk):
-            return self._upload_chunk(frame, slot, wait, queue, host)
+            return self._upload_chunk(frame, slot, self._slot_wait(slot, queue), queue,
+                                      host), queue
         direct = frame.dtype == target and frame.flags.c_contiguous
         if direct and (not self.staging or is_pinned(frame, self.context)):
             # on the kernel queue, as a compressed chunk (see _upload_chunk)
             events = [cl.enqueue_copy(queue, self._raw[slot], frame.reshape(-1),
-                                      is_blocking=False, wait_for=wait)]
+                                      is_blocking=False,
+                                      wait_for=self._slot_wait(slot, queue))]
             queue.flush()
-            return events
+            return events, queue
         elif not self.staging:
             converted = np.ascontiguousarray(frame, dtype=target).reshape(-1)
             events = [cl.enqueue_copy(self.transfer_queue, self._raw[slot], converted,
-                                      is_blocking=False, wait_for=wait)]
+                                      is_blocking=False,
+                                      wait_for=self._slot_wait(slot, self.transfer_queue))]
         else:
             events = self._staged_upload(frame, target, slot)
         self.transfer_queue.flush()
-        return events
+        return events, self.transfer_queue
 
     # ------------------------------------------------------------------ device decoding
     def _chunk_dtype(self, chunk: CompressedChunk) -> np.dtype:
@@ -664,16 +673,15 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                 f"{', '.join(ERROR_MODELS)}")
         kernels = self._kernels_for(raw_type, slot)
         frame_args = self._frame_args(slot, error_model, params.get("variance"))
-        wait = self._pending_wait(self._slot_free[slot])
         # medfilt's long rows share one sort scratch: those frames stay on one queue
         queue = self._slot_queues[0 if (operation == "medfilt" and self._long_rows.size)
                                   else slot]
         host = self._host_arrays(slot if stream else None)
-        uploads = self._upload(frame, target, slot, wait, queue, host)
+        uploads, upload_queue = self._upload(frame, target, slot, queue, host)
         uploaded = uploads[-1]   # in-order queue: the last copy completes last
         # the kernels wait for an upload made on the transfer queue (staged frames); one on
         # their own queue is before them already
-        kernel_wait = None if self._on_queue(uploaded, queue) else [uploaded]
+        kernel_wait = None if upload_queue is queue else [uploaded]
         wg = self.workgroup_size
         geometry = [self._indptr, self._indices, self._coefs]
         npt = np.int32(self.npt)
@@ -685,11 +693,14 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                            np.int32(error_model == "azimuthal"), npt, out)
             cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,),
                                        wait_for=kernel_wait)
-        elif operation == "sigma_clip":
+        elif operation == "sigma_clip":   # with its outlier statistics, in one launch
             kernel = kernels["sigma_clip"]
+            regions = self._regions[slot]
             self._set_args(kernel, *geometry, *frame_args, self._real(params["thres"]),
                            np.int32(max(0, int(params["max_iter"]))),
-                           np.int32(_CLIP_MODEL[error_model]), npt, flags, out)
+                           np.int32(_CLIP_MODEL[error_model]), npt, flags, out,
+                           self._real(self._pick(params)), regions["counts"],
+                           regions["reals"])
             cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,),
                                        wait_for=kernel_wait)
         elif operation == "medfilt":
@@ -722,13 +733,15 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             raise AzfilterError(f"unknown operation {operation!r}; choose one of "
                                 f"{', '.join(OPERATIONS)}")
         outliers = None
-        if operation != "integrate":
+        if operation == "sigma_clip":
+            outliers = (self._pick(params), host["counts"], host["reals"])
+        elif operation != "integrate":
             outliers = self._submit_outlier_stats(kernels, frame_args, params, slot, queue,
                                                   host)
         # one copy of the slot's results buffer: the sums, the statistics, the error flag
         done = cl.enqueue_copy(queue, host["results"], self._results[slot], is_blocking=False)
         queue.flush()
-        self._slot_free[slot] = done
+        self._slot_free[slot], self._slot_queue[slot] = done, queue
         # The frame's memory is free for reuse once this returns: the caller (a reader's ring
         # of page-locked buffers) may overwrite it while the kernels run.
         uploaded.wait()
@@ -743,7 +756,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         """Queue the outlier statistics of the operation just queued (its flags and sums),
         into the slot's results buffer; returns (pick, host views they are read into)."""
         cl = self._cl
-        pick = float(params.get("pick", DEFAULT_PICK))
+        pick = self._pick(params)
         kernel = kernels["outlier_stats"]
         self._set_args(kernel, self._indptr, self._indices, self._coefs, *frame_args,
                        self._flags[slot], self._sums[slot], self._real(pick),
@@ -752,6 +765,11 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         wg = self.workgroup_size
         cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,))
         return pick, host["counts"], host["reals"]
+
+    @staticmethod
+    def _pick(params: dict) -> float:
+        """The outlier statistics' ``pick`` of an operation's parameters."""
+        return float(params.get("pick", DEFAULT_PICK))
 
     @staticmethod
     def _finish(pending: _Pending) -> BinSums:

@@ -27,8 +27,8 @@ from .hostmem import pinned_in_context
 
 #: OpenCL sources, concatenated in this order into one program
 KERNEL_FILES: tuple[str, ...] = (
-    "azf_common.cl", "azf_integrate.cl", "azf_sigma_clip.cl", "azf_medfilt.cl",
-    "azf_stats.cl",
+    "azf_common.cl", "azf_integrate.cl", "azf_stats.cl", "azf_sigma_clip.cl",
+    "azf_medfilt.cl",
 )
 
 _REPO_KERNELS = Path(__file__).resolve().parents[3] / "kernels"
