@@ -318,7 +318,10 @@ class BitshuffleLZ4Decoder:
         kernel = self._args.set(
             self._kernel(itemsize, local_block, queue), chunk_buffer, np.uint32(chunk_bytes),
             ranges_buffer, np.uint32(layout.n_blocks), np.uint32(layout.block_elements),
-            np.uint32(layout.blocked_elements), np.uint32(layout.tail_offset),
+            np.uint32(layout.blocked_elements),
+            # without a tail (frames of a multiple of 8 elements, e.g. an Eiger's), its offset,
+            # which moves with the compressed size, is not read: 0, so it stays set
+            np.uint32(layout.tail_offset if layout.tail_elements else 0),
             np.uint32(layout.tail_elements), out, scratch, error_buffer)
         groups = max(layout.n_blocks, 1)
         return self._cl.enqueue_nd_range_kernel(queue, kernel, (groups * self.workgroup_size,),

@@ -243,6 +243,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         # device decoding of compressed chunks (built on the first chunk): the decoder, and
         # per slot the error flag of the chunk being decoded there
         self._bslz4 = None
+        self._device_sizes: dict[str, int] = {}   # bytes of the _device_buffer()s
         self._chunk_errors: dict[int, tuple[np.ndarray, int]] = {}
         # per slot: page-locked host arrays the results are read back into (and the block
         # table is uploaded from), made on first use. A non-blocking copy between the device
@@ -499,13 +500,17 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                 f"OpenCL device {self.device_info['name']}")
         return dtype
 
-    def _device_buffer(self, name: str, nbytes: int) -> Any:
+    def _device_buffer(self, name: str, nbytes: int) -> tuple[Any, int]:
         """The engine's device buffer ``name`` of at least ``nbytes`` (grown by 1/8 when too
-        small; chunk sizes vary from frame to frame)."""
+        small; chunk sizes vary from frame to frame), and its size (kept here: asking the
+        buffer is a call into the driver)."""
         buffer = self.buffers.get(name)
-        if buffer is None or buffer.size < nbytes:
-            buffer = self.allocate(name, max(nbytes, nbytes + nbytes // 8, 4096), "r")
-        return buffer
+        size = self._device_sizes.get(name, 0)
+        if buffer is None or size < nbytes:
+            size = max(nbytes, nbytes + nbytes // 8, 4096)
+            buffer = self.allocate(name, size, "r")
+            self._device_sizes[name] = size
+        return buffer, size
 
     def _host_arrays(self, slot: int | None) -> dict[str, np.ndarray]:
         """The host arrays a frame's results are read back into (and its block table
@@ -565,10 +570,10 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             raise AzfilterError(f"compressed image has {layout.n_elements} pixels, the lookup "
                                 f"table {self.npix}")
         data = chunk.data
-        chunk_buffer = self._device_buffer(f"chunk{slot}", data.nbytes)
+        chunk_buffer, chunk_capacity = self._device_buffer(f"chunk{slot}", data.nbytes)
         ranges = self._host_ranges(
             host, layout.block_ranges if layout.n_blocks else np.zeros((1, 2), np.uint32))
-        ranges_buffer = self._device_buffer(f"ranges{slot}", ranges.nbytes)
+        ranges_buffer, _ = self._device_buffer(f"ranges{slot}", ranges.nbytes)
         error_buffer = self._regions[slot]["error"]
         # The uploads go on the slot's kernel queue, in order before the decode and the
         # reduction: the slots' queues already overlap one frame's upload with another's
@@ -580,7 +585,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         # the buffer's size, not the chunk's, as the decoder's bound: the same value frame after
         # frame, so that no argument is set again; the host's walk of the block sizes
         # (bslz4_layout) already proved that every block and the tail lie inside the chunk
-        self._bslz4.enqueue_kernel(queue, chunk_buffer, chunk_buffer.size, ranges_buffer,
+        self._bslz4.enqueue_kernel(queue, chunk_buffer, chunk_capacity, ranges_buffer,
                                    layout, chunk.dtype.itemsize, self._raw[slot], error_buffer)
         queue.flush()
         self._chunk_errors[slot] = (host["error"], layout.n_blocks)
