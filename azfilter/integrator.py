@@ -13,12 +13,11 @@ With ``sectors`` the tables bin (sector, radial) cells, so one pass over a frame
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -718,25 +717,6 @@ class Integrator:
         split, engine_params, options, model = self._stream_options(operation, params)
         return self._stream(frames, operation, split, engine_params, options, model)
 
-    def process_many_deferred(self, frames: Iterable[tuple[Any, Any]], operation: str,
-                              **params: Any,
-                              ) -> Iterator[tuple[Any, Callable[[], Result] | Exception]]:
-        """:meth:`process_many`, each result given as a callable that computes it.
-
-        The final values of a frame (``I``, ``sigma``, ``std``, the outlier statistics) cost
-        ~0.1 ms of numpy per frame; the command's writer thread computes them, off the thread
-        that feeds the engine (on a GPU that thread bounds the run).
-
-        Returns
-        -------
-        iterator of (tag, callable or Exception)
-            As :meth:`process_many`; ``callable()`` returns the frame's :class:`Result` (it
-            may be called from another thread).
-        """
-        split, engine_params, options, model = self._stream_options(operation, params)
-        return self._stream(frames, operation, split, engine_params, options, model,
-                            deferred=True)
-
     def _stream_options(self, operation: str,
                         params: dict[str, Any]) -> tuple[str, dict, dict, str]:
         """(split, engine parameters, options recorded in the results, error model)."""
@@ -788,7 +768,7 @@ class Integrator:
 
     def _stream(self, frames: Iterable[tuple[Any, Any]], operation: str, split: str,
                 engine_params: dict[str, Any], options: dict[str, Any],
-                model: str, deferred: bool = False) -> Iterator[tuple[Any, Any]]:
+                model: str) -> Iterator[tuple[Any, Result | Exception]]:
         variance_source = engine_params["variance"]
         checked_variance: list[np.ndarray | None] = []   # checked once the shape is known
 
@@ -818,9 +798,6 @@ class Integrator:
             for tag, sums in stream:
                 if isinstance(sums, Exception):
                     yield tag, sums
-                elif deferred:
-                    yield tag, functools.partial(self._result, sums, split, operation, model,
-                                                 **options)
                 else:
                     yield tag, self._result(sums, split, operation, model, **options)
 

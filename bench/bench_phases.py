@@ -121,7 +121,7 @@ def null_submit(self: Any, raw: Any, operation: str, params: dict, slot: int,
         host["null"] = True
     outliers = None if operation == "integrate" else (
         float(params.get("pick", 0.0)), host["counts"], host["reals"])
-    return engine_module._Pending(host["sums"], _Complete(), None, outliers)
+    return engine_module._Pending(host["sums"], _Complete(), None, outliers, [])
 
 
 if os.environ.get("NULL_ENGINE"):

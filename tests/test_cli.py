@@ -379,39 +379,6 @@ def test_corrupt_and_wrong_shape_frames_are_reported_and_others_written(data, tm
     assert read_result(h5out).sources == [str(g) for g in good]
 
 
-def test_final_values_computed_by_the_writer_fail_one_frame(data, tmp_path, monkeypatch):
-    """The final values of a result are computed on the writer thread (off the thread that
-    feeds the engine): one that raises is that frame's failure, listed in the output, and the
-    other frames are written (no traceback, exit 3)."""
-    from azfilter import integrator as integrator_module
-
-    run = tmp_path / "run"
-    for k in range(4):
-        write_cbf(run / f"img_{k:04d}.cbf", make_frame(k))
-    from_sums = integrator_module.Result.from_sums.__func__
-    threads, calls = set(), []
-
-    def failing_third(cls, *args, **kwargs):
-        import threading
-
-        threads.add(threading.current_thread().name)
-        calls.append(1)
-        if len(calls) == 3:   # frames are finished in plan order: img_0002
-            raise FloatingPointError("broken frame")
-        return from_sums(cls, *args, **kwargs)
-
-    monkeypatch.setattr(integrator_module.Result, "from_sums", classmethod(failing_third))
-    out = tmp_path / "out.h5"
-    result = invoke("integrate", "-p", data.poni, "--backend", "python", "--npt", 50, run,
-                    "-o", out)
-    assert result.exit_code == 3, result.output
-    assert "Traceback" not in result.output
-    assert "img_0002.cbf frame 0: reduction failed: FloatingPointError: broken frame" in \
-        result.stderr
-    assert read_result(out).sources == [str(run / f"img_{k:04d}.cbf") for k in (0, 1, 3)]
-    assert threads == {"azfilter-writer"}
-
-
 def test_existing_outputs_refuse_overwrite_skip(data, tmp_path):
     out = tmp_path / "out"
     base = ["integrate", "-p", data.poni, "--backend", "python", "--npt", 40, *data.cbfs,

@@ -109,22 +109,22 @@ def spy(monkeypatch):
     and every page-locked allocation."""
     seen: list[tuple[bool, bool]] = []
     allocated: list[tuple] = []
-    stream = Integrator._stream   # behind process_many and process_many_deferred
+    process_many = Integrator.process_many
     pinned_array = opencl.hostmem.pinned_array
 
-    def watched_stream(integrator, frames, *args, **kwargs):
+    def watched_process_many(integrator, frames, operation, **params):
         def watched():
             for tag, data in frames:
                 compressed = isinstance(data, CompressedChunk)
                 seen.append((compressed, compressed and opencl.is_pinned(data.buffer)))
                 yield tag, data
-        return stream(integrator, watched(), *args, **kwargs)
+        return process_many(integrator, watched(), operation, **params)
 
     def counting_pinned(shape, dtype, device=None):
         allocated.append((tuple(shape), np.dtype(dtype)))
         return pinned_array(shape, dtype, device=device)
 
-    monkeypatch.setattr(Integrator, "_stream", watched_stream)
+    monkeypatch.setattr(Integrator, "process_many", watched_process_many)
     monkeypatch.setattr(opencl.hostmem, "pinned_array", counting_pinned)
     return seen, allocated
 

@@ -700,21 +700,21 @@ def test_cli_reads_frames_into_page_locked_buffers(tmp_path, device, monkeypatch
     allocated: list[tuple] = []
     reduced_pinned: list[bool] = []
     pinned_array = opencl.hostmem.pinned_array
-    stream = Integrator._stream   # behind process_many and process_many_deferred
+    process_many = Integrator.process_many
 
     def counting_pinned(shape, dtype, device=None):
         allocated.append((tuple(shape), np.dtype(dtype)))
         return pinned_array(shape, dtype, device=device)
 
-    def spying_stream(integrator, frames, *args, **kwargs):
+    def spying_process_many(integrator, frames, operation, **params):
         # what the command's pipeline hands the engine's stream, frame by frame
         def watched():
             for tag, data in frames:
                 reduced_pinned.append(opencl.is_pinned(data))
                 yield tag, data
-        return stream(integrator, watched(), *args, **kwargs)
+        return process_many(integrator, watched(), operation, **params)
     monkeypatch.setattr(opencl.hostmem, "pinned_array", counting_pinned)
-    monkeypatch.setattr(Integrator, "_stream", spying_stream)
+    monkeypatch.setattr(Integrator, "process_many", spying_process_many)
     outputs = {}
     for backend in ("opencl", "python"):
         out = tmp_path / f"{backend}.h5"

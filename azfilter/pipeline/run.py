@@ -753,16 +753,7 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
             work = write_queue.get()
             if work is _END:
                 return
-            planned, frame_source, result, frame_monitor = work
-            if callable(result):   # a deferred result: its final values are computed here
-                try:
-                    result = result()
-                    if frame_monitor is not None:
-                        result = divide_by_monitor(result, frame_monitor)
-                except Exception as err:  # noqa: BLE001 - one failed frame, reported
-                    fail(FrameReadError(planned.source, planned.index,
-                                        f"reduction failed: {type(err).__name__}: {err}"), 1)
-                    continue
+            planned, frame_source, result = work
             try:
                 sink.write(planned, frame_source, result)
             except BaseException as err:  # noqa: BLE001 - reported by the main thread
@@ -826,13 +817,8 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
             in_flight[id(planned)] = (_frame_source(frame), frame.data)
             yield planned, frame.data
 
-    # Without a postprocess on the raw frame, the results' final values are computed by the
-    # writer thread: this thread feeds the engine, which it bounds on a GPU.
-    stream = (integrator.process_many(frames(), method, **params)
-              if job.postprocess is not None
-              else integrator.process_many_deferred(frames(), method, **params))
     try:
-        for planned, outcome in stream:
+        for planned, outcome in integrator.process_many(frames(), method, **params):
             frame_source, data = in_flight.pop(id(planned))
             frame_monitor = monitors.pop(id(planned), 1.0)
             if job.postprocess is not None and not isinstance(outcome, Exception):
@@ -848,12 +834,9 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
                     f"reduction failed: {type(outcome).__name__}: {outcome}")
                 fail(FrameReadError(planned.source, planned.index, reason), 1)
                 continue
-            deferred = callable(outcome)
-            if monitor is not None and not deferred:
+            if monitor is not None:
                 outcome = divide_by_monitor(outcome, frame_monitor)
-            work = (planned, frame_source, outcome,
-                    frame_monitor if deferred and monitor is not None else None)
-            if not _put(write_queue, work, stop):
+            if not _put(write_queue, (planned, frame_source, outcome), stop):
                 break
     except BaseException as err:  # KeyboardInterrupt, SIGTERM: clean up, then re-raise
         interrupted = err
