@@ -105,6 +105,8 @@ def timed(owner: Any, name: str, static: bool = False) -> None:
 class _Complete:
     """An event that is complete (the null engine's)."""
 
+    command_execution_status = 0   # CL_COMPLETE
+
     @staticmethod
     def wait() -> None:
         return None
@@ -121,13 +123,13 @@ def null_submit(self: Any, raw: Any, operation: str, params: dict, slot: int,
         host["null"] = True
     outliers = None if operation == "integrate" else (
         float(params.get("pick", 0.0)), host["counts"], host["reals"])
-    return engine_module._Pending(host["sums"], _Complete(), None, outliers, [])
+    return engine_module._Pending(host["sums"], _Complete(), None, outliers)
 
 
 if os.environ.get("NULL_ENGINE"):
     engine_module.OpenCLEngine._submit = null_submit
 timed(engine_module.OpenCLEngine, "_submit")
-timed(engine_module.OpenCLEngine, "_finish", static=True)
+timed(engine_module.OpenCLEngine, "_finish")
 timed(integrator_module.Integrator, "_result")
 timed(integrator_module.Integrator, "_engine_for")
 timed(run_module, "_put")

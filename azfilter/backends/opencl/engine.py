@@ -749,7 +749,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         self._slot_free[slot], self._slot_queue[slot] = done, queue
         # The frame's memory is free for reuse once this returns: the caller (a reader's ring
         # of page-locked buffers) may overwrite it while the kernels run.
-        uploaded.wait()
+        self._wait(uploaded)
         decode_error = None
         if isinstance(frame, CompressedChunk):
             decode_error = self._chunk_errors.pop(slot)
@@ -771,16 +771,23 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,))
         return pick, host["counts"], host["reals"]
 
+    def _wait(self, event: Any) -> None:
+        """Wait for ``event`` unless it is complete: a wait lets go of the GIL, and taking it
+        back costs this thread (the one feeding the engine) a hand-over from the reader and
+        writer threads, up to the interpreter's switch interval; asking the status does not
+        let it go."""
+        if event.command_execution_status != self._cl.command_execution_status.COMPLETE:
+            event.wait()
+
     @staticmethod
     def _pick(params: dict) -> float:
         """The outlier statistics' ``pick`` of an operation's parameters."""
         return float(params.get("pick", DEFAULT_PICK))
 
-    @staticmethod
-    def _finish(pending: _Pending) -> BinSums:
+    def _finish(self, pending: _Pending) -> BinSums:
         """The sums of a submitted frame, once read back: new arrays (the slot's page-locked
         ones take the next frame's)."""
-        pending.done.wait()
+        self._wait(pending.done)
         if pending.decode_error is not None:   # a corrupt chunk: the sums are meaningless
             check_error_flag(*pending.decode_error)
         sums = pending.sums
