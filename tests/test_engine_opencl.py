@@ -316,6 +316,43 @@ def test_compensated_float32_and_global_sort(small, device):
                              f"fp32 sigma_clip {model}")
 
 
+@pytest.mark.parametrize("slots", [2, 4])
+def test_medfilt_global_sort_streams_on_every_slot(small, device, slots, monkeypatch):
+    """medfilt rows longer than the local sort, streamed: each frame slot has its own sort
+    scratch (when the device has the memory) and its own queue, and every frame equals the
+    frame reduced alone; with one shared scratch, the frames keep to one queue."""
+    from azfilter.backends.opencl import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CPU_SLOTS", slots)
+    monkeypatch.setattr(engine_module, "GPU_SLOTS", slots)
+    csr = small.tables["full"]
+    ocl = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
+                              device=device, workgroup_size=16, local_sort_size=128)
+    assert ocl._long_rows.size > 0 and ocl._sort_per_slot
+    rng = np.random.default_rng(5)
+    frames = [(small.raw + rng.poisson(3, small.raw.shape) * (small.raw >= 0)).astype(np.int32)
+              for _ in range(2 * slots + 1)]
+    alone = [ocl.medfilt(frame, 0.25, 0.75, "azimuthal") for frame in frames]
+    params = {"quant_min": 0.25, "quant_max": 0.75, "error_model": "azimuthal"}
+    streamed = [sums for _, sums in ocl.process_many(enumerate(frames), "medfilt", params)]
+    for index, (single, got) in enumerate(zip(alone, streamed, strict=True)):
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(got, name), getattr(single, name),
+                                          err_msg=f"frame {index}: {name}")
+    assert sorted(ocl._sort_buffers) == list(range(slots))   # one scratch per slot
+    assert {queue.int_ptr for queue in ocl._slot_queues} == \
+        {ocl._slot_queue[slot].int_ptr for slot in range(slots)}
+    # without the memory for one per slot: one scratch, one queue, the same results
+    monkeypatch.setattr(engine_module.OpenCLEngine, "_sort_per_slot", False)
+    shared = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
+                                 device=device, workgroup_size=16, local_sort_size=128)
+    again = [sums for _, sums in shared.process_many(enumerate(frames), "medfilt", params)]
+    np.testing.assert_array_equal(again[-1].signal, streamed[-1].signal)
+    assert list(shared._sort_buffers) == [0]
+    assert {shared._slot_queue[slot].int_ptr for slot in range(slots)} == \
+        {shared._slot_queues[0].int_ptr}
+
+
 # ----------------------------------------------------------------------------- batch mode
 # process_many's order, per-frame errors and early stop: the contract
 def test_frames_in_pinned_memory(engines, small):

@@ -316,7 +316,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         # ---- medfilt rows longer than the local sort: chunk table, merge widths
         self._long_rows = np.nonzero(row_lengths > self.local_sort_size)[0]
         self._long_lengths = row_lengths[self._long_rows]
-        self._sort_buffers = None
+        self._sort_buffers: dict[int, list] = {}
+        # medfilt_merge kernel objects by (kernels, slot, step), with those kernels
+        self._merge_kernels: dict[tuple[int, int, int], tuple[dict, Any]] = {}
         if self._long_rows.size:
             chunks = -(-self._long_lengths // self.local_sort_size)
             self._chunk_row = upload(np.repeat(self._long_rows, chunks).astype(np.int32))
@@ -420,14 +422,37 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         self._variance_copy = values.copy()
         return self._variance
 
-    def _sort_scratch(self):
-        """Two key buffers (indexed like the CSR entries) for the global-memory sort."""
-        if self._sort_buffers is None:
+    @property
+    def _sort_per_slot(self) -> bool:
+        """Whether each frame slot has its own sort scratch for medfilt's long rows: when
+        all of them take at most 1/8 of the device's memory. Then medfilt frames overlap on
+        the slots' queues like the other operations' (on one queue the upload of a frame
+        waited for the kernels of the one before); else they share one scratch and one
+        queue."""
+        return self.slots * 2 * max(8, self.nnz * 8) <= self.device_info["global_memory"] // 8
+
+    def _sort_scratch(self, slot: int) -> list:
+        """Two key buffers (indexed like the CSR entries) for the global-memory sort of the
+        frame in ``slot`` (see :attr:`_sort_per_slot`)."""
+        owner = slot if self._sort_per_slot else 0
+        buffers = self._sort_buffers.get(owner)
+        if buffers is None:
             cl = self._cl
             nbytes = max(8, self.nnz * 8)
-            self._sort_buffers = [cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
-                                  for _ in range(2)]
-        return self._sort_buffers
+            buffers = self._sort_buffers[owner] = [
+                cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes) for _ in range(2)]
+        return buffers
+
+    def _merge_kernel(self, kernels: dict[str, Any], slot: int, step: int) -> Any:
+        """A ``medfilt_merge`` kernel object for merge step ``step`` of ``slot``: each step
+        keeps its own arguments (width, which buffer is read, which written), so none is set
+        again from frame to frame."""
+        key = (id(kernels), slot, step)
+        entry = self._merge_kernels.get(key)
+        if entry is None or entry[0] is not kernels:   # (kept with it: ids are not reused)
+            entry = self._merge_kernels[key] = (kernels, self._cl.Kernel(
+                kernels["medfilt_merge"].program, "medfilt_merge"))
+        return entry[1]
 
     @staticmethod
     def host_array(shape: int | tuple[int, ...], dtype: Any,
@@ -678,9 +703,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                 f"{', '.join(ERROR_MODELS)}")
         kernels = self._kernels_for(raw_type, slot)
         frame_args = self._frame_args(slot, error_model, params.get("variance"))
-        # medfilt's long rows share one sort scratch: those frames stay on one queue
-        queue = self._slot_queues[0 if (operation == "medfilt" and self._long_rows.size)
-                                  else slot]
+        # medfilt's long rows sharing one sort scratch: those frames stay on one queue
+        queue = self._slot_queues[0 if (operation == "medfilt" and self._long_rows.size
+                                        and not self._sort_per_slot) else slot]
         host = self._host_arrays(slot if stream else None)
         uploads, upload_queue = self._upload(frame, target, slot, queue, host)
         uploaded = uploads[-1]   # in-order queue: the last copy completes last
@@ -713,15 +738,15 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             sorted_keys = self._no_variance   # any buffer: unused when every row fits
             wait_for = kernel_wait
             if self._long_rows.size:
-                keys, other = self._sort_scratch()
+                keys, other = self._sort_scratch(slot)
                 chunk_sort = kernels["medfilt_chunk_sort"]
                 self._set_args(chunk_sort, self._indptr, self._indices, *frame_args,
                                self._chunk_row, self._chunk_offset, idx_bits, keys)
                 cl.enqueue_nd_range_kernel(queue, chunk_sort, (self._n_chunks * wg,), (wg,),
                                            wait_for=wait_for)
                 wait_for = None
-                merge = kernels["medfilt_merge"]
-                for width in self._merge_widths:
+                for step, width in enumerate(self._merge_widths):
+                    merge = self._merge_kernel(kernels, slot, step)
                     self._set_args(merge, self._indptr, self._block_row, self._block_offset,
                                    np.int32(width), keys, other)
                     cl.enqueue_nd_range_kernel(queue, merge, (self._n_blocks * wg,), (wg,))
