@@ -233,7 +233,7 @@ def main() -> None:
         if os.environ.get(KERNELS_VARIABLE):
             import azfilter
 
-            kernels = load_kernels(os.environ[KERNELS_VARIABLE])
+            kernels = as_current_interface(load_kernels(os.environ[KERNELS_VARIABLE]))
             sys.modules["azfilter._engine"] = kernels
             azfilter._engine = kernels
         worker = {"azfilter": worker_azfilter, "pyfai": worker_pyfai,
@@ -333,6 +333,29 @@ def load_kernels(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class _WithoutRowWeights:
+    """An older build of ``azfilter._engine`` under the engine's current calls: it has no
+    ``integrate_weights`` (the engine then passes ``row_weights=None``, which is dropped)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    @staticmethod
+    def integrate_weights(*args, **kwargs) -> None:
+        return None
+
+    def integrate(self, *args, row_weights=None, **kwargs):
+        return self._module.integrate(*args, **kwargs)
+
+
+def as_current_interface(module):
+    """``module`` (a build of the kernels), wrapped when it predates ``integrate_weights``."""
+    return module if hasattr(module, "integrate_weights") else _WithoutRowWeights(module)
 
 
 def copy_bandwidth(megabytes: int = 256, repeat: int = 7) -> float:

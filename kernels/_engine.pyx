@@ -141,6 +141,35 @@ cdef extern from "azf_integrate.h":
                            const float* norm, const float* dark, const float* variance,
                            const azf_raw_rule* rule, int var_kind, double* sums) noexcept nogil
 
+    # azf_signal_row: the same template, S and V only (rows whose weights are known)
+    bint azf_signal_row(const uint8_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const unsigned short* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const short* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const unsigned int* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const int* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const float* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const double* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
 
 cdef enum:
     MODEL_POISSON = 0
@@ -490,9 +519,9 @@ cdef inline void integrate_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t st
                                Py_ssize_t nnz,
                                const int32_t* indices, const float* coefs, const float* norm,
                                const float* dark, const float* variance, const DummyRule* rule,
-                               const azf_raw_rule* plain_rule, int error_model, double* work,
-                               Py_ssize_t maxlen, double* result, Py_ssize_t npt,
-                               Py_ssize_t k) noexcept nogil:
+                               const azf_raw_rule* plain_rule, const double* weights,
+                               int error_model, double* work, Py_ssize_t maxlen, double* result,
+                               Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
     cdef Py_ssize_t n
     cdef RowState row
     cdef double sums[5]
@@ -511,7 +540,15 @@ cdef inline void integrate_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t st
         store_sums(result, npt, k, row.sums[0], row.sums[1], row.sums[2], row.sums[3],
                    row.sums[4])
         return
-    # poisson, hybrid, variance: one pass, a loop compiled for this case (azf_integrate.h)
+    # poisson, hybrid, variance: one pass, a loop compiled for this case (azf_integrate.h).
+    # With the row's weights (W, W2, N of the table, see integrate_weights) and every pixel of
+    # the row valid, only S and V depend on the frame: the loop skips the norm stream.
+    if weights != NULL and weights[k] == weights[k]:
+        if azf_signal_row(raw, start, stop, nnz, indices, coefs, dark, variance, plain_rule,
+                          variance_kind(error_model), sums):
+            store_sums(result, npt, k, sums[0], sums[1], weights[k], weights[npt + k],
+                       weights[2 * npt + k])
+            return
     azf_integrate_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, plain_rule,
                       variance_kind(error_model), sums)
     store_sums(result, npt, k, sums[0], sums[1], sums[2], sums[3], sums[4])
@@ -520,8 +557,8 @@ cdef inline void integrate_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t st
 cdef void integrate_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
                          const int32_t* indices, const float* coefs, const float* norm,
                          const float* dark, const float* variance, const DummyRule* rule,
-                         int error_model, double* work, Py_ssize_t maxlen, int nthreads,
-                         double* result) noexcept nogil:
+                         const double* weights, int error_model, double* work,
+                         Py_ssize_t maxlen, int nthreads, double* result) noexcept nogil:
     cdef Py_ssize_t k
     cdef azf_raw_rule plain_rule   # the dummy rule in the header's terms
     plain_rule.float_active = rule.active
@@ -532,7 +569,7 @@ cdef void integrate_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt
     plain_rule.width = rule.width
     for k in prange(npt, schedule="dynamic", chunksize=4, num_threads=nthreads):
         integrate_row(raw, indptr[k], indptr[k + 1], indptr[npt], indices, coefs, norm, dark,
-                      variance, rule, &plain_rule, error_model,
+                      variance, rule, &plain_rule, weights, error_model,
                       work + openmp.omp_get_thread_num() * WORK_PER_ENTRY * (maxlen + 1), maxlen,
                       result, npt, k)
 
@@ -1260,11 +1297,16 @@ cdef _Call prepare_call(Py_ssize_t n_raw, indptr, indices, coefs, norm, dark, va
 
 
 def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
-              double delta_dummy, str error_model, threads=None, work=None):
+              double delta_dummy, str error_model, threads=None, work=None, row_weights=None):
     """Per-bin sums of a plain integration (see the module docstring for the arguments).
 
     S = Σ c·signal, W = Σ c·norm, W2 = Σ (c·norm)², N = Σ c, V = Σ c²·var (poisson,
     hybrid, variance) or the exact two-pass azimuthal Σ (c·norm)²(x − S/W)².
+
+    ``row_weights`` (optional): what :func:`integrate_weights` returned for this table. With
+    it, the poisson, hybrid and variance models take W, W2 and N of every row whose pixels
+    are all valid in this frame from there (the same values, bit for bit) and only sum S and
+    V over the row; rows with an invalid pixel are summed in full.
 
     Returns
     -------
@@ -1275,12 +1317,45 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
                                    dummy, delta_dummy, error_model, threads,
                                    error_model == "azimuthal", work)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
+    cdef const double[:, ::1] weights_view
+    cdef const double* weights = NULL
+    if row_weights is not None and call.npt > 0:
+        weights_view = row_weights
+        if weights_view.shape[0] != 3 or weights_view.shape[1] != call.npt:
+            raise ValueError(f"row_weights must have shape (3, {call.npt})")
+        weights = &weights_view[0, 0]
     if call.npt > 0:
         with nogil:
             integrate_rows(raw_ptr, call.indptr, call.npt, call.indices, call.coefs, call.norm,
-                           call.dark, call.variance, &call.rule, call.error_model, call.work_ptr,
-                           call.maxlen, call.nthreads, call.result_ptr)
+                           call.dark, call.variance, &call.rule, weights, call.error_model,
+                           call.work_ptr, call.maxlen, call.nthreads, call.result_ptr)
     return call.result
+
+
+def integrate_weights(indptr, indices, coefs, norm, threads=None):
+    """W, W2 and N of every row of a table when all its pixels are valid: ``integrate``'s
+    ``row_weights``.
+
+    They depend on the table alone (norm and coefficients), so an engine computes them once:
+    here with :func:`integrate` on a frame of zeros (every pixel valid), which sums them in
+    the order a frame's call would. Rows holding an entry with norm 0 (skipped whatever the
+    frame) get NaN: ``integrate`` sums those rows in full.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, shape (3, npt): W, W2, N (NaN columns for rows to sum in full).
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int32)
+    norm = np.asarray(norm, dtype=np.float32)
+    n_raw = int(indices.max()) + 1 if indices.size else 0
+    sums = integrate(np.zeros(n_raw, dtype=np.uint8), indptr, indices, coefs, norm, None, None,
+                     None, 0.0, "poisson", threads)
+    weights = np.ascontiguousarray(sums[2:5])
+    zero_norms = np.concatenate(([0], np.cumsum(norm[:indptr[-1]] == 0)))
+    weights[:, zero_norms[indptr[1:]] > zero_norms[indptr[:-1]]] = np.nan
+    return weights
 
 
 def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,

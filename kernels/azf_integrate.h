@@ -230,6 +230,145 @@ static inline void azf_integrate_case(const Raw* raw, Py_ssize_t start, Py_ssize
         sums[i] = a0[i] + a1[i];
 }
 
+/* Entry e's signal terms into acc (S, V) for azf_signal_case; false, adding nothing, when its
+   pixel is non-finite or a dummy. */
+template <typename Raw, bool HasCoef, bool HasDark, int VarKind>
+static AZF_FORCE_INLINE bool azf_add_signal_entry(const Raw* raw, Py_ssize_t e,
+                                                  const int32_t* indices, const float* coefs,
+                                                  const float* dark, const float* variance,
+                                                  const azf_raw_rule& rule, double* acc) {
+    const int32_t j = indices[e];
+    const double v = (double) raw[j];
+    if (std::is_floating_point<Raw>::value) {
+        if (!std::isfinite(v))
+            return false;
+        if (rule.float_active && std::fabs(v - rule.value) <= rule.delta)
+            return false;
+    } else if (rule.int_active && (uint64_t) ((int64_t) raw[j] - rule.low) <= rule.width) {
+        return false;
+    }
+    const double s = HasDark ? v - (double) dark[e] : v;
+    const double var = VarKind == AZF_VAR_POISSON ? (v > 1.0 ? v : 1.0)
+                                                  : (double) variance[j];
+    if (HasCoef) {
+        const double c = (double) coefs[e];
+        acc[0] += c * s;
+        acc[1] += c * c * var;
+    } else {
+        acc[0] += s;
+        acc[1] += var;
+    }
+    return true;
+}
+
+/* S and V of a row whose entries all have a nonzero norm, into sums[0..1], in the order of
+   azf_integrate_case; false as soon as an entry's pixel is invalid (sums then undefined).
+   With every entry valid, W, W2 and N do not depend on the frame: the caller has them from the
+   table (row weights), and this loop reads neither the norm stream nor computes them. */
+template <typename Raw, bool HasCoef, bool HasDark, int VarKind>
+static inline bool azf_signal_case(const Raw* raw, Py_ssize_t start, Py_ssize_t stop,
+                                   Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                                   const float* dark, const float* variance,
+                                   const azf_raw_rule& rule, double* sums) {
+    double a0[2] = {0.0, 0.0};
+    double a1[2] = {0.0, 0.0};
+    Py_ssize_t cut = nnz - AZF_PREFETCH_AHEAD - 1;
+    cut = cut < start ? start : (cut > stop ? stop : cut);
+    cut -= (cut - start) % 2;
+    Py_ssize_t e = start;
+#ifdef AZF_INTEGRATE_PAIRS
+    const double never = -INFINITY;
+    const __m128d low = _mm_set1_pd(rule.int_active ? (double) rule.low : INFINITY);
+    const __m128d high = _mm_set1_pd(
+        rule.int_active ? (double) (rule.low + (int64_t) rule.width) : never);
+    const __m128d value = _mm_set1_pd(rule.float_active ? rule.value : 0.0);
+    const __m128d delta = _mm_set1_pd(rule.float_active ? rule.delta : never);
+    const __m128d zero = _mm_setzero_pd();
+    const __m128d one = _mm_set1_pd(1.0);
+    const __m128d sign = _mm_set1_pd(-0.0);
+    __m128d acc_s = zero, acc_v = zero;
+    for (; e + 1 < stop; e += 2) {
+        if (e + 1 < cut) {
+            AZF_PREFETCH(&raw[indices[e + AZF_PREFETCH_AHEAD]]);
+            AZF_PREFETCH(&raw[indices[e + AZF_PREFETCH_AHEAD + 1]]);
+        }
+        const int32_t j0 = indices[e], j1 = indices[e + 1];
+        const __m128d v = _mm_set_pd((double) raw[j1], (double) raw[j0]);
+        __m128d invalid;
+        if (std::is_floating_point<Raw>::value) {
+            const __m128d distance = _mm_andnot_pd(sign, _mm_sub_pd(v, value));
+            invalid = _mm_or_pd(_mm_cmpneq_pd(_mm_sub_pd(v, v), zero),
+                                _mm_cmple_pd(distance, delta));
+        } else {
+            invalid = _mm_and_pd(_mm_cmpge_pd(v, low), _mm_cmple_pd(v, high));
+        }
+        if (_mm_movemask_pd(invalid) != 0)
+            return false;
+        const __m128d s = HasDark ? _mm_sub_pd(v, azf_load_pair(dark + e)) : v;
+        const __m128d var = VarKind == AZF_VAR_POISSON
+            ? _mm_max_pd(v, one)
+            : _mm_set_pd((double) variance[j1], (double) variance[j0]);
+        if (HasCoef) {
+            const __m128d c = azf_load_pair(coefs + e);
+            acc_s = _mm_add_pd(acc_s, _mm_mul_pd(c, s));
+            acc_v = _mm_add_pd(acc_v, _mm_mul_pd(_mm_mul_pd(c, c), var));
+        } else {
+            acc_s = _mm_add_pd(acc_s, s);
+            acc_v = _mm_add_pd(acc_v, var);
+        }
+    }
+    a0[0] = _mm_cvtsd_f64(acc_s);
+    a1[0] = _mm_cvtsd_f64(_mm_unpackhi_pd(acc_s, acc_s));
+    a0[1] = _mm_cvtsd_f64(acc_v);
+    a1[1] = _mm_cvtsd_f64(_mm_unpackhi_pd(acc_v, acc_v));
+#else
+    for (; e + 1 < stop; e += 2) {
+        if (e + 1 < cut) {
+            AZF_PREFETCH(&raw[indices[e + AZF_PREFETCH_AHEAD]]);
+            AZF_PREFETCH(&raw[indices[e + AZF_PREFETCH_AHEAD + 1]]);
+        }
+        if (!azf_add_signal_entry<Raw, HasCoef, HasDark, VarKind>(raw, e, indices, coefs, dark,
+                                                                  variance, rule, a0)
+            || !azf_add_signal_entry<Raw, HasCoef, HasDark, VarKind>(raw, e + 1, indices,
+                                                                     coefs, dark, variance,
+                                                                     rule, a1))
+            return false;
+    }
+#endif
+    if (e < stop && !azf_add_signal_entry<Raw, HasCoef, HasDark, VarKind>(
+                        raw, e, indices, coefs, dark, variance, rule, a0))
+        return false;
+    sums[0] = a0[0] + a1[0];
+    sums[1] = a0[1] + a1[1];
+    return true;
+}
+
+/* azf_signal_case for one row, the instance picked as in azf_integrate_row. */
+template <typename Raw>
+static inline bool azf_signal_row(const Raw* raw, Py_ssize_t start, Py_ssize_t stop,
+                                  Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                                  const float* dark, const float* variance,
+                                  const azf_raw_rule* rule, int var_kind, double* sums) {
+    const azf_raw_rule r = *rule;
+#define AZF_CASE(HAS_COEF, HAS_DARK)                                                          \
+    return var_kind == AZF_VAR_POISSON                                                        \
+        ? azf_signal_case<Raw, HAS_COEF, HAS_DARK, AZF_VAR_POISSON>(                          \
+              raw, start, stop, nnz, indices, coefs, dark, variance, r, sums)                 \
+        : azf_signal_case<Raw, HAS_COEF, HAS_DARK, AZF_VAR_ARRAY>(                            \
+              raw, start, stop, nnz, indices, coefs, dark, variance, r, sums);
+    if (coefs != NULL) {
+        if (dark != NULL) {
+            AZF_CASE(true, true)
+        }
+        AZF_CASE(true, false)
+    }
+    if (dark != NULL) {
+        AZF_CASE(false, true)
+    }
+    AZF_CASE(false, false)
+#undef AZF_CASE
+}
+
 /* The sums of one row (see the top of the file): coefs NULL when every coefficient is 1, dark
    NULL without dark current, variance (per pixel) read with var_kind AZF_VAR_ARRAY. Picks
    the instance of the case once per row. */

@@ -9,6 +9,10 @@ coefficients, with and without dark current, every frame dtype the kernels read,
 every parity and length (empty, one entry, longer than the prefetch distance) and the end of
 the table (where the prefetching stops). They also compare the Cython engine with the numpy
 reference engine on the contract's full-split table to 1e-12.
+
+With the table's row weights (``_engine.integrate_weights``: W, W2 and N of each row when all
+its pixels are valid, which the engine passes), rows whose pixels are all valid sum only S and
+V, the others everything: the same sums bit for bit, tested both ways.
 """
 
 from __future__ import annotations
@@ -55,76 +59,113 @@ def sequential_sums(raw, indptr, indices, coefs, norm, dark, variance, dummy, de
 
 def random_table(rng, n_pixels: int, split: bool):
     """Rows of lengths 0 to 7, around the prefetch distance and longer (odd and even), the
-    last rows short so that the table ends within the prefetch distance; pixels increasing in
-    each row; some entries with norm 0; coefficients in (0, 1] when ``split``."""
+    last rows short so that the table ends within the prefetch distance; each row its own
+    pixels, increasing; norm 0 in some entries of rows 0, 3, 6, ...; coefficients in (0, 1]
+    when ``split``. Returns the table and the pixels of rows 1, 4, 7, ... (where
+    :func:`random_frame` puts the invalid pixels: rows 2, 5, 8, ... are all valid)."""
     lengths = [0, 1, 2, 3, 4, 5, 6, 7, 0, PREFETCH_AHEAD - 1, PREFETCH_AHEAD,
-               PREFETCH_AHEAD + 1, 2 * PREFETCH_AHEAD + 3, 600, 601, 9, 1, 0, 3]
+               PREFETCH_AHEAD + 1, 2 * PREFETCH_AHEAD + 3, 600, 601, 9, 1, 0, 3, 2, 5]
     indptr = np.cumsum([0, *lengths]).astype(np.int64)
-    indices = np.concatenate([np.sort(rng.choice(n_pixels, size, replace=False))
-                              for size in lengths]).astype(np.int32)
+    pixels = rng.permutation(n_pixels)[:indptr[-1]]
+    rows = [np.sort(pixels[indptr[k]:indptr[k + 1]]) for k in range(len(lengths))]
+    indices = np.concatenate(rows).astype(np.int32)
     nnz = indices.size
     norm = rng.uniform(0.5, 1.5, nnz).astype(np.float32)
-    norm[rng.choice(nnz, nnz // 20, replace=False)] = 0.0
+    row_of = np.repeat(np.arange(len(lengths)), lengths)
+    norm[(row_of % 3 == 0) & (rng.random(nnz) < 0.1)] = 0.0
     coefs = rng.uniform(0.01, 1.0, nnz).astype(np.float32) if split else None
     dark = rng.uniform(-2.0, 5.0, nnz).astype(np.float32)
-    return indptr, indices, coefs, norm, dark
+    return indptr, indices, coefs, norm, dark, indices[row_of % 3 == 1]
 
 
-def random_frame(rng, n_pixels: int, dtype: str, dummy: float) -> np.ndarray:
-    """Counts around 0..3000 (many at 0 and 1, where poisson's max(raw, 1) switches), dummy
-    pixels and, in float frames, NaN, infinities and fractions."""
+def random_frame(rng, n_pixels: int, dtype: str, dummy: float,
+                 invalid_pixels: np.ndarray) -> np.ndarray:
+    """Counts around 0..3000 (many at 0 and 1, where poisson's max(raw, 1) switches) and,
+    among ``invalid_pixels``, dummy pixels and (float frames) NaN and infinities; fractions in
+    float frames."""
     dtype = np.dtype(dtype)
     values = rng.poisson(rng.choice([0.5, 3.0, 40.0, 2500.0], n_pixels)).astype(np.float64)
-    values[rng.choice(n_pixels, n_pixels // 25, replace=False)] = dummy
+    bad = rng.permutation(invalid_pixels)
+    values[bad[:len(bad) // 6]] = dummy
     if dtype.kind == "f":
         values += rng.choice([0.0, 0.25, -0.5], n_pixels)
-        values[rng.choice(n_pixels, 12, replace=False)] = np.nan
-        values[rng.choice(n_pixels, 4, replace=False)] = np.inf
-        values[rng.choice(n_pixels, 4, replace=False)] = -np.inf
+        values[bad[-12:]] = np.nan
+        values[bad[-16:-12]] = np.inf
+        values[bad[-20:-16]] = -np.inf
     info = np.iinfo(dtype) if dtype.kind in "iu" else None
     if info is not None:
         values = np.clip(values, info.min, info.max)
     return values.astype(dtype)
 
 
+@pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("with_dark", [False, True])
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dtype", RAW_DTYPES)
-def test_integrate_sums_in_the_kernel_order(dtype, split, with_dark, model, threads):
-    """The kernel's sums equal the sequential two-lane sums exactly (counts included)."""
+def test_integrate_sums_in_the_kernel_order(dtype, split, with_dark, model, threads, weights):
+    """The kernel's sums equal the sequential two-lane sums exactly (counts included), with
+    the table's row weights (rows with every pixel valid sum S and V only) or without."""
     rng = np.random.default_rng([RAW_DTYPES.index(dtype), split, with_dark,
                                  MODELS.index(model)])
     n_pixels = 3000
     dummy = float(np.iinfo(dtype).max) if np.dtype(dtype).kind == "u" else -2.0
     delta = 0.5
-    indptr, indices, coefs, norm, dark = random_table(rng, n_pixels, split)
+    indptr, indices, coefs, norm, dark, invalid = random_table(rng, n_pixels, split)
     dark = dark if with_dark else None
     variance = rng.uniform(0.5, 400.0, n_pixels).astype(np.float32)
-    raw = random_frame(rng, n_pixels, dtype, dummy)
+    raw = random_frame(rng, n_pixels, dtype, dummy, invalid)
+    row_weights = _engine.integrate_weights(indptr, indices, coefs, norm) if weights else None
     got = _engine.integrate(raw, indptr, indices, coefs, norm, dark,
                             variance if model == "variance" else None, dummy, delta, model,
-                            threads)
+                            threads, row_weights=row_weights)
     expected = sequential_sums(raw, indptr, indices, coefs, norm, dark, variance, dummy,
                                delta, model)
     np.testing.assert_array_equal(got, expected)
     assert got[4].sum() > 0   # the case has valid entries
 
 
+@pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("dtype", ["int32", "float32"])
 @pytest.mark.parametrize("dummy, delta", [(None, 0.0), (3.0, 0.0), (2.5, 0.5), (1e30, 1.0)])
-def test_integrate_sums_with_each_dummy_rule(dtype, dummy, delta):
+def test_integrate_sums_with_each_dummy_rule(dtype, dummy, delta, weights):
     """No dummy, a single value, a range, a value no pixel has: same exact sums."""
     rng = np.random.default_rng(5)
     n_pixels = 2000
-    indptr, indices, coefs, norm, _ = random_table(rng, n_pixels, True)
-    raw = random_frame(rng, n_pixels, dtype, 3.0)
+    indptr, indices, coefs, norm, _, invalid = random_table(rng, n_pixels, True)
+    raw = random_frame(rng, n_pixels, dtype, 3.0, invalid)
+    row_weights = _engine.integrate_weights(indptr, indices, coefs, norm) if weights else None
     got = _engine.integrate(raw, indptr, indices, coefs, norm, None, None, dummy, delta,
-                            "poisson", 1)
+                            "poisson", 1, row_weights=row_weights)
     expected = sequential_sums(raw, indptr, indices, coefs, norm, None, None, dummy, delta,
                                "poisson")
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_integrate_weights_are_the_all_valid_sums(split):
+    """W, W2, N of every row as integrate sums them when every pixel is valid; NaN in the
+    rows with an entry of norm 0, and nowhere else."""
+    rng = np.random.default_rng(3)
+    indptr, indices, coefs, norm, _, _ = random_table(rng, 3000, split)
+    weights = _engine.integrate_weights(indptr, indices, coefs, norm)
+    all_valid = sequential_sums(np.ones(3000, dtype=np.float32), indptr, indices, coefs, norm,
+                                None, None, None, 0.0, "poisson")[2:]
+    zero_rows = np.array([np.any(norm[indptr[k]:indptr[k + 1]] == 0)
+                          for k in range(indptr.size - 1)])
+    assert zero_rows.any() and not zero_rows.all()
+    assert np.array_equal(np.isnan(weights[0]), zero_rows)
+    np.testing.assert_array_equal(weights[:, ~zero_rows], all_valid[:, ~zero_rows])
+
+
+def test_integrate_row_weights_shape_is_checked():
+    rng = np.random.default_rng(4)
+    indptr, indices, coefs, norm, _, _ = random_table(rng, 3000, True)
+    raw = np.ones(3000, dtype=np.float32)
+    with pytest.raises(ValueError, match="row_weights"):
+        _engine.integrate(raw, indptr, indices, coefs, norm, None, None, None, 0.0, "poisson",
+                          1, row_weights=np.zeros((3, indptr.size)))
 
 
 @pytest.fixture(scope="module")
