@@ -209,16 +209,24 @@ def worker_interleaved(detector: str, poni_path: str, repeat: int,
         for kernels in builds.values():
             cython_backend._engine = kernels
             az_calls[op]()
-    for _ in range(repeat):
-        for op in OPERATIONS:
-            t0 = time.perf_counter()
+    def call(op: str, tool: str) -> None:
+        if tool == "pyfai":
             fai_calls[op]()
-            times[op]["pyfai"].append((time.perf_counter() - t0) * 1e3)
-            for name, kernels in builds.items():
-                cython_backend._engine = kernels
+        else:
+            cython_backend._engine = builds[tool]
+            az_calls[op]()
+
+    tools = ["pyfai", *builds]
+    for round_ in range(repeat):
+        for op in OPERATIONS:
+            # each tool in turn comes first: a call right after another tool's finds that
+            # tool's OpenMP threads still spinning (pyFAI ships its own OpenMP runtime); the
+            # pause lets them go to sleep
+            for tool in tools[round_ % len(tools):] + tools[:round_ % len(tools)]:
+                time.sleep(0.02)
                 t0 = time.perf_counter()
-                az_calls[op]()
-                times[op][name].append((time.perf_counter() - t0) * 1e3)
+                call(op, tool)
+                times[op][tool].append((time.perf_counter() - t0) * 1e3)
     cython_backend._engine = this_build
     return {op: {tool: {"median": statistics.median(values), "fastest": min(values)}
                  for tool, values in by_tool.items()} for op, by_tool in times.items()}
