@@ -303,6 +303,9 @@ def main() -> None:
                         "alongside (with --passes, or against pyFAI)")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
                         help="with --passes: OpenMP threads per call (default 1 2)")
+    parser.add_argument("--splits", nargs="+", choices=("no", "full"), default=["no"],
+                        help="with --passes: tables to time (default no; full times the "
+                        "integrate calls on the full-split table)")
     parser.add_argument("--interleaved", action="store_true",
                         help="pyFAI, azfilter (and --baseline) call after call in one process "
                         "per detector: ratios under the same load")
