@@ -1,8 +1,6 @@
 """``python -m azfilter``: the ``azfilter`` command."""
 
-import sys
-
-from .cli import run
+from .cli import entry
 
 if __name__ == "__main__":
-    sys.exit(run())
+    entry()

@@ -22,10 +22,14 @@ interleaved calls: the machine is shared), and sets them against the bytes each 
 (table streams and frame) and a numpy copy's memory bandwidth. ``--baseline SO`` adds the
 same calls on another build of the kernels (a copy of an older ``_engine*.so``), interleaved,
 for before/after; without ``--passes`` it runs azfilter's worker once more with that build
-(before/after against pyFAI in the same run).
+(before/after against pyFAI in the same run). ``--splits no full`` adds the integrate calls on
+the full-split table to ``--passes``. ``--interleaved`` runs pyFAI, azfilter and (with
+``--baseline``) the other build call after call in one process per detector, so that the
+ratios hold under a changing load.
 
 Usage: ``python bench/bench_engine.py [--detectors Pilatus1M Eiger4M] [--repeat 7]
-[--backend cython|python] [--outlier-cost] [--passes [--baseline SO] [--threads 1 2]]
+[--backend cython|python] [--outlier-cost] [--passes [--baseline SO] [--threads 1 2]
+[--splits no full]]
 [--json F]``
 """
 
@@ -47,6 +51,8 @@ sys.path.insert(0, str(REPO))
 
 # environment variable telling a worker to use another build of azfilter._engine (--baseline)
 KERNELS_VARIABLE = "AZFILTER_BENCH_KERNELS"
+# the same for --interleaved, whose worker runs both builds
+BASELINE_VARIABLE = "AZFILTER_BENCH_BASELINE"
 
 # Geometries: a tilted detector ~0.3 m from the sample, beam near the middle.
 GEOMETRIES = {
@@ -154,6 +160,78 @@ def worker_pyfai(detector: str, poni_path: str, repeat: int, backend: str = "cyt
     return out
 
 
+def worker_interleaved(detector: str, poni_path: str, repeat: int,
+                       backend: str = "cython") -> dict:
+    """pyFAI, azfilter and (``AZFILTER_BENCH_BASELINE``) azfilter on another build of the
+    kernels, call after call in one process: each round calls every tool once per operation,
+    so that all three see the same load (the machine is shared). ms per frame, median and
+    fastest of ``repeat`` rounds."""
+    import pyFAI
+
+    import azfilter as az
+    import azfilter.backends.cython as cython_backend
+
+    geo, frame, mask = make_frame(detector, poni_path)
+    npt = max(frame.shape)
+    this_build = cython_backend._engine
+    baseline = os.environ.get(BASELINE_VARIABLE)
+    builds = {"azfilter": this_build}
+    if baseline:
+        builds["baseline"] = as_current_interface(load_kernels(baseline))
+    integ = az.Integrator(geo, npt=npt, unit="q_nm^-1", mask=mask, backend=backend)
+    ai = pyFAI.load(poni_path)
+    impl = backend
+    az_calls = {
+        "integrate no-split": lambda: integ.integrate(frame, error_model="poisson", split="no"),
+        "integrate full-split": lambda: integ.integrate(frame, error_model="poisson",
+                                                        split="full"),
+        "sigma_clip": lambda: integ.sigma_clip(frame, thres=5.0, max_iter=5,
+                                               error_model="azimuthal"),
+        "medfilt full-split": lambda: integ.medfilt(frame, percentile=(40, 60), split="full"),
+    }
+    fai_calls = {
+        "integrate no-split": lambda: ai.integrate1d(
+            frame, npt, unit="q_nm^-1", mask=mask, method=("no", "csr", impl),
+            error_model="poisson"),
+        "integrate full-split": lambda: ai.integrate1d(
+            frame, npt, unit="q_nm^-1", mask=mask, method=("full", "csr", impl),
+            error_model="poisson"),
+        "sigma_clip": lambda: ai.sigma_clip_ng(
+            frame, npt, unit="q_nm^-1", mask=mask, method=("no", "csr", impl),
+            error_model="azimuthal", thres=5.0, max_iter=5),
+        "medfilt full-split": lambda: ai.medfilt1d_ng(
+            frame, npt, unit="q_nm^-1", mask=mask, method=("full", "csr", impl),
+            percentile=(40, 60)),
+    }
+    times: dict = {op: {tool: [] for tool in ("pyfai", *builds)} for op in OPERATIONS}
+    for op in OPERATIONS:   # warm-up: tables, caches, row weights
+        fai_calls[op]()
+        for kernels in builds.values():
+            cython_backend._engine = kernels
+            az_calls[op]()
+    def call(op: str, tool: str) -> None:
+        if tool == "pyfai":
+            fai_calls[op]()
+        else:
+            cython_backend._engine = builds[tool]
+            az_calls[op]()
+
+    tools = ["pyfai", *builds]
+    for round_ in range(repeat):
+        for op in OPERATIONS:
+            # each tool in turn comes first: a call right after another tool's finds that
+            # tool's OpenMP threads still spinning (pyFAI ships its own OpenMP runtime); the
+            # pause lets them go to sleep
+            for tool in tools[round_ % len(tools):] + tools[:round_ % len(tools)]:
+                time.sleep(0.02)
+                t0 = time.perf_counter()
+                call(op, tool)
+                times[op][tool].append((time.perf_counter() - t0) * 1e3)
+    cython_backend._engine = this_build
+    return {op: {tool: {"median": statistics.median(values), "fastest": min(values)}
+                 for tool, values in by_tool.items()} for op, by_tool in times.items()}
+
+
 def worker_outlier_cost(detector: str, poni_path: str, repeat: int,
                         backend: str = "cython") -> dict:
     """ms per frame of the Cython sigma_clip and medfilt kernels without and with the
@@ -225,6 +303,12 @@ def main() -> None:
                         "alongside (with --passes, or against pyFAI)")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
                         help="with --passes: OpenMP threads per call (default 1 2)")
+    parser.add_argument("--splits", nargs="+", choices=("no", "full"), default=["no"],
+                        help="with --passes: tables to time (default no; full times the "
+                        "integrate calls on the full-split table)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="pyFAI, azfilter (and --baseline) call after call in one process "
+                        "per detector: ratios under the same load")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -233,16 +317,19 @@ def main() -> None:
         if os.environ.get(KERNELS_VARIABLE):
             import azfilter
 
-            kernels = load_kernels(os.environ[KERNELS_VARIABLE])
+            kernels = as_current_interface(load_kernels(os.environ[KERNELS_VARIABLE]))
             sys.modules["azfilter._engine"] = kernels
             azfilter._engine = kernels
         worker = {"azfilter": worker_azfilter, "pyfai": worker_pyfai,
-                  "outliers": worker_outlier_cost}[tool]
+                  "outliers": worker_outlier_cost, "interleaved": worker_interleaved}[tool]
         print(json.dumps(worker(detector, poni_path, int(repeat), backend)))
         return
 
     if args.outlier_cost:
         outlier_cost(args)
+        return
+    if args.interleaved:
+        interleaved(args)
         return
     if args.passes:
         passes(args)
@@ -299,6 +386,46 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
+def interleaved(args: argparse.Namespace) -> None:
+    """Print (and store with ``--json``) the --interleaved table: per detector and operation,
+    pyFAI, azfilter and the baseline build, median and fastest ms per frame, and the ratios."""
+    import pyFAI
+
+    import azfilter
+
+    print(f"# machine: {machine_line()}, load average {os.getloadavg()[0]:.2f}")
+    print(f"# azfilter {azfilter.__version__} ({args.backend} backend), pyFAI {pyFAI.version}; "
+          f"calls interleaved, {args.repeat} rounds; ms per frame, median (fastest)")
+    tools = ["pyfai", "azfilter"] + (["baseline"] if args.baseline else [])
+    header = "| detector | operation | " + " | ".join(f"{t} ms" for t in tools) + \
+        " | ratio pyFAI / azfilter | " + ("ratio pyFAI / baseline |" if args.baseline else "")
+    print(header)
+    print("|" + "---|" * (3 + len(tools) + (1 if args.baseline else 0)))
+    results = {}
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.baseline:
+            os.environ[BASELINE_VARIABLE] = args.baseline
+        try:
+            for detector in args.detectors:
+                poni_path = os.path.join(tmp, f"{detector}.poni")
+                Path(poni_path).write_text(poni_text(detector))
+                res = results[detector] = run_worker("interleaved", detector, poni_path,
+                                                     args.repeat, args.backend)
+                for op in OPERATIONS:
+                    row = res[op]
+                    cells = " | ".join(f"{row[t]['median']:.1f} ({row[t]['fastest']:.1f})"
+                                       for t in tools)
+                    ratios = [row["pyfai"]["median"] / row[t]["median"] for t in tools[1:]]
+                    print(f"| {detector} | {op} | {cells} | "
+                          + " | ".join(f"{r:.1f}x" for r in ratios) + " |")
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
 def outlier_cost(args: argparse.Namespace) -> None:
     """Print (and store with ``--json``) the outlier statistics' cost per detector."""
     import azfilter
@@ -335,6 +462,29 @@ def load_kernels(path: str):
     return module
 
 
+class _WithoutRowWeights:
+    """An older build of ``azfilter._engine`` under the engine's current calls: it has no
+    ``integrate_weights`` (the engine then passes ``row_weights=None``, which is dropped)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    @staticmethod
+    def integrate_weights(*args, **kwargs) -> None:
+        return None
+
+    def integrate(self, *args, row_weights=None, **kwargs):
+        return self._module.integrate(*args, **kwargs)
+
+
+def as_current_interface(module):
+    """``module`` (a build of the kernels), wrapped when it predates ``integrate_weights``."""
+    return module if hasattr(module, "integrate_weights") else _WithoutRowWeights(module)
+
+
 def copy_bandwidth(megabytes: int = 256, repeat: int = 7) -> float:
     """GB/s of a one-thread numpy copy (bytes read + bytes written), fastest of ``repeat``."""
     import numpy as np
@@ -358,8 +508,6 @@ PASS_CALLS = (
 
 def passes(args: argparse.Namespace) -> None:
     """Print (and store with ``--json``) per-pass kernel times, bytes per frame, bandwidth."""
-    import numpy as np
-
     import azfilter as az
     from azfilter import _engine
 
@@ -382,37 +530,57 @@ def passes(args: argparse.Namespace) -> None:
             geo, frame, mask = make_frame(detector, poni_path)
             integ = az.Integrator(geo, npt=1000, unit="q_nm^-1", mask=mask, polarization=0.99,
                                   solid_angle=True, backend="cython")
-            engine = integ.engine("no", frame.dtype)
-            raw = engine._frame(frame)
-            table = engine._table()
-            stream_bytes = sum(a.nbytes for a in table[1:] if a is not None)
-            frame_bytes = raw.nbytes
-            stats = np.empty((4, engine.npt))
-            common = (raw, *table, None, engine.dummy, engine.delta_dummy)
-            res = results[detector] = {"table_stream_bytes": stream_bytes,
-                                       "frame_bytes": frame_bytes, "entries": int(raw.size),
-                                       "ms": {}}
-            print(f"| {detector} | | bytes per frame: table streams {stream_bytes / 1e6:.1f} "
-                  f"MB ({table[1].size} entries), frame {frame_bytes / 1e6:.1f} MB | |")
-            for threads in args.threads:
-                works = {name: np.empty(kernels.workspace_doubles(engine._longest_row, threads))
-                         for name, kernels in builds.items()}
-                for label, function, extra in PASS_CALLS:
-                    best = dict.fromkeys(builds, float("inf"))
-                    for _ in range(args.repeat):
-                        for name, kernels in builds.items():
-                            arguments = (*common, *extra[:-1], threads, works[name])
-                            if extra[-1]:
-                                arguments += (3.0, stats)
-                            t0 = time.perf_counter()
-                            getattr(kernels, function)(*arguments)
-                            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
-                    res["ms"][f"{threads} {label}"] = best
-                    gb_s = (stream_bytes + frame_bytes) / best["this build"] / 1e6
-                    print(f"| {detector} | {threads} | {label} | "
-                          + " | ".join(f"{best[b]:.2f}" for b in builds) + f" | {gb_s:.1f} |")
+            for split in args.splits:
+                passes_of_table(args, builds, results, detector, integ.engine(split, frame.dtype),
+                                frame, split)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def passes_of_table(args: argparse.Namespace, builds: dict, results: dict, detector: str,
+                    engine, frame, split: str) -> None:
+    """The --passes rows of one table (``split``): every call of PASS_CALLS on the no-split
+    table, the integrate calls on the full-split one. integrate gets the table's row weights
+    in the builds that take them (as the engine passes them)."""
+    import numpy as np
+
+    raw = engine._frame(frame)
+    table = engine._table()
+    stream_bytes = sum(a.nbytes for a in table[1:] if a is not None)
+    frame_bytes = raw.nbytes
+    stats = np.empty((4, engine.npt))
+    common = (raw, *table, None, engine.dummy, engine.delta_dummy)
+    key = detector if split == "no" else f"{detector} {split}-split"
+    res = results[key] = {"table_stream_bytes": stream_bytes,
+                          "frame_bytes": frame_bytes, "entries": int(raw.size),
+                          "ms": {}}
+    print(f"| {key} | | bytes per frame: table streams {stream_bytes / 1e6:.1f} "
+          f"MB ({table[1].size} entries), frame {frame_bytes / 1e6:.1f} MB | |")
+    weights = {name: (kernels.integrate_weights(*table[:4])
+                      if hasattr(kernels, "integrate_weights") else None)
+               for name, kernels in builds.items()}
+    for threads in args.threads:
+        works = {name: np.empty(kernels.workspace_doubles(engine._longest_row, threads))
+                 for name, kernels in builds.items()}
+        for label, function, extra in PASS_CALLS:
+            if split != "no" and function != "integrate":
+                continue
+            best = dict.fromkeys(builds, float("inf"))
+            for _ in range(args.repeat):
+                for name, kernels in builds.items():
+                    arguments = (*common, *extra[:-1], threads, works[name])
+                    if extra[-1]:
+                        arguments += (3.0, stats)
+                    options = ({"row_weights": weights[name]}
+                               if function == "integrate" and weights[name] is not None
+                               else {})
+                    t0 = time.perf_counter()
+                    getattr(kernels, function)(*arguments, **options)
+                    best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+            res["ms"][f"{threads} {label}"] = best
+            gb_s = (stream_bytes + frame_bytes) / best["this build"] / 1e6
+            print(f"| {key} | {threads} | {label} | "
+                  + " | ".join(f"{best[b]:.2f}" for b in builds) + f" | {gb_s:.1f} |")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,73 @@ ctypedef fused raw_t:
     double
 
 
+cdef extern from "azf_integrate.h":
+    ctypedef struct azf_raw_rule:
+        bint float_active
+        double value, delta
+        bint int_active
+        int64_t low
+        uint64_t width
+    # a C++ template over the frame's dtype: one declaration per raw_t type
+    void azf_integrate_row(const uint8_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                           Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                           const float* norm, const float* dark, const float* variance,
+                           const azf_raw_rule* rule, int var_kind, double* sums) noexcept nogil
+    void azf_integrate_row(const unsigned short* raw, Py_ssize_t start, Py_ssize_t stop,
+                           Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                           const float* norm, const float* dark, const float* variance,
+                           const azf_raw_rule* rule, int var_kind, double* sums) noexcept nogil
+    void azf_integrate_row(const short* raw, Py_ssize_t start, Py_ssize_t stop,
+                           Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                           const float* norm, const float* dark, const float* variance,
+                           const azf_raw_rule* rule, int var_kind, double* sums) noexcept nogil
+    void azf_integrate_row(const unsigned int* raw, Py_ssize_t start, Py_ssize_t stop,
+                           Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                           const float* norm, const float* dark, const float* variance,
+                           const azf_raw_rule* rule, int var_kind, double* sums) noexcept nogil
+    void azf_integrate_row(const int* raw, Py_ssize_t start, Py_ssize_t stop,
+                           Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                           const float* norm, const float* dark, const float* variance,
+                           const azf_raw_rule* rule, int var_kind, double* sums) noexcept nogil
+    void azf_integrate_row(const float* raw, Py_ssize_t start, Py_ssize_t stop,
+                           Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                           const float* norm, const float* dark, const float* variance,
+                           const azf_raw_rule* rule, int var_kind, double* sums) noexcept nogil
+    void azf_integrate_row(const double* raw, Py_ssize_t start, Py_ssize_t stop,
+                           Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                           const float* norm, const float* dark, const float* variance,
+                           const azf_raw_rule* rule, int var_kind, double* sums) noexcept nogil
+
+    # azf_signal_row: the same template, S and V only (rows whose weights are known)
+    bint azf_signal_row(const uint8_t* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const unsigned short* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const short* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const unsigned int* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const int* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const float* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+    bint azf_signal_row(const double* raw, Py_ssize_t start, Py_ssize_t stop,
+                        Py_ssize_t nnz, const int32_t* indices, const float* coefs,
+                        const float* dark, const float* variance, const azf_raw_rule* rule,
+                        int var_kind, double* sums) noexcept nogil
+
 cdef enum:
     MODEL_POISSON = 0
     MODEL_AZIMUTHAL = 1
@@ -448,51 +515,16 @@ cdef inline int variance_kind(int error_model) noexcept nogil:
 # integrate
 # --------------------------------------------------------------------------------------------
 
-cdef inline void accumulate_entry(const raw_t* raw, Py_ssize_t e, const int32_t* indices,
-                                  const float* coefs, const float* norm, const float* dark,
-                                  const float* variance, const DummyRule* rule, int var_kind,
-                                  double* acc) noexcept nogil:
-    """Add entry e to the sums acc = (S, V, W, W2, N) when its pixel is valid."""
-    cdef int32_t j
-    cdef double v = 0.0, nrm, s, c, w, var
-    nrm = <double> norm[e]
-    if nrm == 0.0:
-        return
-    j = indices[e]
-    if not read_raw(raw, j, rule, &v):
-        return
-    s = v - <double> dark[e] if dark != NULL else v
-    if var_kind == VAR_POISSON:
-        var = v if v > 1.0 else 1.0
-    else:
-        var = <double> variance[j]
-    if coefs == NULL:
-        # no splitting: every coefficient is 1, so skip its load and the multiplies
-        acc[0] += s
-        acc[1] += var
-        acc[2] += nrm
-        acc[3] += nrm * nrm
-        acc[4] += 1.0
-    else:
-        c = <double> coefs[e]
-        w = c * nrm
-        acc[0] += c * s
-        acc[1] += c * c * var
-        acc[2] += w
-        acc[3] += w * w
-        acc[4] += c
-
-
 cdef inline void integrate_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
                                Py_ssize_t nnz,
                                const int32_t* indices, const float* coefs, const float* norm,
                                const float* dark, const float* variance, const DummyRule* rule,
+                               const azf_raw_rule* plain_rule, const double* weights,
                                int error_model, double* work, Py_ssize_t maxlen, double* result,
-                               Py_ssize_t npt,
-                               Py_ssize_t k) noexcept nogil:
+                               Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
     cdef Py_ssize_t n
     cdef RowState row
-    cdef int var_kind = variance_kind(error_model)
+    cdef double sums[5]
     cdef Workspace ws
     if error_model == MODEL_AZIMUTHAL:
         # exact two-pass variance: keep x and w of the row in the (cache-resident) workspace
@@ -508,75 +540,36 @@ cdef inline void integrate_row(const raw_t* raw, Py_ssize_t start, Py_ssize_t st
         store_sums(result, npt, k, row.sums[0], row.sums[1], row.sums[2], row.sums[3],
                    row.sums[4])
         return
-    if coefs == NULL and dark == NULL:
-        # the usual case (no split, no dark current), with constants: a loop without the tests
-        integrate_loop(raw, start, stop, nnz, indices, NULL, norm, NULL, variance, rule,
-                       var_kind, result, npt, k)
-    else:
-        integrate_loop(raw, start, stop, nnz, indices, coefs, norm, dark, variance, rule,
-                       var_kind, result, npt, k)
-
-
-cdef inline void integrate_span(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
-                                bint prefetch, const int32_t* indices, const float* coefs,
-                                const float* norm, const float* dark, const float* variance,
-                                const DummyRule* rule, int var_kind, double* acc0,
-                                double* acc1) noexcept nogil:
-    """Entries start to stop of :func:`integrate_loop`, alternating between two sets of sums
-    (so that the adds overlap); ``prefetch`` (a constant at each call) when entry
-    ``e + PREFETCH_AHEAD + 1`` exists for every e of the span."""
-    cdef Py_ssize_t e = start
-    # a local copy: without strict aliasing the fields of *rule would be reloaded
-    cdef DummyRule local_rule = rule[0]
-    while e + 1 < stop:
-        if prefetch:
-            azf_prefetch(&raw[indices[e + PREFETCH_AHEAD]])
-            azf_prefetch(&raw[indices[e + PREFETCH_AHEAD + 1]])
-        accumulate_entry(raw, e, indices, coefs, norm, dark, variance, &local_rule, var_kind,
-                         acc0)
-        accumulate_entry(raw, e + 1, indices, coefs, norm, dark, variance, &local_rule,
-                         var_kind, acc1)
-        e += 2
-    if e < stop:
-        accumulate_entry(raw, e, indices, coefs, norm, dark, variance, &local_rule, var_kind,
-                         acc0)
-
-
-cdef inline void integrate_loop(const raw_t* raw, Py_ssize_t start, Py_ssize_t stop,
-                                Py_ssize_t nnz, const int32_t* indices, const float* coefs,
-                                const float* norm, const float* dark, const float* variance,
-                                const DummyRule* rule, int var_kind, double* result,
-                                Py_ssize_t npt, Py_ssize_t k) noexcept nogil:
-    """Sums of one row in one pass (poisson / hybrid / variance models).
-
-    The row is cut at an even offset where the prefetching would run past the table, so
-    that the loop does not test it per entry; entry e goes to the sums (e - start) % 2.
-    """
-    cdef Py_ssize_t e, cut = nnz - PREFETCH_AHEAD - 1
-    cdef double acc0[5]
-    cdef double acc1[5]
-    for e in range(5):
-        acc0[e] = 0.0
-        acc1[e] = 0.0
-    cut = start if cut < start else (stop if cut > stop else cut)
-    cut -= (cut - start) % 2
-    integrate_span(raw, start, cut, True, indices, coefs, norm, dark, variance, rule,
-                   var_kind, acc0, acc1)
-    integrate_span(raw, cut, stop, False, indices, coefs, norm, dark, variance, rule,
-                   var_kind, acc0, acc1)
-    store_sums(result, npt, k, acc0[0] + acc1[0], acc0[1] + acc1[1], acc0[2] + acc1[2],
-               acc0[3] + acc1[3], acc0[4] + acc1[4])
+    # poisson, hybrid, variance: one pass, a loop compiled for this case (azf_integrate.h).
+    # With the row's weights (W, W2, N of the table, see integrate_weights) and every pixel of
+    # the row valid, only S and V depend on the frame: the loop skips the norm stream.
+    if weights != NULL and weights[k] == weights[k]:
+        if azf_signal_row(raw, start, stop, nnz, indices, coefs, dark, variance, plain_rule,
+                          variance_kind(error_model), sums):
+            store_sums(result, npt, k, sums[0], sums[1], weights[k], weights[npt + k],
+                       weights[2 * npt + k])
+            return
+    azf_integrate_row(raw, start, stop, nnz, indices, coefs, norm, dark, variance, plain_rule,
+                      variance_kind(error_model), sums)
+    store_sums(result, npt, k, sums[0], sums[1], sums[2], sums[3], sums[4])
 
 
 cdef void integrate_rows(const raw_t* raw, const int64_t* indptr, Py_ssize_t npt,
                          const int32_t* indices, const float* coefs, const float* norm,
                          const float* dark, const float* variance, const DummyRule* rule,
-                         int error_model, double* work, Py_ssize_t maxlen, int nthreads,
-                         double* result) noexcept nogil:
+                         const double* weights, int error_model, double* work,
+                         Py_ssize_t maxlen, int nthreads, double* result) noexcept nogil:
     cdef Py_ssize_t k
+    cdef azf_raw_rule plain_rule   # the dummy rule in the header's terms
+    plain_rule.float_active = rule.active
+    plain_rule.value = rule.value
+    plain_rule.delta = rule.delta
+    plain_rule.int_active = rule.integer_active
+    plain_rule.low = rule.low
+    plain_rule.width = rule.width
     for k in prange(npt, schedule="dynamic", chunksize=4, num_threads=nthreads):
         integrate_row(raw, indptr[k], indptr[k + 1], indptr[npt], indices, coefs, norm, dark,
-                      variance, rule, error_model,
+                      variance, rule, &plain_rule, weights, error_model,
                       work + openmp.omp_get_thread_num() * WORK_PER_ENTRY * (maxlen + 1), maxlen,
                       result, npt, k)
 
@@ -1304,11 +1297,16 @@ cdef _Call prepare_call(Py_ssize_t n_raw, indptr, indices, coefs, norm, dark, va
 
 
 def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,
-              double delta_dummy, str error_model, threads=None, work=None):
+              double delta_dummy, str error_model, threads=None, work=None, row_weights=None):
     """Per-bin sums of a plain integration (see the module docstring for the arguments).
 
     S = Σ c·signal, W = Σ c·norm, W2 = Σ (c·norm)², N = Σ c, V = Σ c²·var (poisson,
     hybrid, variance) or the exact two-pass azimuthal Σ (c·norm)²(x − S/W)².
+
+    ``row_weights`` (optional): what :func:`integrate_weights` returned for this table. With
+    it, the poisson, hybrid and variance models take W, W2 and N of every row whose pixels
+    are all valid in this frame from there (the same values, bit for bit) and only sum S and
+    V over the row; rows with an invalid pixel are summed in full.
 
     Returns
     -------
@@ -1319,12 +1317,45 @@ def integrate(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance
                                    dummy, delta_dummy, error_model, threads,
                                    error_model == "azimuthal", work)
     cdef const raw_t* raw_ptr = &raw[0] if raw.shape[0] > 0 else NULL
+    cdef const double[:, ::1] weights_view
+    cdef const double* weights = NULL
+    if row_weights is not None and call.npt > 0:
+        weights_view = row_weights
+        if weights_view.shape[0] != 3 or weights_view.shape[1] != call.npt:
+            raise ValueError(f"row_weights must have shape (3, {call.npt})")
+        weights = &weights_view[0, 0]
     if call.npt > 0:
         with nogil:
             integrate_rows(raw_ptr, call.indptr, call.npt, call.indices, call.coefs, call.norm,
-                           call.dark, call.variance, &call.rule, call.error_model, call.work_ptr,
-                           call.maxlen, call.nthreads, call.result_ptr)
+                           call.dark, call.variance, &call.rule, weights, call.error_model,
+                           call.work_ptr, call.maxlen, call.nthreads, call.result_ptr)
     return call.result
+
+
+def integrate_weights(indptr, indices, coefs, norm, threads=None):
+    """W, W2 and N of every row of a table when all its pixels are valid: ``integrate``'s
+    ``row_weights``.
+
+    They depend on the table alone (norm and coefficients), so an engine computes them once:
+    here with :func:`integrate` on a frame of zeros (every pixel valid), which sums them in
+    the order a frame's call would. Rows holding an entry with norm 0 (skipped whatever the
+    frame) get NaN: ``integrate`` sums those rows in full.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, shape (3, npt): W, W2, N (NaN columns for rows to sum in full).
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int32)
+    norm = np.asarray(norm, dtype=np.float32)
+    n_raw = int(indices.max()) + 1 if indices.size else 0
+    sums = integrate(np.zeros(n_raw, dtype=np.uint8), indptr, indices, coefs, norm, None, None,
+                     None, 0.0, "poisson", threads)
+    weights = np.ascontiguousarray(sums[2:5])
+    zero_norms = np.concatenate(([0], np.cumsum(norm[:indptr[-1]] == 0)))
+    weights[:, zero_norms[indptr[1:]] > zero_norms[indptr[:-1]]] = np.nan
+    return weights
 
 
 def sigma_clip(const raw_t[::1] raw, indptr, indices, coefs, norm, dark, variance, dummy,

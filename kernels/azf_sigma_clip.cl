@@ -14,6 +14,7 @@
  *     drop every kept entry with |x - mean| > k*std (strict, simultaneous); stop if none
  *     recompute the sums over the kept entries
  *   hybrid reports the propagated (Poisson) variance of the kept entries.
+ * Then the bin's outlier statistics (bin_outlier_stats, azf_stats.cl) into counts/reals.
  *
  * model: 0 = propagated variance (poisson, variance), 1 = azimuthal, 2 = hybrid.
  */
@@ -40,10 +41,12 @@ inline acc_t kept_scatter(global const int *indices, global const float *coefs,
 kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
 void sigma_clip(global const int *indptr, global const int *indices, global const float *coefs,
                 FRAME_PARAMS, const real_t thres, const int max_iter, const int model,
-                const int npt, global uchar *kept, global acc_t *out)
+                const int npt, global uchar *kept, global acc_t *out, const real_t pick,
+                global int *counts, global acc_t *reals)
 {
     local acc_t scratch[NSUMS * WG];
     local int int_scratch[WG];
+    local real_t max_scratch[WG];
     const int bin = get_group_id(0);
     const int lid = get_local_id(0);
     const int start = indptr[bin];
@@ -114,4 +117,10 @@ void sigma_clip(global const int *indptr, global const int *indices, global cons
         sums[SUM_VARIANCE] = clip_variance;
     if (lid == 0)
         store_sums(out, npt, bin, sums);
+    /* the outlier statistics (azf_stats.cl) from the final sums every work-item holds,
+     * as outlier_stats computes them from `out`: one launch less per frame */
+    bin_outlier_stats(indices, coefs, FRAME_ARGS, kept, start, end,
+                      acc_ratio(sums[SUM_SIGNAL], sums[SUM_NORM]),
+                      sqrt(acc_value(sums[SUM_VARIANCE]) / acc_value(sums[SUM_NORM2])),
+                      pick, npt, bin, counts, reals, scratch, int_scratch, max_scratch);
 }

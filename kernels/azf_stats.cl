@@ -1,6 +1,7 @@
 /*
  * outlier_stats: per-bin outlier statistics of sigma_clip and medfilt (azfilter's
- * OutlierSums), one work-group per bin, after the operation's kernel.
+ * OutlierSums), one work-group per bin: sigma_clip computes them at its end (one launch
+ * less per frame), medfilt with the outlier_stats kernel after its own.
  *
  * Inputs: the per-entry flags the operation left (kept by sigma_clip, selected by medfilt;
  * only read for valid entries, which both kernels always write) and the bin's final sums
@@ -14,23 +15,17 @@
  *   reals[npt + bin]    largest z, NaN ignored (fmax); NaN when every z is (max_sigma)
  * reals are accumulators (double, or a double-float pair without cl_khr_fp64).
  */
-kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
-void outlier_stats(global const int *indptr, global const int *indices,
-                   global const float *coefs, FRAME_PARAMS, global const uchar *kept,
-                   global const acc_t *sums, const real_t pick, const int npt,
-                   global int *counts, global acc_t *reals)
+/* The statistics of one bin (entries start..end) whose final mean and spread are known,
+ * written by work-item 0; sigma_clip calls it at its end, outlier_stats after medfilt.
+ * scratch, int_scratch, max_scratch: WG elements each of the work-group's local memory. */
+inline void bin_outlier_stats(global const int *indices, global const float *coefs,
+                              FRAME_PARAMS, global const uchar *kept, const int start,
+                              const int end, const mean_t mean, const real_t spread,
+                              const real_t pick, const int npt, const int bin,
+                              global int *counts, global acc_t *reals, local acc_t *scratch,
+                              local int *int_scratch, local real_t *max_scratch)
 {
-    local acc_t scratch[WG];
-    local int int_scratch[WG];
-    local real_t max_scratch[WG];
-    const int bin = get_group_id(0);
     const int lid = get_local_id(0);
-    const int start = indptr[bin];
-    const int end = indptr[bin + 1];
-    const mean_t mean = acc_ratio(sums[SUM_SIGNAL * npt + bin], sums[SUM_NORM * npt + bin]);
-    const real_t spread = sqrt(acc_value(sums[SUM_VARIANCE * npt + bin])
-                               / acc_value(sums[SUM_NORM2 * npt + bin]));
-
     int available = 0;
     int picked = 0;
     real_t best = NAN;
@@ -63,4 +58,22 @@ void outlier_stats(global const int *indptr, global const int *indices,
         reals[bin] = rejected;
         reals[npt + bin] = acc_add_real(acc_zero(), max_scratch[0]);
     }
+}
+
+kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void outlier_stats(global const int *indptr, global const int *indices,
+                   global const float *coefs, FRAME_PARAMS, global const uchar *kept,
+                   global const acc_t *sums, const real_t pick, const int npt,
+                   global int *counts, global acc_t *reals)
+{
+    local acc_t scratch[WG];
+    local int int_scratch[WG];
+    local real_t max_scratch[WG];
+    const int bin = get_group_id(0);
+    const mean_t mean = acc_ratio(sums[SUM_SIGNAL * npt + bin], sums[SUM_NORM * npt + bin]);
+    const real_t spread = sqrt(acc_value(sums[SUM_VARIANCE * npt + bin])
+                               / acc_value(sums[SUM_NORM2 * npt + bin]));
+    bin_outlier_stats(indices, coefs, FRAME_ARGS, kept, indptr[bin], indptr[bin + 1], mean,
+                      spread, pick, npt, bin, counts, reals, scratch, int_scratch,
+                      max_scratch);
 }

@@ -464,6 +464,39 @@ def test_output_to_stdout(data, tmp_path):
     assert several.stdout == ""
 
 
+def test_command_exits_at_once_with_its_outputs_complete(data, tmp_path):
+    """``python -m azfilter`` (and the console script, ``azfilter.cli:entry``) ends the
+    process as soon as the command returns, skipping the interpreter's teardown (atexit
+    handlers included), with stdout flushed and the command's exit status."""
+    script = ("import atexit, sys\n"
+              "atexit.register(lambda: print('TEARDOWN', flush=True))\n"
+              "from azfilter.cli import entry\n"
+              "sys.argv[0] = 'azfilter'\n"
+              "entry()\n")
+    stdout_run = subprocess.run(
+        [sys.executable, "-c", script, "sigma-clip", "-p", str(data.poni), "--backend",
+         "python", "--npt", "64", str(data.edf), "-o", "-"],
+        capture_output=True, text=True, timeout=120)
+    assert stdout_run.returncode == 0, stdout_run.stderr
+    assert "TEARDOWN" not in stdout_run.stdout
+    lines = stdout_run.stdout.splitlines()   # the whole table reached the pipe
+    assert lines[0].startswith("# azfilter") and np.loadtxt(lines).shape == (64, 3)
+    broken = tmp_path / "run"
+    write_cbf(broken / "img_0001.cbf", make_frame(1))
+    (broken / "img_0002.cbf").write_bytes(b"not a CBF file")
+    failed_run = subprocess.run(
+        [sys.executable, "-m", "azfilter", "integrate", "-p", str(data.poni), "--backend",
+         "python", "--npt", "32", str(broken), "-o", str(tmp_path / "out.h5")],
+        capture_output=True, text=True, timeout=120)
+    assert failed_run.returncode == 3, failed_run.stderr
+    assert "1 frame reduced, 0 skipped, 1 failed" in failed_run.stderr
+    assert read_result(tmp_path / "out.h5").sources == [str(broken / "img_0001.cbf")]
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["azfilter"] == "azfilter.cli:entry"
+
+
 def test_progress_log_lines_and_quiet(data, tmp_path, monkeypatch):
     monkeypatch.setattr(progress_module, "LOG_INTERVAL", 0.0)
     result = invoke("integrate", "-p", data.poni, "--backend", "python", "--npt", 40,

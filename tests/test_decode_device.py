@@ -190,16 +190,24 @@ def test_long_stack_keeps_memory_bounded(tmp_path, device, spy):
     assert allocated == [shape_dtype for shape_dtype in allocated if shape_dtype[1] == np.uint8]
 
 
-def test_engine_stream_mixes_chunks_and_frames(device):
+@pytest.mark.parametrize("slots", [2, 4])
+def test_engine_stream_mixes_chunks_and_frames(device, slots, monkeypatch):
     """``process_many`` on compressed chunks and plain frames in one stream equals plain
-    frames bit for bit; a chunk whose LZ4 data is wrong is that frame's exception."""
+    frames bit for bit, with 2 or 4 frames in flight; a chunk whose LZ4 data is wrong is
+    that frame's exception."""
     import bitshuffle
+
+    from azfilter.backends.opencl import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CPU_SLOTS", slots)
+    monkeypatch.setattr(engine_module, "GPU_SLOTS", slots)
 
     frames = ring_frames(5, np.int32, seed=7)
     from azfilter.poni import parse_poni
 
     integrator = Integrator(parse_poni(PONI), npt=40, backend="opencl", device=device)
     engine = integrator.engine("no", np.int32)
+    assert engine.slots == slots
 
     def compressed(frame: np.ndarray) -> CompressedChunk:
         body = bitshuffle.compress_lz4(frame.ravel(), 2048).tobytes()
@@ -221,8 +229,8 @@ def test_engine_stream_mixes_chunks_and_frames(device):
         expected = engine.sigma_clip(frames[index], **params)
         for name in ("signal", "variance", "normalization", "normalization2", "count"):
             np.testing.assert_array_equal(getattr(got[index], name), getattr(expected, name))
-    # blocks in global scratch memory (one scratch per kernel queue: the engine's two frame
-    # slots decode on two queues)
+    # blocks in global scratch memory (one scratch per kernel queue: the engine's frame
+    # slots decode on queues of their own)
     from azfilter.backends.opencl.bslz4 import BitshuffleLZ4Decoder
 
     engine._bslz4 = BitshuffleLZ4Decoder(engine.context, engine.queue, max_local_block=0)

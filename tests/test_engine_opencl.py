@@ -316,6 +316,43 @@ def test_compensated_float32_and_global_sort(small, device):
                              f"fp32 sigma_clip {model}")
 
 
+@pytest.mark.parametrize("slots", [2, 4])
+def test_medfilt_global_sort_streams_on_every_slot(small, device, slots, monkeypatch):
+    """medfilt rows longer than the local sort, streamed: each frame slot has its own sort
+    scratch (when the device has the memory) and its own queue, and every frame equals the
+    frame reduced alone; with one shared scratch, the frames keep to one queue."""
+    from azfilter.backends.opencl import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CPU_SLOTS", slots)
+    monkeypatch.setattr(engine_module, "GPU_SLOTS", slots)
+    csr = small.tables["full"]
+    ocl = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
+                              device=device, workgroup_size=16, local_sort_size=128)
+    assert ocl._long_rows.size > 0 and ocl._sort_per_slot
+    rng = np.random.default_rng(5)
+    frames = [(small.raw + rng.poisson(3, small.raw.shape) * (small.raw >= 0)).astype(np.int32)
+              for _ in range(2 * slots + 1)]
+    alone = [ocl.medfilt(frame, 0.25, 0.75, "azimuthal") for frame in frames]
+    params = {"quant_min": 0.25, "quant_max": 0.75, "error_model": "azimuthal"}
+    streamed = [sums for _, sums in ocl.process_many(enumerate(frames), "medfilt", params)]
+    for index, (single, got) in enumerate(zip(alone, streamed, strict=True)):
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(got, name), getattr(single, name),
+                                          err_msg=f"frame {index}: {name}")
+    assert sorted(ocl._sort_buffers) == list(range(slots))   # one scratch per slot
+    assert {queue.int_ptr for queue in ocl._slot_queues} == \
+        {ocl._slot_queue[slot].int_ptr for slot in range(slots)}
+    # without the memory for one per slot: one scratch, one queue, the same results
+    monkeypatch.setattr(engine_module.OpenCLEngine, "_sort_per_slot", False)
+    shared = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
+                                 device=device, workgroup_size=16, local_sort_size=128)
+    again = [sums for _, sums in shared.process_many(enumerate(frames), "medfilt", params)]
+    np.testing.assert_array_equal(again[-1].signal, streamed[-1].signal)
+    assert list(shared._sort_buffers) == [0]
+    assert {shared._slot_queue[slot].int_ptr for slot in range(slots)} == \
+        {shared._slot_queues[0].int_ptr}
+
+
 # ----------------------------------------------------------------------------- batch mode
 # process_many's order, per-frame errors and early stop: the contract
 def test_frames_in_pinned_memory(engines, small):
@@ -332,17 +369,31 @@ def test_frames_in_pinned_memory(engines, small):
             np.testing.assert_array_equal(getattr(direct, name), getattr(single, name))
 
 
-def test_stream_read_backs_keep_their_events_and_give_new_arrays(engines, small):
-    """A streamed frame is read back into its slot's page-locked arrays, and the events of
-    those copies stay with the frame until it is finished (pyopencl waits for a copy whose
-    event is dropped, holding the GIL: the thread feeding the engine then waited for every
-    frame's kernels). The sums handed out are new arrays, not the slot's: the next frame
-    in that slot must not change them."""
+def test_stream_read_backs_keep_their_events_and_give_new_arrays(engines, small,
+                                                               monkeypatch):
+    """A streamed frame's results (sums and statistics) come back in one copy, into its
+    slot's page-locked results array, and the event of that copy stays with the frame until
+    it is finished (pyopencl waits for a copy whose event is dropped, holding the GIL: the
+    thread feeding the engine then waited for every frame's kernels). The sums handed out
+    are new arrays, not the slot's: the next frame in that slot must not change them."""
     _, ocl = engines["no"]
+    cl = ocl._cl
+    copies = []
+    enqueue_copy = cl.enqueue_copy
+
+    def counted(queue, dest, src, **kwargs):
+        copies.append("to host" if isinstance(dest, np.ndarray) else "to device")
+        return enqueue_copy(queue, dest, src, **kwargs)
+    monkeypatch.setattr(cl, "enqueue_copy", counted)
     pending = ocl._submit(small.raw, "sigma_clip", {"thres": 4.0, "max_iter": 5,
                                                      "error_model": "azimuthal"}, 0)
-    assert len(pending.reads) == 2          # statistics: counts and reals
-    assert opencl.is_pinned(pending.sums) and opencl.is_pinned(pending.outliers[1])
+    assert copies.count("to host") == 1     # sums, counts and reals in one copy
+    assert isinstance(pending.done, cl.Event)
+    results = ocl._host_arrays(0)["results"]
+    assert opencl.is_pinned(results)
+    for array in (pending.sums, *pending.outliers[1:]):
+        assert np.shares_memory(array, results)
+    monkeypatch.undo()
     first = ocl._finish(pending)
     again = ocl._finish(ocl._submit(small.raw * 2, "sigma_clip",
                                     {"thres": 4.0, "max_iter": 5,
@@ -352,6 +403,39 @@ def test_stream_read_backs_keep_their_events_and_give_new_arrays(engines, small)
     for name in FIELDS:      # the second frame in the same slot left the first's results
         np.testing.assert_array_equal(getattr(first, name), getattr(expected, name))
     assert not np.array_equal(first.signal, again.signal)
+
+
+@pytest.mark.parametrize("error_model", ["azimuthal", "poisson", "hybrid"])
+def test_sigma_clip_statistics_in_its_own_launch_equal_outlier_stats(engines, small,
+                                                                     error_model):
+    """sigma_clip computes the outlier statistics at its end (one launch less per frame):
+    they equal, bit for bit, those of the outlier_stats kernel run on its flags and sums."""
+    for split in ("no", "full"):
+        _, ocl = engines[split]
+        cl = ocl._cl
+        raw = small.raw * 3
+        fused = ocl.sigma_clip(raw, 3.0, 5, error_model, pick=2.5).outliers
+        # the frame's flags and sums are still in slot 0's buffers: run outlier_stats on them
+        kernels = ocl._kernels_for(opencl.RAW_TYPES[np.dtype(raw.dtype)], 0)
+        counts = cl.Buffer(ocl.context, cl.mem_flags.READ_WRITE, 2 * 4 * ocl.npt)
+        reals_host = np.empty_like(ocl._host_arrays(None)["reals"])
+        reals = cl.Buffer(ocl.context, cl.mem_flags.READ_WRITE, reals_host.nbytes)
+        kernel = cl.Kernel(kernels["outlier_stats"].program, "outlier_stats")
+        kernel.set_args(ocl._indptr, ocl._indices, ocl._coefs,
+                        *ocl._frame_args(0, error_model, None), ocl._flags[0], ocl._sums[0],
+                        ocl._real(2.5), np.int32(ocl.npt), counts, reals)
+        wg = ocl.workgroup_size
+        cl.enqueue_nd_range_kernel(ocl.queue, kernel, (ocl.npt * wg,), (wg,))
+        counts_host = np.empty((2, ocl.npt), np.int32)
+        cl.enqueue_copy(ocl.queue, counts_host, counts)
+        cl.enqueue_copy(ocl.queue, reals_host, reals)
+        if reals_host.ndim == 3:
+            reals_host = reals_host[..., 0].astype(np.float64) + reals_host[..., 1]
+        np.testing.assert_array_equal(fused.available, counts_host[0])
+        np.testing.assert_array_equal(fused.picked, counts_host[1])
+        np.testing.assert_array_equal(fused.rejected_sum, reals_host[0])
+        np.testing.assert_array_equal(fused.max_sigma, reals_host[1])
+        assert (fused.available > 0).any() and (fused.picked > 0).any()
 
 
 # ----------------------------------------------------------------------------- devices
@@ -477,12 +561,19 @@ def test_staged_uploads_equal_direct_uploads(small, device, monkeypatch):
         opencl.OpenCLEngine(csr, small.pixel_norm, None, None, 0.0, device=device, threads=0)
 
 
-def test_process_many_staged_and_pinned_frames(small, device):
+@pytest.mark.parametrize("slots", [2, 3, 4])
+def test_process_many_staged_and_pinned_frames(small, device, slots, monkeypatch):
     """Streams mixing pageable (staged) and page-locked (direct) frames, and a ring of two
-    page-locked buffers refilled as soon as the next frame is asked for."""
+    page-locked buffers refilled as soon as the next frame is asked for, with 2 to 4 frames
+    in flight (CPU and GPU defaults)."""
+    from azfilter.backends.opencl import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CPU_SLOTS", slots)
+    monkeypatch.setattr(engine_module, "GPU_SLOTS", slots)
     csr = small.tables["no"]
     staged = opencl.OpenCLEngine(csr, small.pixel_norm, small.dark, DUMMY, DELTA_DUMMY,
                                  device=device, staging=True, threads=2)
+    assert staged.slots == slots and len(staged._slot_queues) == slots
     rng = np.random.default_rng(11)
     frames = [(small.raw + rng.poisson(2, small.raw.shape) * (small.raw >= 0)).astype(np.int32)
               for _ in range(9)]

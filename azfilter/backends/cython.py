@@ -170,6 +170,8 @@ class CythonEngine(Engine):
         self.lanes = default_lanes(self.threads) if lanes is None else min(int(lanes),
                                                                             self.threads)
         self._longest_row = int(np.diff(indptr).max()) if self.npt > 0 else 0
+        # W, W2, N of each row with every pixel valid (see _integrate), made on first use
+        self._row_weights: np.ndarray | None = None
         # one reusable kernel workspace per calling thread (see _workspace)
         self._local = threading.local()
 
@@ -244,12 +246,31 @@ class CythonEngine(Engine):
         """
         return self._integrate(raw, error_model, variance, self.threads)
 
+    def _weights(self, threads: int) -> np.ndarray:
+        """The table's row weights (``_engine.integrate_weights``), computed once.
+
+        integrate reads them instead of the norm stream in every row whose pixels are all
+        valid: with pixel splitting each pixel is in about three rows, and its norm was
+        streamed (and multiplied) each time. Lanes may compute them at once: same values.
+        """
+        weights = self._row_weights
+        if weights is None:
+            weights = _engine.integrate_weights(self._indptr, self._indices, self._coefs,
+                                                self._norm, threads)
+            self._row_weights = weights
+        return weights
+
     def _integrate(self, raw, error_model: str, variance, threads: int) -> BinSums:
         var = self._variance(variance, error_model)
         frame = self._frame(raw)
-        work = self._workspace(threads) if error_model == "azimuthal" else None
-        result = _engine.integrate(frame, *self._table(), var, self.dummy, self.delta_dummy,
-                                   error_model, threads, work)
+        if error_model == "azimuthal":
+            result = _engine.integrate(frame, *self._table(), var, self.dummy,
+                                       self.delta_dummy, error_model, threads,
+                                       self._workspace(threads))
+        else:
+            result = _engine.integrate(frame, *self._table(), var, self.dummy,
+                                       self.delta_dummy, error_model, threads,
+                                       row_weights=self._weights(threads))
         return self._sums(result)
 
     def sigma_clip(self, raw, thres: float, max_iter: int, error_model: str,

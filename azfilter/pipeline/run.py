@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 # Frames each reader may have decoded ahead of the reducer (memory stays flat).
 READ_AHEAD = 2
 #: reader threads at most when bitshuffle-LZ4 chunks go to the device compressed
-DEVICE_DECODE_READERS = 4
+DEVICE_DECODE_READERS = 2
 # Results waiting for the writer thread (~100 kB each for 1000 bins): room for what is reduced
 # while the NeXus writer flushes its 64 buffered rows (milliseconds); with 8 places the
 # reducing thread waited on a full queue during each flush (H200, py-spy).

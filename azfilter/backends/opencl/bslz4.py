@@ -29,6 +29,7 @@ import numpy as np
 
 from ...errors import AzfilterError
 from ...frames.chunks import ChunkError, ChunkLayout, bslz4_layout
+from .programs import KernelArgs
 
 #: the kernel file (installed next to the other kernels)
 KERNEL_FILE = "azf_bslz4.cl"
@@ -172,19 +173,24 @@ class BitshuffleLZ4Decoder:
                                    int(self.device.local_mem_size) - _LOCAL_OVERHEAD)
         if max_local_block is not None:
             self._local_capacity = min(self._local_capacity, int(max_local_block))
-        self._kernels: dict[tuple[int, int], Any] = {}
+        self._kernels: dict[tuple[int, int, int | None], Any] = {}
         self._chunk_buffer = None
         self._chunk_capacity = 0
         # global scratch for blocks too large for local memory, one per queue: kernels of
         # two queues (an engine's two frame slots) may run at the same time
         self._scratch: dict[int, Any] = {}
+        self._args = KernelArgs()
         # a placeholder for the scratch argument of the local-memory kernel
         self._no_scratch = cl.Buffer(context, cl.mem_flags.READ_WRITE, 64)
 
     # ------------------------------------------------------------------------- programs
-    def _kernel(self, itemsize: int, local_block: int) -> Any:
-        """The kernel for elements of ``itemsize`` bytes; ``local_block`` 0: global scratch."""
-        key = (itemsize, local_block)
+    def _kernel(self, itemsize: int, local_block: int, queue: Any = None) -> Any:
+        """The kernel for elements of ``itemsize`` bytes; ``local_block`` 0: global scratch.
+
+        One kernel object per command ``queue`` (an engine's frame slot): its arguments stay
+        set between launches, and only those that change are set again (:class:`KernelArgs`).
+        """
+        key = (itemsize, local_block, None if queue is None else queue.int_ptr)
         kernel = self._kernels.get(key)
         if kernel is None:
             options = [f"-DELEM_SIZE={itemsize}", f"-DWG={self.workgroup_size}",
@@ -309,14 +315,17 @@ class BitshuffleLZ4Decoder:
         scratch = self._no_scratch
         if not local_block and layout.n_blocks:
             scratch = self._scratch_buffer(layout.n_blocks * block_bytes, queue)
-        kernel = self._kernel(itemsize, local_block)
+        kernel = self._args.set(
+            self._kernel(itemsize, local_block, queue), chunk_buffer, np.uint32(chunk_bytes),
+            ranges_buffer, np.uint32(layout.n_blocks), np.uint32(layout.block_elements),
+            np.uint32(layout.blocked_elements),
+            # without a tail (frames of a multiple of 8 elements, e.g. an Eiger's), its offset,
+            # which moves with the compressed size, is not read: 0, so it stays set
+            np.uint32(layout.tail_offset if layout.tail_elements else 0),
+            np.uint32(layout.tail_elements), out, scratch, error_buffer)
         groups = max(layout.n_blocks, 1)
-        return kernel(queue, (groups * self.workgroup_size,), (self.workgroup_size,),
-                      chunk_buffer, np.uint32(chunk_bytes), ranges_buffer,
-                      np.uint32(layout.n_blocks), np.uint32(layout.block_elements),
-                      np.uint32(layout.blocked_elements), np.uint32(layout.tail_offset),
-                      np.uint32(layout.tail_elements), out, scratch, error_buffer,
-                      wait_for=wait_for)
+        return self._cl.enqueue_nd_range_kernel(queue, kernel, (groups * self.workgroup_size,),
+                                                (self.workgroup_size,), wait_for=wait_for)
 
     def decode(self, chunk: bytes | np.ndarray, shape: int | tuple[int, ...], dtype: Any,
                out: Any = None, layout: ChunkLayout | None = None) -> Any:

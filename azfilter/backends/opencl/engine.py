@@ -39,7 +39,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ from ..sums import BinSums, OutlierSums
 from . import hostmem
 from .bslz4 import BitshuffleLZ4Decoder, check_error_flag
 from .hostmem import copy_piece, copy_pool, is_pinned
-from .programs import OpenCLProcessing
+from .programs import KernelArgs, OpenCLProcessing
 
 #: numpy dtype of a raw frame -> OpenCL C type the kernels read it as
 RAW_TYPES: dict[np.dtype, str] = {
@@ -71,6 +71,11 @@ _CLIP_MODEL = {"poisson": 0, "variance": 0, "azimuthal": 1, "hybrid": 2}
 _VAR_POISSON, _VAR_ARRAY = 0, 1
 _DEFAULT_GPU_WORKGROUP = 256
 _DEFAULT_CPU_WORKGROUP = 64
+#: frames a stream keeps in flight, each in a slot of its own (raw buffer, sums, flags,
+#: command queue): on a GPU the kernels of several frames overlap, and a pause of the thread
+#: feeding the engine (waiting for the GIL) leaves work queued
+GPU_SLOTS = 4
+CPU_SLOTS = 2
 _MAX_LOCAL_SORT = 4096
 
 # Staged uploads of one pageable frame (as integrate() does): sqrt(frame bytes /
@@ -89,21 +94,35 @@ DEFAULT_COPY_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 # ------------------------------------------------------------------------------ the engine
+_MIN_ALIGN = 128   # bytes between the regions of a results buffer, at least
+
+
+def _results_layout(sizes: dict[str, int], align: int) -> dict[str, Any]:
+    """Regions of ``sizes`` bytes laid out one after the other, each starting at a multiple
+    of ``align`` bytes (a device's base address alignment, as sub-buffers need):
+    ``{"regions": {name: (offset, size)}, "total": bytes}``."""
+    regions, offset = {}, 0
+    for name, size in sizes.items():
+        regions[name] = (offset, size)
+        offset += -(-size // align) * align
+    return {"regions": regions, "total": offset}
+
+
 @dataclass
 class _Pending:
     """A frame submitted to the device whose sums are not read yet."""
 
     sums: np.ndarray    # host array the sums are copied into
-    done: Any           # event of that copy
-    # a frame decoded on the device: the decoder's error flag (read back before ``done``)
-    # and the chunk's number of blocks
+    # Event of the one copy of the slot's results buffer (sums, statistics, error flag):
+    # kept until the frame is finished, since pyopencl waits for a copy's completion when
+    # its event is dropped, holding the GIL (H200, sigma-clip: 0.75 ms per frame of the
+    # feeding thread, waiting for the kernels)
+    done: Any
+    # a frame decoded on the device: the decoder's error flag (host view, read with the
+    # sums) and the chunk's number of blocks
     decode_error: tuple[np.ndarray, int] | None = None
-    # sigma_clip / medfilt: (pick, counts host array, reals host array), copied before done
+    # sigma_clip / medfilt: (pick, counts host array, reals host array), read with the sums
     outliers: tuple[float, np.ndarray, np.ndarray] | None = None
-    # the events of the other read-backs into host memory, kept until ``done``: pyopencl
-    # waits for a copy's completion when its event is dropped, holding the GIL (H200,
-    # sigma-clip: 0.75 ms per frame of the feeding thread, waiting for the kernels)
-    reads: list = field(default_factory=list)
 
 
 class OpenCLEngine(OpenCLProcessing, Engine):
@@ -217,19 +236,21 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         discrete = is_gpu and not shares_memory
         self.staging = discrete if staging is None else bool(staging)
         # per slot: (piece sizes in bytes, one page-locked array per piece)
-        self._staging: list[tuple[tuple, list[np.ndarray]] | None] = [None, None]
+        self.slots = GPU_SLOTS if is_gpu else CPU_SLOTS
+        self._staging: list[tuple[tuple, list[np.ndarray]] | None] = [None] * self.slots
         # process_many's page-locked frame buffers (up to threads + 1 per dtype), reused
         self._stream_buffers: dict[str, list[np.ndarray]] = {}
         # device decoding of compressed chunks (built on the first chunk): the decoder, and
         # per slot the error flag of the chunk being decoded there
         self._bslz4 = None
-        self._chunk_errors: dict[int, tuple[np.ndarray, int, Any]] = {}
+        self._device_sizes: dict[str, int] = {}   # bytes of the _device_buffer()s
+        self._chunk_errors: dict[int, tuple[np.ndarray, int]] = {}
         # per slot: page-locked host arrays the results are read back into (and the block
         # table is uploaded from), made on first use. A non-blocking copy between the device
         # and pageable memory is synchronous on NVIDIA's driver: reading the sums into
         # np.empty made the thread that feeds the engine wait for each frame's kernels
         # (H200, sigma-clip: 15 % of that thread's time in the read of the statistics).
-        self._host_slots: list[dict[str, np.ndarray] | None] = [None, None]
+        self._host_slots: list[dict[str, np.ndarray] | None] = [None] * self.slots
 
         # ---- geometry, once
         row_lengths = np.diff(indptr)
@@ -252,26 +273,42 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             self._variance = None           # device copy of the last variance array
             self._variance_host = None      # ... the array object it came from
             self._variance_copy = None      # ... and its content then
-            # two frames in flight (process_many): raw frame and sums per slot
+            # self.slots frames in flight (process_many): raw frame and sums per slot
             self._raw_bytes = max(8, self.npix * 8)   # room for any raw dtype up to 8 bytes
             sums_bytes = _NSUMS * self.npt * acc_bytes
-            self._raw = [self.allocate(f"raw{slot}", self._raw_bytes, "r") for slot in (0, 1)]
+            slots = range(self.slots)
+            self._raw = [self.allocate(f"raw{slot}", self._raw_bytes, "r") for slot in slots]
+            # Everything a frame's kernels leave for the host, in one buffer per slot read
+            # back with one copy (each copy enqueued is tens of microseconds of the thread
+            # that feeds the engine, holding the GIL): the decoder's error flag, the sums,
+            # the outlier statistics' (available, picked) int32 and (rejected_sum, max_sigma)
+            # accumulators; each region is a sub-buffer the kernels write.
+            self._results_layout = _results_layout(
+                {"error": 8, "sums": sums_bytes, "counts": 2 * 4 * self.npt,
+                 "reals": 2 * acc_bytes * self.npt},
+                max(_MIN_ALIGN, int(self._device.mem_base_addr_align) // 8))
+            self._results = []
+            self._regions: list[dict[str, Any]] = []
+            for slot in slots:
+                results = self.allocate(f"results{slot}", self._results_layout["total"], "rw")
+                self._results.append(results)
+                self._regions.append({
+                    name: results.get_sub_region(offset, size)
+                    for name, (offset, size) in self._results_layout["regions"].items()})
             # read back by outlier_stats too
-            self._sums = [self.allocate(f"sums{slot}", sums_bytes, "rw") for slot in (0, 1)]
-            self._slot_free: list[Any] = [None, None]    # event after which a slot is reusable
-            # per-entry "kept" flags, one array per slot: the kernels of two frames run at
-            # once, each slot on its own in-order queue (sigma_clip on an H200: 0.70 ms per
-            # frame on one queue, 0.52 ms on two, since a frame's longest bins no longer
+            self._sums = [regions["sums"] for regions in self._regions]
+            # event after which a slot is reusable
+            self._slot_free: list[Any] = [None] * self.slots
+            # ... and the queue it is of
+            self._slot_queue: list[Any] = [None] * self.slots
+            # per-entry "kept" flags, one array per slot: the kernels of several frames run
+            # at once, each slot on its own in-order queue (sigma_clip on an H200: 0.70 ms
+            # per frame on one queue, 0.52 ms on two, since a frame's longest bins no longer
             # leave the rest of the device idle)
-            self._flags = [self.allocate(f"flags{slot}", self.nnz) for slot in (0, 1)]
-            self._slot_queues = [self.queue, cl.CommandQueue(self.context, self._device,
-                                                                  properties=self.queue.properties)]
-            # outlier statistics per slot: (available, picked) int32, (rejected_sum,
-            # max_sigma) accumulators
-            self._stats_counts = [self.allocate(f"stats_counts{slot}", 2 * 4 * self.npt, "w")
-                                  for slot in (0, 1)]
-            self._stats_reals = [self.allocate(f"stats_reals{slot}", 2 * acc_bytes * self.npt,
-                                               "w") for slot in (0, 1)]
+            self._flags = [self.allocate(f"flags{slot}", self.nnz) for slot in slots]
+            self._slot_queues = [self.queue] + [
+                cl.CommandQueue(self.context, self._device, properties=self.queue.properties)
+                for _ in range(1, self.slots)]
         except cl.MemoryError as err:
             raise AzfilterError(f"OpenCL device {self.device_info['name']} has not enough "
                                 f"memory for this lookup table ({self.nnz} entries)") from err
@@ -279,7 +316,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         # ---- medfilt rows longer than the local sort: chunk table, merge widths
         self._long_rows = np.nonzero(row_lengths > self.local_sort_size)[0]
         self._long_lengths = row_lengths[self._long_rows]
-        self._sort_buffers = None
+        self._sort_buffers: dict[int, list] = {}
+        # medfilt_merge kernel objects by (kernels, slot, step), with those kernels
+        self._merge_kernels: dict[tuple[int, int, int], tuple[dict, Any]] = {}
         if self._long_rows.size:
             chunks = -(-self._long_lengths // self.local_sort_size)
             self._chunk_row = upload(np.repeat(self._long_rows, chunks).astype(np.int32))
@@ -303,7 +342,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         # arguments are set again only when they change (set_args of the 16-22 arguments of
         # a reduction kernel took ~6 % of the feeding thread's time per kernel, per frame)
         self._kernels: dict[tuple[str, int], dict[str, Any]] = {}
-        self._kernel_args: dict[int, tuple] = {}
+        self._kernel_args = KernelArgs()
         if self._long_rows.size:
             blocks = -(-self._long_lengths // wg)
             self._block_row = self.upload(
@@ -335,15 +374,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         return self._kernels[key]
 
     def _set_args(self, kernel: Any, *args: Any) -> Any:
-        """Set ``kernel``'s arguments unless they are those it already has (the same
-        buffers, scalars of the same type and value); returns the kernel."""
-        last = self._kernel_args.get(id(kernel))
-        if last is None or len(last) != len(args) or not all(
-                old is new or (type(old) is type(new) and isinstance(new, np.generic)
-                               and old == new) for old, new in zip(last, args, strict=True)):
-            kernel.set_args(*args)
-            self._kernel_args[id(kernel)] = args
-        return kernel
+        """Set those of ``kernel``'s arguments that changed (:class:`KernelArgs`); returns
+        the kernel."""
+        return self._kernel_args.set(kernel, *args)
 
     def _device_dtype(self, dtype: np.dtype) -> np.dtype:
         """The dtype a frame of ``dtype`` goes to the device in (kernels read it as is)."""
@@ -389,14 +422,37 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         self._variance_copy = values.copy()
         return self._variance
 
-    def _sort_scratch(self):
-        """Two key buffers (indexed like the CSR entries) for the global-memory sort."""
-        if self._sort_buffers is None:
+    @property
+    def _sort_per_slot(self) -> bool:
+        """Whether each frame slot has its own sort scratch for medfilt's long rows: when
+        all of them take at most 1/8 of the device's memory. Then medfilt frames overlap on
+        the slots' queues like the other operations' (on one queue the upload of a frame
+        waited for the kernels of the one before); else they share one scratch and one
+        queue."""
+        return self.slots * 2 * max(8, self.nnz * 8) <= self.device_info["global_memory"] // 8
+
+    def _sort_scratch(self, slot: int) -> list:
+        """Two key buffers (indexed like the CSR entries) for the global-memory sort of the
+        frame in ``slot`` (see :attr:`_sort_per_slot`)."""
+        owner = slot if self._sort_per_slot else 0
+        buffers = self._sort_buffers.get(owner)
+        if buffers is None:
             cl = self._cl
             nbytes = max(8, self.nnz * 8)
-            self._sort_buffers = [cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
-                                  for _ in range(2)]
-        return self._sort_buffers
+            buffers = self._sort_buffers[owner] = [
+                cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes) for _ in range(2)]
+        return buffers
+
+    def _merge_kernel(self, kernels: dict[str, Any], slot: int, step: int) -> Any:
+        """A ``medfilt_merge`` kernel object for merge step ``step`` of ``slot``: each step
+        keeps its own arguments (width, which buffer is read, which written), so none is set
+        again from frame to frame."""
+        key = (id(kernels), slot, step)
+        entry = self._merge_kernels.get(key)
+        if entry is None or entry[0] is not kernels:   # (kept with it: ids are not reused)
+            entry = self._merge_kernels[key] = (kernels, self._cl.Kernel(
+                kernels["medfilt_merge"].program, "medfilt_merge"))
+        return entry[1]
 
     @staticmethod
     def host_array(shape: int | tuple[int, ...], dtype: Any,
@@ -407,11 +463,6 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         """
         return hostmem.pinned_array(shape, dtype, device=device)
 
-    @staticmethod
-    def _on_queue(event: Any, queue: Any) -> bool:
-        """Whether ``event`` is of a command of ``queue``."""
-        return event.command_queue.int_ptr == queue.int_ptr
-
     def _pending_wait(self, event: Any) -> list | None:
         """``[event]`` unless it is None or complete: a wait for an event of another queue
         may block the enqueue itself on NVIDIA's driver."""
@@ -420,34 +471,46 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             return None
         return [event]
 
+    def _slot_wait(self, slot: int, queue: Any) -> list | None:
+        """What an upload into ``slot``'s raw buffer on ``queue`` must wait for: nothing when
+        the slot's last frame ran on that in-order queue (it is before the upload already:
+        no query of its event's status, a call into the driver), else its last event unless
+        complete."""
+        if self._slot_queue[slot] is queue:
+            return None
+        return self._pending_wait(self._slot_free[slot])
+
     def _upload(self, frame: np.ndarray, target: np.dtype, slot: int,
-                wait: list | None, queue: Any, host: dict[str, Any]) -> list:
+                queue: Any, host: dict[str, Any]) -> tuple[list, Any]:
         """Queue the copy of a frame into the raw buffer of ``slot`` (a compressed chunk is
         then decoded there on ``queue``, the kernel queue its reduction runs on).
 
         A frame in page-locked memory, or any frame when staging is off, is handed to the
         driver as it is (non-blocking); other frames are staged (:meth:`_staged_upload`).
-        Returns the events of the copies, the last one completing last; they also keep the
-        host memory they read alive (pyopencl's NannyEvent).
+        Returns the events of the copies, the last one completing last (they also keep the
+        host memory they read alive: pyopencl's NannyEvent), and the queue they are on.
         """
         cl = self._cl
         if isinstance(frame, CompressedChunk):
-            return self._upload_chunk(frame, slot, wait, queue, host)
+            return self._upload_chunk(frame, slot, self._slot_wait(slot, queue), queue,
+                                      host), queue
         direct = frame.dtype == target and frame.flags.c_contiguous
         if direct and (not self.staging or is_pinned(frame, self.context)):
             # on the kernel queue, as a compressed chunk (see _upload_chunk)
             events = [cl.enqueue_copy(queue, self._raw[slot], frame.reshape(-1),
-                                      is_blocking=False, wait_for=wait)]
+                                      is_blocking=False,
+                                      wait_for=self._slot_wait(slot, queue))]
             queue.flush()
-            return events
+            return events, queue
         elif not self.staging:
             converted = np.ascontiguousarray(frame, dtype=target).reshape(-1)
             events = [cl.enqueue_copy(self.transfer_queue, self._raw[slot], converted,
-                                      is_blocking=False, wait_for=wait)]
+                                      is_blocking=False,
+                                      wait_for=self._slot_wait(slot, self.transfer_queue))]
         else:
             events = self._staged_upload(frame, target, slot)
         self.transfer_queue.flush()
-        return events
+        return events, self.transfer_queue
 
     # ------------------------------------------------------------------ device decoding
     def _chunk_dtype(self, chunk: CompressedChunk) -> np.dtype:
@@ -462,30 +525,41 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                 f"OpenCL device {self.device_info['name']}")
         return dtype
 
-    def _device_buffer(self, name: str, nbytes: int) -> Any:
+    def _device_buffer(self, name: str, nbytes: int) -> tuple[Any, int]:
         """The engine's device buffer ``name`` of at least ``nbytes`` (grown by 1/8 when too
-        small; chunk sizes vary from frame to frame)."""
+        small; chunk sizes vary from frame to frame), and its size (kept here: asking the
+        buffer is a call into the driver)."""
         buffer = self.buffers.get(name)
-        if buffer is None or buffer.size < nbytes:
-            buffer = self.allocate(name, max(nbytes, nbytes + nbytes // 8, 4096), "r")
-        return buffer
+        size = self._device_sizes.get(name, 0)
+        if buffer is None or size < nbytes:
+            size = max(nbytes, nbytes + nbytes // 8, 4096)
+            buffer = self.allocate(name, size, "r")
+            self._device_sizes[name] = size
+        return buffer, size
 
     def _host_arrays(self, slot: int | None) -> dict[str, np.ndarray]:
         """The host arrays a frame's results are read back into (and its block table
-        uploaded from): ``sums``, ``counts``, ``reals``, ``error`` (the decoder's flag),
-        ``ranges``. For a stream's frame slot, the slot's page-locked ones (made on first
-        use); for ``None`` (one frame, :meth:`integrate`...), new ordinary arrays, since such
-        a call may come while a stream's frame waits for its results."""
+        uploaded from): ``results`` (bytes, the copy of the slot's results buffer) and its
+        views ``sums``, ``counts``, ``reals``, ``error`` (the decoder's flag), and ``ranges``.
+        For a stream's frame slot, the slot's page-locked ones (made on first use); for
+        ``None`` (one frame, :meth:`integrate`...), new ordinary arrays, since such a call
+        may come while a stream's frame waits for its results."""
         arrays = None if slot is None else self._host_slots[slot]
         if arrays is None:
             real = np.float64 if self.fp64 else np.float32
             pair = () if self.fp64 else (2,)
             make = np.empty if slot is None else self.pinned_array
+            results = make(self._results_layout["total"], np.uint8)
+
+            def view(name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+                offset, size = self._results_layout["regions"][name]
+                return results[offset:offset + size].view(dtype).reshape(shape)
             arrays = {
-                "sums": make((_NSUMS, self.npt, *pair), real),
-                "counts": make((2, self.npt), np.int32),
-                "reals": make((2, self.npt, *pair), real),
-                "error": make(2, np.int32),
+                "results": results,
+                "sums": view("sums", real, (_NSUMS, self.npt, *pair)),
+                "counts": view("counts", np.int32, (2, self.npt)),
+                "reals": view("reals", real, (2, self.npt, *pair)),
+                "error": view("error", np.int32, (2,)),
                 "ranges": make(2 * 1024, np.uint32),
                 "make": make,
             }
@@ -510,8 +584,8 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         reduction queued next on that queue runs after it).
 
         Returns the events of the uploads (the chunk's host memory may be reused once they
-        are complete). The decoder's error flag is read back on the kernel queue, before the
-        sums; :meth:`_finish` checks it.
+        are complete). The decoder's error flag is read back with the sums (it is a region of
+        the slot's results buffer); :meth:`_finish` checks it.
         """
         cl = self._cl
         if self._bslz4 is None:
@@ -521,26 +595,25 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             raise AzfilterError(f"compressed image has {layout.n_elements} pixels, the lookup "
                                 f"table {self.npix}")
         data = chunk.data
-        chunk_buffer = self._device_buffer(f"chunk{slot}", data.nbytes)
+        chunk_buffer, chunk_capacity = self._device_buffer(f"chunk{slot}", data.nbytes)
         ranges = self._host_ranges(
             host, layout.block_ranges if layout.n_blocks else np.zeros((1, 2), np.uint32))
-        ranges_buffer = self._device_buffer(f"ranges{slot}", ranges.nbytes)
-        error_buffer = self.buffers.get(f"decode_error{slot}")
-        if error_buffer is None:
-            error_buffer = self.allocate(f"decode_error{slot}", 8, "rw")
+        ranges_buffer, _ = self._device_buffer(f"ranges{slot}", ranges.nbytes)
+        error_buffer = self._regions[slot]["error"]
         # The uploads go on the slot's kernel queue, in order before the decode and the
-        # reduction: the two slots' queues already overlap one frame's upload with the other's
+        # reduction: the slots' queues already overlap one frame's upload with another's
         # kernels, and a kernel waiting for an event of another queue made NVIDIA's driver
         # block the enqueue (holding the GIL) until that event completed.
         events = [cl.enqueue_copy(queue, chunk_buffer, data, is_blocking=False, wait_for=wait),
                   cl.enqueue_copy(queue, ranges_buffer, ranges, is_blocking=False)]
         cl.enqueue_fill_buffer(queue, error_buffer, np.zeros(1, np.int32), 0, 8)
-        self._bslz4.enqueue_kernel(queue, chunk_buffer, data.nbytes, ranges_buffer, layout,
-                                   chunk.dtype.itemsize, self._raw[slot], error_buffer)
+        # the buffer's size, not the chunk's, as the decoder's bound: the same value frame after
+        # frame, so that no argument is set again; the host's walk of the block sizes
+        # (bslz4_layout) already proved that every block and the tail lie inside the chunk
+        self._bslz4.enqueue_kernel(queue, chunk_buffer, chunk_capacity, ranges_buffer,
+                                   layout, chunk.dtype.itemsize, self._raw[slot], error_buffer)
         queue.flush()
-        error = host["error"]
-        read = cl.enqueue_copy(queue, error, error_buffer, is_blocking=False)
-        self._chunk_errors[slot] = (error, layout.n_blocks, read)
+        self._chunk_errors[slot] = (host["error"], layout.n_blocks)
         return events
 
     def _staging_pieces(self, slot: int, sizes: tuple[int, ...]) -> list[np.ndarray]:
@@ -630,16 +703,15 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                 f"{', '.join(ERROR_MODELS)}")
         kernels = self._kernels_for(raw_type, slot)
         frame_args = self._frame_args(slot, error_model, params.get("variance"))
-        wait = self._pending_wait(self._slot_free[slot])
-        # medfilt's long rows share one sort scratch: those frames stay on one queue
-        queue = self._slot_queues[0 if (operation == "medfilt" and self._long_rows.size)
-                                  else slot]
+        # medfilt's long rows sharing one sort scratch: those frames stay on one queue
+        queue = self._slot_queues[0 if (operation == "medfilt" and self._long_rows.size
+                                        and not self._sort_per_slot) else slot]
         host = self._host_arrays(slot if stream else None)
-        uploads = self._upload(frame, target, slot, wait, queue, host)
+        uploads, upload_queue = self._upload(frame, target, slot, queue, host)
         uploaded = uploads[-1]   # in-order queue: the last copy completes last
         # the kernels wait for an upload made on the transfer queue (staged frames); one on
         # their own queue is before them already
-        kernel_wait = None if self._on_queue(uploaded, queue) else [uploaded]
+        kernel_wait = None if upload_queue is queue else [uploaded]
         wg = self.workgroup_size
         geometry = [self._indptr, self._indices, self._coefs]
         npt = np.int32(self.npt)
@@ -651,11 +723,14 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                            np.int32(error_model == "azimuthal"), npt, out)
             cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,),
                                        wait_for=kernel_wait)
-        elif operation == "sigma_clip":
+        elif operation == "sigma_clip":   # with its outlier statistics, in one launch
             kernel = kernels["sigma_clip"]
+            regions = self._regions[slot]
             self._set_args(kernel, *geometry, *frame_args, self._real(params["thres"]),
                            np.int32(max(0, int(params["max_iter"]))),
-                           np.int32(_CLIP_MODEL[error_model]), npt, flags, out)
+                           np.int32(_CLIP_MODEL[error_model]), npt, flags, out,
+                           self._real(self._pick(params)), regions["counts"],
+                           regions["reals"])
             cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,),
                                        wait_for=kernel_wait)
         elif operation == "medfilt":
@@ -663,15 +738,15 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             sorted_keys = self._no_variance   # any buffer: unused when every row fits
             wait_for = kernel_wait
             if self._long_rows.size:
-                keys, other = self._sort_scratch()
+                keys, other = self._sort_scratch(slot)
                 chunk_sort = kernels["medfilt_chunk_sort"]
                 self._set_args(chunk_sort, self._indptr, self._indices, *frame_args,
                                self._chunk_row, self._chunk_offset, idx_bits, keys)
                 cl.enqueue_nd_range_kernel(queue, chunk_sort, (self._n_chunks * wg,), (wg,),
                                            wait_for=wait_for)
                 wait_for = None
-                merge = kernels["medfilt_merge"]
-                for width in self._merge_widths:
+                for step, width in enumerate(self._merge_widths):
+                    merge = self._merge_kernel(kernels, slot, step)
                     self._set_args(merge, self._indptr, self._block_row, self._block_offset,
                                    np.int32(width), keys, other)
                     cl.enqueue_nd_range_kernel(queue, merge, (self._n_blocks * wg,), (wg,))
@@ -688,49 +763,56 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             raise AzfilterError(f"unknown operation {operation!r}; choose one of "
                                 f"{', '.join(OPERATIONS)}")
         outliers = None
-        reads: list = []
-        if operation != "integrate":
+        if operation == "sigma_clip":
+            outliers = (self._pick(params), host["counts"], host["reals"])
+        elif operation != "integrate":
             outliers = self._submit_outlier_stats(kernels, frame_args, params, slot, queue,
-                                                  host, reads)
-        sums = host["sums"]
-        done = cl.enqueue_copy(queue, sums, out, is_blocking=False)
+                                                  host)
+        # one copy of the slot's results buffer: the sums, the statistics, the error flag
+        done = cl.enqueue_copy(queue, host["results"], self._results[slot], is_blocking=False)
         queue.flush()
-        self._slot_free[slot] = done
+        self._slot_free[slot], self._slot_queue[slot] = done, queue
         # The frame's memory is free for reuse once this returns: the caller (a reader's ring
         # of page-locked buffers) may overwrite it while the kernels run.
-        uploaded.wait()
+        self._wait(uploaded)
         decode_error = None
         if isinstance(frame, CompressedChunk):
-            error, n_blocks, read = self._chunk_errors.pop(slot)
-            decode_error = (error, n_blocks)
-            reads.append(read)
-        return _Pending(sums, done, decode_error, outliers, reads)
+            decode_error = self._chunk_errors.pop(slot)
+        return _Pending(host["sums"], done, decode_error, outliers)
 
     def _submit_outlier_stats(self, kernels: dict[str, Any], frame_args: list, params: dict,
-                              slot: int, queue: Any, host: dict[str, Any], reads: list,
+                              slot: int, queue: Any, host: dict[str, Any],
                               ) -> tuple[float, np.ndarray, np.ndarray]:
-        """Queue the outlier statistics of the operation just queued (its flags and sums)
-        and their read-back, before the sums' read-back (the copies' events go to
-        ``reads``)."""
+        """Queue the outlier statistics of the operation just queued (its flags and sums),
+        into the slot's results buffer; returns (pick, host views they are read into)."""
         cl = self._cl
-        pick = float(params.get("pick", DEFAULT_PICK))
+        pick = self._pick(params)
         kernel = kernels["outlier_stats"]
         self._set_args(kernel, self._indptr, self._indices, self._coefs, *frame_args,
                        self._flags[slot], self._sums[slot], self._real(pick),
-                       np.int32(self.npt), self._stats_counts[slot], self._stats_reals[slot])
+                       np.int32(self.npt), self._regions[slot]["counts"],
+                       self._regions[slot]["reals"])
         wg = self.workgroup_size
         cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,))
-        counts, reals = host["counts"], host["reals"]
-        reads.append(cl.enqueue_copy(queue, counts, self._stats_counts[slot],
-                                     is_blocking=False))
-        reads.append(cl.enqueue_copy(queue, reals, self._stats_reals[slot], is_blocking=False))
-        return pick, counts, reals
+        return pick, host["counts"], host["reals"]
+
+    def _wait(self, event: Any) -> None:
+        """Wait for ``event`` unless it is complete: a wait lets go of the GIL, and taking it
+        back costs this thread (the one feeding the engine) a hand-over from the reader and
+        writer threads, up to the interpreter's switch interval; asking the status does not
+        let it go."""
+        if event.command_execution_status != self._cl.command_execution_status.COMPLETE:
+            event.wait()
 
     @staticmethod
-    def _finish(pending: _Pending) -> BinSums:
+    def _pick(params: dict) -> float:
+        """The outlier statistics' ``pick`` of an operation's parameters."""
+        return float(params.get("pick", DEFAULT_PICK))
+
+    def _finish(self, pending: _Pending) -> BinSums:
         """The sums of a submitted frame, once read back: new arrays (the slot's page-locked
         ones take the next frame's)."""
-        pending.done.wait()
+        self._wait(pending.done)
         if pending.decode_error is not None:   # a corrupt chunk: the sums are meaningless
             check_error_flag(*pending.decode_error)
         sums = pending.sums
@@ -739,7 +821,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         else:
             sums = sums.copy()
         outliers = None
-        if pending.outliers is not None:   # read back before sums (in-order queue)
+        if pending.outliers is not None:   # read back with the sums (one copy)
             pick, counts, reals = pending.outliers
             counts = counts.copy()
             if reals.ndim == 3:
@@ -782,8 +864,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                 params: dict[str, Any]) -> Iterator[tuple[Any, BinSums | Exception]]:
         """:meth:`process_many` overlapping transfers and kernels.
 
-        Frame n+1 is uploaded (on the transfer queue, into the second raw buffer) while the
-        kernels of frame n run; its sums are read back without blocking. Results come out in
+        Up to :attr:`slots` frames are in flight, each in a slot of its own (raw buffer,
+        sums, command queue): frame n+1 is uploaded while the kernels of frame n run, and the
+        kernels of several frames overlap; sums are read back without blocking. Results come out in
         input order, each as soon as it is ready; a frame that fails (wrong size, unsupported
         dtype, a device error) gives its exception in its place.
 
@@ -814,7 +897,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                 try:
                     if copy is not None:
                         copy.result()
-                    pending = self._submit(frame, operation, params, submitted % 2)
+                    pending = self._submit(frame, operation, params, submitted % self.slots)
                     submitted += 1
                 except Exception as err:  # noqa: BLE001 - one bad frame must not end the stream
                     pending = err
@@ -856,12 +939,12 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                         ahead = 0
                 while len(copying) > ahead:
                     submit_oldest()
-                    if len(in_flight) == 2:
+                    if len(in_flight) == self.slots:
                         yield finish_oldest()
             while copying or in_flight:
                 if copying:
                     submit_oldest()
-                if len(in_flight) == 2 or not copying:
+                if len(in_flight) == self.slots or not copying:
                     yield finish_oldest()
         finally:
             # abandoned generator: let the copying threads and the device finish
