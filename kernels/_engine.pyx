@@ -1353,8 +1353,11 @@ def integrate_weights(indptr, indices, coefs, norm, threads=None):
     sums = integrate(np.zeros(n_raw, dtype=np.uint8), indptr, indices, coefs, norm, None, None,
                      None, 0.0, "poisson", threads)
     weights = np.ascontiguousarray(sums[2:5])
-    zero_norms = np.concatenate(([0], np.cumsum(norm[:indptr[-1]] == 0)))
-    weights[:, zero_norms[indptr[1:]] > zero_norms[indptr[:-1]]] = np.nan
+    # no negative indices: this module is compiled with wraparound=False, under which they
+    # are undefined (a build of the GPU machine's Cython read indptr[:-1] wrongly)
+    npt = indptr.shape[0] - 1
+    zero_norms = np.concatenate(([0], np.cumsum(norm[:indptr[npt]] == 0)))
+    weights[:, zero_norms[indptr[1:npt + 1]] > zero_norms[indptr[0:npt]]] = np.nan
     return weights
 
 

@@ -486,6 +486,17 @@ def test_raw_chunks_through_read_direct_chunk_when_offsets_are_unusable(tmp_path
         assert got[2].index == 2
 
 
+def test_bitshuffle_lz4_pieces_only_on_few_cores(monkeypatch):
+    """Pieces where few threads decode; one piece (the whole frame) on more cores, where
+    each piece's GIL hand-overs cost more than the cache saves."""
+    import azfilter.resources as resources
+
+    monkeypatch.setattr(resources, "usable_cores", lambda: chunks.BSLZ4_PIECE_MAX_CORES)
+    assert chunks._piece_bytes(18 << 20) == chunks.BSLZ4_PIECE_BYTES
+    monkeypatch.setattr(resources, "usable_cores", lambda: chunks.BSLZ4_PIECE_MAX_CORES + 1)
+    assert chunks._piece_bytes(18 << 20) == 18 << 20
+
+
 @pytest.mark.parametrize("piece_blocks", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", [(40, 52), (45, 47)], ids=["2080px", "2115px"])
@@ -497,6 +508,7 @@ def test_bitshuffle_lz4_decoded_piece_by_piece(tmp_path, monkeypatch, piece_bloc
     (read-only: copied), and a corrupt block in a later piece failing its frame only."""
     itemsize = np.dtype(dtype).itemsize
     monkeypatch.setattr(chunks, "BSLZ4_PIECE_BYTES", piece_blocks * 256 * itemsize)
+    monkeypatch.setattr(chunks, "BSLZ4_PIECE_MAX_CORES", 1 << 20)   # pieces on any machine
     stack = varied_frames(4, shape, dtype)
     stack[2] = 0
     path = write_stack(tmp_path / "stack.h5", stack, FILTERS["bitshuffle-lz4-small-blocks"])

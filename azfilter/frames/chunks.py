@@ -395,6 +395,19 @@ def _unshuffle(data: Any, out: np.ndarray) -> None:
 #: scratch first (Eiger 4M: 17.9 MB) sent it to main memory and back, and took 30-40 % longer
 #: (2-core AMD EPYC: 12-14 against 17-20 ms per frame, pieces of 256 kB-1 MB alike).
 BSLZ4_PIECE_BYTES = 1 << 19
+#: Pieces only where the decoding threads are few (this many usable cores at most): each
+#: piece lets go of the GIL and takes it back twice, and with many reader threads those
+#: hand-overs queue up (16-core GPU node: host decoding and the Cython backend, which decode
+#: on every core, ran at 113 and 112 frames/s in pieces against 385 and 214 whole, in runs
+#: of different days on the same machine). More cores decode a frame in one piece.
+BSLZ4_PIECE_MAX_CORES = 4
+
+
+def _piece_bytes(frame_bytes: int) -> int:
+    """Bytes of bit-shuffled data to decode per step (see :data:`BSLZ4_PIECE_BYTES`)."""
+    from ..resources import usable_cores
+
+    return BSLZ4_PIECE_BYTES if usable_cores() <= BSLZ4_PIECE_MAX_CORES else frame_bytes
 
 
 def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray) -> None:
@@ -424,7 +437,7 @@ def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray) -> N
     raw = memoryview(raw)
     ranges = blocks.block_ranges
     n_blocks = len(ranges)
-    per_piece = max(1, BSLZ4_PIECE_BYTES // block_bytes)
+    per_piece = max(1, _piece_bytes(shuffled_count * itemsize) // block_bytes)
     scratch = _scratch_bytes(min(n_blocks, per_piece) * block_bytes)
     for first in range(0, n_blocks, per_piece):
         last = min(first + per_piece, n_blocks)
