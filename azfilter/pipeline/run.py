@@ -780,9 +780,12 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
         # Chunks left compressed cost a reader ~0.5 ms each (pread + block walk): a few
         # readers keep up with the device, and more only contend for the GIL with the thread
         # that feeds the engine (H200, 1000 Eiger 4M frames, sigma-clip: 270 frames/s with 16
-        # readers, 314 with 8, 327 with 4; integrate 409 / 448 / 462, 487 with 2).
+        # readers, 314 with 8, 327 with 4; integrate 409 / 448 / 462, 487 with 2; with four
+        # frames in flight, by the command's clock: 2 readers 739 / 809, 4 readers 682 / 708,
+        # 1 reader 796 / 794, sigma-clip / integrate).
         readers = min(readers, DEVICE_DECODE_READERS)
-    # every frame iter_frames may hold decoded ahead, plus those in the engine
+    # every frame iter_frames may hold decoded ahead, plus those in the engine (up to 4 in
+    # flight on a GPU)
     buffers = integrator.frame_buffers(2 * readers + 2 + READ_AHEAD + 4)
     method, params = reduction_parameters(job.config)
     if job.config.get("backend") == "opencl":
