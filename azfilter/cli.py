@@ -494,31 +494,5 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def entry() -> None:
-    """The ``azfilter`` console command and ``python -m azfilter``: :func:`run`, then
-    :func:`leave` with its status."""
-    leave(run())
-
-
-def leave(status: int) -> None:
-    """End the process with ``status`` at once, once the command has returned.
-
-    By then every output is written, closed and renamed into place, the cache's background
-    stores are joined and the summary is printed; what remains is the interpreter's teardown,
-    which on a GPU node releases the OpenCL contexts and page-locked buffers one by one
-    (measured there: most of a second for a run of the command). The streams are flushed and
-    logging shut down first, then ``os._exit`` lets the operating system free it all.
-    """
-    import logging
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):   # a closed pipe or stream: nothing more to say
-            pass
-    logging.shutdown()
-    os._exit(status)
-
-
 if __name__ == "__main__":  # pragma: no cover
-    entry()
+    sys.exit(run())

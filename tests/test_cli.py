@@ -465,12 +465,12 @@ def test_output_to_stdout(data, tmp_path):
 
 
 def test_command_exits_at_once_with_its_outputs_complete(data, tmp_path):
-    """``python -m azfilter`` (and the console script, ``azfilter.cli:entry``) ends the
+    """``python -m azfilter`` (and the console script, ``azfilter.__main__:entry``) ends the
     process as soon as the command returns, skipping the interpreter's teardown (atexit
     handlers included), with stdout flushed and the command's exit status."""
     script = ("import atexit, sys\n"
               "atexit.register(lambda: print('TEARDOWN', flush=True))\n"
-              "from azfilter.cli import entry\n"
+              "from azfilter.__main__ import entry\n"
               "sys.argv[0] = 'azfilter'\n"
               "entry()\n")
     stdout_run = subprocess.run(
@@ -494,7 +494,7 @@ def test_command_exits_at_once_with_its_outputs_complete(data, tmp_path):
     import tomllib
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["azfilter"] == "azfilter.cli:entry"
+    assert pyproject["project"]["scripts"]["azfilter"] == "azfilter.__main__:entry"
 
 
 def test_progress_log_lines_and_quiet(data, tmp_path, monkeypatch):
