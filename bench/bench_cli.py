@@ -121,10 +121,14 @@ def child_environment() -> dict[str, str]:
     return env
 
 
-ENTRY_SCRIPT = """import sys
-from azfilter.cli import main
-sys.exit(main())
-"""
+def entry_script() -> str:
+    """The ``azfilter`` script a wheel installs: the ``[project.scripts]`` entry of
+    pyproject.toml (so the bench starts the command the way users do, exit included)."""
+    import tomllib
+
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = target["azfilter"].split(":")
+    return f"import sys\nfrom {module} import {function}\nsys.exit({function}())\n"
 
 
 def azfilter_launcher(mode: str, work: Path) -> Launcher:
@@ -179,7 +183,7 @@ def azfilter_launcher(mode: str, work: Path) -> Launcher:
         shutil.copy2(kernel, package / "kernels" / kernel.name)
     script = site / "bin" / "azfilter"
     script.parent.mkdir()
-    script.write_text(ENTRY_SCRIPT)
+    script.write_text(entry_script())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     if finder is not None:
         env["MESONPY_EDITABLE_SKIP"] = finder._build_path  # the editable loader steps aside

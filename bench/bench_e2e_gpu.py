@@ -523,8 +523,13 @@ def main() -> None:
             argv = azfilter_argv(launcher, operation, stacks["poni"], args.npt, backend,
                                  (extra_common if backend == "opencl" else []) + extra
                                  + threads) + [stacks[source], "-o", str(out)]
-            run = checked(run_child(argv, env, work, work / f"{operation}.log"),
-                          f"azfilter {operation} {variant}")
+            run = run_child(argv, env, work, work / f"{operation}.log")
+            if run.returncode != 0:   # recorded; the other runs still go (report, exit 1)
+                first_lines = " | ".join(run.stderr_tail.strip().splitlines()[:2])
+                failures.append(f"{operation} {variant}: exit {run.returncode}: {first_lines}")
+                print(f"  {operation:10s} {source:5s} azfilter {variant:22s} FAILED "
+                      f"(exit {run.returncode})", flush=True)
+                continue
             rows.append(Timed(operation, source, "azfilter", variant, args.frames, run.wall_s,
                               run.cpu_s, run.peak_mb))
             print(f"  {operation:10s} {source:5s} azfilter {variant:22s} "
