@@ -184,9 +184,9 @@ MAX_BUFFER_ROWS = 1024
 
 def buffer_rows(result: Any) -> int:
     """Rows to buffer for results like ``result``: :data:`BUFFER_BYTES` of them."""
-    row_bytes = sum(np.dtype(dtype).itemsize * np.size(row_array(result, attr))
-                    for _name, attr, dtype in ROW_ARRAYS
-                    if row_array(result, attr) is not None)
+    rows = [(row_array(result, attr), dtype) for _name, attr, dtype in ROW_ARRAYS]
+    row_bytes = sum(np.dtype(dtype).itemsize * np.size(row) for row, dtype in rows
+                    if row is not None)
     row_bytes += sum(np.asarray(value).nbytes for value in outlier_rows(result).values())
     return int(max(MIN_BUFFER_ROWS, min(MAX_BUFFER_ROWS, BUFFER_BYTES // max(1, row_bytes))))
 

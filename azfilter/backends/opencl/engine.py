@@ -703,6 +703,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                 f"{', '.join(ERROR_MODELS)}")
         kernels = self._kernels_for(raw_type, slot)
         frame_args = self._frame_args(slot, error_model, params.get("variance"))
+        pick = self._pick(params)
         # medfilt's long rows sharing one sort scratch: those frames stay on one queue
         queue = self._slot_queues[0 if (operation == "medfilt" and self._long_rows.size
                                         and not self._sort_per_slot) else slot]
@@ -729,8 +730,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             self._set_args(kernel, *geometry, *frame_args, self._real(params["thres"]),
                            np.int32(max(0, int(params["max_iter"]))),
                            np.int32(_CLIP_MODEL[error_model]), npt, flags, out,
-                           self._real(self._pick(params)), regions["counts"],
-                           regions["reals"])
+                           self._real(pick), regions["counts"], regions["reals"])
             cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,),
                                        wait_for=kernel_wait)
         elif operation == "medfilt":
@@ -764,7 +764,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                 f"{', '.join(OPERATIONS)}")
         outliers = None
         if operation == "sigma_clip":
-            outliers = (self._pick(params), host["counts"], host["reals"])
+            outliers = (pick, host["counts"], host["reals"])
         elif operation != "integrate":
             outliers = self._submit_outlier_stats(kernels, frame_args, params, slot, queue,
                                                   host)
