@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -417,7 +417,11 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     # failures, so that a shard is never missing from the merge.)
     empty_output = out_kind == "hdf5" and not todo and not Path(output).exists()
     if todo or empty_output:
-        if todo and config["backend"] == "opencl":
+        from .workers import planned_workers
+
+        # worker processes start OpenCL themselves: this process must not (a forked child
+        # cannot use the driver its parent started)
+        if todo and config["backend"] == "opencl" and planned_workers(config, len(todo)) < 2:
             from ..backends.opencl.devices import warm_up
 
             job.warm_up = warm_up(config.get("device"))
@@ -579,7 +583,7 @@ def execute(job: Job, progress: Progress) -> JobReport:
 
     sink = _make_sink(job)
 
-    def fail(error: Exception, frames: int = 1) -> None:
+    def fail(error: Exception, frames: int = 1, planned: Planned | None = None) -> None:
         with counters.lock:
             counters.failed += frames
             report.failures.append(str(error))
@@ -671,11 +675,10 @@ def _ring_buffer(data: Any) -> Any:
     return data.buffer if isinstance(data, CompressedChunk) else data
 
 
-def _read_frames(todo: list[Planned], workers: int, buffers: Any,
-                 fail: Callable[[Exception, int], None],
+def _read_frames(todo: list[Planned], workers: int, buffers: Any, fail: Callable[..., None],
                  device_decode: bool = False) -> Iterator[tuple[Planned, Any]]:
-    """The planned frames in plan order as (planned, Frame); read failures go to ``fail``,
-    one per planned frame.
+    """The planned frames in plan order as (planned, Frame); read failures go to
+    ``fail(error, 1, planned=planned)``, one per planned frame.
 
     Frames are decoded by :func:`azfilter.frames.iter_frames` on ``workers`` threads (HDF5
     chunks read directly and decoded outside h5py's lock), into the engine's ring buffers;
@@ -689,7 +692,7 @@ def _read_frames(todo: list[Planned], workers: int, buffers: Any,
 
     def fail_remaining(reason: str) -> None:
         for planned in remaining.values():
-            fail(FrameReadError(planned.source, planned.index, reason), 1)
+            fail(FrameReadError(planned.source, planned.index, reason), 1, planned=planned)
         remaining.clear()
 
     def advance() -> None:
@@ -713,7 +716,7 @@ def _read_frames(todo: list[Planned], workers: int, buffers: Any,
             if isinstance(obj, FrameReadError):
                 if planned is not None:
                     fail(FrameReadError(planned.source, planned.index, _reason(obj, planned)),
-                         1)
+                         1, planned=planned)
                 continue
             if planned is None:            # not planned (cannot happen: selected runs)
                 buffers.give_back(_ring_buffer(obj.data))
@@ -723,7 +726,7 @@ def _read_frames(todo: list[Planned], workers: int, buffers: Any,
         for _, group in runs[position:]:
             for planned in group:
                 fail(FrameReadError(planned.source, planned.index,
-                                    "frame was not delivered by the reader"), 1)
+                                    "frame was not delivered by the reader"), 1, planned=planned)
     finally:
         stream.close()
 
@@ -739,11 +742,18 @@ def _frame_source(obj: Any) -> str:
 
 
 def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
-            fail: Callable[[Exception, int], None]) -> None:
-    """Read (thread pool) -> reduce (this thread, process_many) -> write (writer thread)."""
+            fail: Callable[..., None]) -> None:
+    """Read (thread pool) -> reduce (this thread, process_many) -> write (writer thread).
+
+    With :func:`azfilter.pipeline.workers.worker_count` above 1 (the OpenCL backend on a
+    GPU, long jobs), reading and reducing run in worker processes instead, and this thread
+    puts their results in order for the writer thread.
+    """
     if not job.todo:
         sink.close()
         return
+    from . import workers
+
     stop = threading.Event()
     write_queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
     writer_error: list[BaseException] = []
@@ -764,13 +774,63 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
                 counters.reduced += 1
             progress.step()
 
+    def emit(planned: Planned, frame_source: str, result: Any) -> bool:
+        return _put(write_queue, (planned, frame_source, result), stop)
+
+    count = workers.worker_count(job)
+    pool = None
+    if count > 1:
+        # forked before any thread of this run starts (a lock a thread holds at the fork
+        # would stay locked in the child)
+        pool = workers.WorkerPool(job, count, lambda batches, fail_frame, send, halt:
+                                  _reduce(job, batches, fail_frame, send, halt))
     writer_thread = threading.Thread(target=writer, name="azfilter-writer", daemon=True)
     writer_thread.start()
+    interrupted: BaseException | None = None
+    try:
+        if pool is not None:
+            pool.run(fail, emit, stop)
+        else:
+            _reduce(job, [job.todo], fail, emit, stop)
+    except BaseException as err:  # KeyboardInterrupt, SIGTERM: clean up, then re-raise
+        interrupted = err
+        stop.set()
+    finally:
+        if pool is not None:
+            pool.close()
+        if writer_thread.is_alive():
+            # The writer drains what was reduced, then stops (the queue has room as it runs).
+            _put(write_queue, _END, threading.Event())
+            writer_thread.join()
+    if interrupted is not None or writer_error:
+        sink.abort()
+    if interrupted is not None:
+        raise interrupted
+    integrator = job.integrator
+    if job.writer is not None and integrator.shape is not None:
+        # a file even when every frame failed to read: it lists the failures (a no-op when
+        # rows were written)
+        job.writer.start(integrator.table(job.config["split"]).radial,
+                         sectors=integrator.sectors)
+    if writer_error:
+        err = writer_error[0]
+        if isinstance(err, AzfilterError):   # the writer's own one-line message
+            raise err
+        if isinstance(err, OSError) and err.strerror:
+            where = err.filename or job.output
+            raise RunFailed(f"{where}: cannot write the output: {err.strerror}")
+        raise RunFailed(f"{job.output}: cannot write the output: {err}")
+    sink.close()
+
+
+def _reduce(job: Job, batches: Iterable[list[Planned]], fail: Callable[..., None],
+            emit: Callable[[Planned, str, Any], bool], stop: threading.Event) -> None:
+    """Read and reduce the planned frames of ``batches`` (lists of consecutive plans, read
+    one after the other through one engine stream): ``emit(planned, frame source, result)``
+    for each frame reduced (False stops the run), ``fail`` for each one that is not.
+    """
     integrator = job.integrator
     threads = job.config.get("threads")
-    # Buffers the engine reads fastest (page-locked for OpenCL), reused frame after frame:
-    # enough for every frame the read-ahead queues can hold, plus the readers' and the
-    # engine's own.
     # decoder threads: the cores the job may use (they overlap with the engine's threads,
     # which wait while a frame is decoded and the other way round)
     readers = threads or usable_cores()
@@ -784,6 +844,7 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
         # frames in flight, by the command's clock: 2 readers 739 / 809, 4 readers 682 / 708,
         # 1 reader 796 / 794, sigma-clip / integrate).
         readers = min(readers, DEVICE_DECODE_READERS)
+    # Buffers the engine reads fastest (page-locked for OpenCL), reused frame after frame:
     # every frame iter_frames may hold decoded ahead, plus those in the engine (up to 4 in
     # flight on a GPU)
     buffers = integrator.frame_buffers(2 * readers + 2 + READ_AHEAD + 4)
@@ -801,7 +862,6 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
                 "%d cores usable", job.label, len(job.todo), job.config["backend"],
                 f" (device {integrator.device})" if integrator.device else "",
                 integrator.threads, lanes, readers, usable_cores())
-    interrupted: BaseException | None = None
     # frame source and buffer of each frame in the engine, until its result is back
     in_flight: dict[int, tuple[str, Any]] = {}
 
@@ -809,61 +869,35 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     monitors: dict[int, float] = {}
 
     def frames() -> Iterator[tuple[Planned, Any]]:
-        for planned, frame in _read_frames(job.todo, readers, buffers, fail, device_decode):
-            if monitor is not None:
-                try:
-                    monitors[id(planned)] = monitor.value(frame)
-                except FrameReadError as err:
-                    buffers.give_back(_ring_buffer(frame.data))
-                    fail(err, 1)
-                    continue
-            in_flight[id(planned)] = (_frame_source(frame), frame.data)
-            yield planned, frame.data
+        for batch in batches:
+            for planned, frame in _read_frames(batch, readers, buffers, fail, device_decode):
+                if monitor is not None:
+                    try:
+                        monitors[id(planned)] = monitor.value(frame)
+                    except FrameReadError as err:
+                        buffers.give_back(_ring_buffer(frame.data))
+                        fail(err, 1, planned=planned)
+                        continue
+                in_flight[id(planned)] = (_frame_source(frame), frame.data)
+                yield planned, frame.data
 
-    try:
-        for planned, outcome in integrator.process_many(frames(), method, **params):
-            frame_source, data = in_flight.pop(id(planned))
-            frame_monitor = monitors.pop(id(planned), 1.0)
-            if job.postprocess is not None and not isinstance(outcome, Exception):
-                try:   # sparsify: pick the Bragg pixels while the raw frame is at hand
-                    outcome = job.postprocess(data, outcome)
-                except Exception as err:  # noqa: BLE001 - one failed frame, reported
-                    outcome = err
-            buffers.give_back(_ring_buffer(data))   # the engine has read it: reuse the buffer
-            if stop.is_set():
-                break
-            if isinstance(outcome, Exception):
-                reason = str(outcome) if isinstance(outcome, AzfilterError) else (
-                    f"reduction failed: {type(outcome).__name__}: {outcome}")
-                fail(FrameReadError(planned.source, planned.index, reason), 1)
-                continue
-            if monitor is not None:
-                outcome = divide_by_monitor(outcome, frame_monitor)
-            if not _put(write_queue, (planned, frame_source, outcome), stop):
-                break
-    except BaseException as err:  # KeyboardInterrupt, SIGTERM: clean up, then re-raise
-        interrupted = err
-        stop.set()
-    finally:
-        if writer_thread.is_alive():
-            # The writer drains what was reduced, then stops (the queue has room as it runs).
-            _put(write_queue, _END, threading.Event())
-            writer_thread.join()
-    if interrupted is not None or writer_error:
-        sink.abort()
-    if interrupted is not None:
-        raise interrupted
-    if job.writer is not None and integrator.shape is not None:
-        # a file even when every frame failed to read: it lists the failures (a no-op when
-        # rows were written)
-        job.writer.start(integrator.table(job.config["split"]).radial,
-                         sectors=integrator.sectors)
-    if writer_error:
-        err = writer_error[0]
-        if isinstance(err, AzfilterError):   # the writer's own one-line message
-            raise err
-        if isinstance(err, OSError) and err.strerror:
-            where = err.filename or job.output
-            raise RunFailed(f"{where}: cannot write the output: {err.strerror}")
-        raise RunFailed(f"{job.output}: cannot write the output: {err}")
-    sink.close()
+    for planned, outcome in integrator.process_many(frames(), method, **params):
+        frame_source, data = in_flight.pop(id(planned))
+        frame_monitor = monitors.pop(id(planned), 1.0)
+        if job.postprocess is not None and not isinstance(outcome, Exception):
+            try:   # sparsify: pick the Bragg pixels while the raw frame is at hand
+                outcome = job.postprocess(data, outcome)
+            except Exception as err:  # noqa: BLE001 - one failed frame, reported
+                outcome = err
+        buffers.give_back(_ring_buffer(data))   # the engine has read it: reuse the buffer
+        if stop.is_set():
+            break
+        if isinstance(outcome, Exception):
+            reason = str(outcome) if isinstance(outcome, AzfilterError) else (
+                f"reduction failed: {type(outcome).__name__}: {outcome}")
+            fail(FrameReadError(planned.source, planned.index, reason), 1, planned=planned)
+            continue
+        if monitor is not None:
+            outcome = divide_by_monitor(outcome, frame_monitor)
+        if not emit(planned, frame_source, outcome):
+            break

@@ -1,0 +1,432 @@
+"""Worker processes for the OpenCL backend: each reads and reduces blocks of frames through its
+own engine, and the command's process writes their results in plan order.
+
+Why processes: on a GPU the engine is no longer what binds the command. Every Python thread of
+one process (the readers, the thread that feeds the engine and turns its sums into results,
+the writer) holds the interpreter's lock for ~1.1-1.3 ms per Eiger 4M frame in all (H200
+machine, 2026-11-29), so one process tops out at ~770 frames/s for sigma-clip while its
+engine alone runs ~1500. Two processes each feed the device, and the GPU runs their kernels
+in turn.
+
+How (``fork``, POSIX only)::
+
+    command process                          worker k (forked after the lookup table loaded)
+      WorkerPool(job, count)  -- fork -->      ignores SIGINT; dies with its parent
+      run():                                   starts OpenCL, sends ("ready", device type)
+        worker 0 ready: a GPU? start the rest   waits for blocks:
+        sends ("block", start, stop) ahead  -->    ("block", a, b): reads and reduces
+        receives results and failures      <--     job.todo[a:b] through one engine stream,
+        puts them in plan order, emits them        one message per planned frame
+        ("end",) once every block is sent   -->  ("done",), then exits
+
+Each planned frame gets exactly one message, a result or a failure, so the command knows
+which frames a worker still owes: if a worker dies (a driver crash, the OOM killer), those
+frames are reported failed, naming the worker and how it ended, and the blocks not yet handed
+out go to the others. Nothing is lost while the process says 0.
+
+The worker is forked before any thread of the run starts: a lock a thread held at the fork
+(h5py's, the logging module's) would stay locked in the child. The command's process itself
+never starts OpenCL in this mode (a child cannot use a driver its parent started).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..errors import AzfilterError, FrameReadError
+
+logger = logging.getLogger(__name__)
+
+#: environment variable: worker processes of an OpenCL run (1: none, all in this process)
+PROCESSES_VARIABLE = "AZFILTER_OPENCL_PROCESSES"
+#: worker processes on one GPU by default. Two processes feeding one H200 ran the engine
+#: alone at 622 + 778 sigma-clip frames/s and 4427 + 1936 integrate (one process: 1529 and
+#: 8379): the GPU runs the kernels of the two contexts in turn, so more processes only help
+#: while each is bound by its interpreter's lock.
+DEFAULT_PROCESSES = 2
+#: fewest frames for which the default starts worker processes: each starts OpenCL after the
+#: fork, where one process starts it while the lookup table loads (~0.3 s later on the H200)
+MIN_FRAMES = 400
+#: blocks of consecutive frames each worker holds at once (read ahead while the command
+#: writes the block before)
+BLOCKS_AHEAD = 2
+#: largest block of frames handed to a worker (smaller for short jobs, so that every worker
+#: gets some)
+MAX_BLOCK = 128
+#: smallest block: more frames than a worker's engine holds unreported (4 in flight and the
+#: one it is taking). A worker asks for its next block once it has taken every frame of the
+#: newest one it holds; the command hands that out once it has written the worker's older
+#: block, whose frames are then all out of the engine only if a block is at least this long.
+MIN_BLOCK = 8
+
+
+def planned_workers(config: dict[str, Any], frames: int,
+                    environ: dict[str, str] | None = None) -> int:
+    """Worker processes a run of ``frames`` frames with ``config`` starts (1: none).
+
+    ``AZFILTER_OPENCL_PROCESSES`` (a positive integer) chooses, for any OpenCL job that can
+    use workers; otherwise :data:`DEFAULT_PROCESSES` for a job of at least
+    :data:`MIN_FRAMES` frames on one device that is not ``cpu`` (the first worker checks that
+    the device is a GPU before the others start).
+
+    Raises
+    ------
+    AzfilterError
+        When the environment variable is not a positive integer.
+    """
+    from ..vocabulary import names_several_devices, parse_device_spec
+
+    environ = os.environ if environ is None else environ
+    asked = environ.get(PROCESSES_VARIABLE, "").strip()
+    if asked and (not asked.isdigit() or int(asked) < 1):
+        raise AzfilterError(f"{PROCESSES_VARIABLE} must be a positive integer, got {asked!r}")
+    if config.get("backend") != "opencl" or config.get("operation") == "sparsify" \
+            or "fork" not in multiprocessing.get_all_start_methods() or frames < 2:
+        return 1
+    try:
+        tokens = parse_device_spec(config.get("device"))
+    except ValueError:
+        return 1
+    if names_several_devices(tokens):   # one process, one engine per device (multi.py)
+        return 1
+    if asked:
+        return int(asked)
+    if frames < MIN_FRAMES or (tokens and tokens[0] == "cpu"):
+        return 1
+    return DEFAULT_PROCESSES
+
+
+def worker_count(job: Any) -> int:
+    """Worker processes for ``job`` (1: reduce in this process)."""
+    if job.postprocess is not None:   # sparsify picks on the raw frames of this process
+        return 1
+    return planned_workers(job.config, len(job.todo))
+
+
+def forced(environ: dict[str, str] | None = None) -> bool:
+    """Whether the environment sets the number of workers (then every one starts at once,
+    whatever the device)."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get(PROCESSES_VARIABLE, "").strip())
+
+
+# Reduce = (batches of planned frames, fail, emit, stop) -> None; run.py's _reduce.
+Reduce = Callable[[Iterator[list], Callable[..., None], Callable[..., bool], threading.Event],
+                  None]
+
+
+@dataclasses.dataclass
+class _Worker:
+    index: int
+    process: Any
+    connection: Any
+    blocks: collections.deque = dataclasses.field(default_factory=collections.deque)
+    alive: bool = True
+    started: bool = False
+    told_to_end: bool = False
+    device_type: str | None = None
+
+    def ended(self) -> str:
+        """How the process ended, for the failure messages of the frames it owed."""
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        if code is None:
+            return "did not answer"
+        if code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"ended with exit status {code}"
+
+
+class WorkerPool:
+    """Worker processes reducing blocks of ``job.todo`` (see the module docstring).
+
+    Parameters
+    ----------
+    job : azfilter.pipeline.run.Job
+        The prepared job (its integrator's lookup table loaded: the workers inherit it).
+    count : int
+        Worker processes (at least 2).
+    reduce : callable
+        ``reduce(batches, fail, emit, stop)``: reads and reduces every frame of the batches
+        (lists of planned frames), calling ``emit(planned, frame source, result)`` or
+        ``fail(error, 1, planned=planned)`` once per planned frame.
+    """
+
+    def __init__(self, job: Any, count: int, reduce: Reduce):
+        self.job = job
+        self.reduce = reduce
+        self.start_all = forced()
+        self.pending: dict[int, tuple] = {}   # position in job.todo -> its message
+        job.integrator.constants   # noqa: B018 - computed once here, inherited by the workers
+        context = multiprocessing.get_context("fork")
+        self.workers: list[_Worker] = []
+        for index in range(count):
+            ours, theirs = context.Pipe(duplex=True)
+            process = context.Process(
+                target=_worker_main, name=f"azfilter-worker-{index}", daemon=True,
+                args=(job, index, theirs, reduce, not (index == 0 or self.start_all)))
+            with warnings.catch_warnings():   # "multi-threaded process": see the docstring
+                warnings.simplefilter("ignore", DeprecationWarning)
+                process.start()
+            theirs.close()
+            self.workers.append(_Worker(index, process, ours,
+                                        started=index == 0 or self.start_all))
+        logger.info("%s: %d worker processes (pids %s), blocks of up to %d frames",
+                    job.label, count, " ".join(str(w.process.pid) for w in self.workers),
+                    MAX_BLOCK)
+
+    # ------------------------------------------------------------------ command side
+    def run(self, fail: Callable[..., None], emit: Callable[..., bool],
+            stop: threading.Event) -> None:
+        """Hand out the blocks, put the workers' messages in plan order, ``emit`` each result
+        and ``fail`` each failed frame; returns when every planned frame is accounted for.
+
+        Raises
+        ------
+        AzfilterError
+            A worker could not start its engine (no OpenCL device...): the run stops as it
+            would in one process.
+        """
+        todo = self.job.todo
+        total = len(todo)
+        size = max(MIN_BLOCK,
+                   min(MAX_BLOCK, -(-total // (BLOCKS_AHEAD * len(self.workers) * 2))))
+        blocks = [(start, min(start + size, total)) for start in range(0, total, size)]
+        pending = self.pending             # position -> the worker's message for it
+        owners: dict[int, _Worker | None] = {}   # block start -> the worker reducing it
+        handed = 0                         # blocks[:handed] have a worker (or failed)
+
+        first = self.workers[0]
+        message = self._receive(first)
+        if not self.start_all:
+            if message is None or first.device_type == "GPU":
+                for worker in self.workers[1:]:
+                    self._send(worker, ("start",))
+                    worker.started = True
+            else:   # a CPU device gains nothing from a second process
+                for worker in self.workers[1:]:
+                    self._send(worker, ("end",))
+                    worker.told_to_end = True
+                    worker.alive = False
+                logger.info("%s: the device is a %s: one worker process", self.job.label,
+                            first.device_type)
+
+        def hand_out(worker: _Worker | None) -> None:
+            """The next block to ``worker`` (to the least busy one if it has ended)."""
+            nonlocal handed
+            if handed >= len(blocks):
+                self._no_more_blocks()
+                return
+            if worker is None or not worker.alive:
+                candidates = [w for w in self.workers if w.alive and w.started]
+                worker = min(candidates, key=lambda w: len(w.blocks), default=None)
+            start, end = blocks[handed]
+            handed += 1
+            owners[start] = worker
+            if worker is None:
+                for position in range(start, end):
+                    pending.setdefault(position, ("lost", "no worker process was left"))
+                return
+            worker.blocks.append((start, end))
+            self._send(worker, ("block", start, end))
+            if handed == len(blocks):
+                self._no_more_blocks()
+
+        for _ in range(BLOCKS_AHEAD):
+            for worker in self.workers:
+                if worker.alive and worker.started:
+                    hand_out(worker)
+        if handed == 0:
+            hand_out(None)
+        position = 0
+        for start, end in blocks:
+            if start not in owners:   # every worker ended: this block fails as a whole
+                hand_out(None)
+            while position < end:
+                if stop.is_set():
+                    return
+                message = pending.pop(position, None)
+                if message is None:
+                    self._wait()
+                    continue
+                planned = todo[position]
+                if message[0] == "result":
+                    _, _, frame_source, result = message
+                    result.geometry = self.job.integrator.geometry
+                    if not emit(planned, frame_source, result):
+                        return
+                elif message[0] == "failed":
+                    _, _, source, index, reason = message
+                    fail(FrameReadError(source, index, reason), 1, planned=planned)
+                else:   # "lost": its worker ended before reducing it
+                    fail(FrameReadError(planned.source, planned.index,
+                                        f"not reduced: {message[1]}"), 1, planned=planned)
+                position += 1
+            owner = owners.pop(start)
+            if owner is not None and owner.blocks and owner.blocks[0][0] == start:
+                owner.blocks.popleft()
+            hand_out(owner)
+
+    def _no_more_blocks(self) -> None:
+        """Every block is handed out: each worker finishes its own and ends (a worker waiting
+        for a block holds the last frames of its newest one in its engine)."""
+        for worker in self.workers:
+            if worker.alive and worker.started and not worker.told_to_end:
+                worker.told_to_end = True
+                self._send(worker, ("end",))
+
+    def _send(self, worker: _Worker, message: tuple) -> None:
+        try:
+            worker.connection.send(message)
+        except OSError:
+            self._lost(worker)
+
+    def _wait(self) -> None:
+        """Receive at least one message from the workers that owe frames."""
+        owing = [w for w in self.workers if w.alive and w.started]
+        if not owing:   # cannot happen: a dead worker's frames are already marked lost
+            raise AzfilterError("no worker process left and frames still owed")
+        ready = multiprocessing.connection.wait([w.connection for w in owing])
+        for worker in owing:
+            if worker.connection in ready:
+                self._receive(worker)
+
+    def _receive(self, worker: _Worker) -> tuple | None:
+        """One message of ``worker`` into ``pending`` (or its readiness, or its end)."""
+        try:
+            message = worker.connection.recv()
+        except (EOFError, OSError):
+            self._lost(worker)
+            return None
+        kind = message[0]
+        if kind in ("result", "failed"):
+            self.pending[message[1]] = message
+        elif kind == "ready":
+            worker.device_type = message[1]
+            logger.info("%s: worker %d ready on a %s", self.job.label, worker.index,
+                        message[1])
+        elif kind == "done":   # every frame it was given is accounted for
+            worker.alive = False
+        elif kind == "fatal":
+            worker.alive = False
+            raise AzfilterError(message[1])
+        return message
+
+    def _lost(self, worker: _Worker) -> None:
+        """``worker`` ended: the frames it owed fail, naming it."""
+        if not worker.alive:
+            return
+        worker.alive = False
+        how = f"worker process {worker.index} (pid {worker.process.pid}) {worker.ended()}"
+        for start, end in worker.blocks:
+            for position in range(start, end):
+                self.pending.setdefault(position, ("lost", how))
+        worker.blocks.clear()
+        logger.warning("%s: %s", self.job.label, how)
+
+    def close(self) -> None:
+        """Tell the workers that no block follows and wait for them; kill any that is still
+        running (the run stopped part-way)."""
+        for worker in self.workers:
+            if worker.alive and not worker.told_to_end:
+                worker.told_to_end = True
+                try:
+                    worker.connection.send(("end",))
+                except OSError:
+                    pass
+        for worker in self.workers:
+            worker.process.join(timeout=10 if worker.alive else 0.5)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.connection.close()
+
+
+# ------------------------------------------------------------------ worker side
+def _worker_main(job: Any, index: int, connection: Any, reduce: Reduce,
+                 wait_for_start: bool) -> None:
+    """A worker process: start the engine, then reduce the blocks the command sends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the command handles Ctrl-C
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    _die_with_parent()
+    status = 0
+    try:
+        if wait_for_start and connection.recv()[0] != "start":
+            os._exit(0)
+        connection.send(("ready", _device_type(job)))
+        positions: dict[int, int] = {}   # id(planned) -> its position in job.todo
+
+        def batches() -> Iterator[list]:
+            while True:
+                message = connection.recv()
+                if message[0] != "block":
+                    return
+                _, start, end = message
+                batch = job.todo[start:end]
+                for offset, planned in enumerate(batch):
+                    positions[id(planned)] = start + offset
+                yield batch
+
+        def fail(error: Exception, frames: int = 1, planned: Any = None) -> None:
+            position = positions.pop(id(planned))
+            reason = error.reason if isinstance(error, FrameReadError) else str(error)
+            source = getattr(error, "source", planned.source)
+            connection.send(("failed", position, source, getattr(error, "index", None),
+                             reason))
+
+        def emit(planned: Any, frame_source: str, result: Any) -> bool:
+            # the geometry is the command's own: not sent with every frame
+            connection.send(("result", positions.pop(id(planned)), frame_source,
+                             dataclasses.replace(result, geometry=None)))
+            return True
+
+        reduce(batches(), fail, emit, threading.Event())
+        connection.send(("done",))
+    except BaseException as err:  # noqa: BLE001 - reported to the command, which stops
+        status = 1
+        text = str(err) if isinstance(err, AzfilterError) else (
+            f"worker process {index} failed: {type(err).__name__}: {err}")
+        try:
+            connection.send(("fatal", text))
+        except OSError:
+            pass
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)   # no interpreter teardown: the command's files are not ours
+
+
+def _device_type(job: Any) -> str:
+    """The type (``GPU``, ``CPU``...) of the device this worker's engine runs on."""
+    from ..backends.opencl.devices import select_device
+
+    info, _ = select_device(job.integrator.device)
+    return str(info.get("type"))
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the command's process ends."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        if os.getppid() == 1:           # the parent ended before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass

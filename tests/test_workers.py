@@ -1,0 +1,196 @@
+"""Worker processes of an OpenCL run (``azfilter.pipeline.workers``).
+
+Each worker reads and reduces blocks of frames through its own engine; the command writes
+their results in plan order. The outputs must equal a one-process run's bit for bit (results
+and failed frames), a worker killed mid-run must cost only the frames it owed (each reported,
+naming the worker), and the default must fall back to one worker on a CPU device. The command
+runs in a fresh process: a worker is forked, and a process that has started OpenCL (this
+pytest process has) cannot hand the driver to a child.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from opencl_device import opencl_test_device
+from test_decode_device import PONI, corrupt_chunks, ring_frames, write_bslz4
+
+from azfilter.errors import AzfilterError
+from azfilter.output import read_result
+from azfilter.pipeline import workers
+
+pytestmark = pytest.mark.opencl
+
+STABLE = ("entry/end_time", "entry/start_time", "entry/reduction/date",
+          "entry/reduction/configuration/data")   # dates, and the output's own path
+
+
+@pytest.fixture(scope="module")
+def device() -> str:
+    return opencl_test_device()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """300 uint32 frames, bitshuffle-LZ4, frames 2 and 4 corrupt."""
+    folder = tmp_path_factory.mktemp("workers")
+    path = folder / "stack.h5"
+    write_bslz4(path, ring_frames(300, np.uint32))
+    corrupt = corrupt_chunks(path, np.uint32)
+    (folder / "geo.poni").write_text(PONI)
+    return folder, path, corrupt
+
+
+def command(folder, inputs, output, device, processes: str | None, *extra: str,
+            operation: str = "sigma-clip") -> list[str]:
+    options = ["--thres", "3"] if operation == "sigma-clip" else []
+    return [sys.executable, "-m", "azfilter", operation, "-v", "--npt", "50", *options,
+            "-p", str(folder / "geo.poni"), "--backend", "opencl", "--device", device,
+            *extra, *map(str, inputs), "-o", str(output)]
+
+
+def environment(processes: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != workers.PROCESSES_VARIABLE}
+    if processes is not None:
+        env[workers.PROCESSES_VARIABLE] = processes
+    return env
+
+
+def datasets(path) -> dict[str, np.ndarray]:
+    found: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as h5:
+        h5.visititems(lambda name, obj: found.__setitem__(name, obj[()])
+                      if isinstance(obj, h5py.Dataset) and name not in STABLE else None)
+    return found
+
+
+def assert_same_output(expected, actual) -> None:
+    first, second = datasets(expected), datasets(actual)
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        other = second[name]
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            np.testing.assert_array_equal(value, other, err_msg=name)
+        else:
+            assert np.array_equal(value, other), name
+
+
+@pytest.mark.parametrize("operation", ["sigma-clip", "integrate"])
+def test_workers_write_what_one_process_writes(stack, device, tmp_path, operation):
+    folder, path, corrupt = stack
+    outputs = {}
+    for processes in ("1", "2", "3"):
+        output = tmp_path / f"out{processes}.h5"
+        done = subprocess.run(command(folder, [path], output, device, processes,
+                                      operation=operation),
+                              env=environment(processes), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 3, done.stderr
+        for index in corrupt:   # one line each on stderr, in every mode
+            assert len(re.findall(rf"failed: .*frame {index}: ", done.stderr)) == 1, \
+                done.stderr
+        assert "298 frames reduced, 0 skipped, 2 failed" in done.stderr
+        assert "Traceback" not in done.stderr
+        if processes != "1":
+            assert f"{processes} worker processes" in done.stderr
+            assert "ended with" not in done.stderr   # no worker was lost
+        outputs[processes] = output
+    assert_same_output(outputs["1"], outputs["2"])
+    assert_same_output(outputs["1"], outputs["3"])
+
+
+def test_a_killed_worker_costs_only_the_frames_it_owed(device, tmp_path):
+    """Worker 1 is killed once it is ready: the frames it held fail, naming it; worker 0
+    reduces every other frame; exit status 3; rows equal a one-process run's."""
+    folder = tmp_path
+    path = folder / "long.h5"
+    frames = 2000
+    write_bslz4(path, ring_frames(frames, np.uint16, seed=3))
+    (folder / "geo.poni").write_text(PONI)
+    output = tmp_path / "out.h5"
+    process = subprocess.Popen(command(folder, [path], output, device, "2",
+                                       operation="integrate"),
+                               env=environment("2"), stderr=subprocess.PIPE, text=True)
+    lines = []
+    pids: list[int] = []
+    deadline = time.monotonic() + 120
+    for line in process.stderr:
+        lines.append(line)
+        found = re.search(r"2 worker processes \(pids (\d+) (\d+)\)", line)
+        if found:
+            pids = [int(found.group(1)), int(found.group(2))]
+        if "worker 1 ready" in line:
+            os.kill(pids[1], signal.SIGKILL)
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    rest = process.stderr.read()
+    assert process.wait(timeout=300) == 3, "".join(lines) + rest
+    stderr = "".join(lines) + rest
+    summary = re.search(r"(\d+) frames reduced, 0 skipped, (\d+) failed", stderr)
+    reduced, failed = int(summary.group(1)), int(summary.group(2))
+    assert reduced + failed == frames and failed >= 1, stderr
+    lost = re.findall(r"failed: .* frame (\d+): not reduced: worker process 1 "
+                      rf"\(pid {pids[1]}\) was killed by SIGKILL", stderr)
+    assert len(lost) == failed, stderr
+    assert "Traceback" not in stderr
+
+    table = read_result(output)   # the failures are listed in the file too, rows in order
+    assert sorted(index for _, index, _ in table.failed) == sorted(int(i) for i in lost)
+    assert table.complete is True
+    kept = sorted(set(range(frames)) - {int(i) for i in lost})
+    assert list(table.frame_indices) == kept
+
+    alone = tmp_path / "alone.h5"
+    done = subprocess.run(command(folder, [path], alone, device, "1", operation="integrate"),
+                          env=environment("1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reference = read_result(alone)
+    np.testing.assert_array_equal(table.intensity, reference.intensity[kept])
+    np.testing.assert_array_equal(table.sigma, reference.sigma[kept])
+
+
+def test_default_uses_one_worker_on_a_cpu_device(stack, device, tmp_path):
+    """Without the variable, a long job probes the device in its first worker: a CPU device
+    gains nothing from a second process, which is told to end before it starts OpenCL."""
+    folder, path, _ = stack
+    copy = tmp_path / "copy.h5"
+    copy.write_bytes(path.read_bytes())
+    inputs = [path, copy]   # 600 frames: above MIN_FRAMES
+    assert 2 * 300 >= workers.MIN_FRAMES
+    output = tmp_path / "out.h5"
+    done = subprocess.run(command(folder, inputs, output, device, None),
+                          env=environment(None), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr
+    assert "596 frames reduced, 0 skipped, 4 failed" in done.stderr
+    if device != "cpu" and "GPU" in done.stderr:
+        pytest.skip("the test device is a GPU: both workers run")
+    assert "the device is a CPU: one worker process" in done.stderr
+    assert "worker 1 ready" not in done.stderr
+
+
+def test_planned_workers_rules():
+    config = {"backend": "opencl", "operation": "sigma-clip", "device": None}
+    assert workers.planned_workers(config, 1000, {}) == workers.DEFAULT_PROCESSES
+    assert workers.planned_workers(config, workers.MIN_FRAMES - 1, {}) == 1
+    assert workers.planned_workers({**config, "device": "cpu"}, 1000, {}) == 1
+    assert workers.planned_workers({**config, "device": "gpu"}, 1000, {}) == 2
+    assert workers.planned_workers({**config, "device": "0:0,0:1"}, 1000, {}) == 1
+    assert workers.planned_workers({**config, "device": "all"}, 1000, {}) == 1
+    assert workers.planned_workers({**config, "backend": "cython"}, 1000, {}) == 1
+    assert workers.planned_workers({**config, "operation": "sparsify"}, 1000, {}) == 1
+    forced = {workers.PROCESSES_VARIABLE: "3"}
+    assert workers.planned_workers(config, 10, forced) == 3
+    assert workers.planned_workers({**config, "device": "cpu"}, 10, forced) == 3
+    assert workers.planned_workers(config, 1000, {workers.PROCESSES_VARIABLE: "1"}) == 1
+    assert workers.planned_workers(config, 1, forced) == 1
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(AzfilterError, match=workers.PROCESSES_VARIABLE):
+            workers.planned_workers(config, 1000, {workers.PROCESSES_VARIABLE: bad})
