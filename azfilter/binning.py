@@ -1395,7 +1395,8 @@ def build_csr(
     cache: bool = True,
     stats: dict | None = None,
     sectors: Sequence[tuple[float, float]] | None = None,
-) -> CSR:
+    only_if_cached: bool = False,
+) -> CSR | bool:
     """The radial lookup table of a geometry, from the disk cache when it is there.
 
     Parameters
@@ -1425,10 +1426,13 @@ def build_csr(
         χ sectors in degrees (:func:`sector_ranges`): the table's rows are then the
         (sector, radial) cells, row ``s * npt + b``; no split:
         :func:`csr_nosplit_sectors`, full split: :func:`csr_fullsplit_sectors`.
+    only_if_cached : bool
+        Build and load nothing: return whether the disk cache has the table (the options
+        are checked all the same).
 
     Returns
     -------
-    CSR
+    CSR, or bool with ``only_if_cached``
 
     Raises
     ------
@@ -1467,7 +1471,11 @@ def build_csr(
             mask_digest(flat_mask), bands,
         )
         path = _cache_path(directory, key)
+        if only_if_cached:
+            return path.is_file()
         parts = _load_cached(path, key, shape, npt, n_sectors)
+    elif only_if_cached:
+        return False
     hit = parts is not None
     stored = False
     if parts is None:

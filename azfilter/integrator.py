@@ -424,6 +424,11 @@ class Integrator:
             normalization=self.normalization, pixel_mask=self.pixel_mask,
         )
 
+    def table_cached(self, split: str = "no") -> bool:
+        """Whether the ``split`` lookup table is loaded or in the disk cache (nothing built)."""
+        split = _check_split(split)
+        return split in self._tables or bool(self._build_table(split, only_if_cached=True))
+
     def table(self, split: str = "no"):
         """The CSR lookup table for ``split`` (built, or read from the disk cache, once).
 
@@ -431,15 +436,18 @@ class Integrator:
         """
         split = _check_split(split)
         if split not in self._tables:
-            from .binning import build_csr  # lazily: only needed once a frame comes
-
-            self._tables[split] = build_csr(
-                self.geometry, self.unit, self.npt, split, self.constants.static_mask,
-                radial_range=self.radial_range,
-                azimuth_range=None if self.sectors is not None else self.azimuth_range,
-                sectors=self.sectors,
-            )
+            self._tables[split] = self._build_table(split)
         return self._tables[split]
+
+    def _build_table(self, split: str, only_if_cached: bool = False):
+        from .binning import build_csr  # lazily: only needed once a frame comes
+
+        return build_csr(
+            self.geometry, self.unit, self.npt, split, self.constants.static_mask,
+            radial_range=self.radial_range,
+            azimuth_range=None if self.sectors is not None else self.azimuth_range,
+            sectors=self.sectors, only_if_cached=only_if_cached,
+        )
 
     def engine(self, split: str = "no", dtype: Any = np.float64):
         """The engine working on the ``split`` table for frames of ``dtype`` (kept for reuse).

@@ -26,6 +26,7 @@ from test_decode_device import PONI, corrupt_chunks, ring_frames, write_bslz4
 from azfilter.errors import AzfilterError
 from azfilter.output import read_result
 from azfilter.pipeline import workers
+from azfilter.resources import usable_cores
 
 pytestmark = pytest.mark.opencl
 
@@ -157,9 +158,10 @@ def test_a_killed_worker_costs_only_the_frames_it_owed(device, tmp_path):
     np.testing.assert_array_equal(table.sigma, reference.sigma[kept])
 
 
-def test_default_uses_one_worker_on_a_cpu_device(stack, device, tmp_path):
-    """Without the variable, a long job probes the device in its first worker: a CPU device
-    gains nothing from a second process, which is told to end before it starts OpenCL."""
+def test_default_workers_follow_the_device_and_the_cores(stack, device, tmp_path):
+    """Without the variable, a long job on a machine with enough cores probes the device in
+    its first worker: a CPU device gains nothing from a second process, which is told to end
+    before it starts OpenCL; on a GPU every worker runs. With fewer cores, one process."""
     folder, path, _ = stack
     copy = tmp_path / "copy.h5"
     copy.write_bytes(path.read_bytes())
@@ -170,18 +172,27 @@ def test_default_uses_one_worker_on_a_cpu_device(stack, device, tmp_path):
                           env=environment(None), capture_output=True, text=True, timeout=300)
     assert done.returncode == 3, done.stderr
     assert "596 frames reduced, 0 skipped, 4 failed" in done.stderr
-    if device != "cpu" and "GPU" in done.stderr:
-        pytest.skip("the test device is a GPU: both workers run")
+    count = workers.planned_workers({"backend": "opencl", "operation": "sigma-clip",
+                                     "device": device}, 600, {})
+    if count == 1:   # fewer than 2 * CORES_PER_PROCESS usable cores: no worker process
+        assert "worker process" not in done.stderr
+        return
+    assert f"{count} worker processes" in done.stderr
+    if "worker 0 ready on a GPU" in done.stderr:
+        assert f"worker {count - 1} ready on a GPU" in done.stderr
+        return
     assert "the device is a CPU: one worker process" in done.stderr
     assert "worker 1 ready" not in done.stderr
 
 
 def test_planned_workers_rules():
     config = {"backend": "opencl", "operation": "sigma-clip", "device": None}
-    assert workers.planned_workers(config, 1000, {}) == workers.DEFAULT_PROCESSES
+    default = max(1, min(workers.DEFAULT_PROCESSES,
+                         usable_cores() // workers.CORES_PER_PROCESS))
+    assert workers.planned_workers(config, 1000, {}) == default
     assert workers.planned_workers(config, workers.MIN_FRAMES - 1, {}) == 1
     assert workers.planned_workers({**config, "device": "cpu"}, 1000, {}) == 1
-    assert workers.planned_workers({**config, "device": "gpu"}, 1000, {}) == 2
+    assert workers.planned_workers({**config, "device": "gpu"}, 1000, {}) == default
     assert workers.planned_workers({**config, "device": "0:0,0:1"}, 1000, {}) == 1
     assert workers.planned_workers({**config, "device": "all"}, 1000, {}) == 1
     assert workers.planned_workers({**config, "backend": "cython"}, 1000, {}) == 1

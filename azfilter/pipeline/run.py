@@ -92,12 +92,18 @@ class Job:
     postprocess: Callable[[Any, Any], Any] | None = None
     # the OpenCL start-up running beside the table's loading (join before leaving)
     warm_up: threading.Thread | None = None
+    # worker processes started while the table loads (azfilter.pipeline.workers.WorkerPool)
+    workers: Any = None
 
     def finish_warm_up(self) -> None:
-        """Wait for the OpenCL start-up thread, if any (it must not outlive the job)."""
+        """Wait for the OpenCL start-up thread, if any, and end the worker processes (neither
+        may outlive the job)."""
         if self.warm_up is not None:
             self.warm_up.join()
             self.warm_up = None
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     @property
     def label(self) -> str:
@@ -174,8 +180,10 @@ def _sectors(value: Any) -> Any:
     return value
 
 
-def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | None) -> Any:
-    """The job's Integrator, its lookup table built (or loaded) so that errors show now.
+def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | None,
+                    load_table: bool = True) -> Any:
+    """The job's Integrator, its lookup table built (or loaded) so that errors show now
+    (with ``load_table``).
 
     A generic detector takes its shape from the first input; an Eiger/NeXus file's own pixel
     mask is OR-ed in when it fits the detector.
@@ -213,7 +221,7 @@ def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | Non
         threads=config["threads"] or usable_cores(), pixel_mask=pixel_mask,
         sectors=_sectors(config.get("sectors")),
     )
-    if integrator.shape is not None:
+    if load_table and integrator.shape is not None:
         integrator.table(config["split"])
     return integrator
 
@@ -417,17 +425,30 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
     # failures, so that a shard is never missing from the merge.)
     empty_output = out_kind == "hdf5" and not todo and not Path(output).exists()
     if todo or empty_output:
-        from .workers import planned_workers
+        from . import workers
 
         # worker processes start OpenCL themselves: this process must not (a forked child
         # cannot use the driver its parent started)
-        if todo and config["backend"] == "opencl" and planned_workers(config, len(todo)) < 2:
+        count = workers.planned_workers(config, len(todo)) \
+            if todo and config["operation"] != "sparsify" else 1
+        if todo and config["backend"] == "opencl" and count < 2:
             from ..backends.opencl.devices import warm_up
 
             job.warm_up = warm_up(config.get("device"))
         try:
             job.integrator = make_integrator(config, geometry,
-                                             todo[0].item if todo else None)
+                                             todo[0].item if todo else None,
+                                             load_table=count < 2)
+            if count > 1:
+                # The table in the disk cache: the workers start now and load it beside
+                # their OpenCL start-up, as one process does. Else it is built here first,
+                # once, and they inherit it.
+                if job.integrator.shape is not None \
+                        and job.integrator.table_cached(config["split"]):
+                    job.workers = workers.WorkerPool(job, count, _reducer(job),
+                                                     load_table=True)
+                if job.integrator.shape is not None:
+                    job.integrator.table(config["split"])
             meta.geometry = geometry_lines(job.integrator.geometry)
             if config["operation"] == "sparsify":
                 job.postprocess = make_picker(config, job.integrator, writer)
@@ -438,6 +459,14 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
             job.finish_warm_up()
             raise
     return job
+
+
+def _reducer(job: Job) -> Callable[..., None]:
+    """What a worker process runs: :func:`_reduce` over the batches it is given."""
+    def reduce(batches: Iterable[list[Planned]], fail: Callable[..., None],
+               emit: Callable[..., bool], stop: threading.Event) -> None:
+        _reduce(job, batches, fail, emit, stop)
+    return reduce
 
 
 @contextlib.contextmanager
@@ -777,13 +806,12 @@ def _stream(job: Job, sink: Any, progress: Progress, counters: Counters,
     def emit(planned: Planned, frame_source: str, result: Any) -> bool:
         return _put(write_queue, (planned, frame_source, result), stop)
 
+    pool, job.workers = job.workers, None
     count = workers.worker_count(job)
-    pool = None
-    if count > 1:
+    if pool is None and count > 1:
         # forked before any thread of this run starts (a lock a thread holds at the fork
         # would stay locked in the child)
-        pool = workers.WorkerPool(job, count, lambda batches, fail_frame, send, halt:
-                                  _reduce(job, batches, fail_frame, send, halt))
+        pool = workers.WorkerPool(job, count, _reducer(job))
     writer_thread = threading.Thread(target=writer, name="azfilter-writer", daemon=True)
     writer_thread.start()
     interrupted: BaseException | None = None

@@ -10,9 +10,11 @@ in turn.
 
 How (``fork``, POSIX only)::
 
-    command process                          worker k (forked after the lookup table loaded)
+    command process                          worker k
       WorkerPool(job, count)  -- fork -->      ignores SIGINT; dies with its parent
-      run():                                   starts OpenCL, sends ("ready", device type)
+      run():                                   starts OpenCL (and loads the lookup table
+                                               from the disk cache, beside it), sends
+                                               ("ready", device type)
         worker 0 ready: a GPU? start the rest   waits for blocks:
         sends ("block", start, stop) ahead  -->    ("block", a, b): reads and reduces
         receives results and failures      <--     job.todo[a:b] through one engine stream,
@@ -24,9 +26,11 @@ which frames a worker still owes: if a worker dies (a driver crash, the OOM kill
 frames are reported failed, naming the worker and how it ended, and the blocks not yet handed
 out go to the others. Nothing is lost while the process says 0.
 
-The worker is forked before any thread of the run starts: a lock a thread held at the fork
-(h5py's, the logging module's) would stay locked in the child. The command's process itself
-never starts OpenCL in this mode (a child cannot use a driver its parent started).
+The workers are forked before any thread of the run starts: a lock a thread held at the fork
+(h5py's, the logging module's) would stay locked in the child. When the lookup table is in the
+disk cache they are forked before it loads, and each loads it while its OpenCL starts (what one
+process overlaps); else the command builds it once and they inherit it. The command's process
+itself never starts OpenCL in this mode (a child cannot use a driver its parent started).
 """
 
 from __future__ import annotations
@@ -50,11 +54,15 @@ logger = logging.getLogger(__name__)
 
 #: environment variable: worker processes of an OpenCL run (1: none, all in this process)
 PROCESSES_VARIABLE = "AZFILTER_OPENCL_PROCESSES"
-#: worker processes on one GPU by default. Two processes feeding one H200 ran the engine
-#: alone at 622 + 778 sigma-clip frames/s and 4427 + 1936 integrate (one process: 1529 and
-#: 8379): the GPU runs the kernels of the two contexts in turn, so more processes only help
-#: while each is bound by its interpreter's lock.
-DEFAULT_PROCESSES = 2
+#: worker processes on one GPU by default (fewer when the job may use fewer than
+#: CORES_PER_PROCESS cores each). Two processes feeding one H200 ran the engine alone at
+#: 622 + 778 sigma-clip frames/s and 4427 + 1936 integrate (one process: 1529 and 8379): the
+#: GPU runs the kernels of the contexts in turn, so more processes help only while each is
+#: bound by its interpreter's lock. The command over 4000 Eiger 4M frames, 1 / 2 / 3
+#: processes: sigma-clip 6.19 / 5.95 / 5.49 s, integrate 5.54 / 4.25 / 3.66 s (H200 machine).
+DEFAULT_PROCESSES = 3
+#: cores each default worker process should have (two reader threads and the feeding one)
+CORES_PER_PROCESS = 4
 #: fewest frames for which the default starts worker processes: each starts OpenCL after the
 #: fork, where one process starts it while the lookup table loads (~0.3 s later on the H200)
 MIN_FRAMES = 400
@@ -76,9 +84,10 @@ def planned_workers(config: dict[str, Any], frames: int,
     """Worker processes a run of ``frames`` frames with ``config`` starts (1: none).
 
     ``AZFILTER_OPENCL_PROCESSES`` (a positive integer) chooses, for any OpenCL job that can
-    use workers; otherwise :data:`DEFAULT_PROCESSES` for a job of at least
-    :data:`MIN_FRAMES` frames on one device that is not ``cpu`` (the first worker checks that
-    the device is a GPU before the others start).
+    use workers; otherwise :data:`DEFAULT_PROCESSES` (at most one per
+    :data:`CORES_PER_PROCESS` usable cores) for a job of at least :data:`MIN_FRAMES` frames
+    on one device that is not ``cpu`` (the first worker checks that the device is a GPU
+    before the others start).
 
     Raises
     ------
@@ -104,7 +113,9 @@ def planned_workers(config: dict[str, Any], frames: int,
         return int(asked)
     if frames < MIN_FRAMES or (tokens and tokens[0] == "cpu"):
         return 1
-    return DEFAULT_PROCESSES
+    from ..resources import usable_cores
+
+    return max(1, min(DEFAULT_PROCESSES, usable_cores() // CORES_PER_PROCESS))
 
 
 def worker_count(job: Any) -> int:
@@ -164,9 +175,13 @@ class WorkerPool:
         ``reduce(batches, fail, emit, stop)``: reads and reduces every frame of the batches
         (lists of planned frames), calling ``emit(planned, frame source, result)`` or
         ``fail(error, 1, planned=planned)`` once per planned frame.
+    load_table : bool
+        The job's lookup table is not loaded yet (it is in the disk cache): each worker loads
+        it while OpenCL starts, as one process does, instead of starting OpenCL after the
+        command loaded it.
     """
 
-    def __init__(self, job: Any, count: int, reduce: Reduce):
+    def __init__(self, job: Any, count: int, reduce: Reduce, load_table: bool = False):
         self.job = job
         self.reduce = reduce
         self.start_all = forced()
@@ -178,16 +193,18 @@ class WorkerPool:
             ours, theirs = context.Pipe(duplex=True)
             process = context.Process(
                 target=_worker_main, name=f"azfilter-worker-{index}", daemon=True,
-                args=(job, index, theirs, reduce, not (index == 0 or self.start_all)))
+                args=(job, index, theirs, reduce, not (index == 0 or self.start_all),
+                      load_table))
             with warnings.catch_warnings():   # "multi-threaded process": see the docstring
                 warnings.simplefilter("ignore", DeprecationWarning)
                 process.start()
             theirs.close()
             self.workers.append(_Worker(index, process, ours,
                                         started=index == 0 or self.start_all))
-        logger.info("%s: %d worker processes (pids %s), blocks of up to %d frames",
+        logger.info("%s: %d worker processes (pids %s), blocks of up to %d frames%s",
                     job.label, count, " ".join(str(w.process.pid) for w in self.workers),
-                    MAX_BLOCK)
+                    MAX_BLOCK, "; each loads the lookup table from the cache" if load_table
+                    else "")
 
     # ------------------------------------------------------------------ command side
     def run(self, fail: Callable[..., None], emit: Callable[..., bool],
@@ -358,7 +375,7 @@ class WorkerPool:
 
 # ------------------------------------------------------------------ worker side
 def _worker_main(job: Any, index: int, connection: Any, reduce: Reduce,
-                 wait_for_start: bool) -> None:
+                 wait_for_start: bool, load_table: bool) -> None:
     """A worker process: start the engine, then reduce the blocks the command sends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the command handles Ctrl-C
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -368,6 +385,12 @@ def _worker_main(job: Any, index: int, connection: Any, reduce: Reduce,
     try:
         if wait_for_start and connection.recv()[0] != "start":
             os._exit(0)
+        if load_table:
+            from ..backends.opencl.devices import warm_up
+
+            starting = warm_up(job.integrator.device)
+            job.integrator.table(job.config["split"])
+            starting.join()
         connection.send(("ready", _device_type(job)))
         positions: dict[int, int] = {}   # id(planned) -> its position in job.todo
 
