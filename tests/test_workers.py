@@ -168,11 +168,11 @@ def test_default_workers_follow_the_device_and_the_cores(stack, device, tmp_path
     inputs = [path, copy]   # 600 frames: above MIN_FRAMES
     assert 2 * 300 >= workers.MIN_FRAMES
     output = tmp_path / "out.h5"
-    done = subprocess.run(command(folder, inputs, output, device, None),
+    done = subprocess.run(command(folder, inputs, output, device, None, operation="integrate"),
                           env=environment(None), capture_output=True, text=True, timeout=300)
     assert done.returncode == 3, done.stderr
     assert "596 frames reduced, 0 skipped, 4 failed" in done.stderr
-    count = workers.planned_workers({"backend": "opencl", "operation": "sigma-clip",
+    count = workers.planned_workers({"backend": "opencl", "operation": "integrate",
                                      "device": device}, 600, {})
     if count == 1:   # fewer than 2 * CORES_PER_PROCESS usable cores: no worker process
         assert "worker process" not in done.stderr
@@ -186,9 +186,13 @@ def test_default_workers_follow_the_device_and_the_cores(stack, device, tmp_path
 
 
 def test_planned_workers_rules():
-    config = {"backend": "opencl", "operation": "sigma-clip", "device": None}
+    config = {"backend": "opencl", "operation": "integrate", "device": None}
     default = max(1, min(workers.DEFAULT_PROCESSES,
                          usable_cores() // workers.CORES_PER_PROCESS))
+    for operation in ("sigma-clip", "medfilt"):   # bound by the GPU in one process
+        assert workers.planned_workers({**config, "operation": operation}, 1000, {}) == 1
+        assert workers.planned_workers({**config, "operation": operation}, 1000,
+                                       {workers.PROCESSES_VARIABLE: "2"}) == 2
     assert workers.planned_workers(config, 1000, {}) == default
     assert workers.planned_workers(config, workers.MIN_FRAMES - 1, {}) == 1
     assert workers.planned_workers({**config, "device": "cpu"}, 1000, {}) == 1

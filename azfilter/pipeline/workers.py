@@ -54,13 +54,18 @@ logger = logging.getLogger(__name__)
 
 #: environment variable: worker processes of an OpenCL run (1: none, all in this process)
 PROCESSES_VARIABLE = "AZFILTER_OPENCL_PROCESSES"
-#: worker processes on one GPU by default (fewer when the job may use fewer than
-#: CORES_PER_PROCESS cores each). Two processes feeding one H200 ran the engine alone at
-#: 622 + 778 sigma-clip frames/s and 4427 + 1936 integrate (one process: 1529 and 8379): the
-#: GPU runs the kernels of the contexts in turn, so more processes help only while each is
-#: bound by its interpreter's lock. The command over 4000 Eiger 4M frames, 1 / 2 / 3
-#: processes: sigma-clip 6.19 / 5.95 / 5.49 s, integrate 5.54 / 4.25 / 3.66 s (H200 machine).
+#: worker processes on one GPU by default, for the operations of DEFAULT_OPERATIONS (fewer
+#: when the job may use fewer than CORES_PER_PROCESS cores each). Two processes feeding one
+#: H200 ran the engine alone at 622 + 778 sigma-clip frames/s and 4427 + 1936 integrate (one
+#: process: 1529 and 8379): the GPU runs the kernels of the contexts in turn, so more
+#: processes help only while each is bound by its interpreter's lock. The command over 4000
+#: Eiger 4M bitshuffle-LZ4 frames decoded on the device, 1 / 3 / 4 processes: integrate
+#: 3.82 / 2.72 / 3.08 s, sigma-clip 4.33 / 4.62 / 4.79 s, medfilt 7.42 / 8.56 / 8.60 s
+#: (H200 machine, 2026-11-29).
 DEFAULT_PROCESSES = 3
+#: operations whose GPU work per frame is small enough that one process cannot keep the
+#: device busy (sigma-clip and medfilt are bound by the GPU in one process: see above)
+DEFAULT_OPERATIONS = ("integrate",)
 #: cores each default worker process should have (two reader threads and the feeding one)
 CORES_PER_PROCESS = 4
 #: fewest frames for which the default starts worker processes: each starts OpenCL after the
@@ -85,9 +90,9 @@ def planned_workers(config: dict[str, Any], frames: int,
 
     ``AZFILTER_OPENCL_PROCESSES`` (a positive integer) chooses, for any OpenCL job that can
     use workers; otherwise :data:`DEFAULT_PROCESSES` (at most one per
-    :data:`CORES_PER_PROCESS` usable cores) for a job of at least :data:`MIN_FRAMES` frames
-    on one device that is not ``cpu`` (the first worker checks that the device is a GPU
-    before the others start).
+    :data:`CORES_PER_PROCESS` usable cores) for an operation of :data:`DEFAULT_OPERATIONS`
+    over at least :data:`MIN_FRAMES` frames on one device that is not ``cpu`` (the first
+    worker checks that the device is a GPU before the others start).
 
     Raises
     ------
@@ -111,7 +116,8 @@ def planned_workers(config: dict[str, Any], frames: int,
         return 1
     if asked:
         return int(asked)
-    if frames < MIN_FRAMES or (tokens and tokens[0] == "cpu"):
+    if frames < MIN_FRAMES or (tokens and tokens[0] == "cpu") \
+            or config.get("operation") not in DEFAULT_OPERATIONS:
         return 1
     from ..resources import usable_cores
 
