@@ -103,6 +103,10 @@ def test_workers_write_what_one_process_writes(stack, device, tmp_path, operatio
         if processes != "1":
             assert f"{processes} worker processes" in done.stderr
             assert "ended with" not in done.stderr   # no worker was lost
+            # each worker decodes on the host with its share of the cores (a CPU device)
+            if "decoded on the host" in done.stderr:
+                share = max(1, usable_cores() // int(processes))
+                assert f", {share} reader threads" in done.stderr
         outputs[processes] = output
     assert_same_output(outputs["1"], outputs["2"])
     assert_same_output(outputs["1"], outputs["3"])

@@ -94,6 +94,8 @@ class Job:
     warm_up: threading.Thread | None = None
     # worker processes started while the table loads (azfilter.pipeline.workers.WorkerPool)
     workers: Any = None
+    # processes reading and reducing the job's frames (their reader threads share the cores)
+    processes: int = 1
 
     def finish_warm_up(self) -> None:
         """Wait for the OpenCL start-up thread, if any, and end the worker processes (neither
@@ -860,8 +862,9 @@ def _reduce(job: Job, batches: Iterable[list[Planned]], fail: Callable[..., None
     integrator = job.integrator
     threads = job.config.get("threads")
     # decoder threads: the cores the job may use (they overlap with the engine's threads,
-    # which wait while a frame is decoded and the other way round)
-    readers = threads or usable_cores()
+    # which wait while a frame is decoded and the other way round), shared by the worker
+    # processes when there are several
+    readers = max(1, (threads or usable_cores()) // job.processes)
     # sparsify picks its pixels on the host from the decoded frame: its chunks are decoded here
     device_decode = decode_on_device(job.config) and job.postprocess is None
     if device_decode:

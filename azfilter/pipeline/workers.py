@@ -16,6 +16,7 @@ How (``fork``, POSIX only)::
                                                from the disk cache, beside it), sends
                                                ("ready", device type)
         worker 0 ready: a GPU? start the rest   waits for blocks:
+        sends ("processes", n)              -->  shares the cores among n processes
         sends ("block", start, stop) ahead  -->    ("block", a, b): reads and reduces
         receives results and failures      <--     job.todo[a:b] through one engine stream,
         puts them in plan order, emits them        one message per planned frame
@@ -193,6 +194,7 @@ class WorkerPool:
         self.start_all = forced()
         self.pending: dict[int, tuple] = {}   # position in job.todo -> its message
         job.integrator.constants   # noqa: B018 - computed once here, inherited by the workers
+        job.processes = count       # the workers share the cores among their reader threads
         context = multiprocessing.get_context("fork")
         self.workers: list[_Worker] = []
         for index in range(count):
@@ -269,6 +271,9 @@ class WorkerPool:
             if handed == len(blocks):
                 self._no_more_blocks()
 
+        active = [w for w in self.workers if w.alive and w.started]
+        for worker in active:   # how many share the cores (one alone on a CPU device)
+            self._send(worker, ("processes", len(active)))
         for _ in range(BLOCKS_AHEAD):
             for worker in self.workers:
                 if worker.alive and worker.started:
@@ -398,6 +403,10 @@ def _worker_main(job: Any, index: int, connection: Any, reduce: Reduce,
             job.integrator.table(job.config["split"])
             starting.join()
         connection.send(("ready", _device_type(job)))
+        message = connection.recv()
+        if message[0] != "processes":
+            os._exit(0)
+        job.processes = message[1]
         positions: dict[int, int] = {}   # id(planned) -> its position in job.todo
 
         def batches() -> Iterator[list]:
