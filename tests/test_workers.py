@@ -112,6 +112,25 @@ def test_workers_write_what_one_process_writes(stack, device, tmp_path, operatio
     assert_same_output(outputs["1"], outputs["3"])
 
 
+def test_workers_write_the_same_text_files(stack, device, tmp_path):
+    """A directory of text files (one per frame) from 2 workers equals one process's, line
+    for line but the date and the recorded output path."""
+    folder, path, corrupt = stack
+    written = {}
+    for processes in ("1", "2"):
+        output = tmp_path / f"text{processes}"
+        done = subprocess.run(command(folder, [path], f"{output}/", device, processes),
+                              env=environment(processes), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 3, done.stderr
+        written[processes] = {
+            file.name: [line for line in file.read_text().splitlines()
+                        if not line.startswith(("# date:", "# config:"))]
+            for file in sorted(output.iterdir())}
+    assert len(written["1"]) == 300 - len(corrupt)
+    assert written["1"] == written["2"]
+
+
 def test_a_killed_worker_costs_only_the_frames_it_owed(device, tmp_path):
     """Worker 1 is killed once it is ready: the frames it held fail, naming it; worker 0
     reduces every other frame; exit status 3; rows equal a one-process run's."""
@@ -160,6 +179,55 @@ def test_a_killed_worker_costs_only_the_frames_it_owed(device, tmp_path):
     reference = read_result(alone)
     np.testing.assert_array_equal(table.intensity, reference.intensity[kept])
     np.testing.assert_array_equal(table.sigma, reference.sigma[kept])
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_run_ends_its_workers_and_leaves_no_output(device, tmp_path, signum, status):
+    """SIGTERM (a SLURM time limit) or Ctrl-C once the workers run: the command exits 143 or
+    130 with its usual line, the unfinished output is removed and no worker outlives it."""
+    folder = tmp_path
+    path = folder / "long.h5"
+    write_bslz4(path, ring_frames(4000, np.uint16, seed=5))
+    (folder / "geo.poni").write_text(PONI)
+    output = tmp_path / "out.h5"
+    process = subprocess.Popen(command(folder, [path], output, device, "2",
+                                       operation="integrate"),
+                               env=environment("2"), stderr=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        found = re.search(r"2 worker processes \(pids (\d+) (\d+)\)", line)
+        if found:
+            pids = [int(found.group(1)), int(found.group(2))]
+        if "worker 1 ready" in line:
+            break
+    assert pids, "".join(lines)
+    process.send_signal(signum)
+    stderr = "".join(lines) + process.stderr.read()
+    assert process.wait(timeout=120) == status, stderr
+    assert "unfinished outputs were removed" in stderr
+    assert "Traceback" not in stderr
+    assert not output.exists()
+    # nothing but the inputs and the output's lock file (kept between runs, as always)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.h5.lock", "geo.poni",
+                                                          "long.h5"]
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"a worker outlived the command: {pids}"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    """The process state word of /proc/PID/status ("zombie" once it has ended)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("State:"):
+                    return line.lower()
+    except OSError:
+        return "zombie"
+    return ""
 
 
 def test_default_workers_follow_the_device_and_the_cores(stack, device, tmp_path):
