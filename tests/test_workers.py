@@ -84,6 +84,28 @@ def assert_same_output(expected, actual) -> None:
             assert np.array_equal(value, other), name
 
 
+def start_with_two_workers(folder, path, output, device) -> tuple[subprocess.Popen, list[int],
+                                                                  list[str]]:
+    """``azfilter integrate`` with 2 workers, read on stderr until the second is ready:
+    (the process, the workers' pids, the stderr lines so far)."""
+    process = subprocess.Popen(command(folder, [path], output, device, "2",
+                                       operation="integrate"),
+                               env=environment("2"), stderr=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    for line in process.stderr:
+        lines.append(line)
+        found = re.search(r"2 worker processes \(pids (\d+) (\d+)\)", line)
+        if found:
+            pids = [int(found.group(1)), int(found.group(2))]
+        if "worker 1 ready" in line:
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    assert len(pids) == 2, "".join(lines)
+    return process, pids, lines
+
+
 @pytest.mark.parametrize("operation", ["sigma-clip", "integrate"])
 def test_workers_write_what_one_process_writes(stack, device, tmp_path, operation):
     folder, path, corrupt = stack
@@ -140,21 +162,8 @@ def test_a_killed_worker_costs_only_the_frames_it_owed(device, tmp_path):
     write_bslz4(path, ring_frames(frames, np.uint16, seed=3))
     (folder / "geo.poni").write_text(PONI)
     output = tmp_path / "out.h5"
-    process = subprocess.Popen(command(folder, [path], output, device, "2",
-                                       operation="integrate"),
-                               env=environment("2"), stderr=subprocess.PIPE, text=True)
-    lines = []
-    pids: list[int] = []
-    deadline = time.monotonic() + 120
-    for line in process.stderr:
-        lines.append(line)
-        found = re.search(r"2 worker processes \(pids (\d+) (\d+)\)", line)
-        if found:
-            pids = [int(found.group(1)), int(found.group(2))]
-        if "worker 1 ready" in line:
-            os.kill(pids[1], signal.SIGKILL)
-            break
-        assert time.monotonic() < deadline, "".join(lines)
+    process, pids, lines = start_with_two_workers(folder, path, output, device)
+    os.kill(pids[1], signal.SIGKILL)
     rest = process.stderr.read()
     assert process.wait(timeout=300) == 3, "".join(lines) + rest
     stderr = "".join(lines) + rest
@@ -190,19 +199,7 @@ def test_a_stopped_run_ends_its_workers_and_leaves_no_output(device, tmp_path, s
     write_bslz4(path, ring_frames(4000, np.uint16, seed=5))
     (folder / "geo.poni").write_text(PONI)
     output = tmp_path / "out.h5"
-    process = subprocess.Popen(command(folder, [path], output, device, "2",
-                                       operation="integrate"),
-                               env=environment("2"), stderr=subprocess.PIPE, text=True)
-    pids: list[int] = []
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        found = re.search(r"2 worker processes \(pids (\d+) (\d+)\)", line)
-        if found:
-            pids = [int(found.group(1)), int(found.group(2))]
-        if "worker 1 ready" in line:
-            break
-    assert pids, "".join(lines)
+    process, pids, lines = start_with_two_workers(folder, path, output, device)
     process.send_signal(signum)
     stderr = "".join(lines) + process.stderr.read()
     assert process.wait(timeout=120) == status, stderr
