@@ -889,8 +889,10 @@ def _reduce(job: Job, batches: Iterable[list[Planned]], fail: Callable[..., None
         from ..backends.cython import default_lanes  # the compiled engine loads only here
 
         lanes = f" ({default_lanes(integrator.threads)} frames at once)"
-    logger.info("%s: %d frames; backend %s%s, engine threads %s%s, %d reader threads, "
-                "%d cores usable", job.label, len(job.todo), job.config["backend"],
+    logger.info("%s: %d frames%s; backend %s%s, engine threads %s%s, %d reader threads, "
+                "%d cores usable", job.label, len(job.todo),
+                f" shared by {job.processes} worker processes" if job.processes > 1 else "",
+                job.config["backend"],
                 f" (device {integrator.device})" if integrator.device else "",
                 integrator.threads, lanes, readers, usable_cores())
     # frame source and buffer of each frame in the engine, until its result is back
