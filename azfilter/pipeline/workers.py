@@ -8,7 +8,7 @@ machine, 2026-11-29), so one process tops out at ~770 frames/s for sigma-clip wh
 engine alone runs ~1500. Two processes each feed the device, and the GPU runs their kernels
 in turn.
 
-How (``fork``, POSIX only)::
+How (``fork``, Linux only)::
 
     command process                          worker k
       WorkerPool(job, count)  -- fork -->      ignores SIGINT; dies with its parent
@@ -106,8 +106,9 @@ def planned_workers(config: dict[str, Any], frames: int,
     asked = environ.get(PROCESSES_VARIABLE, "").strip()
     if asked and (not asked.isdigit() or int(asked) < 1):
         raise AzfilterError(f"{PROCESSES_VARIABLE} must be a positive integer, got {asked!r}")
+    # Linux only: fork is unsafe on macOS's system frameworks, and PR_SET_PDEATHSIG is Linux's
     if config.get("backend") != "opencl" or config.get("operation") == "sparsify" \
-            or "fork" not in multiprocessing.get_all_start_methods() or frames < 2:
+            or not sys.platform.startswith("linux") or frames < 2:
         return 1
     try:
         tokens = parse_device_spec(config.get("device"))
