@@ -78,11 +78,12 @@ BLOCKS_AHEAD = 2
 #: largest block of frames handed to a worker (smaller for short jobs, so that every worker
 #: gets some)
 MAX_BLOCK = 128
-#: smallest block: more frames than a worker's engine holds unreported (4 in flight and the
-#: one it is taking). A worker asks for its next block once it has taken every frame of the
-#: newest one it holds; the command hands that out once it has written the worker's older
-#: block, whose frames are then all out of the engine only if a block is at least this long.
-MIN_BLOCK = 8
+#: smallest block: more frames than a worker's engine holds unreported (4 in flight on a GPU,
+#: the one being uploaded and the one the stream's grouping looks ahead at: 6; twice that for
+#: margin). A worker asks for its next block once it has taken every frame of the newest one it
+#: holds; the command hands that out once it has written the worker's older block, whose
+#: frames are then all out of the engine only if a block is longer than that.
+MIN_BLOCK = 16
 
 
 def planned_workers(config: dict[str, Any], frames: int,
@@ -176,7 +177,8 @@ class WorkerPool:
     Parameters
     ----------
     job : azfilter.pipeline.run.Job
-        The prepared job (its integrator's lookup table loaded: the workers inherit it).
+        The prepared job: the workers inherit its integrator (with its lookup table, unless
+        ``load_table``).
     count : int
         Worker processes (at least 2).
     reduce : callable
