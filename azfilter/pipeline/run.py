@@ -431,8 +431,9 @@ def prepare_job(config: dict[str, Any], dry_run: bool = False,
 
         # worker processes start OpenCL themselves: this process must not (a forked child
         # cannot use the driver its parent started)
-        count = workers.planned_workers(config, len(todo)) \
+        count = workers.planned_workers(config, len(todo), first_input=todo[0].item) \
             if todo and config["operation"] != "sparsify" else 1
+        job.processes = count
         if todo and config["backend"] == "opencl" and count < 2:
             from ..backends.opencl.devices import warm_up
 
