@@ -254,6 +254,26 @@ def test_default_workers_follow_the_device_and_the_cores(stack, device, tmp_path
     assert "worker 1 ready" not in done.stderr
 
 
+def test_a_device_that_does_not_exist_is_one_line_as_in_one_process(stack, tmp_path):
+    """The workers meet the error when they start their engine: the command says what one
+    process says (one line, exit 2) and writes nothing."""
+    folder, path, _ = stack
+    lines = {}
+    for processes in ("1", "2"):
+        output = tmp_path / f"bad{processes}.h5"
+        done = subprocess.run(command(folder, [path], output, "9:9", processes,
+                                      operation="integrate")[:-2] + ["-q", "-o", str(output)],
+                              env=environment(processes), capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert not output.exists()
+        lines[processes] = [line for line in done.stderr.splitlines()
+                            if line.startswith("azfilter: error:")]
+        assert len(lines[processes]) == 1 and "9:9" in lines[processes][0], done.stderr
+    assert lines["1"] == lines["2"]
+
+
 def test_sigma_clip_gets_workers_on_an_uncompressed_stack(tmp_path):
     """Uncompressed HDF5 stacks bind one process by their reads and uploads (sigma-clip: 3
     processes took 23-25 % less time on the H200 machine); compressed ones, other formats
