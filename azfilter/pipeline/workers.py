@@ -219,11 +219,8 @@ class WorkerPool:
 
     def __init__(self, job: Any, count: int, reduce: Reduce, load_table: bool = False):
         self.job = job
-        self.reduce = reduce
         self.start_all = forced()
         self.pending: dict[int, tuple] = {}   # position in job.todo -> its message
-        job.integrator.constants   # noqa: B018 - computed once here, inherited by the workers
-        job.processes = count       # the workers share the cores among their reader threads
         context = multiprocessing.get_context("fork")
         self.workers: list[_Worker] = []
         for index in range(count):
