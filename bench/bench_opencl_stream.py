@@ -52,7 +52,15 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="+", default=[engine_module.GPU_SLOTS])
     parser.add_argument("--device", default="gpu")
     parser.add_argument("--npt", type=int, default=1000)
+    parser.add_argument("--operations", nargs="+", choices=list(OPERATIONS),
+                        default=list(OPERATIONS))
+    parser.add_argument("--workgroup-size", type=int,
+                        help="the engine's work-group size (default: the engine's for the "
+                             "device type)")
     args = parser.parse_args()
+    if args.workgroup_size:
+        engine_module._DEFAULT_GPU_WORKGROUP = engine_module._DEFAULT_CPU_WORKGROUP = \
+            args.workgroup_size
     geometry = load_poni(args.poni)
     for slots in args.slots:
         engine_module.GPU_SLOTS = engine_module.CPU_SLOTS = slots
@@ -69,11 +77,11 @@ def main() -> None:
                 buffer[:] = np.frombuffer(raw, np.uint8)
                 layout = bslz4_layout(buffer, int(np.prod(shape)), dataset.dtype.itemsize)
                 chunks.append(CompressedChunk(buffer, len(raw), layout, shape, dataset.dtype))
-        for operation in OPERATIONS:
+        for operation in args.operations:
             stream_rate(engine, chunks, operation, 100)   # programs built, buffers made
             rate, cpu = stream_rate(engine, chunks, operation, args.frames)
-            print(f"slots {slots} {operation}: {rate:.0f} frames/s, feeding thread CPU "
-                  f"{cpu:.3f} ms/frame")
+            print(f"slots {slots} work-group {engine.workgroup_size} {operation}: "
+                  f"{rate:.0f} frames/s, feeding thread CPU {cpu:.3f} ms/frame", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@
  * Semantics (docs/internals.md): for pixel j of the raw frame
  *   valid  = pixel_norm != 0 and isfinite(raw) and not (has_dummy and |raw - dummy| <= delta)
  *   signal = raw - dark,  var = max(raw, 1) (poisson/hybrid) or variance[j],  norm = pixel_norm
+ * The kernels read pixel_norm and dark per CSR entry (entry_norm[e] = pixel_norm[indices[e]],
+ * made once by the host): contiguous reads instead of gathers, which is what bounds them.
  *   x      = signal / norm
  * and per CSR entry (j, c): S += c*signal, W += c*norm, W2 += (c*norm)^2, N += c,
  * V += c^2*var, or the two-pass azimuthal V = sum (c*norm)^2 (x - S/W)^2.
@@ -136,29 +138,59 @@ inline real_t deviation_from(real_t signal, real_t norm, mean_t mean)
 /* ------------------------------------------------------------------------------------------
  * Per-pixel preprocessing.
  * ------------------------------------------------------------------------------------------ */
-/* Arguments every kernel takes to read one frame (in this order). */
+/* Arguments every kernel takes to read one frame (in this order). raw and variance are
+ * indexed by pixel j, entry_norm and entry_dark by CSR entry e (the pixel's pixel_norm and
+ * dark, laid out like the table: a bin's values are contiguous). unit_coefs: every
+ * coefficient of the table is 1 (no pixel splitting), so the kernels need not read them. */
 #define FRAME_PARAMS                                                                        \
-    global const RAW_T *raw, global const float *pixel_norm, global const float *dark,     \
+    global const RAW_T *raw, global const float *entry_norm, global const float *entry_dark, \
     global const float *variance, const int has_dark, const int var_mode,                  \
-    const int has_dummy, const real_t dummy, const real_t delta_dummy
-#define FRAME_ARGS raw, pixel_norm, dark, variance, has_dark, var_mode, has_dummy, dummy,   \
-    delta_dummy
+    const int has_dummy, const real_t dummy, const real_t delta_dummy, const int unit_coefs
+#define FRAME_ARGS raw, entry_norm, entry_dark, variance, has_dark, var_mode, has_dummy,     \
+    dummy, delta_dummy, unit_coefs
 
-/* One pixel of the frame: returns 1 and fills signal/var/norm when it is valid, else 0. */
-inline int load_pixel(FRAME_PARAMS, const int j, real_t *signal, real_t *var, real_t *norm)
+/* The coefficient of CSR entry e. */
+inline real_t entry_coef(global const float *coefs, const int unit_coefs, const int e)
 {
-    float norm_f = pixel_norm[j];
-    if (norm_f == 0.0f)
-        return 0;
-    real_t value = (real_t)raw[j];
+    return unit_coefs ? (real_t)1 : (real_t)coefs[e];
+}
+
+/* CSR entry e (pixel j) whose raw value is `value` and whose pixel_norm is not 0: returns 1
+ * and fills signal/var/norm when it is valid, else 0. */
+inline int entry_values(FRAME_PARAMS, const int e, const int j, const real_t value,
+                        real_t *signal, real_t *var, real_t *norm)
+{
     if (!isfinite(value))
         return 0;
     if (has_dummy && fabs(value - dummy) <= delta_dummy)
         return 0;
-    *signal = has_dark ? value - (real_t)dark[j] : value;
+    *signal = has_dark ? value - (real_t)entry_dark[e] : value;
     *var = (var_mode == VAR_ARRAY) ? (real_t)variance[j] : fmax(value, (real_t)1.0);
-    *norm = (real_t)norm_f;
+    *norm = (real_t)entry_norm[e];
     return 1;
+}
+
+/* CSR entry e, pixel j of the frame: returns 1 and fills signal/var/norm when it is valid,
+ * else 0 (a masked pixel's raw value is not read). */
+inline int load_entry(FRAME_PARAMS, const int e, const int j, real_t *signal, real_t *var,
+                      real_t *norm)
+{
+    if (entry_norm[e] == 0.0f)
+        return 0;
+    return entry_values(FRAME_ARGS, e, j, (real_t)raw[j], signal, var, norm);
+}
+
+/* The same from `gathered`, the raw values a kernel's first pass copied in table order
+ * (gathered[e] = raw[indices[e]], written only where entry_norm[e] != 0): later passes over
+ * a bin read contiguous memory instead of gathering from the frame again. */
+inline int load_gathered(FRAME_PARAMS, global const RAW_T *gathered,
+                         global const int *indices, const int e, real_t *signal,
+                         real_t *var, real_t *norm)
+{
+    if (entry_norm[e] == 0.0f)
+        return 0;
+    return entry_values(FRAME_ARGS, e, var_mode == VAR_ARRAY ? indices[e] : 0,
+                        (real_t)gathered[e], signal, var, norm);
 }
 
 /* Sum of WG-long vectors of NSUMS accumulators over the work-group; every work-item gets the

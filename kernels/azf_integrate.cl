@@ -23,8 +23,8 @@ void integrate(global const int *indptr, global const int *indices, global const
         sums[k] = acc_zero();
     for (int e = start + lid; e < end; e += WG) {
         real_t signal, var, norm;
-        if (load_pixel(FRAME_ARGS, indices[e], &signal, &var, &norm)) {
-            real_t c = (real_t)coefs[e];
+        if (load_entry(FRAME_ARGS, e, indices[e], &signal, &var, &norm)) {
+            real_t c = entry_coef(coefs, unit_coefs, e);
             accumulate_entry(sums, c, signal, var, norm, c);
         }
     }
@@ -35,8 +35,8 @@ void integrate(global const int *indptr, global const int *indices, global const
         acc_t scatter = acc_zero();
         for (int e = start + lid; e < end; e += WG) {
             real_t signal, var, norm;
-            if (load_pixel(FRAME_ARGS, indices[e], &signal, &var, &norm))
-                scatter = accumulate_scatter(scatter, (real_t)coefs[e], signal, norm, mean);
+            if (load_entry(FRAME_ARGS, e, indices[e], &signal, &var, &norm))
+                scatter = accumulate_scatter(scatter, entry_coef(coefs, unit_coefs, e), signal, norm, mean);
         }
         sums[SUM_VARIANCE] = wg_reduce_one(scatter, scratch);
     }

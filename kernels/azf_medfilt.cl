@@ -70,7 +70,8 @@ inline int load_keys(local ulong *keys, const int npad, global const int *indice
         if (t < len) {
             const int position = offset + t;
             real_t signal = 0, var = 0, norm = 1;
-            if (load_pixel(FRAME_ARGS, indices[row_start + position], &signal, &var, &norm)) {
+            if (load_entry(FRAME_ARGS, row_start + position, indices[row_start + position],
+                           &signal, &var, &norm)) {
                 key = valid_key(signal / norm, position, idx_bits);
                 valid_count++;
             } else {
@@ -230,8 +231,8 @@ void medfilt(global const int *indptr, global const int *indices, global const f
                 const ulong key = in_local ? local_keys[m] : sorted_keys[start + m];
                 e = start + key_position(key, idx_bits);
                 j = indices[e];
-                c = (real_t)coefs[e];
-                w = c * (real_t)pixel_norm[j];
+                c = entry_coef(coefs, unit_coefs, e);
+                w = c * (real_t)entry_norm[e];
             }
             const acc_t inclusive = wg_inclusive_scan(acc_add_real(acc_zero(), w), scratch);
             const acc_t previous = lid > 0 ? scratch[lid - 1] : acc_zero();
@@ -247,7 +248,7 @@ void medfilt(global const int *indptr, global const int *indices, global const f
                 selected[e] = (uchar)chosen;   /* by entry: outlier_stats reads it */
                 if (chosen) {
                     real_t signal = 0, var = 0, norm = 1;
-                    load_pixel(FRAME_ARGS, j, &signal, &var, &norm);
+                    load_entry(FRAME_ARGS, e, j, &signal, &var, &norm);
                     accumulate_entry(sums, c, signal, var, norm, (real_t)1);
                 }
             }
@@ -268,8 +269,8 @@ void medfilt(global const int *indptr, global const int *indices, global const f
             if (!selected[e])
                 continue;
             real_t signal = 0, var = 0, norm = 1;
-            load_pixel(FRAME_ARGS, indices[e], &signal, &var, &norm);
-            scatter = accumulate_scatter(scatter, (real_t)coefs[e], signal, norm, mean);
+            load_entry(FRAME_ARGS, e, indices[e], &signal, &var, &norm);
+            scatter = accumulate_scatter(scatter, entry_coef(coefs, unit_coefs, e), signal, norm, mean);
         }
         sums[SUM_VARIANCE] = wg_reduce_one(scatter, scratch);
     }

@@ -262,13 +262,18 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             self._indptr = upload(indptr.astype(np.int32))
             self._indices = upload(indices)
             self._coefs = upload(coefs)
-            self._pixel_norm = upload(self.pixel_norm)
-            self.has_dark = dark is not None
-            self._dark = upload(np.ascontiguousarray(dark, dtype=np.float32).ravel()
-                                if dark is not None else np.zeros(1, np.float32))
+            # a table without pixel splitting: the kernels need not read its coefficients
+            self._unit_coefs = bool(np.all(coefs == 1.0))
             if dark is not None and np.size(dark) != self.npix:
                 raise AzfilterError(f"dark has {np.size(dark)} pixels, the detector "
                                     f"{self.npix}")
+            # pixel_norm and dark in table order (kernels/azf_common.cl): every kernel reads
+            # them contiguously, bin by bin, instead of gathering them from the image
+            self._entry_norm = upload(self.pixel_norm[indices])
+            self.has_dark = dark is not None
+            self._entry_dark = upload(
+                np.ascontiguousarray(dark, dtype=np.float32).ravel()[indices]
+                if dark is not None else np.zeros(1, np.float32))
             self._no_variance = upload(np.zeros(1, np.float32))
             self._variance = None           # device copy of the last variance array
             self._variance_host = None      # ... the array object it came from
@@ -537,6 +542,16 @@ class OpenCLEngine(OpenCLProcessing, Engine):
             self._device_sizes[name] = size
         return buffer, size
 
+    def _gathered(self, slot: int, raw_dtype: np.dtype) -> Any:
+        """The device buffer sigma_clip copies a frame's raw values into, in table order, on
+        ``slot`` (one per slot: frames on several slots run at once), made on first use."""
+        name = f"gathered{slot}"
+        nbytes = self.nnz * max(4, np.dtype(raw_dtype).itemsize)
+        if self._device_sizes.get(name, 0) < nbytes:
+            self.allocate(name, nbytes, "rw")
+            self._device_sizes[name] = nbytes
+        return self.buffers[name]
+
     def _host_arrays(self, slot: int | None) -> dict[str, np.ndarray]:
         """The host arrays a frame's results are read back into (and its block table
         uploaded from): ``results`` (bytes, the copy of the slot's results buffer) and its
@@ -682,12 +697,12 @@ class OpenCLEngine(OpenCLProcessing, Engine):
 
     def _frame_args(self, slot: int, error_model: str, variance: np.ndarray | None) -> list:
         has_dummy = self.dummy is not None
-        return [self._raw[slot], self._pixel_norm, self._dark,
+        return [self._raw[slot], self._entry_norm, self._entry_dark,
                 self._variance_buffer(error_model, variance),
                 np.int32(self.has_dark),
                 np.int32(_VAR_ARRAY if error_model == "variance" else _VAR_POISSON),
                 np.int32(has_dummy), self._real(self.dummy if has_dummy else 0.0),
-                self._real(self.delta_dummy)]
+                self._real(self.delta_dummy), np.int32(self._unit_coefs)]
 
     def _submit(self, raw: Any, operation: str, params: dict, slot: int,
                 stream: bool = True) -> _Pending:
@@ -727,9 +742,10 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         elif operation == "sigma_clip":   # with its outlier statistics, in one launch
             kernel = kernels["sigma_clip"]
             regions = self._regions[slot]
+            gathered = self._gathered(slot, target)
             self._set_args(kernel, *geometry, *frame_args, self._real(params["thres"]),
                            np.int32(max(0, int(params["max_iter"]))),
-                           np.int32(_CLIP_MODEL[error_model]), npt, flags, out,
+                           np.int32(_CLIP_MODEL[error_model]), npt, flags, gathered, out,
                            self._real(pick), regions["counts"], regions["reals"])
             cl.enqueue_nd_range_kernel(queue, kernel, (self.npt * wg,), (wg,),
                                        wait_for=kernel_wait)
