@@ -106,8 +106,9 @@ class Outliers:
     @property
     def max_sigma(self) -> float:
         """The largest ``z`` of the frame; NaN when no bin has one."""
-        values = self.bin_max_sigma[~np.isnan(self.bin_max_sigma)]
-        return float(values.max()) if values.size else math.nan
+        if not self.bin_max_sigma.size:
+            return math.nan
+        return float(np.fmax.reduce(self.bin_max_sigma, axis=None))   # fmax skips NaN
 
     def frame_values(self) -> dict[str, Any]:
         """``{rejected, rejected_sum, picked, max_sigma}`` (Python numbers)."""

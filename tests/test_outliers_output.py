@@ -191,3 +191,46 @@ def test_pick_option_and_config_key(data, tmp_path):
     assert result.exit_code == 2
     result = invoke("sigma-clip", "--help")
     assert "--pick" in result.output
+
+
+def test_nexus_rows_written_in_small_blocks_are_the_same(data, tmp_path, monkeypatch):
+    """Rows reach the file in blocks (RowBlock): blocks of 2 rows, flushed 3 times over the
+    6 frames, give the file that one block gives, outlier statistics included."""
+    from azfilter.output import nexus
+
+    args = ("sigma-clip", "-p", data.poni, "--backend", "python", "--npt", NPT, "--thres", 3,
+            "--pick", 4, *data.cbfs, data.stack)
+    whole = tmp_path / "whole.h5"
+    assert invoke(*args, "-o", whole).exit_code == 0
+    monkeypatch.setattr(nexus, "MIN_BUFFER_ROWS", 1)
+    monkeypatch.setattr(nexus, "MAX_BUFFER_ROWS", 2)
+    blocks = tmp_path / "blocks.h5"
+    assert invoke(*args, "-o", blocks).exit_code == 0
+    with h5py.File(whole, "r") as one, h5py.File(blocks, "r") as many:
+        for group in ("entry/data", "entry/outliers"):
+            names = sorted(one[group])
+            assert names == sorted(many[group])
+            for name in names:
+                if isinstance(one[group][name], h5py.Dataset):
+                    a, b = np.asarray(one[group][name][()]), np.asarray(many[group][name][()])
+                    assert a.dtype == b.dtype, name
+                    np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_row_block_grows_and_refuses_other_shapes():
+    from azfilter.output.nexus import RowBlock
+
+    block = RowBlock()
+    for row in range(5):   # capacity 2: grows, keeping the rows already there
+        block.put("I", np.full(3, row, dtype=np.float64), np.float32, capacity=2)
+        block.put("rejected", row, np.int64, capacity=2)
+        block.rows += 1
+    rows = block.take()
+    assert rows["I"].dtype == np.float32 and rows["I"].shape == (5, 3)
+    np.testing.assert_array_equal(rows["I"][:, 0], np.arange(5))
+    np.testing.assert_array_equal(rows["rejected"], np.arange(5))
+    assert block.rows == 0
+    block.put("I", np.zeros(3), np.float32, capacity=2)
+    block.rows += 1
+    with pytest.raises(ValueError, match="shape"):
+        block.put("I", np.zeros(4), np.float32, capacity=2)

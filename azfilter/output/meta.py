@@ -58,6 +58,16 @@ OUTLIER_DESCRIPTIONS = {
 }
 
 
+#: prefix of the outlier datasets among a writer's buffered rows
+OUTLIER_PREFIX = "outliers/"
+
+
+def outlier_value(outliers: Any, name: str) -> Any:
+    """The row of outlier dataset ``name`` (OUTLIER_ARRAYS) for a frame's
+    :class:`~azfilter.outliers.Outliers`: the per-bin array, or the per-frame number."""
+    return getattr(outliers, name)
+
+
 def outlier_rows(result: Any) -> dict[str, np.ndarray]:
     """One row of every outlier dataset for a result (fill values when it has none)."""
     outliers = getattr(result, "outliers", None)
@@ -66,10 +76,8 @@ def outlier_rows(result: Any) -> dict[str, np.ndarray]:
         return {name: (np.full(shape, OUTLIER_FILL[name], dtype=dtype) if per_bin
                        else np.asarray(OUTLIER_FILL[name], dtype=dtype))
                 for name, dtype, per_bin in OUTLIER_ARRAYS}
-    values = outliers.frame_values()
-    return {name: (np.asarray(getattr(outliers, name), dtype=dtype) if per_bin
-                   else np.asarray(values[name], dtype=dtype))
-            for name, dtype, per_bin in OUTLIER_ARRAYS}
+    return {name: np.asarray(outlier_value(outliers, name), dtype=dtype)
+            for name, dtype, _per_bin in OUTLIER_ARRAYS}
 
 
 def outliers_pick(meta: OutputMeta) -> float | None:
