@@ -294,22 +294,27 @@ def test_sigma_clip_gets_workers_on_an_uncompressed_stack(tmp_path):
         return workers.planned_workers({**config, "operation": operation}, 1000, {},
                                        first_input=InputItem(str(path)), cores=16)
 
-    assert count(raw) == workers.DEFAULT_PROCESSES
-    assert count(compressed) == 1
-    assert count(text) == 1     # unreadable: the run reports it, in one process
+    assert count(raw) == workers.UNCOMPRESSED_PROCESSES["sigma-clip"] == 3
+    assert count(compressed) == workers.DEFAULT_PROCESSES["sigma-clip"] == 2
+    assert count(text) == 2     # unreadable: the run reports it; the default for its operation
     assert count(raw, "medfilt") == 1
-    assert count(compressed, "integrate") == workers.DEFAULT_PROCESSES
-    assert workers.planned_workers(config, 1000, {}, first_input=None, cores=16) == 1
+    assert count(compressed, "medfilt") == 1
+    assert count(compressed, "integrate") == workers.DEFAULT_PROCESSES["integrate"]
+    assert workers.planned_workers(config, 1000, {}, first_input=None, cores=16) == 2
 
 
 def test_planned_workers_rules():
     config = {"backend": "opencl", "operation": "integrate", "device": None}
-    default = max(1, min(workers.DEFAULT_PROCESSES,
+    default = max(1, min(workers.DEFAULT_PROCESSES["integrate"],
                          usable_cores() // workers.CORES_PER_PROCESS))
-    for operation in ("sigma-clip", "medfilt"):   # bound by the GPU in one process
-        assert workers.planned_workers({**config, "operation": operation}, 1000, {}) == 1
-        assert workers.planned_workers({**config, "operation": operation}, 1000,
-                                       {workers.PROCESSES_VARIABLE: "2"}) == 2
+    # medfilt is bound by the GPU in one process
+    assert workers.planned_workers({**config, "operation": "medfilt"}, 1000, {}) == 1
+    assert workers.planned_workers({**config, "operation": "medfilt"}, 1000,
+                                   {workers.PROCESSES_VARIABLE: "2"}) == 2
+    assert workers.planned_workers({**config, "operation": "sigma-clip"}, 1000, {},
+                                   cores=16) == 2
+    assert workers.planned_workers({**config, "operation": "sigma-clip"}, 1000, {},
+                                   cores=7) == 1
     assert workers.planned_workers(config, 1000, {}) == default
     assert workers.planned_workers(config, workers.MIN_FRAMES - 1, {}) == 1
     assert workers.planned_workers({**config, "device": "cpu"}, 1000, {}) == 1
@@ -318,7 +323,8 @@ def test_planned_workers_rules():
     assert workers.planned_workers({**config, "device": "all"}, 1000, {}) == 1
     assert workers.planned_workers({**config, "backend": "cython"}, 1000, {}) == 1
     assert workers.planned_workers({**config, "operation": "sparsify"}, 1000, {}) == 1
-    assert workers.planned_workers(config, 1000, {}, cores=16) == workers.DEFAULT_PROCESSES
+    assert workers.planned_workers(config, 1000, {}, cores=16) == \
+        workers.DEFAULT_PROCESSES["integrate"]
     assert workers.planned_workers(config, 1000, {}, cores=8) == 2
     assert workers.planned_workers(config, 1000, {}, cores=7) == 1
     forced = {workers.PROCESSES_VARIABLE: "3"}

@@ -55,23 +55,22 @@ logger = logging.getLogger(__name__)
 
 #: environment variable: worker processes of an OpenCL run (1: none, all in this process)
 PROCESSES_VARIABLE = "AZFILTER_OPENCL_PROCESSES"
-#: worker processes on one GPU by default, for the operations of DEFAULT_OPERATIONS (fewer
-#: when the job may use fewer than CORES_PER_PROCESS cores each). Two processes feeding one
-#: H200 ran the engine alone at 622 + 778 sigma-clip frames/s and 4427 + 1936 integrate (one
-#: process: 1529 and 8379): the GPU runs the kernels of the contexts in turn, so more
-#: processes help only while each is bound by its interpreter's lock. The command over 4000
-#: Eiger 4M bitshuffle-LZ4 frames decoded on the device, 1 / 3 / 4 processes: integrate
-#: 3.82 / 2.72 / 3.08 s, sigma-clip 4.33 / 4.62 / 4.79 s, medfilt 7.42 / 8.56 / 8.60 s
-#: (H200 machine, 2026-11-29).
-DEFAULT_PROCESSES = 3
-#: operations whose GPU work per frame is small enough that one process cannot keep the
-#: device busy (sigma-clip and medfilt are bound by the GPU in one process: see above)
-DEFAULT_OPERATIONS = ("integrate",)
-#: operations that also get workers by default when the first input is an uncompressed HDF5
-#: stack (each frame's read and upload then binds one process): 1000 uncompressed Eiger 4M
-#: frames, 1 / 3 processes, sigma-clip 3.93 / 2.93, 2.57 / 1.97 and 4.28 / 3.24 s on three
-#: instances of the H200 machine; medfilt 2.79 / 3.01 s (bound by the GPU)
-UNCOMPRESSED_OPERATIONS = ("sigma-clip",)
+#: worker processes on one GPU by default, by operation (fewer when the job may use fewer
+#: than CORES_PER_PROCESS cores each; an operation not listed runs in one process). The GPU
+#: runs the kernels of the contexts in turn, so more processes help only while each is bound
+#: by its interpreter's lock: integrate's GPU work per frame is small (engine alone 8379 Eiger
+#: 4M frames/s); sigma-clip's is larger (engine alone 2738 frames/s since its kernel reads a
+#: bin's gathered values, 1531 before), medfilt's larger still (1590), and medfilt stays in one
+#: process. The command over 1000 / 4000 Eiger 4M bitshuffle-LZ4 frames decoded on the device,
+#: 1 / 2 / 3 processes (H200 machine, 2026-11-29): sigma-clip 2.90 / 2.77 / 3.12 s and 5.56 /
+#: 4.85 / 5.19 s; integrate 1 / 3 / 4 processes over 4000: 3.82 / 2.72 / 3.08 s; medfilt 7.42 /
+#: 8.56 / 8.60 s.
+DEFAULT_PROCESSES = {"integrate": 3, "sigma-clip": 2}
+#: the same when the first input is an uncompressed HDF5 stack (each frame's read and upload
+#: then binds one process): 1000 uncompressed Eiger 4M frames, 1 / 3 processes, sigma-clip
+#: 3.93 / 2.93, 2.57 / 1.97 and 4.28 / 3.24 s on three instances of the H200 machine; medfilt
+#: 2.79 / 3.01 s (bound by the GPU)
+UNCOMPRESSED_PROCESSES = {"integrate": 3, "sigma-clip": 3}
 #: cores each default worker process should have (two reader threads and the feeding one)
 CORES_PER_PROCESS = 4
 #: fewest frames for which the default starts worker processes: each starts OpenCL after the
@@ -97,11 +96,11 @@ def planned_workers(config: dict[str, Any], frames: int,
     """Worker processes a run of ``frames`` frames with ``config`` starts (1: none).
 
     ``AZFILTER_OPENCL_PROCESSES`` (a positive integer) chooses, for any OpenCL job that can
-    use workers; otherwise :data:`DEFAULT_PROCESSES` (at most one per
-    :data:`CORES_PER_PROCESS` usable cores) for an operation of :data:`DEFAULT_OPERATIONS`
-    (or of :data:`UNCOMPRESSED_OPERATIONS` when ``first_input`` is an uncompressed HDF5
-    stack) over at least :data:`MIN_FRAMES` frames on one device that is not ``cpu`` (the
-    first worker checks that the device is a GPU before the others start).
+    use workers; otherwise the operation's :data:`DEFAULT_PROCESSES` (its
+    :data:`UNCOMPRESSED_PROCESSES` when ``first_input`` is an uncompressed HDF5 stack), at
+    most one per :data:`CORES_PER_PROCESS` usable cores, over at least :data:`MIN_FRAMES`
+    frames on one device that is not ``cpu`` (the first worker checks that the device is a
+    GPU before the others start).
 
     Raises
     ------
@@ -129,14 +128,17 @@ def planned_workers(config: dict[str, Any], frames: int,
     if frames < MIN_FRAMES or (tokens and tokens[0] == "cpu"):
         return 1
     operation = config.get("operation")
-    if operation not in DEFAULT_OPERATIONS and not (
-            operation in UNCOMPRESSED_OPERATIONS and uncompressed_hdf5(first_input)):
+    wanted = DEFAULT_PROCESSES.get(operation, 1)
+    uncompressed = UNCOMPRESSED_PROCESSES.get(operation, wanted)
+    if uncompressed != wanted and uncompressed_hdf5(first_input):   # reads the file's header
+        wanted = uncompressed
+    if wanted == 1:
         return 1
     if cores is None:
         from ..resources import usable_cores
 
         cores = usable_cores()
-    return max(1, min(DEFAULT_PROCESSES, cores // CORES_PER_PROCESS))
+    return max(1, min(wanted, cores // CORES_PER_PROCESS))
 
 
 def uncompressed_hdf5(item: Any) -> bool:
