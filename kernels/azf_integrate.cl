@@ -36,7 +36,8 @@ void integrate(global const int *indptr, global const int *indices, global const
         for (int e = start + lid; e < end; e += WG) {
             real_t signal, var, norm;
             if (load_entry(FRAME_ARGS, e, indices[e], &signal, &var, &norm))
-                scatter = accumulate_scatter(scatter, entry_coef(coefs, unit_coefs, e), signal, norm, mean);
+                scatter = accumulate_scatter(scatter, entry_coef(coefs, unit_coefs, e),
+                                             signal, norm, mean);
         }
         sums[SUM_VARIANCE] = wg_reduce_one(scatter, scratch);
     }

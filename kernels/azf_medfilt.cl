@@ -270,7 +270,8 @@ void medfilt(global const int *indptr, global const int *indices, global const f
                 continue;
             real_t signal = 0, var = 0, norm = 1;
             load_entry(FRAME_ARGS, e, indices[e], &signal, &var, &norm);
-            scatter = accumulate_scatter(scatter, entry_coef(coefs, unit_coefs, e), signal, norm, mean);
+            scatter = accumulate_scatter(scatter, entry_coef(coefs, unit_coefs, e), signal,
+                                         norm, mean);
         }
         sums[SUM_VARIANCE] = wg_reduce_one(scatter, scratch);
     }

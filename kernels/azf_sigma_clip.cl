@@ -41,7 +41,8 @@ inline acc_t kept_scatter(global const int *indices, global const float *coefs,
         if (kept[e]) {
             real_t signal = 0, var = 0, norm = 1;
             load_gathered(FRAME_ARGS, gathered, indices, e, &signal, &var, &norm);
-            scatter = accumulate_scatter(scatter, entry_coef(coefs, unit_coefs, e), signal, norm, mean);
+            scatter = accumulate_scatter(scatter, entry_coef(coefs, unit_coefs, e), signal,
+                                         norm, mean);
         }
     }
     return wg_reduce_one(scatter, scratch);

@@ -4,10 +4,11 @@
  * less per frame), medfilt with the outlier_stats kernel after its own.
  *
  * Inputs: the bin's entries, from the frame or (sigma_clip, from_gathered) from the raw values
- * its first pass gathered; the per-entry flags the operation left (kept by sigma_clip, selected by medfilt;
- * only read for valid entries, which both kernels always write) and the bin's final sums
- * `sums` (the operation's output). For each valid entry e of the bin (pixel j, coefficient
- * c): z = (x - S/W) / sqrt(V/W2) with x = signal/norm, as the numpy reference computes it.
+ * its first pass gathered; the per-entry flags the operation left (kept by sigma_clip,
+ * selected by medfilt; only read for valid entries, which both kernels always write) and the
+ * bin's final sums `sums` (the operation's output). For each valid entry e of the bin
+ * (pixel j, coefficient c): z = (x - S/W) / sqrt(V/W2) with x = signal/norm, as the numpy
+ * reference computes it.
  *
  * Outputs, per bin:
  *   counts[bin]         valid entries (available)

@@ -62,12 +62,6 @@ OUTLIER_DESCRIPTIONS = {
 OUTLIER_PREFIX = "outliers/"
 
 
-def outlier_value(outliers: Any, name: str) -> Any:
-    """The row of outlier dataset ``name`` (OUTLIER_ARRAYS) for a frame's
-    :class:`~azfilter.outliers.Outliers`: the per-bin array, or the per-frame number."""
-    return getattr(outliers, name)
-
-
 def outlier_rows(result: Any) -> dict[str, np.ndarray]:
     """One row of every outlier dataset for a result (fill values when it has none)."""
     outliers = getattr(result, "outliers", None)
@@ -76,7 +70,7 @@ def outlier_rows(result: Any) -> dict[str, np.ndarray]:
         return {name: (np.full(shape, OUTLIER_FILL[name], dtype=dtype) if per_bin
                        else np.asarray(OUTLIER_FILL[name], dtype=dtype))
                 for name, dtype, per_bin in OUTLIER_ARRAYS}
-    return {name: np.asarray(outlier_value(outliers, name), dtype=dtype)
+    return {name: np.asarray(getattr(outliers, name), dtype=dtype)
             for name, dtype, _per_bin in OUTLIER_ARRAYS}
 
 

@@ -40,7 +40,6 @@ from .meta import (
     job_differences,
     nexus_axis_attributes,
     outlier_rows,
-    outlier_value,
     outliers_pick,
     row_array,
     same_sectors,
@@ -842,8 +841,8 @@ class NexusWriter:
             if value is not None:
                 block.put(name, value, dtype, capacity)
         if has_outliers:   # rows without them keep the datasets' fill values
-            for name, dtype, _per_bin in OUTLIER_ARRAYS:
-                block.put(OUTLIER_PREFIX + name, outlier_value(result.outliers, name), dtype,
+            for name, dtype, _per_bin in OUTLIER_ARRAYS:   # per-bin arrays, per-frame numbers
+                block.put(OUTLIER_PREFIX + name, getattr(result.outliers, name), dtype,
                           capacity)
         block.rows += 1
         self._buffer_keys.append((source, int(index)))

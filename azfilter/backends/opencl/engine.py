@@ -530,7 +530,7 @@ class OpenCLEngine(OpenCLProcessing, Engine):
                                 f"OpenCL device {self.device_info['name']}")
         return dtype
 
-    def _device_buffer(self, name: str, nbytes: int) -> tuple[Any, int]:
+    def _device_buffer(self, name: str, nbytes: int, access: str = "r") -> tuple[Any, int]:
         """The engine's device buffer ``name`` of at least ``nbytes`` (grown by 1/8 when too
         small; chunk sizes vary from frame to frame), and its size (kept here: asking the
         buffer is a call into the driver)."""
@@ -538,19 +538,9 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         size = self._device_sizes.get(name, 0)
         if buffer is None or size < nbytes:
             size = max(nbytes, nbytes + nbytes // 8, 4096)
-            buffer = self.allocate(name, size, "r")
+            buffer = self.allocate(name, size, access)
             self._device_sizes[name] = size
         return buffer, size
-
-    def _gathered(self, slot: int, raw_dtype: np.dtype) -> Any:
-        """The device buffer sigma_clip copies a frame's raw values into, in table order, on
-        ``slot`` (one per slot: frames on several slots run at once), made on first use."""
-        name = f"gathered{slot}"
-        nbytes = self.nnz * max(4, np.dtype(raw_dtype).itemsize)
-        if self._device_sizes.get(name, 0) < nbytes:
-            self.allocate(name, nbytes, "rw")
-            self._device_sizes[name] = nbytes
-        return self.buffers[name]
 
     def _host_arrays(self, slot: int | None) -> dict[str, np.ndarray]:
         """The host arrays a frame's results are read back into (and its block table
@@ -742,7 +732,10 @@ class OpenCLEngine(OpenCLProcessing, Engine):
         elif operation == "sigma_clip":   # with its outlier statistics, in one launch
             kernel = kernels["sigma_clip"]
             regions = self._regions[slot]
-            gathered = self._gathered(slot, target)
+            # the frame's raw values in table order (the kernel's later passes read them),
+            # one buffer per slot: frames on several slots run at once
+            gathered, _ = self._device_buffer(f"gathered{slot}", self.nnz * target.itemsize,
+                                              "rw")
             self._set_args(kernel, *geometry, *frame_args, self._real(params["thres"]),
                            np.int32(max(0, int(params["max_iter"]))),
                            np.int32(_CLIP_MODEL[error_model]), npt, flags, gathered, out,
