@@ -9,8 +9,9 @@ divided by the last of these.
 
 ``--transfers RAW_STACK``: page-locked host-to-device copies of whole frames (GB/s on 1, 2 and
 4 queues), and reads of the uncompressed stack's chunks from the page cache into memory with
-``os.preadv`` on 1-16 threads (GB/s, frames/s): the PCIe and host-memory ceilings of an
-uncompressed stack.
+``os.preadv`` on 1-16 threads (GB/s, frames/s), and both at once, as the command does them
+(each of 4-16 threads reads frames into a page-locked buffer of its own and uploads each
+before the next: frames/s): the PCIe and host-memory ceilings of an uncompressed stack.
 
 Usage (GPU machine, the stacks of ``bench_e2e_gpu.py``)::
 
@@ -123,8 +124,49 @@ def transfers(args: argparse.Namespace) -> None:
             print(f"page cache -> memory, {threads} thread(s): "
                   f"{len(places) * frame_bytes / seconds / 1e9:.1f} GB/s = "
                   f"{len(places) / seconds:.0f} frames/s", flush=True)
+        for threads in (4, 8, 16):
+            lanes = []
+            for _ in range(threads):
+                queue = cl.CommandQueue(context)
+                buffer = cl.Buffer(context, flags.ALLOC_HOST_PTR | flags.READ_ONLY,
+                                   frame_bytes)
+                array, _ = cl.enqueue_map_buffer(queue, buffer, cl.map_flags.WRITE, 0,
+                                                 (frame_bytes,), np.uint8)
+                lanes.append((queue, buffer, array,
+                              cl.Buffer(context, flags.READ_WRITE, frame_bytes)))
+            pending = iter(range(len(places)))
+            lock = threading.Lock()
+            start = time.perf_counter()
+            workers = [threading.Thread(target=_read_and_upload,
+                                        args=(cl, descriptor, places, lane, pending, lock))
+                       for lane in lanes]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            seconds = time.perf_counter() - start
+            print(f"page cache -> page-locked memory -> device, {threads} thread(s): "
+                  f"{len(places) * frame_bytes / seconds / 1e9:.1f} GB/s = "
+                  f"{len(places) / seconds:.0f} frames/s", flush=True)
+            del lanes
     finally:
         os.close(descriptor)
+
+
+def _read_and_upload(cl, descriptor: int, places: list[tuple[int, int]], lane: tuple,
+                     pending, lock: threading.Lock) -> None:
+    """Read the chunks ``pending`` yields into the lane's page-locked array and upload each
+    to the lane's device buffer before reading the next (the lane's own queue)."""
+    queue, _, array, target = lane
+    view = memoryview(array)
+    while True:
+        with lock:
+            index = next(pending, None)
+        if index is None:
+            return
+        offset, size = places[index]
+        os.preadv(descriptor, [view[:size]], offset)
+        cl.enqueue_copy(queue, target, array[:size], is_blocking=True)
 
 
 def _read_chunks(descriptor: int, places: list[tuple[int, int]], memory, pending,
