@@ -294,7 +294,7 @@ def test_sigma_clip_gets_workers_on_an_uncompressed_stack(tmp_path):
         return workers.planned_workers({**config, "operation": operation}, 1000, {},
                                        first_input=InputItem(str(path)), cores=16)
 
-    assert count(raw) == workers.UNCOMPRESSED_PROCESSES["sigma-clip"] == 3
+    assert count(raw) == workers.UNCOMPRESSED_PROCESSES["sigma-clip"] == 4
     assert count(compressed) == workers.DEFAULT_PROCESSES["sigma-clip"] == 2
     assert count(text) == 2     # unreadable: the run reports it; the default for its operation
     assert count(raw, "medfilt") == 1

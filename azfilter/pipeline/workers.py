@@ -69,8 +69,10 @@ DEFAULT_PROCESSES = {"integrate": 3, "sigma-clip": 2}
 #: the same when the first input is an uncompressed HDF5 stack (each frame's read and upload
 #: then binds one process): 1000 uncompressed Eiger 4M frames, 1 / 3 processes, sigma-clip
 #: 3.93 / 2.93, 2.57 / 1.97 and 4.28 / 3.24 s on three instances of the H200 machine; medfilt
-#: 2.79 / 3.01 s (bound by the GPU)
-UNCOMPRESSED_PROCESSES = {"integrate": 3, "sigma-clip": 3}
+#: 2.79 / 3.01 s (bound by the GPU). Sigma-clip, 1000 / 2000 frames, 3 / 4 processes, best of
+#: 2-3 on two instances (2026-11-29): 3.65 / 3.58 s and 4.82 / 4.31 s; 2.21 / 2.10 s and
+#: 3.13 / 2.82 s (6 processes: 3.91 s and 4.14 s); it takes 4 (at most one per 4 cores).
+UNCOMPRESSED_PROCESSES = {"integrate": 3, "sigma-clip": 4}
 #: cores each default worker process should have (two reader threads and the feeding one)
 CORES_PER_PROCESS = 4
 #: fewest frames for which the default starts worker processes: each starts OpenCL after the
