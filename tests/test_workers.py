@@ -303,6 +303,16 @@ def test_sigma_clip_gets_workers_on_an_uncompressed_stack(tmp_path):
     assert workers.planned_workers(config, 1000, {}, first_input=None, cores=16) == 2
 
 
+def test_workers_start_at_once_for_a_named_gpu():
+    """--device gpu (or a forced number of workers) starts every worker at once; the default
+    device, cpu or an id wait for the first worker to find a GPU."""
+    assert workers.starts_all({"device": "gpu"}, {})
+    assert workers.starts_all({"device": "GPU"}, {})
+    assert workers.starts_all({"device": None}, {workers.PROCESSES_VARIABLE: "2"})
+    for device in (None, "auto", "cpu", "0:0", "0:0,0:1", "not a device"):
+        assert not workers.starts_all({"device": device}, {}), device
+
+
 def test_planned_workers_rules():
     config = {"backend": "opencl", "operation": "integrate", "device": None}
     default = max(1, min(workers.DEFAULT_PROCESSES["integrate"],

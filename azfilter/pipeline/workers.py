@@ -16,6 +16,7 @@ How (``fork``, Linux only)::
                                                from the disk cache, beside it), sends
                                                ("ready", device type)
         worker 0 ready: a GPU? start the rest   waits for blocks:
+        (all at once for --device gpu)
         sends ("processes", n)              -->  shares the cores among n processes
         sends ("block", start, stop) ahead  -->    ("block", a, b): reads and reduces
         receives results and failures      <--     job.todo[a:b] through one engine stream,
@@ -171,6 +172,23 @@ def forced(environ: dict[str, str] | None = None) -> bool:
     return bool(environ.get(PROCESSES_VARIABLE, "").strip())
 
 
+def starts_all(config: dict[str, Any], environ: dict[str, str] | None = None) -> bool:
+    """Whether every worker starts at once, each starting OpenCL beside the others: when
+    the environment sets their number (:func:`forced`), or when ``--device gpu`` names a GPU
+    (the first worker need not find out the device's type before the others start).
+    Otherwise the others start once the first has found a GPU: each costs a start of OpenCL
+    and its share of the cores, which a CPU device does not repay."""
+    from ..vocabulary import parse_device_spec
+
+    if forced(environ):
+        return True
+    try:
+        tokens = parse_device_spec(config.get("device"))
+    except ValueError:
+        return False
+    return tokens == ["gpu"]
+
+
 # Reduce = (batches of planned frames, fail, emit, stop) -> None; run.py's _reduce.
 Reduce = Callable[[Iterator[list], Callable[..., None], Callable[..., bool], threading.Event],
                   None]
@@ -223,7 +241,7 @@ class WorkerPool:
 
     def __init__(self, job: Any, count: int, reduce: Reduce, load_table: bool = False):
         self.job = job
-        self.start_all = forced()
+        self.start_all = starts_all(job.config)
         self.pending: dict[int, tuple] = {}   # position in job.todo -> its message
         context = multiprocessing.get_context("fork")
         self.workers: list[_Worker] = []
