@@ -109,21 +109,8 @@ def transfers(args: argparse.Namespace) -> None:
     descriptor = os.open(args.transfers, os.O_RDONLY)
     try:
         for threads in (1, 2, 4, 8, 16):
-            memory = [np.empty(frame_bytes, np.uint8) for _ in range(threads)]
-            pending = iter(range(len(places)))
-            lock = threading.Lock()
-            start = time.perf_counter()
-            workers = [threading.Thread(target=_read_chunks,
-                                        args=(descriptor, places, memory[slot], pending, lock))
-                       for slot in range(threads)]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            seconds = time.perf_counter() - start
-            print(f"page cache -> memory, {threads} thread(s): "
-                  f"{len(places) * frame_bytes / seconds / 1e9:.1f} GB/s = "
-                  f"{len(places) / seconds:.0f} frames/s", flush=True)
+            _read_rate("page cache -> memory", descriptor, places, frame_bytes,
+                       [(np.empty(frame_bytes, np.uint8), None) for _ in range(threads)])
         for threads in (4, 8, 16):
             lanes = []
             for _ in range(threads):
@@ -132,46 +119,44 @@ def transfers(args: argparse.Namespace) -> None:
                                    frame_bytes)
                 array, _ = cl.enqueue_map_buffer(queue, buffer, cl.map_flags.WRITE, 0,
                                                  (frame_bytes,), np.uint8)
-                lanes.append((queue, buffer, array,
-                              cl.Buffer(context, flags.READ_WRITE, frame_bytes)))
-            pending = iter(range(len(places)))
-            lock = threading.Lock()
-            start = time.perf_counter()
-            workers = [threading.Thread(target=_read_and_upload,
-                                        args=(cl, descriptor, places, lane, pending, lock))
-                       for lane in lanes]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            seconds = time.perf_counter() - start
-            print(f"page cache -> page-locked memory -> device, {threads} thread(s): "
-                  f"{len(places) * frame_bytes / seconds / 1e9:.1f} GB/s = "
-                  f"{len(places) / seconds:.0f} frames/s", flush=True)
+                target = cl.Buffer(context, flags.READ_WRITE, frame_bytes)
+
+                def upload(data, queue=queue, target=target, buffer=buffer) -> None:
+                    # (buffer: keeps the mapping alive)
+                    cl.enqueue_copy(queue, target, data, is_blocking=True)
+                lanes.append((array, upload))
+            _read_rate("page cache -> page-locked memory -> device", descriptor, places,
+                       frame_bytes, lanes)
             del lanes
     finally:
         os.close(descriptor)
 
 
-def _read_and_upload(cl, descriptor: int, places: list[tuple[int, int]], lane: tuple,
-                     pending, lock: threading.Lock) -> None:
-    """Read the chunks ``pending`` yields into the lane's page-locked array and upload each
-    to the lane's device buffer before reading the next (the lane's own queue)."""
-    queue, _, array, target = lane
-    view = memoryview(array)
-    while True:
-        with lock:
-            index = next(pending, None)
-        if index is None:
-            return
-        offset, size = places[index]
-        os.preadv(descriptor, [view[:size]], offset)
-        cl.enqueue_copy(queue, target, array[:size], is_blocking=True)
+def _read_rate(label: str, descriptor: int, places: list[tuple[int, int]], frame_bytes: int,
+               threads: list[tuple]) -> None:
+    """Print the rate at which one thread per ``(memory, upload)`` of ``threads`` reads the
+    chunks at ``places`` (each thread the next one not taken) into its ``memory``, and
+    passes each to ``upload`` (when not None) before reading the next."""
+    pending = iter(range(len(places)))
+    lock = threading.Lock()
+    start = time.perf_counter()
+    workers = [threading.Thread(target=_read_chunks,
+                                args=(descriptor, places, memory, pending, lock, upload))
+               for memory, upload in threads]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    seconds = time.perf_counter() - start
+    print(f"{label}, {len(threads)} thread(s): "
+          f"{len(places) * frame_bytes / seconds / 1e9:.1f} GB/s = "
+          f"{len(places) / seconds:.0f} frames/s", flush=True)
 
 
 def _read_chunks(descriptor: int, places: list[tuple[int, int]], memory, pending,
-                 lock: threading.Lock) -> None:
-    """Read the chunks whose indices ``pending`` yields into ``memory``, one after another."""
+                 lock: threading.Lock, upload=None) -> None:
+    """Read the chunks whose indices ``pending`` yields into ``memory``, one after another,
+    each passed to ``upload`` (when not None) before the next is read."""
     view = memoryview(memory)
     while True:
         with lock:
@@ -180,6 +165,8 @@ def _read_chunks(descriptor: int, places: list[tuple[int, int]], memory, pending
             return
         offset, size = places[index]
         os.preadv(descriptor, [view[:size]], offset)
+        if upload is not None:
+            upload(memory[:size])
 
 
 def main() -> None:
