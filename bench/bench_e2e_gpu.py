@@ -25,11 +25,20 @@ transfer queue's uploads, the kernels (decode, reduction and read-back; the engi
 slots each have a kernel queue, so their kernels may overlap and beat this bound), the
 writer), so the README can say how close each measured rate is to it.
 
+Steady rates (``--steady N``): a fresh process costs a fixed time before its first frame
+(interpreter, imports, OpenCL's start, the lookup table; ~0.8 s on the H200 machine), which
+the 1000-frame rate includes. For each OpenCL variant the command also runs on the stack
+alone and on N times the stack (N - 1 hard links to it, named apart), best of
+``--steady-repeat`` fresh processes each; steady frames/s = (N - 1) * frames / (wall of N
+stacks - wall of one), what each further frame costs.
+
 Usage (GPU machine, 16 cores)::
 
     python3 bench/bench_e2e_gpu.py --data-dir /dev/shm/azf --markdown out.md --json out.json
     python3 bench/bench_e2e_gpu.py --frames 5 --pyfai-frames 3 --profile-frames 3 \\
         --data-dir /tmp/azf --device cpu          # a smoke test on PoCL
+    python3 bench/bench_e2e_gpu.py --data-dir /dev/shm/azf --skip pyfai profile cython \\
+        --steady 4                                # steady rates too
 
 About 6 minutes for the defaults on 16 cores + 1 H200 (generation of the stacks ~1 min the
 first time; 18 GB of uncompressed frames in ``--data-dir``).
@@ -246,6 +255,37 @@ class Timed:
         return self.frames / self.wall_s if self.wall_s > 0 else float("nan")
 
 
+@dataclass
+class Steady:
+    """The command on one stack and on ``stacks`` times it (fastest fresh process each)."""
+
+    operation: str
+    input: str
+    variant: str
+    frames: int         # of one stack
+    stacks: int
+    wall_one_s: float
+    wall_all_s: float
+
+    @property
+    def rate(self) -> float:
+        """What each frame beyond the first stack's costs, as frames/s."""
+        extra = self.wall_all_s - self.wall_one_s
+        return (self.stacks - 1) * self.frames / extra if extra > 0 else float("nan")
+
+
+def stack_copies(stack: Path, count: int) -> list[Path]:
+    """``stack`` and ``count - 1`` hard links to it beside it (same bytes, other names:
+    inputs the command reads one after the other)."""
+    paths = [stack]
+    for index in range(1, count):
+        link = stack.with_name(f"{stack.stem}.copy{index}{stack.suffix}")
+        link.unlink(missing_ok=True)
+        os.link(stack, link)
+        paths.append(link)
+    return paths
+
+
 def azfilter_argv(launcher: Any, operation: str, poni: str, npt: int, backend: str,
                   extra: list[str]) -> list[str]:
     return launcher.argv + [operation, "-p", poni, "--npt", str(npt), "--unit", UNIT,
@@ -385,7 +425,8 @@ def bound(profile: dict[str, Any]) -> tuple[float, str]:
 
 # ============================================================================ report
 def markdown(rows: list[Timed], profiles: dict[str, dict], machine: str,
-             stacks: dict[str, Any], args: argparse.Namespace) -> str:
+             stacks: dict[str, Any], args: argparse.Namespace,
+             steady: list[Steady] | None = None) -> str:
     pyfai = {(r.operation, r.input): r for r in rows if r.tool == "pyFAI-integrate"}
     lines = [f"Machine: {machine}", "",
              f"Inputs: {args.frames} Eiger 4M uint32 frames (2167 x 2070), bitshuffle-LZ4 "
@@ -403,6 +444,17 @@ def markdown(rows: list[Timed], profiles: dict[str, dict], machine: str,
         lines.append(f"| {r.operation} | {r.input} | {r.tool} | {r.variant} | {r.frames} | "
                      f"{r.wall_s:.2f} | {_rate(r.rate)} | {ratio} | {r.cpu_s:.1f} | "
                      f"{r.peak_mb:.0f} |")
+    if steady:
+        lines += ["", f"Steady rates (fresh processes, fastest of {args.steady_repeat}; the "
+                  f"stack alone and {args.steady} times it; steady = what each further frame "
+                  "costs):", "",
+                  "| operation | input | variant | frames | wall s | frames | wall s | "
+                  "end to end f/s | steady f/s |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in steady:
+            lines.append(f"| {r.operation} | {r.input} | {r.variant} | {r.frames} | "
+                         f"{r.wall_one_s:.2f} | {r.frames * r.stacks} | {r.wall_all_s:.2f} | "
+                         f"{_rate(r.frames * r.stacks / r.wall_all_s)} | {_rate(r.rate)} |")
     if profiles:
         lines += ["", f"Where the time goes ({args.profile_frames} frames per side run, "
                   "OpenCL profiling events; ms per frame; bound = the slowest stage alone; "
@@ -470,6 +522,11 @@ def main() -> None:
     parser.add_argument("--install", default="auto",
                         choices=["auto", "snapshot", "installed", "editable", "source"],
                         help="how azfilter is started (bench_cli.azfilter_launcher)")
+    parser.add_argument("--steady", type=int, default=0, metavar="N",
+                        help="also time each OpenCL variant on N times the stack (hard links) "
+                             "against the stack alone: steady frames/s")
+    parser.add_argument("--steady-repeat", type=int, default=2,
+                        help="fresh processes per steady timing (the fastest counts)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
@@ -507,8 +564,11 @@ def main() -> None:
                 and not (v[2] == "cython" and "cython" in args.skip)
                 and not ("host decode" in v[1] and "host-decode" in args.skip)]
     rows: list[Timed] = []
+    steady: list[Steady] = []
     profiles: dict[str, dict] = {}
     failures: list[str] = []
+    copies = {source: stack_copies(Path(stacks[source]), args.steady)
+              for source in ("bslz4", "raw") if args.steady > 1}
     for operation in args.operations:
         outputs: dict[str, Path] = {}
         # untimed warm-up: lookup table into the cache, OpenCL kernels compiled (the driver
@@ -538,6 +598,24 @@ def main() -> None:
             shape = list(output_rows(out).shape)
             if shape != [args.frames, args.npt]:
                 failures.append(f"{operation} {variant}: output shape {shape}")
+        for source, variant, backend, extra in variants:
+            if backend != "opencl" or source not in copies:
+                continue
+            argv = azfilter_argv(launcher, operation, stacks["poni"], args.npt, backend,
+                                 extra_common + extra + threads)
+            walls = []
+            for inputs in ([stacks[source]], copies[source]):
+                best = float("inf")
+                for _ in range(args.steady_repeat):
+                    run = checked(run_child(argv + ["--overwrite", *inputs,
+                                                    "-o", str(work / "steady.h5")],
+                                            env, work, work / "steady.log"),
+                                  f"azfilter {operation} {variant} on {len(inputs)} stacks")
+                    best = min(best, run.wall_s)
+                walls.append(best)
+            steady.append(Steady(operation, source, variant, args.frames, args.steady, *walls))
+            print(f"  {operation:10s} {source:5s} azfilter {variant:22s} steady "
+                  f"{steady[-1].rate:8.1f} frames/s", flush=True)
         if "opencl, device decode" in outputs and "opencl, host decode" in outputs:
             import numpy as np
 
@@ -575,7 +653,10 @@ def main() -> None:
                         "device_decode": "device decode" in variant}
                 profiles[f"{operation}|{source}|{variant}"] = run_profile(
                     launcher, spec, work, f"profile-{len(profiles)}")
-    report = markdown(rows, profiles, machine_line(args.device), stacks, args)
+    for paths in copies.values():
+        for path in paths[1:]:
+            path.unlink(missing_ok=True)
+    report = markdown(rows, profiles, machine_line(args.device), stacks, args, steady)
     print()
     print(report)
     print(f"total {time.perf_counter() - started:.0f} s; azfilter started as: {launcher.how}")
@@ -584,6 +665,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"rows": [asdict(r) | {"frames_per_s": r.rate}
                                                   for r in rows],
+                                         "steady": [asdict(r) | {"frames_per_s": r.rate}
+                                                    for r in steady],
                                          "profiles": profiles, "stacks": stacks,
                                          "failures": failures}, indent=1))
     if not args.keep:
