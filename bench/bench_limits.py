@@ -112,22 +112,22 @@ def transfers(args: argparse.Namespace) -> None:
             _read_rate("page cache -> memory", descriptor, places, frame_bytes,
                        [(np.empty(frame_bytes, np.uint8), None) for _ in range(threads)])
         for threads in (4, 8, 16):
-            lanes = []
+            lanes, mapped = [], []   # (page-locked array, its upload); the mapped buffers
             for _ in range(threads):
                 queue = cl.CommandQueue(context)
                 buffer = cl.Buffer(context, flags.ALLOC_HOST_PTR | flags.READ_ONLY,
                                    frame_bytes)
                 array, _ = cl.enqueue_map_buffer(queue, buffer, cl.map_flags.WRITE, 0,
                                                  (frame_bytes,), np.uint8)
+                mapped.append(buffer)   # keeps the mapping alive
                 target = cl.Buffer(context, flags.READ_WRITE, frame_bytes)
 
-                def upload(data, queue=queue, target=target, buffer=buffer) -> None:
-                    # (buffer: keeps the mapping alive)
+                def upload(data, queue=queue, target=target) -> None:
                     cl.enqueue_copy(queue, target, data, is_blocking=True)
                 lanes.append((array, upload))
             _read_rate("page cache -> page-locked memory -> device", descriptor, places,
                        frame_bytes, lanes)
-            del lanes
+            del lanes, mapped
     finally:
         os.close(descriptor)
 

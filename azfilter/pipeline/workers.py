@@ -165,22 +165,17 @@ def worker_count(job: Any) -> int:
     return job.processes
 
 
-def forced(environ: dict[str, str] | None = None) -> bool:
-    """Whether the environment sets the number of workers (then every one starts at once,
-    whatever the device)."""
-    environ = os.environ if environ is None else environ
-    return bool(environ.get(PROCESSES_VARIABLE, "").strip())
-
-
 def starts_all(config: dict[str, Any], environ: dict[str, str] | None = None) -> bool:
     """Whether every worker starts at once, each starting OpenCL beside the others: when
-    the environment sets their number (:func:`forced`), or when ``--device gpu`` names a GPU
-    (the first worker need not find out the device's type before the others start).
-    Otherwise the others start once the first has found a GPU: each costs a start of OpenCL
-    and its share of the cores, which a CPU device does not repay."""
+    ``AZFILTER_OPENCL_PROCESSES`` sets their number (whatever the device), or when
+    ``--device gpu`` names a GPU (the first worker need not find out the device's type
+    before the others start). Otherwise the others start once the first has found a GPU:
+    each costs a start of OpenCL and its share of the cores, which a CPU device does not
+    repay."""
     from ..vocabulary import parse_device_spec
 
-    if forced(environ):
+    environ = os.environ if environ is None else environ
+    if environ.get(PROCESSES_VARIABLE, "").strip():
         return True
     try:
         tokens = parse_device_spec(config.get("device"))
