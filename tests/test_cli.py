@@ -1045,3 +1045,25 @@ def test_verbose_prints_pools_and_follows_slurm_cpus(data, tmp_path):
     assert compiled.exit_code == 0, compiled.output
     line = next(ln for ln in compiled.stderr.splitlines() if "engine threads" in ln)
     assert "engine threads 1 (1 frames at once)" in line   # lanes never exceed the threads
+
+
+def test_cython_jobs_leave_a_quarter_of_many_cores(data, tmp_path, monkeypatch):
+    """Without --threads a Cython job takes 3/4 of the cores for its engine and as many
+    readers (both run at once: one of each per core oversubscribes them), all of 2 cores,
+    and --threads as given; other backends take every core."""
+    from azfilter.pipeline import run as pipeline_run
+
+    def threads(config: dict, cores: int) -> int:
+        return pipeline_run.job_threads(config, cores=cores)
+
+    cython = {"backend": "cython", "threads": None}
+    assert [threads(cython, n) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 2, 2, 3, 6, 12, 48]
+    assert threads({**cython, "threads": 16}, 16) == 16
+    for backend in ("opencl", "python"):
+        assert threads({"backend": backend, "threads": None}, 16) == 16
+    monkeypatch.setattr(pipeline_run, "usable_cores", lambda: 16)
+    result = invoke("integrate", "-v", "-p", data.poni, "--backend", "cython", "--npt", 30,
+                    *data.cbfs, "-o", tmp_path / "c.h5")
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.stderr.splitlines() if "engine threads" in ln)
+    assert "engine threads 12 (3 frames at once), 12 reader threads, 16 cores usable" in line

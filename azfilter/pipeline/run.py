@@ -58,6 +58,16 @@ DEVICE_DECODE_READERS = 2
 # while the NeXus writer flushes its 64 buffered rows (milliseconds); with 8 places the
 # reducing thread waited on a full queue during each flush (H200, py-spy).
 WRITE_QUEUE = 32
+#: share of the usable cores a Cython job takes as threads without --threads (each of its
+#: engine's OpenMP threads and of its reader threads, which decode). Both run flat out at
+#: once (the engine reduces several frames at a time), so one of each per core oversubscribes
+#: the cores. H200 machine, 16 cores, 1000 Eiger 4M bitshuffle-LZ4 frames, three rounds each
+#: (2026-11-29): integrate 3.20 / 3.17 / 2.98 s with 16 threads, 2.90 / 2.90 / 2.95 s with 12,
+#: 2.64 / 2.72 / 2.79 s with 8; sigma-clip 4.58 / 4.64 / 4.49, 4.26 / 4.19 / 4.40 and
+#: 4.22 / 4.63 / 4.61 s.
+CYTHON_THREAD_SHARE = 0.75
+#: cores up to which a Cython job takes them all (the 2-core benchmarks were measured so)
+CYTHON_ALL_CORES = 2
 
 
 @dataclass
@@ -182,6 +192,30 @@ def _sectors(value: Any) -> Any:
     return value
 
 
+def job_threads(config: dict[str, Any], cores: int | None = None) -> int:
+    """Threads of the job's engine and of its frame readers: ``--threads``, else the usable
+    cores, of which a Cython job takes :data:`CYTHON_THREAD_SHARE` above
+    :data:`CYTHON_ALL_CORES` cores.
+
+    Parameters
+    ----------
+    config : dict
+        The job's configuration (``threads``, ``backend``).
+    cores : int, optional
+        Usable cores (default :func:`azfilter.resources.usable_cores`).
+
+    Returns
+    -------
+    int
+    """
+    if config.get("threads"):
+        return int(config["threads"])
+    cores = usable_cores() if cores is None else cores
+    if config.get("backend") == "cython" and cores > CYTHON_ALL_CORES:
+        return max(CYTHON_ALL_CORES, int(cores * CYTHON_THREAD_SHARE))
+    return cores
+
+
 def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | None,
                     load_table: bool = True) -> Any:
     """The job's Integrator, its lookup table built (or loaded) so that errors show now
@@ -220,7 +254,7 @@ def make_integrator(config: dict[str, Any], geometry: Any, first_item: Any | Non
         polarization=config["polarization"], solid_angle=config["solid_angle"],
         radial_range=config["radial_range"], azimuth_range=config["azimuth_range"],
         normalization=config["normalization"],
-        threads=config["threads"] or usable_cores(), pixel_mask=pixel_mask,
+        threads=job_threads(config), pixel_mask=pixel_mask,
         sectors=_sectors(config.get("sectors")),
     )
     if load_table and integrator.shape is not None:
@@ -861,11 +895,9 @@ def _reduce(job: Job, batches: Iterable[list[Planned]], fail: Callable[..., None
     for each frame reduced (False stops the run), ``fail`` for each one that is not.
     """
     integrator = job.integrator
-    threads = job.config.get("threads")
-    # decoder threads: the cores the job may use (they overlap with the engine's threads,
-    # which wait while a frame is decoded and the other way round), shared by the worker
-    # processes when there are several
-    readers = max(1, (threads or usable_cores()) // job.processes)
+    # decoder threads: the job's threads (they overlap with the engine's threads), shared by
+    # the worker processes when there are several
+    readers = max(1, job_threads(job.config) // job.processes)
     # sparsify picks its pixels on the host from the decoded frame: its chunks are decoded here
     device_decode = decode_on_device(job.config) and job.postprocess is None
     if device_decode:

@@ -410,8 +410,15 @@ class WorkerPool:
         logger.warning("%s: %s", self.job.label, how)
 
     def close(self) -> None:
-        """Tell the workers that no block follows and wait for them; kill any that is still
-        running (the run stopped part-way)."""
+        """Tell the workers that no block follows; wait for those that still owe frames (the
+        run stopped part-way) and kill any that does not end.
+
+        A worker that owes nothing is not waited for: it ends by itself once told, and its
+        end is mostly the driver releasing its context and page-locked buffers, which would
+        delay the output's rename and the command's exit. multiprocessing reaps it when the
+        next pool starts (``azfilter watch``); it dies with this process anyway
+        (``_die_with_parent``).
+        """
         for worker in self.workers:
             if worker.alive and not worker.told_to_end:
                 worker.told_to_end = True
@@ -420,6 +427,9 @@ class WorkerPool:
                 except OSError:
                     pass
         for worker in self.workers:
+            if not worker.blocks and worker.told_to_end:
+                worker.connection.close()
+                continue
             worker.process.join(timeout=10 if worker.alive else 0.5)
             if worker.process.is_alive():
                 worker.process.kill()
@@ -489,7 +499,25 @@ def _worker_main(job: Any, index: int, connection: Any, reduce: Reduce,
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        _release_standard_streams()
         os._exit(status)   # no interpreter teardown: the command's files are not ours
+
+
+def _release_standard_streams() -> None:
+    """Point this worker's stdin, stdout and stderr at /dev/null before it ends.
+
+    Its end is mostly the driver releasing the OpenCL context and page-locked buffers;
+    whoever reads the command's output through a pipe (a shell's ``$(...)``, ``| tee``,
+    Python's ``subprocess.run``) waits for every holder of the pipe to close it, so without
+    this it would wait for that teardown after the command is done.
+    """
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for stream in (0, 1, 2):
+            os.dup2(null, stream)
+        os.close(null)
+    except OSError:
+        pass
 
 
 def _device_type(job: Any) -> str:
