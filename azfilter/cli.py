@@ -176,7 +176,8 @@ def _reduction_options(operation: str | None) -> list[Callable]:
             help="Reduce only part I of N (0 <= I < N) of the frames: contiguous blocks in "
                  "input order. Default inside a SLURM array job: the task's index and count."),
         opt("--threads", type=click.IntRange(min=1), default=None,
-            help="Threads of the compiled engine [default: all cores]."),
+            help="Threads of the compiled engine and of the frame decoders [default: the "
+                 "usable cores; 3/4 of them for --backend cython above 2]."),
         opt("--wait/--no-wait", default=True, show_default=True,
             help="When another run is writing the same output: wait for it, or refuse."),
         opt("--dry-run", is_flag=True, default=False,
