@@ -11,6 +11,7 @@ Usage (GPU machine, a stack from ``bench_e2e_gpu.py``)::
 
     python3 bench/bench_opencl_stream.py /dev/shm/azf/eiger4m_bslz4_1000f_v2.h5 \\
         /dev/shm/azf/eiger4m.poni --slots 2 4 6
+    python3 bench/bench_opencl_stream.py STACK PONI --variants   # sigma-clip's parts
 """
 
 from __future__ import annotations
@@ -31,13 +32,28 @@ OPERATIONS = {
     "integrate": {"error_model": "poisson"},
     "medfilt": {"quant_min": 0.4, "quant_max": 0.6, "error_model": "azimuthal", "pick": 3.0},
 }
+#: --variants: what each part of sigma-clip's kernel costs (iterations, error model,
+#: statistics), against integrate's decode-and-one-pass
+VARIANTS = [
+    ("integrate", {"error_model": "poisson"}),
+    ("integrate", {"error_model": "azimuthal"}),
+    ("sigma_clip", {"thres": 5.0, "max_iter": 0, "error_model": "azimuthal", "pick": 3.0}),
+    ("sigma_clip", {"thres": 5.0, "max_iter": 1, "error_model": "azimuthal", "pick": 3.0}),
+    ("sigma_clip", {"thres": 5.0, "max_iter": 5, "error_model": "azimuthal", "pick": 3.0}),
+    ("sigma_clip", {"thres": 5.0, "max_iter": 5, "error_model": "azimuthal"}),
+    ("sigma_clip", {"thres": 5.0, "max_iter": 5, "error_model": "poisson", "pick": 3.0}),
+    ("medfilt", {"quant_min": 0.4, "quant_max": 0.6, "error_model": "azimuthal", "pick": 3.0}),
+]
 
 
-def stream_rate(engine, chunks: list, operation: str, frames: int) -> tuple[float, float]:
-    """(frames/s, CPU ms per frame of this thread) of ``frames`` chunks through the engine."""
+def stream_rate(engine, chunks: list, operation: str, frames: int,
+                params: dict | None = None) -> tuple[float, float]:
+    """(frames/s, CPU ms per frame of this thread) of ``frames`` chunks through the engine,
+    with the operation's benchmark parameters unless ``params``."""
     stream = ((k, chunks[k % len(chunks)]) for k in range(frames))
     start, cpu = time.perf_counter(), time.thread_time()
-    done = sum(1 for _ in engine.process_many(stream, operation, OPERATIONS[operation]))
+    done = sum(1 for _ in engine.process_many(stream, operation,
+                                              params or OPERATIONS[operation]))
     return done / (time.perf_counter() - start), 1e3 * (time.thread_time() - cpu) / done
 
 
@@ -54,6 +70,9 @@ def main() -> None:
     parser.add_argument("--npt", type=int, default=1000)
     parser.add_argument("--operations", nargs="+", choices=list(OPERATIONS),
                         default=list(OPERATIONS))
+    parser.add_argument("--variants", action="store_true",
+                        help="instead of --operations: the parameter variants of VARIANTS "
+                             "(ms per frame of each)")
     parser.add_argument("--workgroup-size", type=int,
                         help="the engine's work-group size (default: the engine's for the "
                              "device type)")
@@ -77,6 +96,13 @@ def main() -> None:
                 buffer[:] = np.frombuffer(raw, np.uint8)
                 layout = bslz4_layout(buffer, int(np.prod(shape)), dataset.dtype.itemsize)
                 chunks.append(CompressedChunk(buffer, len(raw), layout, shape, dataset.dtype))
+        if args.variants:
+            for operation, params in VARIANTS:
+                stream_rate(engine, chunks, operation, 100, params)
+                rate, _ = stream_rate(engine, chunks, operation, args.frames, params)
+                print(f"slots {slots} work-group {engine.workgroup_size} {operation} {params}: "
+                      f"{rate:.0f} frames/s, {1e3 / rate:.3f} ms/frame", flush=True)
+            continue
         for operation in args.operations:
             stream_rate(engine, chunks, operation, 100)   # programs built, buffers made
             rate, cpu = stream_rate(engine, chunks, operation, args.frames)
