@@ -46,14 +46,12 @@ VARIANTS = [
 ]
 
 
-def stream_rate(engine, chunks: list, operation: str, frames: int,
-                params: dict | None = None) -> tuple[float, float]:
-    """(frames/s, CPU ms per frame of this thread) of ``frames`` chunks through the engine,
-    with the operation's benchmark parameters unless ``params``."""
+def stream_rate(engine, chunks: list, operation: str, params: dict,
+                frames: int) -> tuple[float, float]:
+    """(frames/s, CPU ms per frame of this thread) of ``frames`` chunks through the engine."""
     stream = ((k, chunks[k % len(chunks)]) for k in range(frames))
     start, cpu = time.perf_counter(), time.thread_time()
-    done = sum(1 for _ in engine.process_many(stream, operation,
-                                              params or OPERATIONS[operation]))
+    done = sum(1 for _ in engine.process_many(stream, operation, params))
     return done / (time.perf_counter() - start), 1e3 * (time.thread_time() - cpu) / done
 
 
@@ -96,18 +94,16 @@ def main() -> None:
                 buffer[:] = np.frombuffer(raw, np.uint8)
                 layout = bslz4_layout(buffer, int(np.prod(shape)), dataset.dtype.itemsize)
                 chunks.append(CompressedChunk(buffer, len(raw), layout, shape, dataset.dtype))
-        if args.variants:
-            for operation, params in VARIANTS:
-                stream_rate(engine, chunks, operation, 100, params)
-                rate, _ = stream_rate(engine, chunks, operation, args.frames, params)
-                print(f"slots {slots} work-group {engine.workgroup_size} {operation} {params}: "
-                      f"{rate:.0f} frames/s, {1e3 / rate:.3f} ms/frame", flush=True)
-            continue
-        for operation in args.operations:
-            stream_rate(engine, chunks, operation, 100)   # programs built, buffers made
-            rate, cpu = stream_rate(engine, chunks, operation, args.frames)
+        runs = VARIANTS if args.variants else [(operation, OPERATIONS[operation])
+                                               for operation in args.operations]
+        for operation, params in runs:
+            stream_rate(engine, chunks, operation, params, 100)   # programs built
+            rate, cpu = stream_rate(engine, chunks, operation, params, args.frames)
+            if args.variants:
+                operation = f"{operation} {params}"
             print(f"slots {slots} work-group {engine.workgroup_size} {operation}: "
-                  f"{rate:.0f} frames/s, feeding thread CPU {cpu:.3f} ms/frame", flush=True)
+                  f"{rate:.0f} frames/s ({1e3 / rate:.3f} ms/frame), feeding thread CPU "
+                  f"{cpu:.3f} ms/frame", flush=True)
 
 
 if __name__ == "__main__":

@@ -129,9 +129,14 @@ def main() -> None:
                         help="-- then the azfilter arguments")
     args = parser.parse_args()
     arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
-    log_path = args.log or tempfile.mktemp(suffix=".log", prefix="azfilter-timeline-")
-    if os.path.exists(log_path):
-        os.remove(log_path)
+    if args.log:
+        log_path = args.log
+        if os.path.exists(log_path):
+            os.remove(log_path)
+    else:   # an empty file of ours, which the child appends to
+        with tempfile.NamedTemporaryFile(suffix=".log", prefix="azfilter-timeline-",
+                                         delete=False) as log:
+            log_path = log.name
     with tempfile.TemporaryFile("w+") as output:
         launch = time.time()
         env = dict(os.environ, **{LAUNCH_VARIABLE: repr(launch)})
