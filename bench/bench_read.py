@@ -2,7 +2,7 @@
 
 (a) An Eiger 4M uint32 bitshuffle-LZ4 stack (the stack of ``bench_cli.py``, made once and
     reused; at most 100 frames here): h5py's own read (``dataset[i]``, its filter pipeline),
-    ``open_frames`` (today's reader) and ``iter_frames`` (direct chunk reads + imagecodecs)
+    ``open_frames`` (today's reader) and ``iter_frames`` (direct chunk reads + azfilter's decoder)
     at 1 and 2 workers; also each decoder alone, per frame (CPU ms).
 (b) 100 Pilatus 1M CBF files (the real AgBh frame with fresh Poisson noise per file, written
     by fabio): plain ``fabio.open``, ``open_frames``, ``iter_frames`` at 1 and 2 workers (both
@@ -116,8 +116,8 @@ def decoder_costs(stack: Path, repeat: int) -> dict[str, float]:
         frames = [dset[i] for i in range(len(raws))]
         out = np.empty(layout.shape, layout.dtype)
         block_bytes = struct.unpack_from(">I", raws[0], 8)[0]
-        # the LZ4 blocks alone, as decode_chunk hands them to imagecodecs (an Eiger 4M frame
-        # ends with 2167 * 2070 % 8 = 2 elements stored as they are)
+        # the LZ4 blocks alone, framed for imagecodecs (an Eiger 4M frame ends with
+        # 2167 * 2070 % 8 = 2 elements stored as they are)
         count = frames[0].size - frames[0].size % 8
         tail = (frames[0].size - count) * 4
         blocks = []
@@ -126,18 +126,28 @@ def decoder_costs(stack: Path, repeat: int) -> dict[str, float]:
             struct.pack_into(">Q", patched, 0, count * 4)
             blocks.append(patched)
         shuffled = [f.reshape(-1)[:count] for f in frames]
+        def words(i: int):
+            """azfilter's decoder with its portable bit-unshuffle (CPUs without AVX2)."""
+            saved, chunks.BSLZ4_SIMD = chunks.BSLZ4_SIMD, False
+            try:
+                return chunks.decode_chunk(raws[i], layout, out)
+            finally:
+                chunks.BSLZ4_SIMD = saved
+
         steps = {
             "h5py dataset[i] (read + filter)": lambda i: dset[i],
             "h5py read_direct_chunk (raw bytes)": lambda i: dset.id.read_direct_chunk((i, 0, 0)),
-            "direct: block-header walk (holds the GIL)":
-                lambda i: chunks._lz4_blocks_are_all_compressed(raws[i], block_bytes,
-                                                               count * 4),
-            "direct: imagecodecs lz4h5_decode": lambda i: imagecodecs.lz4h5_decode(
-                blocks[i], out=chunks._scratch_bytes(count * 4)),
-            "direct: imagecodecs bitshuffle_decode": lambda i: imagecodecs.bitshuffle_decode(
-                shuffled[i], blocksize=block_bytes // 4, out=out.reshape(-1)[:count]),
-            "direct: decode_chunk (all of the above)":
+            "direct: block walk (bslz4_layout)":
+                lambda i: chunks.bslz4_layout(raws[i], frames[0].size, 4),
+            "imagecodecs lz4h5_decode (LZ4 blocks of the whole frame)":
+                lambda i: imagecodecs.lz4h5_decode(blocks[i], out=chunks._scratch_bytes(
+                    count * 4)),
+            "imagecodecs bitshuffle_decode (the whole frame)":
+                lambda i: imagecodecs.bitshuffle_decode(shuffled[i], blocksize=block_bytes // 4,
+                                                        out=out.reshape(-1)[:count]),
+            "direct: decode_chunk (walk + azfilter's decoder)":
                 lambda i: chunks.decode_chunk(raws[i], layout, out),
+            "direct: decode_chunk, portable bit-unshuffle (no AVX2)": words,
         }
         try:
             import bitshuffle
@@ -150,6 +160,7 @@ def decoder_costs(stack: Path, repeat: int) -> dict[str, float]:
         except ImportError:
             pass
         np.testing.assert_array_equal(chunks.decode_chunk(raws[0], layout, out), frames[0])
+        np.testing.assert_array_equal(words(0), frames[0])
         costs = {}
         for name, step in steps.items():
             best = float("inf")

@@ -30,8 +30,7 @@ cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
         | (<uint32_t>p[3])
 
 
-def bslz4_walk(const uint8_t[::1] chunk, Py_ssize_t n_blocks, uint32_t block_bytes,
-               uint32_t last_block_bytes, uint32_t[:, ::1] ranges):
+def bslz4_walk(const uint8_t[::1] chunk, Py_ssize_t n_blocks, uint32_t[:, ::1] ranges):
     """Walk the chain of block sizes of a bitshuffle-LZ4 chunk (GIL released).
 
     Parameters
@@ -40,25 +39,22 @@ def bslz4_walk(const uint8_t[::1] chunk, Py_ssize_t n_blocks, uint32_t block_byt
         The whole chunk, header included (at most 4 GiB).
     n_blocks : int
         Blocks the header announces.
-    block_bytes, last_block_bytes : int
-        Decoded bytes of a full block and of the last block (used to count the blocks whose
-        stored size equals their decoded size).
     ranges : uint32 array (>= n_blocks, 2), written
         Start and end of each block's LZ4 data in the chunk (the blocks walked so far when
         the walk fails).
 
     Returns
     -------
-    (status, block, position, verbatim) : tuple of int
+    (status, block, position) : tuple of int
         ``status`` 0 (``WALK_OK``), 1 (``WALK_TRUNCATED_SIZE``: the chunk ends inside the
         size of ``block``) or 2 (``WALK_PAST_END``: ``block`` ends at ``position``, past the
         chunk). ``position``: where the blocks end (the tail's offset) when the walk
-        succeeds. ``verbatim``: blocks whose stored size equals their decoded size.
+        succeeds.
     """
     cdef uint64_t size = chunk.shape[0]
     cdef uint64_t position = 12
-    cdef uint64_t length, decoded
-    cdef Py_ssize_t block = 0, verbatim = 0
+    cdef uint64_t length
+    cdef Py_ssize_t block = 0
     cdef int status = OK
     cdef const uint8_t* data = &chunk[0] if size else NULL
     if ranges.shape[0] < n_blocks or ranges.shape[1] != 2:
@@ -71,9 +67,6 @@ def bslz4_walk(const uint8_t[::1] chunk, Py_ssize_t n_blocks, uint32_t block_byt
                 status = TRUNCATED_SIZE
                 break
             length = be32(data + position)
-            decoded = last_block_bytes if block == n_blocks - 1 else block_bytes
-            if length == decoded:
-                verbatim += 1
             ranges[block, 0] = <uint32_t>(position + 4)
             position += 4 + length
             if position > size:
@@ -81,4 +74,70 @@ def bslz4_walk(const uint8_t[::1] chunk, Py_ssize_t n_blocks, uint32_t block_byt
                 break
             ranges[block, 1] = <uint32_t>position
             block += 1
-    return status, block, position, verbatim
+    return status, block, position
+
+
+cdef extern from "azf_bslz4_host.h" nogil:
+    int azf_bslz4_decode(const uint8_t *chunk, size_t chunk_bytes, const uint32_t *ranges,
+                         size_t n_blocks, size_t block_elems, size_t blocked_elems,
+                         size_t elem_size, uint8_t *out, int use_simd, long *failed_block)
+    int azf_has_avx2()
+
+#: decoder status when its scratch block could not be allocated (the others: azf_bslz4.cl's)
+DECODE_NO_MEMORY = 7
+
+
+def bslz4_uses_avx2():
+    """True when :func:`bslz4_decode` bit-unshuffles with AVX2 (an x86-64 CPU that has it)."""
+    return bool(azf_has_avx2())
+
+
+def bslz4_decode(const uint8_t[::1] chunk, const uint32_t[:, ::1] ranges,
+                 Py_ssize_t block_elements, Py_ssize_t blocked_elements, Py_ssize_t itemsize,
+                 uint8_t[::1] out, bint simd=True):
+    """Decode the LZ4 blocks of a bitshuffle-LZ4 chunk and bit-unshuffle them into ``out``
+    (GIL released; ``kernels/azf_bslz4_host.h``).
+
+    Parameters
+    ----------
+    chunk : uint8 buffer
+        The whole chunk, header included.
+    ranges : uint32 array (n_blocks, 2)
+        Start and end of each block's LZ4 data (:func:`bslz4_walk`).
+    block_elements, blocked_elements, itemsize : int
+        Elements of a full block, elements in all blocks (a multiple of 8), bytes per element.
+    out : uint8 buffer, written
+        At least ``blocked_elements * itemsize`` bytes: the decoded elements (the chunk's
+        uncompressed tail is the caller's).
+    simd : bool
+        Use the AVX2 bit-unshuffle where the CPU has it (False: the 64-bit-word code, which
+        the tests compare it with).
+
+    Returns
+    -------
+    (status, block) : tuple of int
+        ``status`` 0, or the error code of ``azf_bslz4.cl`` (1-6; 7: no memory), and the
+        block that failed (-1 when none).
+    """
+    cdef long failed = -1
+    cdef int status
+    cdef size_t n_blocks = ranges.shape[0]
+    if itemsize not in (1, 2, 4, 8):
+        raise ValueError("itemsize must be 1, 2, 4 or 8")
+    if block_elements <= 0 or block_elements % 8 or blocked_elements % 8 or blocked_elements < 0:
+        raise ValueError("block and blocked elements must be multiples of 8")
+    if n_blocks and ranges.shape[1] != 2:
+        raise ValueError("ranges must have shape (n_blocks, 2)")
+    if <size_t>n_blocks * <size_t>block_elements < <size_t>blocked_elements or \
+            (n_blocks and <size_t>(n_blocks - 1) * <size_t>block_elements >= <size_t>blocked_elements):
+        raise ValueError(f"{n_blocks} blocks of {block_elements} elements do not hold "
+                         f"{blocked_elements}")
+    if <size_t>out.shape[0] < <size_t>blocked_elements * <size_t>itemsize:
+        raise ValueError("out is smaller than the blocked elements")
+    if n_blocks == 0:
+        return 0, -1
+    with nogil:
+        status = azf_bslz4_decode(&chunk[0], chunk.shape[0], &ranges[0, 0], n_blocks,
+                                  block_elements, blocked_elements, itemsize, &out[0], simd,
+                                  &failed)
+    return status, failed

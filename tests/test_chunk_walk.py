@@ -19,8 +19,8 @@ import pytest
 from azfilter.frames.chunks import ChunkError, bslz4_layout
 
 
-def python_walk(chunk: bytes, n_elements: int, itemsize: int) -> tuple[np.ndarray, int, int]:
-    """(block ranges, tail offset, verbatim blocks) of a chunk, or ChunkError (the same
+def python_walk(chunk: bytes, n_elements: int, itemsize: int) -> tuple[np.ndarray, int]:
+    """(block ranges, tail offset) of a chunk, or ChunkError (the same
     messages as ``bslz4_layout``)."""
     size = len(chunk)
     if size < 12:
@@ -37,14 +37,12 @@ def python_walk(chunk: bytes, n_elements: int, itemsize: int) -> tuple[np.ndarra
     block_elements = block_bytes // itemsize
     blocked = n_elements - n_elements % 8
     n_blocks = -(-blocked // block_elements)
-    last = (blocked - (n_blocks - 1) * block_elements) * itemsize if n_blocks else 0
-    ranges, verbatim, position = [], 0, 12
+    ranges, position = [], 12
     for block in range(n_blocks):
         if position + 4 > size:
             raise ChunkError(f"bitshuffle-LZ4 chunk truncated: its {size} bytes end inside the "
                              f"size of block {block} of {n_blocks}")
         length = struct.unpack_from(">I", chunk, position)[0]
-        verbatim += length == (last if block == n_blocks - 1 else block_bytes)
         start, position = position + 4, position + 4 + length
         if position > size:
             raise ChunkError(f"bitshuffle-LZ4 block {block} of {n_blocks} says it ends at byte "
@@ -54,7 +52,7 @@ def python_walk(chunk: bytes, n_elements: int, itemsize: int) -> tuple[np.ndarra
     if position + tail != size:
         raise ChunkError(f"bitshuffle-LZ4 chunk has {size} bytes, its blocks and uncompressed "
                          f"tail end at {position + tail}")
-    return np.array(ranges, np.uint32).reshape(-1, 2), position, verbatim
+    return np.array(ranges, np.uint32).reshape(-1, 2), position
 
 
 def synthetic_chunk(rng, n_elements: int, itemsize: int, block_elements: int) -> bytes:
@@ -64,7 +62,7 @@ def synthetic_chunk(rng, n_elements: int, itemsize: int, block_elements: int) ->
     parts = [struct.pack(">QI", n_elements * itemsize, block_elements * itemsize)]
     for block in range(n_blocks):
         decoded = min(block_elements, blocked - block * block_elements) * itemsize
-        length = int(rng.integers(1, decoded + 2))      # sometimes exactly `decoded`
+        length = int(rng.integers(1, decoded + 2))
         if rng.random() < 0.2:
             length = decoded
         parts.append(struct.pack(">I", length) + rng.bytes(length))
@@ -78,8 +76,8 @@ def outcome(walk, chunk, n_elements, itemsize):
     except ChunkError as err:
         return "error", str(err)
     if isinstance(result, tuple):
-        return "ok", result[0].tolist(), result[1], result[2]
-    return "ok", result.block_ranges.tolist(), result.tail_offset, result.verbatim_blocks
+        return "ok", result[0].tolist(), result[1]
+    return "ok", result.block_ranges.tolist(), result.tail_offset
 
 
 def assert_same(chunk, n_elements, itemsize):

@@ -5,7 +5,6 @@ bounded read-ahead, early stop."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import struct
@@ -429,28 +428,28 @@ def test_real_cbf_files_identical_to_fabio(testdata):
         np.testing.assert_array_equal(frame.data, image.data)
 
 
-def test_bitshuffle_block_stored_at_full_size_goes_to_h5py(tmp_path, monkeypatch):
-    """imagecodecs' LZ4 framing would copy a block whose stored size equals its decoded size
-    verbatim (HDF5's LZ4 filter convention); bitshuffle never stores blocks that way, so such
-    chunks are left to h5py."""
-    header = chunks._HEADER.pack(3 * 8192 + 800, 8192)
-    size = struct.Struct(">I")
+def test_bitshuffle_block_stored_at_its_decoded_size(tmp_path):
+    """A bitshuffle-LZ4 block whose LZ4 data is exactly as long as the block decodes to is
+    still LZ4 data (HDF5's plain LZ4 filter would store such a block as is): the reader
+    decodes it as h5py does."""
+    from bslz4_cases import lz4_block_of_decoded_size
 
-    def verbatim(sizes: list[int]) -> int:
-        framed = header + b"".join(size.pack(n) + bytes(n) for n in sizes)
-        return chunks.bslz4_layout(framed, 3 * 8192 + 800, 1).verbatim_blocks
-
-    assert verbatim([100, 8192, 8000, 800]) == 2
-    assert verbatim([100, 8191, 8000, 799]) == 0
-    assert verbatim([100, 8191, 8000, 800]) == 1     # the last, shorter block
-
-    stack = varied_frames(3, (24, 32), np.int32)
-    path = write_stack(tmp_path / "s.h5", stack, FILTERS["bitshuffle-lz4"])
-    real = chunks.bslz4_layout
-    monkeypatch.setattr(chunks, "bslz4_layout", lambda *args: dataclasses.replace(
-        real(*args), verbatim_blocks=1))
+    rng = np.random.default_rng(5)
+    shuffled = bytearray(rng.integers(0, 256, 8192, dtype=np.uint8).tobytes())
+    shuffled[8150:8187] = bytes([shuffled[8149]]) * 37
+    chunk = (struct.pack(">QI", 8192, 8192) + struct.pack(">I", 8192)
+             + lz4_block_of_decoded_size(bytes(shuffled)))
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as h5:
+        dataset = h5.create_dataset("data", shape=(2, 64, 128), dtype=np.uint8,
+                                    chunks=(1, 64, 128), **FILTERS["bitshuffle-lz4"])
+        for index in range(2):
+            dataset.id.write_direct_chunk((index, 0, 0), chunk)
+    with h5py.File(path, "r") as h5:
+        expected = h5["data"][()]
     got = results(path)
-    np.testing.assert_array_equal(np.stack([f.data for f in got]), stack)
+    assert [f.index for f in got] == [0, 1]
+    np.testing.assert_array_equal(np.stack([f.data for f in got]), expected)
 
 
 @pytest.mark.parametrize("name", ["bitshuffle-lz4", "gzip", "none"])
@@ -486,29 +485,14 @@ def test_raw_chunks_through_read_direct_chunk_when_offsets_are_unusable(tmp_path
         assert got[2].index == 2
 
 
-def test_bitshuffle_lz4_pieces_only_on_few_cores(monkeypatch):
-    """Pieces where few threads decode; one piece (the whole frame) on more cores, where
-    each piece's GIL hand-overs cost more than the cache saves."""
-    import azfilter.resources as resources
-
-    monkeypatch.setattr(resources, "usable_cores", lambda: chunks.BSLZ4_PIECE_MAX_CORES)
-    assert chunks._piece_bytes(18 << 20) == chunks.BSLZ4_PIECE_BYTES
-    monkeypatch.setattr(resources, "usable_cores", lambda: chunks.BSLZ4_PIECE_MAX_CORES + 1)
-    assert chunks._piece_bytes(18 << 20) == 18 << 20
-
-
-@pytest.mark.parametrize("piece_blocks", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", [(40, 52), (45, 47)], ids=["2080px", "2115px"])
-def test_bitshuffle_lz4_decoded_piece_by_piece(tmp_path, monkeypatch, piece_blocks, dtype, shape):
-    """A bitshuffle-LZ4 chunk is decoded a few blocks at a time (each piece's LZ4 header is
-    written over the end of the piece before it): the same frames as h5py's, with a partial
-    last block, a stored tail, blocks that compress to a few bytes (zeros: a piece's header
-    then reaches back over several earlier blocks), raw bytes from read_direct_chunk
-    (read-only: copied), and a corrupt block in a later piece failing its frame only."""
+def test_bitshuffle_lz4_small_blocks(tmp_path, monkeypatch, dtype, shape):
+    """Bitshuffle-LZ4 chunks of many small blocks decoded by the reader: the same frames as
+    h5py's, with a partial last block, a stored tail, blocks that compress to a few bytes
+    (zeros), raw bytes from read_direct_chunk left as they are, and a corrupt block failing its
+    frame only."""
     itemsize = np.dtype(dtype).itemsize
-    monkeypatch.setattr(chunks, "BSLZ4_PIECE_BYTES", piece_blocks * 256 * itemsize)
-    monkeypatch.setattr(chunks, "BSLZ4_PIECE_MAX_CORES", 1 << 20)   # pieces on any machine
     stack = varied_frames(4, shape, dtype)
     stack[2] = 0
     path = write_stack(tmp_path / "stack.h5", stack, FILTERS["bitshuffle-lz4-small-blocks"])
@@ -516,14 +500,14 @@ def test_bitshuffle_lz4_decoded_piece_by_piece(tmp_path, monkeypatch, piece_bloc
         dset = h5["entry/data/data"]
         raw = dset.id.read_direct_chunk((2, 0, 0))[1]
         layout = chunks.bslz4_layout(raw, stack[2].size, itemsize)
-        assert layout.n_blocks > 2 * piece_blocks
+        assert layout.n_blocks > 6
         assert np.diff(layout.block_ranges, axis=1).min() < 16   # zeros: tiny blocks
     direct = DirectReads(monkeypatch)
     got = results(path, workers=2)
     assert direct.count == len(stack)
     np.testing.assert_array_equal(np.stack([f.data for f in got]), stack)
 
-    # read-only bytes (h5py's read_direct_chunk) are copied, not written to
+    # h5py's read-only bytes are decoded as they are
     with h5py.File(path, "r") as h5:
         dset = h5["entry/data/data"]
         layout = direct_layout(dset)
@@ -534,7 +518,7 @@ def test_bitshuffle_lz4_decoded_piece_by_piece(tmp_path, monkeypatch, piece_bloc
         np.testing.assert_array_equal(out, stack[1])
         assert raw == before
 
-    # a garbled block in the last piece: that frame fails, the others are read
+    # a garbled block near the end: that frame fails, the others are read
     with h5py.File(path, "r") as h5:
         info = h5["entry/data/data"].id.get_chunk_info_by_coord((1, 0, 0))
         blocks = chunks.bslz4_layout(h5["entry/data/data"].id.read_direct_chunk((1, 0, 0))[1],

@@ -208,10 +208,6 @@ class ChunkLayout:
         ``uint32`` (n_blocks, 2): start and end of each block's LZ4 data in the chunk.
     tail_offset : int
         Offset of the last ``n_elements % 8`` elements, stored uncompressed.
-    verbatim_blocks : int
-        Blocks whose stored size equals their decoded size (still LZ4 data in a bitshuffle
-        chunk; imagecodecs' framing would copy them as they are, so the host decoder leaves
-        such chunks to h5py).
     """
 
     n_elements: int
@@ -219,7 +215,6 @@ class ChunkLayout:
     blocked_elements: int
     block_ranges: np.ndarray
     tail_offset: int
-    verbatim_blocks: int = 0
 
     @property
     def n_blocks(self) -> int:
@@ -278,12 +273,9 @@ def bslz4_layout(chunk: Any, n_elements: int, itemsize: int) -> ChunkLayout:
     block_elements = block_bytes // itemsize
     blocked = n_elements - n_elements % BLOCK_MULTIPLE
     n_blocks = -(-blocked // block_elements)
-    last_block_bytes = (blocked - (n_blocks - 1) * block_elements) * itemsize if n_blocks \
-        else 0
     # a corrupt header cannot make this large: total was checked against the frame's size
     ranges = np.empty((n_blocks, 2), dtype=np.uint32)
-    status, block, position, verbatim = bslz4_walk(data, n_blocks, block_bytes,
-                                                   last_block_bytes, ranges)
+    status, block, position = bslz4_walk(data, n_blocks, ranges)
     if status == WALK_TRUNCATED_SIZE:
         raise ChunkError(f"bitshuffle-LZ4 chunk truncated: its {size} bytes end inside the "
                          f"size of block {block} of {n_blocks}")
@@ -294,7 +286,7 @@ def bslz4_layout(chunk: Any, n_elements: int, itemsize: int) -> ChunkLayout:
     if position + tail_bytes != size:
         raise ChunkError(f"bitshuffle-LZ4 chunk has {size} bytes, its blocks and uncompressed "
                          f"tail end at {position + tail_bytes}")
-    return ChunkLayout(n_elements, block_elements, blocked, ranges, position, verbatim)
+    return ChunkLayout(n_elements, block_elements, blocked, ranges, position)
 
 
 def _byte_array(chunk: Any) -> np.ndarray:
@@ -389,83 +381,63 @@ def _unshuffle(data: Any, out: np.ndarray) -> None:
     np.copyto(out.reshape(-1).view(np.uint8).reshape(-1, itemsize), planes.T)
 
 
-#: Bytes of bit-shuffled data decoded per step of a bitshuffle-LZ4 chunk (whole blocks, at
-#: least one). LZ4 writes each piece into per-thread scratch memory that is still in the
-#: core's cache when bitshuffle reads it back into the frame; decoding the whole frame into
-#: scratch first (Eiger 4M: 17.9 MB) sent it to main memory and back, and took 30-40 % longer
-#: (2-core AMD EPYC: 12-14 against 17-20 ms per frame, pieces of 256 kB-1 MB alike).
-BSLZ4_PIECE_BYTES = 1 << 19
-#: Pieces only where the decoding threads are few (this many usable cores at most): each
-#: piece lets go of the GIL and takes it back twice, and with many reader threads those
-#: hand-overs queue up (16-core GPU node: host decoding and the Cython backend, which decode
-#: on every core, ran at 113 and 112 frames/s in pieces against 385 and 214 whole, in runs
-#: of different days on the same machine). More cores decode a frame in one piece.
-BSLZ4_PIECE_MAX_CORES = 4
+#: error codes of the bitshuffle-LZ4 decoders (``kernels/azf_bslz4.cl`` on a device,
+#: ``kernels/azf_bslz4_host.h`` on the host) -> what is wrong
+BSLZ4_ERRORS = {
+    1: "a literal run runs past the end of the LZ4 block",
+    2: "the LZ4 block decodes to more bytes than the block holds",
+    3: "an LZ4 match refers to data before the start of the block (bad offset)",
+    4: "the LZ4 block ends inside a match",
+    5: "the LZ4 block decodes to fewer bytes than the block holds",
+    6: "the block lies outside the chunk",
+    7: "no memory for the decoder's block",
+}
 
 
-def _piece_bytes(frame_bytes: int) -> int:
-    """Bytes of bit-shuffled data to decode per step (see :data:`BSLZ4_PIECE_BYTES`)."""
-    from ..resources import usable_cores
+def bslz4_error_message(code: int, block: int, n_blocks: int) -> str:
+    """One line for a decoder's error ``code`` at ``block`` (-1: the uncompressed tail)."""
+    reason = BSLZ4_ERRORS.get(code, f"decoder error code {code}")
+    where = "its uncompressed tail" if block < 0 else f"block {block} of {n_blocks}"
+    return f"corrupt bitshuffle-LZ4 chunk, {where}: {reason}"
 
-    return BSLZ4_PIECE_BYTES if usable_cores() <= BSLZ4_PIECE_MAX_CORES else frame_bytes
+
+#: The host decoder's bit-unshuffle uses AVX2 where the CPU has it; False forces its portable
+#: 64-bit-word code everywhere (the tests decode with both).
+BSLZ4_SIMD = True
 
 
 def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray) -> None:
-    ic = _codecs()
+    from .._chunks import bslz4_decode
+
     itemsize = layout.dtype.itemsize
+    data = _byte_array(raw)
     flat = out.reshape(-1)
-    nelements = flat.size
     # header, block size and the chain of blocks checked (compiled walk, outside the GIL)
-    blocks = bslz4_layout(raw, nelements, itemsize)
-    if blocks.verbatim_blocks:
-        raise NeedsH5py
-    block_elements = blocks.block_elements
-    block_bytes = block_elements * itemsize
+    blocks = bslz4_layout(data, flat.size, itemsize)
     # The last n % 8 elements (Eiger 4M: 2167 x 2070 pixels, 2 of them) follow the blocks
     # as they are, neither shuffled nor compressed.
     shuffled_count = blocks.blocked_elements
-    tail_elements = nelements - shuffled_count
+    tail_elements = flat.size - shuffled_count
     if tail_elements:
-        flat[shuffled_count:] = np.frombuffer(raw, layout.dtype, count=tail_elements,
-                                              offset=len(raw) - tail_elements * itemsize)
-    # Each piece of blocks is decoded by imagecodecs' LZ4 framing, which reads a 12-byte
-    # header (decoded bytes, block size) before the blocks: it is written over the end of the
-    # previous piece, already decoded (so the caller's buffer is changed; a read-only one is
-    # copied first).
-    if not (isinstance(raw, memoryview) and not raw.readonly):
-        raw = bytearray(raw)
-    raw = memoryview(raw)
-    ranges = blocks.block_ranges
-    n_blocks = len(ranges)
-    per_piece = max(1, _piece_bytes(shuffled_count * itemsize) // block_bytes)
-    scratch = _scratch_bytes(min(n_blocks, per_piece) * block_bytes)
-    for first in range(0, n_blocks, per_piece):
-        last = min(first + per_piece, n_blocks)
-        start = first * block_elements
-        stop = min(last * block_elements, shuffled_count)
-        piece_bytes = (stop - start) * itemsize
-        # block_ranges start after each block's 4-byte size: the piece's header goes before it
-        header_at = int(ranges[first, 0]) - 4 - HEADER_BYTES
-        _HEADER.pack_into(raw, header_at, piece_bytes, block_bytes)
-        # a short result (a block decodes to fewer bytes) is a view shorter than the scratch
-        shuffled = ic.lz4h5_decode(raw[header_at:int(ranges[last - 1, 1])],
-                                   out=scratch[:piece_bytes])
-        _check_length(shuffled, piece_bytes, "bitshuffle-LZ4")
-        ic.bitshuffle_decode(np.frombuffer(shuffled, layout.dtype), blocksize=block_elements,
-                             out=flat[start:stop])
+        flat[shuffled_count:] = np.frombuffer(data, layout.dtype, count=tail_elements,
+                                              offset=data.size - tail_elements * itemsize)
+    # each block: LZ4 into a cache-resident scratch block, then bit-unshuffled into the frame
+    status, block = bslz4_decode(data, blocks.block_ranges, blocks.block_elements,
+                                 shuffled_count, itemsize, flat.view(np.uint8), BSLZ4_SIMD)
+    if status:
+        raise ChunkError(bslz4_error_message(status, block, blocks.n_blocks))
 
 
 def decode_chunk(raw: Any, layout: DirectLayout, out: np.ndarray) -> np.ndarray:
     """Decode one frame's chunk bytes ``raw`` into ``out`` (C-contiguous, ``layout.shape``,
-    ``layout.dtype``); the codecs run outside the GIL.  A writable ``raw`` (memoryview) may
-    be changed (bitshuffle-LZ4 headers are patched in place).
+    ``layout.dtype``); the codecs run outside the GIL.
 
     Raises
     ------
     ChunkError
         When the bytes do not decode to exactly one frame.
     NeedsH5py
-        When this chunk must be read through h5py (a bitshuffle-LZ4 block stored verbatim).
+        When this chunk must be read through h5py.
     """
     ic = _codecs()
     nbytes = layout.nbytes

@@ -131,7 +131,7 @@ def test_engine_kernels(device, fp64, local_sort_size):
 def test_bslz4_decoder(device):
     """Blocks in local memory and in global scratch, a tail, and a corrupt chunk."""
     import pyopencl as cl
-    from test_bslz4_opencl import bslz4_chunk, with_block
+    from bslz4_cases import bslz4_chunk, with_block
 
     from azfilter.backends.opencl.bslz4 import BitshuffleLZ4Decoder, BitshuffleLZ4Error
 
@@ -169,7 +169,7 @@ def test_engine_decodes_chunks(device):
     """The engine's device-decode path: a bitshuffle-LZ4 chunk uploaded, decoded into the
     raw-frame buffer and reduced there (process_many), equal to the frame sent decoded; a
     corrupt chunk is that frame's error and the next frame is still right."""
-    from test_bslz4_opencl import bslz4_chunk, with_block
+    from bslz4_cases import bslz4_chunk, with_block
 
     from azfilter.frames.chunks import CompressedChunk, bslz4_layout
 

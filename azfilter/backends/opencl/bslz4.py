@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import AzfilterError
-from ...frames.chunks import ChunkError, ChunkLayout, bslz4_layout
+from ...frames.chunks import ChunkError, ChunkLayout, bslz4_error_message, bslz4_layout
 from .programs import KernelArgs
 
 #: the kernel file (installed next to the other kernels)
@@ -47,17 +47,6 @@ _MAX_LOCAL_BLOCK = 32768
 # compiled programs, by (context, build options)
 _PROGRAMS: dict[tuple[int, str], Any] = {}
 _PROGRAMS_LOCK = threading.Lock()
-
-# kernel error codes (error[0]) -> what is wrong
-_ERRORS = {
-    1: "a literal run runs past the end of the LZ4 block",
-    2: "the LZ4 block decodes to more bytes than the block holds",
-    3: "an LZ4 match refers to data before the start of the block (bad offset)",
-    4: "the LZ4 block ends inside a match",
-    5: "the LZ4 block decodes to fewer bytes than the block holds",
-    6: "the block lies outside the chunk",
-}
-
 
 class BitshuffleLZ4Error(AzfilterError):
     """A bitshuffle-LZ4 chunk that cannot be decoded; ``str(err)`` is one line."""
@@ -126,9 +115,7 @@ def check_error_flag(error: np.ndarray, n_blocks: int) -> None:
     two ``int32`` of ``error``: code, block) reports a corrupt chunk of ``n_blocks`` blocks."""
     code, block = int(error[0]), int(error[1])
     if code:
-        reason = _ERRORS.get(code, f"decoder error code {code}")
-        where = "its uncompressed tail" if block < 0 else f"block {block} of {n_blocks}"
-        raise BitshuffleLZ4Error(f"corrupt bitshuffle-LZ4 chunk, {where}: {reason}")
+        raise BitshuffleLZ4Error(bslz4_error_message(code, block, n_blocks))
 
 
 class BitshuffleLZ4Decoder:

@@ -1,0 +1,409 @@
+/*
+ * azfilter: bitshuffle-LZ4 (HDF5 filter 32008) decoding on the host, one chunk per call.
+ *
+ * The chunk format and the error codes are those of the OpenCL decoder (azf_bslz4.cl, whose
+ * header describes the format); the caller has walked the chain of block sizes already
+ * (bslz4_walk in _chunks.pyx) and passes each block's byte range.
+ *
+ * Why our own code rather than a library (README, "Decoder choice"): imagecodecs decodes the
+ * LZ4 blocks of a whole piece into memory, then bit-unshuffles it with SSE2 code in a second
+ * pass, 9-10 ms per Eiger 4M uint32 frame on one core; the bitshuffle package decodes block by
+ * block (the block stays in the L1 cache) with AVX2 in 4.5 ms, but with LZ4_decompress_fast,
+ * which trusts the data and crashed the process on every corrupt chunk tried. Here each block
+ * is decoded with every read and write bounds-checked into a per-call scratch block (cache
+ * resident), then bit-unshuffled from there into the frame: with AVX2 where the CPU has it
+ * (chosen at run time), with 64-bit words otherwise.
+ *
+ * Bit-unshuffle. A block of n elements (n a multiple of 8) is a (8 * E) x (n / 8) byte matrix:
+ * row 8*b + k holds bit k of byte b of the elements, bit i of its byte g belonging to element
+ * 8*g + i. For one column g and one byte b, the 8 bytes of rows 8b..8b+7 form an 8x8 bit
+ * matrix (byte k = row k) whose transpose has byte i = byte b of element 8*g + i.
+ */
+#ifndef AZF_BSLZ4_HOST_H
+#define AZF_BSLZ4_HOST_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define AZF_BSLZ4_X86 1
+#include <immintrin.h>
+#else
+#define AZF_BSLZ4_X86 0
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define AZF_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define AZF_ALWAYS_INLINE inline
+#endif
+
+/* error codes: the same as azf_bslz4.cl's */
+#define AZF_BSLZ4_OK 0
+#define AZF_BSLZ4_LITERALS_PAST_INPUT 1
+#define AZF_BSLZ4_OUTPUT_OVERFLOW 2
+#define AZF_BSLZ4_BAD_OFFSET 3
+#define AZF_BSLZ4_OFFSET_PAST_INPUT 4
+#define AZF_BSLZ4_SHORT_OUTPUT 5
+#define AZF_BSLZ4_BAD_RANGE 6
+#define AZF_BSLZ4_NO_MEMORY 7
+
+/* bytes after the scratch block that a copy may write past its end (8-byte steps) */
+#define AZF_BSLZ4_SLACK 16
+
+/* Length extension bytes (255, 255, ..., < 255); 0 when the input ends before the last. */
+static inline int azf_lz4_length(const uint8_t **ip, const uint8_t *end, size_t *length)
+{
+    unsigned byte;
+    do {
+        if (*ip >= end)
+            return 0;
+        byte = *(*ip)++;
+        *length += byte;
+    } while (byte == 255);
+    return 1;
+}
+
+/* One LZ4 block [src, src_end) into exactly dst_bytes at dst, which has AZF_BSLZ4_SLACK
+ * writable bytes after it. Reads of the chunk stay within [src, src_end) except the 16-byte
+ * steps of short literal runs, which stay within [src, chunk_end). Returns an error code. */
+static int azf_lz4_block(const uint8_t *src, const uint8_t *src_end, const uint8_t *chunk_end,
+                         uint8_t *dst, size_t dst_bytes)
+{
+    const uint8_t *ip = src;
+    uint8_t *op = dst;
+    uint8_t *const dst_end = dst + dst_bytes;
+    while (ip < src_end) {   /* a block ends after a literal-only sequence */
+        const unsigned token = *ip++;
+        size_t literals = token >> 4;
+        if (literals == 15 && !azf_lz4_length(&ip, src_end, &literals))
+            return AZF_BSLZ4_LITERALS_PAST_INPUT;
+        if (literals > (size_t)(src_end - ip))
+            return AZF_BSLZ4_LITERALS_PAST_INPUT;
+        if (literals > (size_t)(dst_end - op))
+            return AZF_BSLZ4_OUTPUT_OVERFLOW;
+        if (literals <= 16 && chunk_end - ip >= 16) {
+            memcpy(op, ip, 16);   /* one step; the slack takes what passes the block */
+        } else {
+            memcpy(op, ip, literals);
+        }
+        ip += literals;
+        op += literals;
+        if (ip >= src_end)
+            break;
+        if (src_end - ip < 2)
+            return AZF_BSLZ4_OFFSET_PAST_INPUT;
+        const size_t offset = (size_t)ip[0] | ((size_t)ip[1] << 8);
+        ip += 2;
+        size_t length = token & 15;
+        if (length == 15 && !azf_lz4_length(&ip, src_end, &length))
+            return AZF_BSLZ4_OFFSET_PAST_INPUT;
+        length += 4;
+        if (offset == 0 || offset > (size_t)(op - dst))
+            return AZF_BSLZ4_BAD_OFFSET;
+        if (length > (size_t)(dst_end - op))
+            return AZF_BSLZ4_OUTPUT_OVERFLOW;
+        const uint8_t *match = op - offset;
+        if (offset >= 16 && length <= 16) {
+            memcpy(op, match, 16);   /* one step; the slack takes what passes the block */
+        } else if (offset >= length) {
+            memcpy(op, match, length);
+        } else if (offset == 1) {
+            memset(op, *match, length);   /* runs of one byte: bit planes of zeros */
+        } else {
+            /* Overlapping: the match repeats its `offset` bytes, so any multiple of `offset`
+             * is a period too. 16-byte steps that read only bytes written at least one step
+             * before; a period under 16 bytes is widened, its first bytes copied one by one. */
+            size_t period = offset, t = 0;
+            if (offset < 16) {
+                period = offset * ((15 + offset) / offset);
+                for (; t < period && t < length; t++)
+                    op[t] = match[t];
+                if (16 % offset == 0 && t < length) {
+                    /* 16 bytes hold whole repeats: store the same 16 bytes (no reads of
+                     * the bytes just stored, which would wait for each store) */
+                    uint8_t pattern[16];
+                    memcpy(pattern, op, 16);
+                    for (; t < length; t += 16)
+                        memcpy(op + t, pattern, 16);
+                }
+            }
+            for (; t < length; t += 16)
+                memcpy(op + t, op + t - period, 16);
+        }
+        op += length;
+    }
+    return op == dst_end ? AZF_BSLZ4_OK : AZF_BSLZ4_SHORT_OUTPUT;
+}
+
+/* Transpose of the 8x8 bit matrix in x (byte k = row k, bit i = column i). */
+static inline uint64_t azf_transpose8(uint64_t x)
+{
+    uint64_t t;
+    t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAULL;
+    x = x ^ t ^ (t << 7);
+    t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCULL;
+    x = x ^ t ^ (t << 14);
+    t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ULL;
+    x = x ^ t ^ (t << 28);
+    return x;
+}
+
+/* Bit-unshuffle of columns [first, columns) of a block with 64-bit words (any element size;
+ * the path where AVX2 is missing). */
+static AZF_ALWAYS_INLINE void
+azf_unshuffle_words_of(const uint8_t *in, uint8_t *out, size_t columns, size_t first,
+                       const size_t elem_size)
+{
+    for (size_t g = first; g < columns; g++) {
+        uint64_t transposed[8];   /* byte b of elements 8g .. 8g + 7 */
+        for (size_t b = 0; b < elem_size; b++) {
+            const uint8_t *rows = in + 8 * b * columns + g;
+            uint64_t x = 0;
+            for (int k = 0; k < 8; k++)
+                x |= (uint64_t)rows[k * columns] << (8 * k);
+            transposed[b] = azf_transpose8(x);
+        }
+        uint8_t *elements = out + 8 * g * elem_size;
+        for (int i = 0; i < 8; i++) {
+            uint64_t value = 0;
+            for (size_t b = 0; b < elem_size; b++)
+                value |= ((transposed[b] >> (8 * i)) & 0xFF) << (8 * b);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            memcpy(elements + i * elem_size, &value, elem_size);
+#else
+            for (size_t b = 0; b < elem_size; b++)
+                elements[i * elem_size + b] = (uint8_t)(value >> (8 * b));
+#endif
+        }
+    }
+}
+
+/* azf_unshuffle_words_of compiled for each element size (a constant size lets the compiler
+ * keep the words in registers and store each element with one instruction) */
+static void azf_unshuffle_words(const uint8_t *in, uint8_t *out, size_t columns,
+                                size_t first, size_t elem_size)
+{
+    switch (elem_size) {
+    case 1: azf_unshuffle_words_of(in, out, columns, first, 1); break;
+    case 2: azf_unshuffle_words_of(in, out, columns, first, 2); break;
+    case 4: azf_unshuffle_words_of(in, out, columns, first, 4); break;
+    default: azf_unshuffle_words_of(in, out, columns, first, 8); break;
+    }
+}
+
+#if AZF_BSLZ4_X86
+/* The transpose of azf_transpose8 in each 64-bit lane. */
+__attribute__((target("avx2")))
+static inline __m256i azf_transpose8_avx2(__m256i x)
+{
+    const __m256i m7 = _mm256_set1_epi64x(0x00AA00AA00AA00AALL);
+    const __m256i m14 = _mm256_set1_epi64x(0x0000CCCC0000CCCCLL);
+    const __m256i m28 = _mm256_set1_epi64x(0x00000000F0F0F0F0LL);
+    __m256i t;
+    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 7)), m7);
+    x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64(t, 7));
+    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 14)), m14);
+    x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64(t, 14));
+    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 28)), m28);
+    x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64(t, 28));
+    return x;
+}
+
+/* Columns c..c+31 of one byte of the elements (rows: its 8 bit rows): eight registers of
+ * four columns' transposed words each, in the order azf_column_of_word gives. */
+__attribute__((target("avx2")))
+static inline void azf_columns_avx2(const uint8_t *rows, size_t columns, size_t c,
+                                    __m256i words[8])
+{
+    __m256i r[8];
+    for (int k = 0; k < 8; k++)
+        r[k] = _mm256_loadu_si256((const __m256i *)(rows + k * columns + c));
+    /* bytes of rows (0,1), (2,3), ...: 16-bit pairs; lo: columns 0-7 | 16-23, hi: 8-15 | 24-31 */
+    __m256i p[8];
+    for (int k = 0; k < 4; k++) {
+        p[2 * k] = _mm256_unpacklo_epi8(r[2 * k], r[2 * k + 1]);
+        p[2 * k + 1] = _mm256_unpackhi_epi8(r[2 * k], r[2 * k + 1]);
+    }
+    /* rows 0-3 and 4-7: 32-bit quads */
+    __m256i q[8];
+    for (int h = 0; h < 2; h++) {          /* h: lo/hi half of the first step */
+        q[4 * h + 0] = _mm256_unpacklo_epi16(p[0 + h], p[2 + h]);   /* rows 0-3 */
+        q[4 * h + 1] = _mm256_unpackhi_epi16(p[0 + h], p[2 + h]);
+        q[4 * h + 2] = _mm256_unpacklo_epi16(p[4 + h], p[6 + h]);   /* rows 4-7 */
+        q[4 * h + 3] = _mm256_unpackhi_epi16(p[4 + h], p[6 + h]);
+    }
+    /* rows 0-7: 64-bit words, then the bit transpose */
+    for (int h = 0; h < 2; h++) {
+        for (int s = 0; s < 2; s++) {
+            words[4 * h + 2 * s + 0] = azf_transpose8_avx2(
+                _mm256_unpacklo_epi32(q[4 * h + s], q[4 * h + 2 + s]));
+            words[4 * h + 2 * s + 1] = azf_transpose8_avx2(
+                _mm256_unpackhi_epi32(q[4 * h + s], q[4 * h + 2 + s]));
+        }
+    }
+}
+
+/* The first column (of the 32) in the low 128-bit lane of words[j]; the lane holds columns
+ * base and base + 1, the high lane base + 16 and base + 17. */
+static inline int azf_column_of_word(int j)
+{
+    /* j = 4h + 2s + u: the unpacks took h (8), s (4) and u (2) */
+    return 8 * (j >> 2) + 4 * ((j >> 1) & 1) + 2 * (j & 1);
+}
+
+/* Store the 8 elements of column `column` (low 128-bit lanes) and of column + 16 (high lanes)
+ * from lo and hi, which hold elements 0-3 and 4-7 (16 bytes each) of those columns. */
+__attribute__((target("avx2")))
+static inline void azf_store_pair_avx2(uint8_t *out, size_t column, __m256i lo, __m256i hi)
+{
+    uint8_t *o = out + 32 * column;
+    _mm256_storeu_si256((__m256i *)o, _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_storeu_si256((__m256i *)(o + 16 * 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+/* Bit-unshuffle of a block, 32 columns (256 elements) a step; returns the first column not
+ * done (the rest: azf_unshuffle_words). */
+__attribute__((target("avx2"), always_inline))
+static inline size_t azf_unshuffle_avx2_of(const uint8_t *in, uint8_t *out, size_t columns,
+                                           const size_t elem_size)
+{
+    size_t c = 0;
+    for (; c + 32 <= columns; c += 32) {
+        __m256i w[8][8];   /* [byte of the element][register] */
+        for (size_t b = 0; b < elem_size; b++)
+            azf_columns_avx2(in + 8 * b * columns, columns, c, w[b]);
+        for (int j = 0; j < 8; j++) {
+            /* words[j]: columns col, col + 1 (low lane), col + 16, col + 17 (high lane) */
+            const size_t col = c + azf_column_of_word(j);
+            if (elem_size == 1) {
+                uint8_t *o = out + 8 * col;
+                const __m128i low = _mm256_castsi256_si128(w[0][j]);
+                const __m128i high = _mm256_extracti128_si256(w[0][j], 1);
+                _mm_storeu_si128((__m128i *)o, low);                 /* col, col + 1 */
+                _mm_storeu_si128((__m128i *)(o + 16 * 8), high);     /* col + 16, col + 17 */
+                continue;
+            }
+            /* interleave the bytes of the element: (byte 0, byte 1) pairs, ... */
+            __m256i pairs[2][4];   /* [col / col + 1][pair of bytes] */
+            for (size_t m = 0; 2 * m < elem_size; m++) {
+                pairs[0][m] = _mm256_unpacklo_epi8(w[2 * m][j], w[2 * m + 1][j]);
+                pairs[1][m] = _mm256_unpackhi_epi8(w[2 * m][j], w[2 * m + 1][j]);
+            }
+            for (int u = 0; u < 2; u++) {
+                if (elem_size == 2) {   /* 8 elements x 2 bytes: one lane per column */
+                    uint8_t *o = out + 16 * (col + u);
+                    _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(pairs[u][0]));
+                    _mm_storeu_si128((__m128i *)(o + 16 * 16),
+                                     _mm256_extracti128_si256(pairs[u][0], 1));
+                    continue;
+                }
+                /* quads of bytes: elements 0-3 and 4-7 of bytes 0-3 (and 4-7) */
+                const __m256i q0lo = _mm256_unpacklo_epi16(pairs[u][0], pairs[u][1]);
+                const __m256i q0hi = _mm256_unpackhi_epi16(pairs[u][0], pairs[u][1]);
+                if (elem_size == 4) {
+                    azf_store_pair_avx2(out, col + u, q0lo, q0hi);
+                    continue;
+                }
+                const __m256i q1lo = _mm256_unpacklo_epi16(pairs[u][2], pairs[u][3]);
+                const __m256i q1hi = _mm256_unpackhi_epi16(pairs[u][2], pairs[u][3]);
+                /* 8-byte elements 0-1, 2-3, 4-5, 6-7 */
+                const __m256i e01 = _mm256_unpacklo_epi32(q0lo, q1lo);
+                const __m256i e23 = _mm256_unpackhi_epi32(q0lo, q1lo);
+                const __m256i e45 = _mm256_unpacklo_epi32(q0hi, q1hi);
+                const __m256i e67 = _mm256_unpackhi_epi32(q0hi, q1hi);
+                uint8_t *o = out + 64 * (col + u);
+                _mm256_storeu_si256((__m256i *)o, _mm256_permute2x128_si256(e01, e23, 0x20));
+                _mm256_storeu_si256((__m256i *)(o + 32),
+                                    _mm256_permute2x128_si256(e45, e67, 0x20));
+                _mm256_storeu_si256((__m256i *)(o + 16 * 64),
+                                    _mm256_permute2x128_si256(e01, e23, 0x31));
+                _mm256_storeu_si256((__m256i *)(o + 16 * 64 + 32),
+                                    _mm256_permute2x128_si256(e45, e67, 0x31));
+            }
+        }
+    }
+    return c;
+}
+
+/* azf_unshuffle_avx2_of compiled for each element size */
+__attribute__((target("avx2")))
+static size_t azf_unshuffle_avx2(const uint8_t *in, uint8_t *out, size_t columns,
+                                 size_t elem_size)
+{
+    switch (elem_size) {
+    case 1: return azf_unshuffle_avx2_of(in, out, columns, 1);
+    case 2: return azf_unshuffle_avx2_of(in, out, columns, 2);
+    case 4: return azf_unshuffle_avx2_of(in, out, columns, 4);
+    default: return azf_unshuffle_avx2_of(in, out, columns, 8);
+    }
+}
+
+#endif
+
+/* 1 when the bit-unshuffle runs with AVX2 (an x86-64 CPU that has it) */
+static int azf_has_avx2(void)
+{
+#if AZF_BSLZ4_X86
+    static int known = -1;
+    if (known < 0)
+        known = __builtin_cpu_supports("avx2") ? 1 : 0;
+    return known;
+#else
+    return 0;
+#endif
+}
+
+/* Bit-unshuffle of one block of `columns` * 8 elements of elem_size bytes. use_simd 0 forces
+ * the 64-bit-word path (tests compare the two). */
+static void azf_unshuffle_block(const uint8_t *in, uint8_t *out, size_t columns,
+                                size_t elem_size, int use_simd)
+{
+    size_t first = 0;
+#if AZF_BSLZ4_X86
+    if (use_simd && azf_has_avx2())
+        first = azf_unshuffle_avx2(in, out, columns, elem_size);
+#else
+    (void)use_simd;
+#endif
+    if (first < columns)
+        azf_unshuffle_words(in, out, columns, first, elem_size);
+}
+
+/* Decode the blocks of a bitshuffle-LZ4 chunk into out (blocked_elems * elem_size bytes; the
+ * uncompressed tail is the caller's). ranges: n_blocks (start, end) byte pairs of each block's
+ * LZ4 data in the chunk. Returns an error code; *failed_block is the block that failed. */
+static int azf_bslz4_decode(const uint8_t *chunk, size_t chunk_bytes, const uint32_t *ranges,
+                            size_t n_blocks, size_t block_elems, size_t blocked_elems,
+                            size_t elem_size, uint8_t *out, int use_simd, long *failed_block)
+{
+    const size_t block_bytes = block_elems * elem_size;
+    uint8_t *scratch = (uint8_t *)malloc(block_bytes + AZF_BSLZ4_SLACK);
+    int status = AZF_BSLZ4_OK;
+    *failed_block = -1;
+    if (scratch == NULL)
+        return AZF_BSLZ4_NO_MEMORY;
+    for (size_t block = 0; block < n_blocks; block++) {
+        const size_t first = block * block_elems;
+        const size_t elems = block_elems < blocked_elems - first ? block_elems
+                                                                 : blocked_elems - first;
+        const size_t start = ranges[2 * block], end = ranges[2 * block + 1];
+        if (first >= blocked_elems || start > end || end > chunk_bytes) {
+            status = AZF_BSLZ4_BAD_RANGE;
+        } else {
+            status = azf_lz4_block(chunk + start, chunk + end, chunk + chunk_bytes, scratch,
+                                   elems * elem_size);
+        }
+        if (status != AZF_BSLZ4_OK) {
+            *failed_block = (long)block;
+            break;
+        }
+        azf_unshuffle_block(scratch, out + first * elem_size, elems / 8, elem_size, use_simd);
+    }
+    free(scratch);
+    return status;
+}
+
+#endif
