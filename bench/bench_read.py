@@ -1,9 +1,11 @@
 """Read throughput (frames/s): h5py and fabio against azfilter's parallel stream.
 
 (a) An Eiger 4M uint32 bitshuffle-LZ4 stack (the stack of ``bench_cli.py``, made once and
-    reused; at most 100 frames here): h5py's own read (``dataset[i]``, its filter pipeline),
-    ``open_frames`` (today's reader) and ``iter_frames`` (direct chunk reads + azfilter's decoder)
-    at 1 and 2 workers; also each decoder alone, per frame (CPU ms).
+    reused; at most 100 frames here; or ``--stack``): h5py's own read (``dataset[i]``, its
+    filter pipeline), ``open_frames`` (today's reader) and ``iter_frames`` (direct chunk reads
+    + azfilter's decoder) at 1 and 2 workers; also each decoder alone, per frame (CPU ms), and
+    decoded frames/s with 1, 4 and all usable cores' threads decoding at once
+    (``--decoders-only``: this part alone).
 (b) 100 Pilatus 1M CBF files (the real AgBh frame with fresh Poisson noise per file, written
     by fabio): plain ``fabio.open``, ``open_frames``, ``iter_frames`` at 1 and 2 workers (both
     with azfilter's own CBF reader); also each reading step alone, per file (CPU ms): fabio's
@@ -15,7 +17,8 @@
 Files are read once before timing (page cache).  Each rate is the best of ``--repeat`` runs
 (the least disturbed by other processes on a shared machine); the medians are in the JSON.
 
-Usage: ``python bench/bench_read.py [--frames 50] [--cbf-files 100] [--repeat 3] [--json F]``
+Usage: ``python bench/bench_read.py [--frames 50] [--cbf-files 100] [--repeat 3] [--json F]
+[--stack STACK.h5 --decoders-only]``
 """
 
 from __future__ import annotations
@@ -100,67 +103,119 @@ def eiger_rates(stack: Path, n: int, repeat: int) -> dict[str, Any]:
     return rows
 
 
+class EigerChunks:
+    """The first frames of an Eiger 4M bitshuffle-LZ4 stack as raw chunks, and ways to decode
+    them (each ``decode(i, out)`` writes frame ``i % len`` into ``out``)."""
+
+    def __init__(self, stack: Path, frames: int = 8):
+        import h5py
+        import hdf5plugin  # noqa: F401  (the bitshuffle filter for h5py)
+
+        from azfilter.frames import chunks
+
+        with h5py.File(stack, "r") as h5:
+            dset = h5[H5PATH]
+            self.layout = chunks.direct_layout(dset)
+            self.raws = [dset.id.read_direct_chunk((i, 0, 0))[1]
+                         for i in range(min(frames, dset.shape[0]))]
+            self.frames = [dset[i] for i in range(len(self.raws))]
+        self.block_bytes = struct.unpack_from(">I", self.raws[0], 8)[0]
+        # the LZ4 blocks alone, framed for imagecodecs (an Eiger 4M frame ends with
+        # 2167 * 2070 % 8 = 2 elements stored as they are)
+        size = self.frames[0].size
+        self.count = size - size % 8
+        tail = (size - self.count) * 4
+        self.blocks = []
+        for raw in self.raws:
+            patched = bytearray(raw[:len(raw) - tail])
+            struct.pack_into(">Q", patched, 0, self.count * 4)
+            self.blocks.append(patched)
+
+    def azfilter(self, simd: int = 2):
+        """``decode_chunk`` with bit-unshuffle code ``simd`` (``chunks.BSLZ4_SIMD``)."""
+        from azfilter.frames import chunks
+
+        def decode(i: int, out) -> None:
+            saved, chunks.BSLZ4_SIMD = chunks.BSLZ4_SIMD, simd
+            try:
+                chunks.decode_chunk(self.raws[i % len(self.raws)], self.layout, out)
+            finally:
+                chunks.BSLZ4_SIMD = saved
+        return decode
+
+    def imagecodecs_before(self, i: int, out) -> None:
+        """The host decoder until 2026-11-29: the block walk, imagecodecs' LZ4 of the whole
+        frame into scratch memory, then its bit-unshuffle into the frame (the tail aside)."""
+        import imagecodecs
+        import numpy as np
+
+        from azfilter.frames import chunks
+
+        i %= len(self.raws)
+        chunks.bslz4_layout(self.raws[i], self.frames[0].size, 4)
+        shuffled = imagecodecs.lz4h5_decode(self.blocks[i],
+                                            out=chunks._scratch_bytes(self.count * 4))
+        imagecodecs.bitshuffle_decode(np.frombuffer(shuffled, np.uint32),
+                                      blocksize=self.block_bytes // 4,
+                                      out=out.reshape(-1)[:self.count])
+
+    def check(self, decode) -> None:
+        import numpy as np
+
+        out = np.empty(self.layout.shape, self.layout.dtype)
+        decode(1, out)
+        np.testing.assert_array_equal(out.reshape(-1)[:self.count],
+                                      self.frames[1].reshape(-1)[:self.count])
+
+
 def decoder_costs(stack: Path, repeat: int) -> dict[str, float]:
-    """CPU ms per Eiger 4M frame of each decoding step, on one thread."""
-    import h5py
-    import hdf5plugin  # noqa: F401  (the bitshuffle filter for h5py)
+    """CPU ms per Eiger 4M frame of each decoding step, on one thread (CPU time: a decoder
+    that runs on several threads is charged for all of them)."""
     import imagecodecs
     import numpy as np
 
     from azfilter.frames import chunks
 
+    cases = EigerChunks(stack)
+    raws, layout = cases.raws, cases.layout
+    out = np.empty(layout.shape, layout.dtype)
+    count, block_bytes = cases.count, cases.block_bytes
+    shuffled = [f.reshape(-1)[:count] for f in cases.frames]
+    import h5py
+
     with h5py.File(stack, "r") as h5:
         dset = h5[H5PATH]
-        layout = chunks.direct_layout(dset)
-        raws = [dset.id.read_direct_chunk((i, 0, 0))[1] for i in range(min(8, dset.shape[0]))]
-        frames = [dset[i] for i in range(len(raws))]
-        out = np.empty(layout.shape, layout.dtype)
-        block_bytes = struct.unpack_from(">I", raws[0], 8)[0]
-        # the LZ4 blocks alone, framed for imagecodecs (an Eiger 4M frame ends with
-        # 2167 * 2070 % 8 = 2 elements stored as they are)
-        count = frames[0].size - frames[0].size % 8
-        tail = (frames[0].size - count) * 4
-        blocks = []
-        for raw in raws:
-            patched = bytearray(raw[:len(raw) - tail])
-            struct.pack_into(">Q", patched, 0, count * 4)
-            blocks.append(patched)
-        shuffled = [f.reshape(-1)[:count] for f in frames]
-        def words(i: int):
-            """azfilter's decoder with its portable bit-unshuffle (CPUs without AVX2)."""
-            saved, chunks.BSLZ4_SIMD = chunks.BSLZ4_SIMD, False
-            try:
-                return chunks.decode_chunk(raws[i], layout, out)
-            finally:
-                chunks.BSLZ4_SIMD = saved
-
         steps = {
             "h5py dataset[i] (read + filter)": lambda i: dset[i],
             "h5py read_direct_chunk (raw bytes)": lambda i: dset.id.read_direct_chunk((i, 0, 0)),
             "direct: block walk (bslz4_layout)":
-                lambda i: chunks.bslz4_layout(raws[i], frames[0].size, 4),
+                lambda i: chunks.bslz4_layout(raws[i], cases.frames[0].size, 4),
             "imagecodecs lz4h5_decode (LZ4 blocks of the whole frame)":
-                lambda i: imagecodecs.lz4h5_decode(blocks[i], out=chunks._scratch_bytes(
+                lambda i: imagecodecs.lz4h5_decode(cases.blocks[i], out=chunks._scratch_bytes(
                     count * 4)),
             "imagecodecs bitshuffle_decode (the whole frame)":
                 lambda i: imagecodecs.bitshuffle_decode(shuffled[i], blocksize=block_bytes // 4,
                                                         out=out.reshape(-1)[:count]),
+            "imagecodecs, both with the walk (the decoder before)":
+                lambda i: cases.imagecodecs_before(i, out),
             "direct: decode_chunk (walk + azfilter's decoder)":
-                lambda i: chunks.decode_chunk(raws[i], layout, out),
-            "direct: decode_chunk, portable bit-unshuffle (no AVX2)": words,
+                lambda i: cases.azfilter(2)(i, out),
+            "direct: decode_chunk, 16-byte vectors (CPUs without AVX2)":
+                lambda i: cases.azfilter(1)(i, out),
+            "direct: decode_chunk, 64-bit words only": lambda i: cases.azfilter(0)(i, out),
         }
         try:
             import bitshuffle
 
-            steps["bitshuffle package decompress_lz4"] = lambda i: bitshuffle.decompress_lz4(
-                np.frombuffer(raws[i], np.uint8, offset=12), layout.shape, layout.dtype,
-                block_bytes // 4)
-            np.testing.assert_array_equal(steps["bitshuffle package decompress_lz4"](0),
-                                          frames[0])
+            steps["bitshuffle package decompress_lz4 (OpenMP: all cores)"] = \
+                lambda i: bitshuffle.decompress_lz4(
+                    np.frombuffer(raws[i], np.uint8, offset=12), layout.shape, layout.dtype,
+                    block_bytes // 4)
         except ImportError:
             pass
-        np.testing.assert_array_equal(chunks.decode_chunk(raws[0], layout, out), frames[0])
-        np.testing.assert_array_equal(words(0), frames[0])
+        for simd in (2, 1, 0):
+            cases.check(cases.azfilter(simd))
+        cases.check(cases.imagecodecs_before)
         costs = {}
         for name, step in steps.items():
             best = float("inf")
@@ -171,6 +226,43 @@ def decoder_costs(stack: Path, repeat: int) -> dict[str, float]:
                 best = min(best, (time.process_time() - start) / len(raws))
             costs[name] = round(best * 1000, 2)
     return costs
+
+
+def decoder_threads(stack: Path, seconds: float = 2.0) -> dict[str, dict[str, float]]:
+    """Decoded Eiger 4M frames/s with T threads decoding at once, each into its own frame
+    (T = 1, 4 and the usable cores): how the decoders share the cores and memory."""
+    import numpy as np
+
+    from azfilter.resources import usable_cores
+
+    cases = EigerChunks(stack, frames=16)
+    decoders = {"azfilter (AVX2 where the CPU has it)": cases.azfilter(2),
+                "azfilter, 16-byte vectors": cases.azfilter(1),
+                "imagecodecs (the decoder before)": cases.imagecodecs_before}
+    rows: dict[str, dict[str, float]] = {}
+    for name, decode in decoders.items():
+        rows[name] = {}
+        for threads in sorted({1, 4, usable_cores()}):
+            done = [0] * threads
+            stop = time.perf_counter() + seconds
+
+            def work(k: int, threads: int = threads, decode=decode, stop: float = stop,
+                     done: list[int] = done) -> None:
+                out = np.empty(cases.layout.shape, cases.layout.dtype)
+                i = k
+                while time.perf_counter() < stop:
+                    decode(i, out)
+                    i += threads
+                    done[k] += 1
+
+            pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+            start = time.perf_counter()
+            for thread in pool:
+                thread.start()
+            for thread in pool:
+                thread.join()
+            rows[name][f"{threads} threads"] = round(sum(done) / (time.perf_counter() - start), 1)
+    return rows
 
 
 # ============================================================================ (b) CBF files
@@ -336,15 +428,25 @@ def gil_probe(stack: Path, cbf: Path) -> dict[str, Any]:
     }
     from azfilter.frames import cbf as cbf_reader
 
-    layout = cbf_reader.parse(cbf_bytes)
-    cbf_out = np.empty(layout.shape, layout.dtype)
+    # (its own name: the Eiger call above reads `layout` when it runs)
+    cbf_layout = cbf_reader.parse(cbf_bytes)
+    cbf_out = np.empty(cbf_layout.shape, cbf_layout.dtype)
     calls["azfilter decode_byte_offset (Pilatus 1M CBF)"] = \
-        lambda: cbf_reader.decode(cbf_bytes, layout, cbf_out)
+        lambda: cbf_reader.decode(cbf_bytes, cbf_layout, cbf_out)
     calls["azfilter read_cbf (whole file)"] = lambda: cbf_reader.read_cbf(str(cbf), np.empty)
     return {name: main_thread_steps(call) for name, call in calls.items()}
 
 
 # ============================================================================ main
+
+
+def print_decoders(costs: dict[str, float], rates: dict[str, dict[str, float]]) -> None:
+    print("\n## Eiger 4M decoding, CPU ms per frame (one thread)")
+    for name, value in costs.items():
+        print(f"  {name:58s} {value:8.2f}")
+    print("\n## Eiger 4M decoding, frames/s with T threads at once")
+    for name, row in rates.items():
+        print(f"  {name:45s} " + "  ".join(f"{k}: {v:.0f}" for k, v in row.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,20 +457,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path,
                         default=Path(os.environ.get("TMPDIR", "/tmp")) / "azfilter-bench")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--stack", type=Path,
+                        help="an existing Eiger 4M uint32 bitshuffle-LZ4 stack (one frame per "
+                             "chunk at /entry/data/data) instead of generating one")
+    parser.add_argument("--decoders-only", action="store_true",
+                        help="only the Eiger decoders: CPU ms per frame, frames/s on T threads")
     args = parser.parse_args(argv)
     if not 1 <= args.frames <= 100:
         parser.error("--frames must be between 1 and 100")
 
     machine = machine_info()
-    stack, _poni, generated = eiger_stack(args.data_dir, args.frames)
+    if args.stack:
+        stack, generated = args.stack, 0.0
+    else:
+        stack, _poni, generated = eiger_stack(args.data_dir, args.frames)
     read_page_cache(stack)
+    if args.decoders_only:
+        report = {"machine": machine, "stack": str(stack),
+                  "decoder_cpu_ms_per_frame": decoder_costs(stack, args.repeat),
+                  "decoder_frames_per_s": decoder_threads(stack)}
+        print(f"# machine: {machine['cpu']}, {machine['usable_cores']} usable cores; "
+              f"load average {machine['load_average_start'][0]:.1f} at start")
+        print_decoders(report["decoder_cpu_ms_per_frame"], report["decoder_frames_per_s"])
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
     cbf_paths = make_cbf_files(args.data_dir / "pilatus1m_cbf", args.cbf_files)
 
     report: dict[str, Any] = {"machine": machine}
     report["eiger"] = {"input": f"{stack.name}: {args.frames} x Eiger 4M uint32 "
                                 f"bitshuffle-LZ4, {stack.stat().st_size / 2**20:.0f} MiB",
                        "frames_per_s": eiger_rates(stack, args.frames, args.repeat),
-                       "decoder_cpu_ms_per_frame": decoder_costs(stack, args.repeat)}
+                       "decoder_cpu_ms_per_frame": decoder_costs(stack, args.repeat),
+                       "decoder_frames_per_s": decoder_threads(stack)}
     report["cbf"] = {"input": f"{len(cbf_paths)} Pilatus 1M int32 CBF files (byte offset)",
                      "frames_per_s": cbf_rates(cbf_paths, args.repeat),
                      "cpu_ms_per_file": cbf_costs(cbf_paths, args.repeat)}
@@ -385,9 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in report[key]["frames_per_s"].items():
             print(f"  {name:45s} {value['best']:8.1f} {value['median']:8.1f} "
                   f"{value['cores_busy']:6.2f}")
-    print("\n## Eiger 4M decoding, CPU ms per frame (one thread)")
-    for name, value in report["eiger"]["decoder_cpu_ms_per_frame"].items():
-        print(f"  {name:45s} {value:8.2f}")
+    print_decoders(report["eiger"]["decoder_cpu_ms_per_frame"],
+                   report["eiger"]["decoder_frames_per_s"])
     print("\n## Pilatus 1M CBF reading, CPU ms per file (one thread)")
     for name, value in report["cbf"]["cpu_ms_per_file"].items():
         print(f"  {name:45s} {value:8.2f}")

@@ -80,7 +80,7 @@ def bslz4_walk(const uint8_t[::1] chunk, Py_ssize_t n_blocks, uint32_t[:, ::1] r
 cdef extern from "azf_bslz4_host.h" nogil:
     int azf_bslz4_decode(const uint8_t *chunk, size_t chunk_bytes, const uint32_t *ranges,
                          size_t n_blocks, size_t block_elems, size_t blocked_elems,
-                         size_t elem_size, uint8_t *out, int use_simd, long *failed_block)
+                         size_t elem_size, uint8_t *out, int simd, long *failed_block)
     int azf_has_avx2()
 
 #: decoder status when its scratch block could not be allocated (the others: azf_bslz4.cl's)
@@ -94,7 +94,7 @@ def bslz4_uses_avx2():
 
 def bslz4_decode(const uint8_t[::1] chunk, const uint32_t[:, ::1] ranges,
                  Py_ssize_t block_elements, Py_ssize_t blocked_elements, Py_ssize_t itemsize,
-                 uint8_t[::1] out, bint simd=True):
+                 uint8_t[::1] out, int simd=2):
     """Decode the LZ4 blocks of a bitshuffle-LZ4 chunk and bit-unshuffle them into ``out``
     (GIL released; ``kernels/azf_bslz4_host.h``).
 
@@ -109,9 +109,9 @@ def bslz4_decode(const uint8_t[::1] chunk, const uint32_t[:, ::1] ranges,
     out : uint8 buffer, written
         At least ``blocked_elements * itemsize`` bytes: the decoded elements (the chunk's
         uncompressed tail is the caller's).
-    simd : bool
-        Use the AVX2 bit-unshuffle where the CPU has it (False: the 64-bit-word code, which
-        the tests compare it with).
+    simd : int
+        The bit-unshuffle's code: 2 the widest the CPU has (AVX2, else 16-byte vectors), 1
+        16-byte vectors (SSE2, NEON), 0 64-bit words only (the tests compare the three).
 
     Returns
     -------

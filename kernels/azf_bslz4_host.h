@@ -12,7 +12,8 @@
  * which trusts the data and crashed the process on every corrupt chunk tried. Here each block
  * is decoded with every read and write bounds-checked into a per-call scratch block (cache
  * resident), then bit-unshuffled from there into the frame: with AVX2 where the CPU has it
- * (chosen at run time), with 64-bit words otherwise.
+ * (chosen at run time), else with 16-byte vectors (SSE2, NEON), and the last columns of a
+ * block with 64-bit words.
  *
  * Bit-unshuffle. A block of n elements (n a multiple of 8) is a (8 * E) x (n / 8) byte matrix:
  * row 8*b + k holds bit k of byte b of the elements, bit i of its byte g belonging to element
@@ -194,6 +195,136 @@ static void azf_unshuffle_words(const uint8_t *in, uint8_t *out, size_t columns,
     }
 }
 
+/* The same algorithm as the AVX2 code below, on 16-byte vectors of the compiler's vector
+ * extensions (SSE2 on any x86-64, NEON on ARM): the path of CPUs without AVX2. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) && (defined(__GNUC__) || defined(__clang__))
+#define AZF_BSLZ4_VECTORS 1
+#endif
+#endif
+#ifndef AZF_BSLZ4_VECTORS
+#define AZF_BSLZ4_VECTORS 0
+#endif
+
+#if AZF_BSLZ4_VECTORS
+typedef uint8_t azf_v16 __attribute__((vector_size(16), aligned(1)));
+typedef uint16_t azf_v8 __attribute__((vector_size(16)));
+typedef uint32_t azf_v4 __attribute__((vector_size(16)));
+typedef uint64_t azf_v2 __attribute__((vector_size(16)));
+
+/* interleave the low (lo) or high (hi) halves of a and b, by 1-, 2- and 4-byte units */
+#define AZF_LO8(a, b) __builtin_shufflevector((azf_v16)(a), (azf_v16)(b), 0, 16, 1, 17, 2, 18, \
+                                              3, 19, 4, 20, 5, 21, 6, 22, 7, 23)
+#define AZF_HI8(a, b) __builtin_shufflevector((azf_v16)(a), (azf_v16)(b), 8, 24, 9, 25, 10, 26, \
+                                              11, 27, 12, 28, 13, 29, 14, 30, 15, 31)
+#define AZF_LO16(a, b) __builtin_shufflevector((azf_v8)(a), (azf_v8)(b), 0, 8, 1, 9, 2, 10, 3, 11)
+#define AZF_HI16(a, b) __builtin_shufflevector((azf_v8)(a), (azf_v8)(b), 4, 12, 5, 13, 6, 14, \
+                                               7, 15)
+#define AZF_LO32(a, b) __builtin_shufflevector((azf_v4)(a), (azf_v4)(b), 0, 4, 1, 5)
+#define AZF_HI32(a, b) __builtin_shufflevector((azf_v4)(a), (azf_v4)(b), 2, 6, 3, 7)
+
+static inline azf_v2 azf_transpose8_v2(azf_v2 x)
+{
+    azf_v2 t;
+    t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAULL;
+    x = x ^ t ^ (t << 7);
+    t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCULL;
+    x = x ^ t ^ (t << 14);
+    t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ULL;
+    x = x ^ t ^ (t << 28);
+    return x;
+}
+
+static inline void azf_store16(uint8_t *to, azf_v16 v) { memcpy(to, &v, 16); }
+
+/* Columns c..c+15 of one byte of the elements: eight vectors of two columns' transposed
+ * words each; vector 4h + 2s + u holds columns 8h + 4s + 2u and the next. */
+static inline void azf_columns_v16(const uint8_t *rows, size_t columns, size_t c,
+                                   azf_v2 words[8])
+{
+    azf_v16 r[8], p[8];
+    azf_v4 q[8];
+    for (int k = 0; k < 8; k++)
+        memcpy(&r[k], rows + k * columns + c, 16);
+    for (int k = 0; k < 4; k++) {
+        p[2 * k] = AZF_LO8(r[2 * k], r[2 * k + 1]);       /* columns 0-7 */
+        p[2 * k + 1] = AZF_HI8(r[2 * k], r[2 * k + 1]);   /* columns 8-15 */
+    }
+    for (int h = 0; h < 2; h++) {
+        q[4 * h + 0] = (azf_v4)AZF_LO16(p[0 + h], p[2 + h]);   /* rows 0-3 */
+        q[4 * h + 1] = (azf_v4)AZF_HI16(p[0 + h], p[2 + h]);
+        q[4 * h + 2] = (azf_v4)AZF_LO16(p[4 + h], p[6 + h]);   /* rows 4-7 */
+        q[4 * h + 3] = (azf_v4)AZF_HI16(p[4 + h], p[6 + h]);
+    }
+    for (int h = 0; h < 2; h++) {
+        for (int s = 0; s < 2; s++) {
+            words[4 * h + 2 * s] = azf_transpose8_v2(
+                (azf_v2)AZF_LO32(q[4 * h + s], q[4 * h + 2 + s]));
+            words[4 * h + 2 * s + 1] = azf_transpose8_v2(
+                (azf_v2)AZF_HI32(q[4 * h + s], q[4 * h + 2 + s]));
+        }
+    }
+}
+
+static AZF_ALWAYS_INLINE size_t azf_unshuffle_v16_of(const uint8_t *in, uint8_t *out,
+                                                      size_t columns, size_t first,
+                                                      const size_t elem_size)
+{
+    size_t c = first;
+    for (; c + 16 <= columns; c += 16) {
+        azf_v2 w[8][8];   /* [byte of the element][vector] */
+        for (size_t b = 0; b < elem_size; b++)
+            azf_columns_v16(in + 8 * b * columns, columns, c, w[b]);
+        for (int j = 0; j < 8; j++) {
+            const size_t col = c + 8 * (j >> 2) + 4 * ((j >> 1) & 1) + 2 * (j & 1);
+            if (elem_size == 1) {
+                azf_store16(out + 8 * col, (azf_v16)w[0][j]);
+                continue;
+            }
+            azf_v16 pairs[2][4];   /* [column col / col + 1][pair of bytes] */
+            for (size_t m = 0; 2 * m < elem_size; m++) {
+                pairs[0][m] = AZF_LO8(w[2 * m][j], w[2 * m + 1][j]);
+                pairs[1][m] = AZF_HI8(w[2 * m][j], w[2 * m + 1][j]);
+            }
+            for (int u = 0; u < 2; u++) {
+                uint8_t *o = out + 8 * elem_size * (col + u);
+                if (elem_size == 2) {
+                    azf_store16(o, pairs[u][0]);
+                    continue;
+                }
+                const azf_v16 q0lo = (azf_v16)AZF_LO16(pairs[u][0], pairs[u][1]);
+                const azf_v16 q0hi = (azf_v16)AZF_HI16(pairs[u][0], pairs[u][1]);
+                if (elem_size == 4) {
+                    azf_store16(o, q0lo);
+                    azf_store16(o + 16, q0hi);
+                    continue;
+                }
+                const azf_v16 q1lo = (azf_v16)AZF_LO16(pairs[u][2], pairs[u][3]);
+                const azf_v16 q1hi = (azf_v16)AZF_HI16(pairs[u][2], pairs[u][3]);
+                azf_store16(o, (azf_v16)AZF_LO32(q0lo, q1lo));
+                azf_store16(o + 16, (azf_v16)AZF_HI32(q0lo, q1lo));
+                azf_store16(o + 32, (azf_v16)AZF_LO32(q0hi, q1hi));
+                azf_store16(o + 48, (azf_v16)AZF_HI32(q0hi, q1hi));
+            }
+        }
+    }
+    return c;
+}
+
+/* azf_unshuffle_v16_of for each element size, from column `first`; returns the first column
+ * not done */
+static size_t azf_unshuffle_v16(const uint8_t *in, uint8_t *out, size_t columns, size_t first,
+                                size_t elem_size)
+{
+    switch (elem_size) {
+    case 1: return azf_unshuffle_v16_of(in, out, columns, first, 1);
+    case 2: return azf_unshuffle_v16_of(in, out, columns, first, 2);
+    case 4: return azf_unshuffle_v16_of(in, out, columns, first, 4);
+    default: return azf_unshuffle_v16_of(in, out, columns, first, 8);
+    }
+}
+#endif
+
 #if AZF_BSLZ4_X86
 /* The transpose of azf_transpose8 in each 64-bit lane. */
 __attribute__((target("avx2")))
@@ -356,18 +487,22 @@ static int azf_has_avx2(void)
 #endif
 }
 
-/* Bit-unshuffle of one block of `columns` * 8 elements of elem_size bytes. use_simd 0 forces
- * the 64-bit-word path (tests compare the two). */
+/* Bit-unshuffle of one block of `columns` * 8 elements of elem_size bytes. simd: 2 the
+ * widest the CPU has (AVX2, else 16-byte vectors), 1 16-byte vectors, 0 64-bit words only
+ * (the tests compare the three); the columns a vector step leaves go to the words. */
 static void azf_unshuffle_block(const uint8_t *in, uint8_t *out, size_t columns,
-                                size_t elem_size, int use_simd)
+                                size_t elem_size, int simd)
 {
     size_t first = 0;
 #if AZF_BSLZ4_X86
-    if (use_simd && azf_has_avx2())
+    if (simd >= 2 && azf_has_avx2())
         first = azf_unshuffle_avx2(in, out, columns, elem_size);
-#else
-    (void)use_simd;
 #endif
+#if AZF_BSLZ4_VECTORS
+    if (simd >= 1)
+        first = azf_unshuffle_v16(in, out, columns, first, elem_size);
+#endif
+    (void)simd;
     if (first < columns)
         azf_unshuffle_words(in, out, columns, first, elem_size);
 }
@@ -377,7 +512,7 @@ static void azf_unshuffle_block(const uint8_t *in, uint8_t *out, size_t columns,
  * LZ4 data in the chunk. Returns an error code; *failed_block is the block that failed. */
 static int azf_bslz4_decode(const uint8_t *chunk, size_t chunk_bytes, const uint32_t *ranges,
                             size_t n_blocks, size_t block_elems, size_t blocked_elems,
-                            size_t elem_size, uint8_t *out, int use_simd, long *failed_block)
+                            size_t elem_size, uint8_t *out, int simd, long *failed_block)
 {
     const size_t block_bytes = block_elems * elem_size;
     uint8_t *scratch = (uint8_t *)malloc(block_bytes + AZF_BSLZ4_SLACK);
@@ -400,7 +535,7 @@ static int azf_bslz4_decode(const uint8_t *chunk, size_t chunk_bytes, const uint
             *failed_block = (long)block;
             break;
         }
-        azf_unshuffle_block(scratch, out + first * elem_size, elems / 8, elem_size, use_simd);
+        azf_unshuffle_block(scratch, out + first * elem_size, elems / 8, elem_size, simd);
     }
     free(scratch);
     return status;

@@ -36,7 +36,7 @@ class HostDecoder:
 
     error = chunks.ChunkError
 
-    def __init__(self, simd: bool):
+    def __init__(self, simd: int):
         self.simd = simd
 
     def decode_to_host(self, chunk, shape, dtype) -> np.ndarray:
@@ -72,12 +72,16 @@ class OpenCLDecoder:
         return self.decoder.decode_to_host(chunk, shape, dtype)
 
 
-@pytest.fixture(scope="module", params=["host", "host-words",
+#: the host decoder's bit-unshuffles (chunks.BSLZ4_SIMD)
+HOST_CODES = {"host": 2, "host-vectors": 1, "host-words": 0}
+
+
+@pytest.fixture(scope="module", params=[*HOST_CODES,
                                         pytest.param("opencl", marks=pytest.mark.opencl)])
 def decoder(request):
     if request.param == "opencl":
         return OpenCLDecoder()
-    return HostDecoder(simd=request.param == "host")
+    return HostDecoder(HOST_CODES[request.param])
 
 
 def one_line_error(decoder, chunk, shape, dtype) -> str:
@@ -240,8 +244,7 @@ def test_garbage_never_hangs_or_crashes(decoder):
 
 
 # ----------------------------------------------------------------------------- host decoder
-HOST = HostDecoder(simd=True)
-WORDS = HostDecoder(simd=False)
+HOSTS = [HostDecoder(code) for code in HOST_CODES.values()]
 
 
 @settings(max_examples=150, deadline=None)
@@ -249,21 +252,23 @@ WORDS = HostDecoder(simd=False)
        n=st.integers(1, 9000), kind=st.sampled_from(["counts", "zeros", "random", "runs"]),
        seed=st.integers(0, 2**16))
 def test_host_paths_agree_on_any_block(itemsize, block_columns, n, kind, seed):
-    """Blocks of 8 to 640 elements (column counts below, at and above the AVX2 step of 32,
-    and not multiples of it), every element size: the AVX2 and the 64-bit-word
-    bit-unshuffles both give the frame back."""
+    """Blocks of 8 to 640 elements (column counts below, at and above the vector steps of 16
+    and 32, and not multiples of them), every element size: every bit-unshuffle (AVX2 or
+    16-byte vectors with 64-bit words for the rest, 16-byte vectors, 64-bit words) gives the
+    frame back."""
     dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
     array = frame(kind, n, dtype, seed=seed)
     chunk = bslz4_chunk(array, 8 * block_columns)
-    np.testing.assert_array_equal(HOST.decode_to_host(chunk, array.shape, dtype), array)
-    np.testing.assert_array_equal(WORDS.decode_to_host(chunk, array.shape, dtype), array)
+    for host in HOSTS:
+        np.testing.assert_array_equal(host.decode_to_host(chunk, array.shape, dtype), array,
+                                      err_msg=f"code {host.simd}")
 
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_host_decoder_on_damaged_chunks(data):
     """Bytes changed, removed or inserted anywhere (the chain of sizes kept or not): one-line
-    ChunkError or a frame, never a crash; both bit-unshuffles give the same frame."""
+    ChunkError or a frame, never a crash; every bit-unshuffle gives the same frame."""
     array = frame("counts", 2048 * 3 + 5, np.uint32, seed=data.draw(st.integers(0, 50)))
     chunk = bytearray(bslz4_chunk(array, 2048))
     edit = data.draw(st.sampled_from(["change", "remove", "insert", "block"]))
@@ -279,16 +284,17 @@ def test_host_decoder_on_damaged_chunks(data):
     else:                              # a block's payload replaced, its size field made right
         chunk = bytearray(with_block(bytes(chunk), 3, position % 3, garbage))
     results = []
-    for decoder in (HOST, WORDS):
+    for decoder in HOSTS:
         try:
             results.append(decoder.decode_to_host(bytes(chunk), array.shape, array.dtype))
         except chunks.ChunkError as err:
             assert "\n" not in str(err)
             results.append(str(err))
-    if isinstance(results[0], str):
-        assert results[0] == results[1]
-    else:
-        np.testing.assert_array_equal(results[0], results[1])
+    for other in results[1:]:
+        if isinstance(results[0], str):
+            assert other == results[0]
+        else:
+            np.testing.assert_array_equal(other, results[0])
 
 
 def test_host_decoder_reads_only_its_chunk():
@@ -314,10 +320,10 @@ def test_host_decoder_reads_only_its_chunk():
             try:
                 if cut == len(chunk):
                     np.testing.assert_array_equal(
-                        HOST.decode_to_host(view, array.shape, array.dtype), array)
+                        HOSTS[0].decode_to_host(view, array.shape, array.dtype), array)
                 else:
                     with pytest.raises(chunks.ChunkError):
-                        HOST.decode_to_host(view, array.shape, array.dtype)
+                        HOSTS[0].decode_to_host(view, array.shape, array.dtype)
             finally:
                 view.release()
                 libc.mprotect(ctypes.c_void_p(base + end), page, 3)

@@ -401,9 +401,9 @@ def bslz4_error_message(code: int, block: int, n_blocks: int) -> str:
     return f"corrupt bitshuffle-LZ4 chunk, {where}: {reason}"
 
 
-#: The host decoder's bit-unshuffle uses AVX2 where the CPU has it; False forces its portable
-#: 64-bit-word code everywhere (the tests decode with both).
-BSLZ4_SIMD = True
+#: The host decoder's bit-unshuffle: 2 the widest code the CPU runs (AVX2, else 16-byte
+#: vectors: SSE2, NEON), 1 16-byte vectors, 0 64-bit words only (the tests decode with each).
+BSLZ4_SIMD = 2
 
 
 def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray) -> None:
