@@ -458,6 +458,20 @@ class Integrator:
         return self._engine_for(_check_split(split),
                                 *self.geometry.detector.dummy_for(np.dtype(dtype)))
 
+    @property
+    def several_devices(self) -> bool:
+        """Whether this OpenCL Integrator spreads its frames over several devices."""
+        return self._several_devices
+
+    def use_one_device(self, device: str) -> None:
+        """Run on ``device`` alone (``"P:D"``) from now on: a worker process of a job that
+        spreads its frames over several devices, one process per device (before any engine
+        of this Integrator starts)."""
+        if self._engines:
+            raise RuntimeError("use_one_device after an engine started")
+        self.device = device
+        self._several_devices = False
+
     def _engine_for(self, split: str, dummy: float | None, delta_dummy: float):
         """The engine of ``split`` for frames whose dummy value is ``dummy`` (kept)."""
         key = (split, dummy, delta_dummy)

@@ -254,6 +254,54 @@ def test_default_workers_follow_the_device_and_the_cores(stack, device, tmp_path
     assert "worker 1 ready" not in done.stderr
 
 
+def test_several_devices_one_worker_each(stack, device, tmp_path):
+    """--device naming several devices: worker k runs on the k-th device named (cycling), and
+    the output is what one process with one engine per device writes. (PoCL has one device:
+    it is named twice, and the workers say which they took.)"""
+    folder, path, _ = stack
+    outputs = {}
+    for processes in ("1", "3"):
+        output = tmp_path / f"several{processes}.h5"
+        done = subprocess.run(command(folder, [path], output, f"{device},{device}", processes,
+                                      operation="integrate"),
+                              env=environment(processes), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 3, done.stderr
+        assert "298 frames reduced, 0 skipped, 2 failed" in done.stderr
+        outputs[processes] = output
+        if processes == "3":
+            ready = re.findall(r"worker (\d) ready on a \w+ \(([^)]*)\)", done.stderr)
+            assert sorted(ready) == [(str(k), device) for k in range(3)], done.stderr
+            assert "engine threads" in done.stderr
+    assert_same_output(outputs["1"], outputs["3"])
+
+
+def test_workers_take_their_device_from_the_list(monkeypatch):
+    """Worker k takes device k % n of the devices the job names, as OpenCL resolves them
+    (`all`: the GPUs it lists), and reports n; a job on one device keeps it."""
+    from azfilter.backends.opencl import devices as opencl_devices
+
+    class FakeIntegrator:
+        def __init__(self, device, several):
+            self.device, self.several_devices = device, several
+
+        def use_one_device(self, device):
+            self.device, self.several_devices = device, False
+
+    class FakeJob:
+        def __init__(self, device, several):
+            self.integrator = FakeIntegrator(device, several)
+
+    found = [({"id": "0:0"}, None), ({"id": "0:1"}, None), ({"id": "1:0"}, None)]
+    monkeypatch.setattr(opencl_devices, "select_devices", lambda device: found)
+    for index, expected in ((0, "0:0"), (1, "0:1"), (2, "1:0"), (3, "0:0"), (7, "0:1")):
+        job = FakeJob("all", True)
+        assert workers._take_one_device(job, index) == 3
+        assert job.integrator.device == expected and not job.integrator.several_devices
+    alone = FakeJob("0:1", False)
+    assert workers._take_one_device(alone, 5) == 1 and alone.integrator.device == "0:1"
+
+
 def test_a_device_that_does_not_exist_is_one_line_as_in_one_process(stack, tmp_path):
     """The workers meet the error when they start their engine: the command says what one
     process says (one line, exit 2) and writes nothing."""
@@ -304,12 +352,14 @@ def test_sigma_clip_gets_workers_on_an_uncompressed_stack(tmp_path):
 
 
 def test_workers_start_at_once_for_a_named_gpu():
-    """--device gpu (or a forced number of workers) starts every worker at once; the default
-    device, cpu or an id wait for the first worker to find a GPU."""
+    """--device gpu, a list of devices (or a forced number of workers) starts every worker
+    at once; the default device, cpu, an id or `all` wait for the first worker to find a GPU
+    (and, for `all`, to count them)."""
     assert workers.starts_all({"device": "gpu"}, {})
     assert workers.starts_all({"device": "GPU"}, {})
+    assert workers.starts_all({"device": "0:0,0:1"}, {})
     assert workers.starts_all({"device": None}, {workers.PROCESSES_VARIABLE: "2"})
-    for device in (None, "auto", "cpu", "0:0", "0:0,0:1", "not a device"):
+    for device in (None, "auto", "cpu", "0:0", "all", "not a device"):
         assert not workers.starts_all({"device": device}, {}), device
 
 
@@ -329,8 +379,24 @@ def test_planned_workers_rules():
     assert workers.planned_workers(config, workers.MIN_FRAMES - 1, {}) == 1
     assert workers.planned_workers({**config, "device": "cpu"}, 1000, {}) == 1
     assert workers.planned_workers({**config, "device": "gpu"}, 1000, {}) == default
-    assert workers.planned_workers({**config, "device": "0:0,0:1"}, 1000, {}) == 1
-    assert workers.planned_workers({**config, "device": "all"}, 1000, {}) == 1
+    # several devices: the operation's processes per device, one per 4 cores, at least one
+    # per device; `all` as if there were MAX_ALL_DEVICES (the first worker counts the GPUs)
+    several = {**config, "device": "0:0,0:1"}
+    assert workers.planned_workers(several, 1000, {}, cores=32) == 6
+    assert workers.planned_workers(several, 1000, {}, cores=16) == 4
+    assert workers.planned_workers(several, 1000, {}, cores=4) == 2
+    assert workers.planned_workers({**several, "operation": "medfilt"}, 1000, {},
+                                   cores=32) == 2
+    assert workers.planned_workers({**several, "operation": "sigma-clip"}, 1000, {},
+                                   cores=32) == 4
+    assert workers.planned_workers({**config, "device": "all"}, 1000, {}, cores=32) == 8
+    assert workers.planned_workers({**config, "device": "all"}, 1000, {}, cores=128) == \
+        workers.MAX_ALL_DEVICES * workers.DEFAULT_PROCESSES["integrate"]
+    assert workers.planned_workers({**config, "device": "0:0,cpu"}, 1000, {}) == 1
+    assert workers.planned_workers(several, workers.MIN_FRAMES - 1, {}) == 1
+    assert workers.planned_workers(several, 10, {workers.PROCESSES_VARIABLE: "3"}) == 3
+    # one process, one engine per device in it (multi.py)
+    assert workers.planned_workers(several, 1000, {workers.PROCESSES_VARIABLE: "1"}) == 1
     assert workers.planned_workers({**config, "backend": "cython"}, 1000, {}) == 1
     assert workers.planned_workers({**config, "operation": "sparsify"}, 1000, {}) == 1
     assert workers.planned_workers(config, 1000, {}, cores=16) == \

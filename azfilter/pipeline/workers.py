@@ -28,6 +28,13 @@ which frames a worker still owes: if a worker dies (a driver crash, the OOM kill
 frames are reported failed, naming the worker and how it ended, and the blocks not yet handed
 out go to the others. Nothing is lost while the process says 0.
 
+Several devices (``--device 0:0,0:1``, ``all``): the operation's processes per device, each
+worker on one device (worker k on the k-th device, cycling), because one process cannot feed
+even one GPU (an in-process engine per device, multi.py, fed two H200s at 312 sigma-clip
+frames/s against 772 for one GPU in two processes). For a list the workers start at once; for
+``all`` the first worker lists the GPUs (the command's process must not start OpenCL) and the
+command then starts the processes those GPUs need and ends the others.
+
 The workers are forked before any thread of the run starts: a lock a thread held at the fork
 (h5py's, the logging module's) would stay locked in the child. When the lookup table is in the
 disk cache they are forked before it loads, and each loads it while its OpenCL starts (what one
@@ -76,6 +83,9 @@ DEFAULT_PROCESSES = {"integrate": 3, "sigma-clip": 2}
 UNCOMPRESSED_PROCESSES = {"integrate": 3, "sigma-clip": 4}
 #: cores each default worker process should have (two reader threads and the feeding one)
 CORES_PER_PROCESS = 4
+#: most devices a job started with ``--device all`` spreads its worker processes over (its
+#: workers are forked before the first one has listed the GPUs)
+MAX_ALL_DEVICES = 8
 #: fewest frames for which the default starts worker processes: each starts OpenCL after the
 #: fork, where one process starts it while the lookup table loads (~0.3 s later on the H200)
 MIN_FRAMES = 400
@@ -99,18 +109,21 @@ def planned_workers(config: dict[str, Any], frames: int,
     """Worker processes a run of ``frames`` frames with ``config`` starts (1: none).
 
     ``AZFILTER_OPENCL_PROCESSES`` (a positive integer) chooses, for any OpenCL job that can
-    use workers; otherwise the operation's :data:`DEFAULT_PROCESSES` (its
+    use workers (1: one process; with several devices, one engine per device in it:
+    multi.py); otherwise the operation's :data:`DEFAULT_PROCESSES` (its
     :data:`UNCOMPRESSED_PROCESSES` when ``first_input`` is an uncompressed HDF5 stack), at
     most one per :data:`CORES_PER_PROCESS` usable cores, over at least :data:`MIN_FRAMES`
-    frames on one device that is not ``cpu`` (the first worker checks that the device is a
-    GPU before the others start).
+    frames on devices that are not ``cpu`` (the first worker checks that its device is a GPU
+    before the others start). Several devices: that many per device
+    (:func:`several_device_workers`; for ``all``, as if there were :data:`MAX_ALL_DEVICES`,
+    and the first worker's count of the GPUs decides how many start).
 
     Raises
     ------
     AzfilterError
         When the environment variable is not a positive integer.
     """
-    from ..vocabulary import names_several_devices, parse_device_spec
+    from ..vocabulary import ALL_GPUS_WORDS, names_several_devices, parse_device_spec
 
     environ = os.environ if environ is None else environ
     asked = environ.get(PROCESSES_VARIABLE, "").strip()
@@ -124,24 +137,41 @@ def planned_workers(config: dict[str, Any], frames: int,
         tokens = parse_device_spec(config.get("device"))
     except ValueError:
         return 1
-    if names_several_devices(tokens):   # one process, one engine per device (multi.py)
-        return 1
+    several = names_several_devices(tokens)
     if asked:
         return int(asked)
-    if frames < MIN_FRAMES or (tokens and tokens[0] == "cpu"):
+    if frames < MIN_FRAMES or (tokens and "cpu" in tokens):
         return 1
+    per_device = processes_per_device(config, first_input)
+    if cores is None:
+        from ..resources import usable_cores
+
+        cores = usable_cores()
+    cap = max(1, cores // CORES_PER_PROCESS)
+    if several:
+        devices = len(tokens) if tokens[0] not in ALL_GPUS_WORDS else MAX_ALL_DEVICES
+        return several_device_workers(per_device, devices, cap)
+    if per_device == 1:
+        return 1
+    return max(1, min(per_device, cap))
+
+
+def several_device_workers(per_device: int, devices: int, cap: int) -> int:
+    """Worker processes for ``devices`` devices: ``per_device`` each, at most ``cap`` (one per
+    :data:`CORES_PER_PROCESS` cores) but at least one per device, up to ``2 * cap`` (their
+    reader threads then share the cores)."""
+    return max(min(devices, 2 * cap), min(per_device * devices, cap))
+
+
+def processes_per_device(config: dict[str, Any], first_input: Any = None) -> int:
+    """The operation's worker processes on one device: :data:`DEFAULT_PROCESSES`, or
+    :data:`UNCOMPRESSED_PROCESSES` when ``first_input`` is an uncompressed HDF5 stack."""
     operation = config.get("operation")
     wanted = DEFAULT_PROCESSES.get(operation, 1)
     uncompressed = UNCOMPRESSED_PROCESSES.get(operation, wanted)
     if uncompressed != wanted and uncompressed_hdf5(first_input):   # reads the file's header
         wanted = uncompressed
-    if wanted == 1:
-        return 1
-    if cores is None:
-        from ..resources import usable_cores
-
-        cores = usable_cores()
-    return max(1, min(wanted, cores // CORES_PER_PROCESS))
+    return wanted
 
 
 def uncompressed_hdf5(item: Any) -> bool:
@@ -167,9 +197,9 @@ def worker_count(job: Any) -> int:
 
 def starts_all(config: dict[str, Any], environ: dict[str, str] | None = None) -> bool:
     """Whether every worker starts at once, each starting OpenCL beside the others: when
-    ``AZFILTER_OPENCL_PROCESSES`` sets their number (whatever the device), or when
-    ``--device gpu`` names a GPU (the first worker need not find out the device's type
-    before the others start). Otherwise the others start once the first has found a GPU:
+    ``AZFILTER_OPENCL_PROCESSES`` sets their number (whatever the device), when
+    ``--device gpu`` names a GPU, or when ``--device`` lists several devices (the first
+    worker need not find out the device's type before the others start). Otherwise the others start once the first has found a GPU:
     each costs a start of OpenCL and its share of the cores, which a CPU device does not
     repay."""
     from ..vocabulary import parse_device_spec
@@ -181,7 +211,9 @@ def starts_all(config: dict[str, Any], environ: dict[str, str] | None = None) ->
         tokens = parse_device_spec(config.get("device"))
     except ValueError:
         return False
-    return tokens == ["gpu"]
+    # a list of devices is a list of GPUs in practice (each worker checks its own); `all`
+    # waits for the first worker's count of the GPUs
+    return tokens == ["gpu"] or (tokens is not None and len(tokens) > 1)
 
 
 # Reduce = (batches of planned frames, fail, emit, stop) -> None; run.py's _reduce.
@@ -199,6 +231,8 @@ class _Worker:
     started: bool = False
     told_to_end: bool = False
     device_type: str | None = None
+    device: str | None = None
+    devices: int = 1     # devices the job's --device names (as this worker found them)
 
     def ended(self) -> str:
         """How the process ended, for the failure messages of the frames it owed."""
@@ -237,6 +271,7 @@ class WorkerPool:
     def __init__(self, job: Any, count: int, reduce: Reduce, load_table: bool = False):
         self.job = job
         self.start_all = starts_all(job.config)
+        self.count = count
         self.pending: dict[int, tuple] = {}   # position in job.todo -> its message
         context = multiprocessing.get_context("fork")
         self.workers: list[_Worker] = []
@@ -281,15 +316,16 @@ class WorkerPool:
         first = self.workers[0]
         message = self._receive(first)
         if not self.start_all:
-            if message is None or first.device_type == "GPU":
-                for worker in self.workers[1:]:
-                    self._send(worker, ("start",))
-                    worker.started = True
-            else:   # a CPU device gains nothing from a second process
-                for worker in self.workers[1:]:
-                    self._send(worker, ("end",))
-                    worker.told_to_end = True
-                    worker.alive = False
+            wanted = self._wanted(first) if message is not None else len(self.workers)
+            for worker in self.workers[1:wanted]:
+                self._send(worker, ("start",))
+                worker.started = True
+            for worker in self.workers[wanted:]:
+                self._send(worker, ("end",))
+                worker.told_to_end = True
+                worker.alive = False
+            if first.device_type != "GPU" and message is not None:
+                # a CPU device gains nothing from a second process
                 logger.info("%s: the device is a %s: one worker process", self.job.label,
                             first.device_type)
 
@@ -352,6 +388,20 @@ class WorkerPool:
                 owner.blocks.popleft()
             hand_out(owner)
 
+    def _wanted(self, first: _Worker) -> int:
+        """Workers to start once the first is ready: one on a CPU device; all of them on a
+        GPU, or with ``--device all`` as many as the GPUs the first one found need."""
+        if first.device_type != "GPU":
+            return 1
+        if first.devices <= 1 or not self.job.integrator.several_devices:
+            return len(self.workers)
+        from ..resources import usable_cores
+
+        per_device = processes_per_device(self.job.config,
+                                          self.job.todo[0].item if self.job.todo else None)
+        cap = max(1, usable_cores() // CORES_PER_PROCESS)
+        return min(len(self.workers), several_device_workers(per_device, first.devices, cap))
+
     def _no_more_blocks(self) -> None:
         """Every block is handed out: each worker finishes its own and ends (a worker waiting
         for a block holds the last frames of its newest one in its engine)."""
@@ -387,9 +437,9 @@ class WorkerPool:
         if kind in ("result", "failed"):
             self.pending[message[1]] = message
         elif kind == "ready":
-            worker.device_type = message[1]
-            logger.info("%s: worker %d ready on a %s", self.job.label, worker.index,
-                        message[1])
+            _, worker.device_type, worker.device, worker.devices = message
+            logger.info("%s: worker %d ready on a %s (%s)", self.job.label, worker.index,
+                        worker.device_type, worker.device)
         elif kind == "done":   # every frame it was given is accounted for
             worker.alive = False
         elif kind == "fatal":
@@ -449,13 +499,14 @@ def _worker_main(job: Any, index: int, connection: Any, reduce: Reduce,
     try:
         if wait_for_start and connection.recv()[0] != "start":
             os._exit(0)
+        devices = _take_one_device(job, index)
         if load_table:
             from ..backends.opencl.devices import warm_up
 
             starting = warm_up(job.integrator.device)
             job.integrator.table(job.config["split"])
             starting.join()
-        connection.send(("ready", _device_type(job)))
+        connection.send(("ready", _device_type(job), job.integrator.device, devices))
         message = connection.recv()
         if message[0] != "processes":
             os._exit(0)
@@ -518,6 +569,20 @@ def _release_standard_streams() -> None:
         os.close(null)
     except OSError:
         pass
+
+
+def _take_one_device(job: Any, index: int) -> int:
+    """A job over several devices: this worker (``index``) takes the ``index``-th of them,
+    cycling; returns how many the job names (for ``all``, the GPUs found here)."""
+    integrator = job.integrator
+    if not integrator.several_devices:
+        return 1
+    from ..backends.opencl.devices import select_devices
+
+    picked = select_devices(integrator.device)
+    info, _ = picked[index % len(picked)]
+    integrator.use_one_device(info["id"])
+    return len(picked)
 
 
 def _device_type(job: Any) -> str:
