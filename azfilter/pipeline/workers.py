@@ -199,9 +199,9 @@ def starts_all(config: dict[str, Any], environ: dict[str, str] | None = None) ->
     """Whether every worker starts at once, each starting OpenCL beside the others: when
     ``AZFILTER_OPENCL_PROCESSES`` sets their number (whatever the device), when
     ``--device gpu`` names a GPU, or when ``--device`` lists several devices (the first
-    worker need not find out the device's type before the others start). Otherwise the others start once the first has found a GPU:
-    each costs a start of OpenCL and its share of the cores, which a CPU device does not
-    repay."""
+    worker need not find out the device's type before the others start). Otherwise the
+    others start once the first has found a GPU: each costs a start of OpenCL and its share
+    of the cores, which a CPU device does not repay."""
     from ..vocabulary import parse_device_spec
 
     environ = os.environ if environ is None else environ

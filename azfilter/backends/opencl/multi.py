@@ -1,6 +1,10 @@
 """Several OpenCL devices as one engine: frames spread over one :class:`OpenCLEngine` each.
 
-``--device 0:0,0:1`` or ``--device all`` (every GPU) gives a :class:`MultiDeviceEngine`. It
+``--device 0:0,0:1`` or ``--device all`` (every GPU) gives a :class:`MultiDeviceEngine` in one
+process: the Python API, and the command when it runs without worker processes (short runs,
+``AZFILTER_OPENCL_PROCESSES=1``; otherwise each worker process runs one device's engine:
+``azfilter/pipeline/workers.py``, because one process's interpreter lock cannot feed even one
+GPU). It
 owns one :class:`~.engine.OpenCLEngine` per device (each with its own context, queues, copy of
 the lookup table and staging buffers) and feeds each from a worker thread running that
 engine's own :meth:`~.engine.OpenCLEngine.process_many`, so every device overlaps uploads and
