@@ -411,3 +411,30 @@ def test_planned_workers_rules():
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(AzfilterError, match=workers.PROCESSES_VARIABLE):
             workers.planned_workers(config, 1000, {workers.PROCESSES_VARIABLE: bad})
+
+
+def test_device_all_starts_the_workers_the_gpus_need(monkeypatch):
+    """`--device all`: the first worker's count of the GPUs decides how many of the forked
+    workers start (the operation's processes per GPU, one per 4 cores); a CPU device, one."""
+    import azfilter.resources as resources
+
+    monkeypatch.setattr(resources, "usable_cores", lambda: 32)
+
+    class Job:
+        integrator = type("Integrator", (), {"several_devices": True})()
+        config = {"operation": "sigma-clip"}
+        todo = []
+
+    pool = object.__new__(workers.WorkerPool)
+    pool.job, pool.workers = Job(), [None] * workers.planned_workers(
+        {"backend": "opencl", "operation": "sigma-clip", "device": "all"}, 1000, {}, cores=32)
+    assert len(pool.workers) == 8
+    first = workers._Worker(0, None, None, device_type="GPU")
+    for gpus, wanted in ((1, 2), (2, 4), (3, 6), (8, 8)):
+        first.devices = gpus
+        assert pool._wanted(first) == wanted, gpus
+    first.device_type = "CPU"
+    assert pool._wanted(first) == 1
+    Job.integrator.several_devices = False    # one device (gpu, or the default): every worker
+    first.device_type = "GPU"
+    assert pool._wanted(first) == 8

@@ -143,17 +143,23 @@ def planned_workers(config: dict[str, Any], frames: int,
     if frames < MIN_FRAMES or (tokens and "cpu" in tokens):
         return 1
     per_device = processes_per_device(config, first_input)
-    if cores is None:
-        from ..resources import usable_cores
-
-        cores = usable_cores()
-    cap = max(1, cores // CORES_PER_PROCESS)
+    cap = process_cap(cores)
     if several:
         devices = len(tokens) if tokens[0] not in ALL_GPUS_WORDS else MAX_ALL_DEVICES
         return several_device_workers(per_device, devices, cap)
     if per_device == 1:
         return 1
     return max(1, min(per_device, cap))
+
+
+def process_cap(cores: int | None = None) -> int:
+    """Most default worker processes: one per :data:`CORES_PER_PROCESS` of ``cores`` (the
+    usable cores when None), at least one."""
+    if cores is None:
+        from ..resources import usable_cores
+
+        cores = usable_cores()
+    return max(1, cores // CORES_PER_PROCESS)
 
 
 def several_device_workers(per_device: int, devices: int, cap: int) -> int:
@@ -271,7 +277,6 @@ class WorkerPool:
     def __init__(self, job: Any, count: int, reduce: Reduce, load_table: bool = False):
         self.job = job
         self.start_all = starts_all(job.config)
-        self.count = count
         self.pending: dict[int, tuple] = {}   # position in job.todo -> its message
         context = multiprocessing.get_context("fork")
         self.workers: list[_Worker] = []
@@ -390,17 +395,15 @@ class WorkerPool:
 
     def _wanted(self, first: _Worker) -> int:
         """Workers to start once the first is ready: one on a CPU device; all of them on a
-        GPU, or with ``--device all`` as many as the GPUs the first one found need."""
+        GPU; with ``--device all``, as many as the GPUs the first one found need."""
         if first.device_type != "GPU":
             return 1
-        if first.devices <= 1 or not self.job.integrator.several_devices:
+        if not self.job.integrator.several_devices:
             return len(self.workers)
-        from ..resources import usable_cores
-
         per_device = processes_per_device(self.job.config,
                                           self.job.todo[0].item if self.job.todo else None)
-        cap = max(1, usable_cores() // CORES_PER_PROCESS)
-        return min(len(self.workers), several_device_workers(per_device, first.devices, cap))
+        return min(len(self.workers),
+                   several_device_workers(per_device, first.devices, process_cap()))
 
     def _no_more_blocks(self) -> None:
         """Every block is handed out: each worker finishes its own and ends (a worker waiting
