@@ -139,16 +139,22 @@ static int azf_lz4_block(const uint8_t *src, const uint8_t *src_end, const uint8
     return op == dst_end ? AZF_BSLZ4_OK : AZF_BSLZ4_SHORT_OUTPUT;
 }
 
-/* Transpose of the 8x8 bit matrix in x (byte k = row k, bit i = column i). */
+/* Transpose of the 8x8 bit matrix in each 64-bit word of x (byte k = row k, bit i = column
+ * i): three exchanges of the off-diagonal blocks (1x1, 2x2, 4x4 bits), on a uint64_t or a
+ * vector of them (t: scratch of the same type). */
+#define AZF_TRANSPOSE8(x, t) do {                         \
+        t = ((x) ^ ((x) >> 7)) & 0x00AA00AA00AA00AAULL;   \
+        x = (x) ^ (t) ^ ((t) << 7);                       \
+        t = ((x) ^ ((x) >> 14)) & 0x0000CCCC0000CCCCULL;  \
+        x = (x) ^ (t) ^ ((t) << 14);                      \
+        t = ((x) ^ ((x) >> 28)) & 0x00000000F0F0F0F0ULL;  \
+        x = (x) ^ (t) ^ ((t) << 28);                      \
+    } while (0)
+
 static inline uint64_t azf_transpose8(uint64_t x)
 {
     uint64_t t;
-    t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAULL;
-    x = x ^ t ^ (t << 7);
-    t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCULL;
-    x = x ^ t ^ (t << 14);
-    t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ULL;
-    x = x ^ t ^ (t << 28);
+    AZF_TRANSPOSE8(x, t);
     return x;
 }
 
@@ -226,12 +232,7 @@ typedef uint64_t azf_v2 __attribute__((vector_size(16)));
 static inline azf_v2 azf_transpose8_v2(azf_v2 x)
 {
     azf_v2 t;
-    t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAULL;
-    x = x ^ t ^ (t << 7);
-    t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCULL;
-    x = x ^ t ^ (t << 14);
-    t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ULL;
-    x = x ^ t ^ (t << 28);
+    AZF_TRANSPOSE8(x, t);
     return x;
 }
 
@@ -326,21 +327,15 @@ static size_t azf_unshuffle_v16(const uint8_t *in, uint8_t *out, size_t columns,
 #endif
 
 #if AZF_BSLZ4_X86
-/* The transpose of azf_transpose8 in each 64-bit lane. */
+/* The transpose of azf_transpose8 in each 64-bit lane (unsigned lanes: logical shifts). */
+typedef uint64_t azf_v4x64 __attribute__((vector_size(32)));
+
 __attribute__((target("avx2")))
-static inline __m256i azf_transpose8_avx2(__m256i x)
+static inline __m256i azf_transpose8_avx2(__m256i in)
 {
-    const __m256i m7 = _mm256_set1_epi64x(0x00AA00AA00AA00AALL);
-    const __m256i m14 = _mm256_set1_epi64x(0x0000CCCC0000CCCCLL);
-    const __m256i m28 = _mm256_set1_epi64x(0x00000000F0F0F0F0LL);
-    __m256i t;
-    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 7)), m7);
-    x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64(t, 7));
-    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 14)), m14);
-    x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64(t, 14));
-    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 28)), m28);
-    x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64(t, 28));
-    return x;
+    azf_v4x64 x = (azf_v4x64)in, t;
+    AZF_TRANSPOSE8(x, t);
+    return (__m256i)x;
 }
 
 /* Columns c..c+31 of one byte of the elements (rows: its 8 bit rows): eight registers of
