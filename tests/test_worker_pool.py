@@ -47,7 +47,9 @@ def test_close_does_not_wait_for_workers_that_owe_nothing(monkeypatch):
     monkeypatch.setattr(workers, "_device_type", lambda job: "GPU")
     todo = [SimpleNamespace(index=k, source="stack.h5") for k in range(100)]
     job = SimpleNamespace(config={"device": "gpu", "operation": "integrate"}, todo=todo,
-                          label="integrate", integrator=SimpleNamespace(geometry="geometry"),
+                          label="integrate",
+                          integrator=SimpleNamespace(geometry="geometry", device="gpu",
+                                                     several_devices=False),
                           processes=None)
     emitted: list[tuple[int, str]] = []
     failed: list[object] = []
