@@ -4,11 +4,13 @@ h5py reads and decodes every chunk behind one global lock, so a multi-threaded r
 nothing from it.  For datasets chunked one frame per chunk (Eiger, NeXus and what most
 detectors write), :func:`direct_layout` finds where each chunk lies in its file
 (``get_chunk_info``, under h5py's lock, cheap), the bytes are read with plain ``os.pread``
-(no lock, from any thread) and :func:`decode_chunk` decodes them with imagecodecs, whose
-codecs release the GIL.  Filters covered: bitshuffle-LZ4 (32008), LZ4 (32004), deflate (1),
-byte shuffle (2, alone or before deflate) and none; anything else, a chunk whose filters were
-skipped, an unallocated chunk or a layout that is not one frame per chunk is read through
-h5py instead (the caller falls back; :func:`direct_layout` returns None).
+(no lock, from any thread) and :func:`decode_chunk` decodes them outside the GIL:
+bitshuffle-LZ4 with azfilter's own decoder (``azfilter._chunks.bslz4_decode``,
+``kernels/azf_bslz4_host.h``), LZ4 and deflate with imagecodecs.  Filters covered:
+bitshuffle-LZ4 (32008), LZ4 (32004), deflate (1), byte shuffle (2, alone or before deflate)
+and none; anything else, a chunk whose filters were skipped, an unallocated chunk or a layout
+that is not one frame per chunk is read through h5py instead (the caller falls back;
+:func:`direct_layout` returns None).
 
 The chunk formats, as the HDF5 filters write them:
 

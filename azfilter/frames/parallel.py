@@ -5,7 +5,7 @@ one task per frame to a pool of decoder threads; the caller receives the results
 Decoding runs outside the GIL and outside h5py's lock where the format allows it:
 
 - HDF5 datasets chunked one frame per chunk, with a filter pipeline :mod:`.chunks` decodes:
-  the chunk bytes are read with ``os.pread`` and decoded by imagecodecs in the pool;
+  the chunk bytes are read with ``os.pread`` and decoded in the pool (:func:`.chunks.decode_chunk`);
 - other HDF5 datasets: h5py reads them, one at a time (h5py has one global lock);
 - single-frame fabio files (CBF, EDF, TIFF): each is opened and decoded in the pool (fabio's
   byte-offset decoder, zlib, bz2 and md5 release the GIL; its header parsing does not);
