@@ -509,8 +509,10 @@ static int azf_bslz4_decode(const uint8_t *chunk, size_t chunk_bytes, const uint
                             size_t n_blocks, size_t block_elems, size_t blocked_elems,
                             size_t elem_size, uint8_t *out, int simd, long *failed_block)
 {
-    const size_t block_bytes = block_elems * elem_size;
-    uint8_t *scratch = (uint8_t *)malloc(block_bytes + AZF_BSLZ4_SLACK);
+    /* the largest block: a full one, or all the elements when they fill less (a damaged
+     * header may announce blocks of gigabytes) */
+    const size_t largest = block_elems < blocked_elems ? block_elems : blocked_elems;
+    uint8_t *scratch = (uint8_t *)malloc(largest * elem_size + AZF_BSLZ4_SLACK);
     int status = AZF_BSLZ4_OK;
     *failed_block = -1;
     if (scratch == NULL)
