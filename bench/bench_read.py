@@ -132,15 +132,11 @@ class EigerChunks:
             self.blocks.append(patched)
 
     def azfilter(self, simd: int = 2):
-        """``decode_chunk`` with bit-unshuffle code ``simd`` (``chunks.BSLZ4_SIMD``)."""
+        """``decode_chunk`` with bit-unshuffle code ``simd`` (``chunks.SIMD_*``)."""
         from azfilter.frames import chunks
 
         def decode(i: int, out) -> None:
-            saved, chunks.BSLZ4_SIMD = chunks.BSLZ4_SIMD, simd
-            try:
-                chunks.decode_chunk(self.raws[i % len(self.raws)], self.layout, out)
-            finally:
-                chunks.BSLZ4_SIMD = saved
+            chunks.decode_chunk(self.raws[i % len(self.raws)], self.layout, out, simd=simd)
         return decode
 
     def imagecodecs_before(self, i: int, out) -> None:

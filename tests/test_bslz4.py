@@ -45,11 +45,7 @@ class HostDecoder:
         out = np.empty(shape, dtype)
         layout = chunks.DirectLayout(filename="", base=0, filters=(chunks.FILTER_BITSHUFFLE,),
                                      shape=out.shape, dtype=dtype, leading=(), pread=False)
-        saved, chunks.BSLZ4_SIMD = chunks.BSLZ4_SIMD, self.simd
-        try:
-            return chunks.decode_chunk(chunk, layout, out)
-        finally:
-            chunks.BSLZ4_SIMD = saved
+        return chunks.decode_chunk(chunk, layout, out, simd=self.simd)
 
 
 class OpenCLDecoder:
@@ -73,8 +69,9 @@ class OpenCLDecoder:
         return self.decoder.decode_to_host(chunk, shape, dtype)
 
 
-#: the host decoder's bit-unshuffles (chunks.BSLZ4_SIMD)
-HOST_CODES = {"host": 2, "host-vectors": 1, "host-words": 0}
+#: the host decoder's bit-unshuffles (decode_chunk's simd)
+HOST_CODES = {"host": chunks.SIMD_WIDEST, "host-vectors": chunks.SIMD_VECTORS,
+              "host-words": chunks.SIMD_WORDS}
 
 
 @pytest.fixture(scope="module", params=[*HOST_CODES,

@@ -403,12 +403,13 @@ def bslz4_error_message(code: int, block: int, n_blocks: int) -> str:
     return f"corrupt bitshuffle-LZ4 chunk, {where}: {reason}"
 
 
-#: The host decoder's bit-unshuffle: 2 the widest code the CPU runs (AVX2, else 16-byte
-#: vectors: SSE2, NEON), 1 16-byte vectors, 0 64-bit words only (the tests decode with each).
-BSLZ4_SIMD = 2
+#: The host decoder's bit-unshuffle codes (``simd`` of :func:`decode_chunk`): the widest the
+#: CPU runs (AVX2, else 16-byte vectors: SSE2, NEON), 16-byte vectors, 64-bit words only.
+SIMD_WIDEST, SIMD_VECTORS, SIMD_WORDS = 2, 1, 0
 
 
-def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray) -> None:
+def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray,
+                           simd: int) -> None:
     from .._chunks import bslz4_decode
 
     itemsize = layout.dtype.itemsize
@@ -425,14 +426,16 @@ def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray) -> N
                                               offset=data.size - tail_elements * itemsize)
     # each block: LZ4 into a cache-resident scratch block, then bit-unshuffled into the frame
     status, block = bslz4_decode(data, blocks.block_ranges, blocks.block_elements,
-                                 shuffled_count, itemsize, flat.view(np.uint8), BSLZ4_SIMD)
+                                 shuffled_count, itemsize, flat.view(np.uint8), simd)
     if status:
         raise ChunkError(bslz4_error_message(status, block, blocks.n_blocks))
 
 
-def decode_chunk(raw: Any, layout: DirectLayout, out: np.ndarray) -> np.ndarray:
+def decode_chunk(raw: Any, layout: DirectLayout, out: np.ndarray, *,
+                 simd: int = SIMD_WIDEST) -> np.ndarray:
     """Decode one frame's chunk bytes ``raw`` into ``out`` (C-contiguous, ``layout.shape``,
-    ``layout.dtype``); the codecs run outside the GIL.
+    ``layout.dtype``); the codecs run outside the GIL.  ``simd``: the bitshuffle-LZ4
+    bit-unshuffle's code (:data:`SIMD_WIDEST`; the tests and benchmarks compare the others).
 
     Raises
     ------
@@ -449,7 +452,7 @@ def decode_chunk(raw: Any, layout: DirectLayout, out: np.ndarray) -> np.ndarray:
             _check_length(raw, nbytes, "uncompressed")
             np.copyto(out.reshape(-1).view(np.uint8), np.frombuffer(raw, np.uint8))
         elif filters == (FILTER_BITSHUFFLE,):
-            _decode_bitshuffle_lz4(raw, layout, out)
+            _decode_bitshuffle_lz4(raw, layout, out, simd)
         elif filters == (FILTER_LZ4,):
             decoded = ic.lz4h5_decode(raw, out=out.reshape(-1).view(np.uint8))
             _check_length(decoded, nbytes, "LZ4")
