@@ -438,3 +438,67 @@ def test_device_all_starts_the_workers_the_gpus_need(monkeypatch):
     Job.integrator.several_devices = False    # one device (gpu, or the default): every worker
     first.device_type = "GPU"
     assert pool._wanted(first) == 8
+
+
+@pytest.mark.parametrize("total", [1, 15, 16, 17, 400, 1000, 8000])
+@pytest.mark.parametrize("count", [1, 2, 6])
+def test_blocks_cover_the_plan_once_and_shrink_towards_its_end(total, count):
+    bounds = workers.block_bounds(total, count)
+    assert bounds[0][0] == 0 and bounds[-1][1] == total
+    assert all(stop == start for (_, stop), (start, _) in zip(bounds, bounds[1:], strict=False))
+    sizes = [stop - start for start, stop in bounds]
+    # every block but the last holds more frames than an engine keeps unreported
+    assert all(workers.MIN_BLOCK <= size <= workers.MAX_BLOCK for size in sizes[:-1])
+    assert 0 < sizes[-1] <= workers.MAX_BLOCK
+    assert sizes[:-1] == sorted(sizes[:-1], reverse=True)
+    if total >= 8000:   # long runs: full blocks first, the smallest at the end
+        assert sizes[0] == workers.MAX_BLOCK and sizes[-2] == workers.MIN_BLOCK
+
+
+def test_records_travel_in_batches_unchanged():
+    """What a worker packs into one message is what the command unpacks: results (with
+    outlier statistics, sectors, equal radial bins sent once) and failures, in any mix."""
+    from azfilter.backends.sums import BinSums, OutlierSums
+    from azfilter.integrator import Result
+
+    rng = np.random.default_rng(5)
+    radial = np.linspace(0.1, 5, 6)
+
+    def result(sectors: bool) -> Result:
+        n = 12 if sectors else 6
+        sums = BinSums(*(rng.random(n) + 1 for _ in range(4)), rng.integers(0, 3, n),
+                       OutlierSums(3.0, rng.integers(0, 9, n), rng.integers(0, 9, n),
+                                   rng.random(n), rng.random(n)))
+        return Result.from_sums(radial.copy(), sums, "q_nm^-1", "sigma_clip", {"thres": 3},
+                                "azimuthal", sectors=[[0, 90], [90, 180]] if sectors else None)
+
+    records = [("result", 0, "a.h5::/d", result(False)),
+               ("failed", 1, "a.h5::/d", 1, "corrupt chunk"),
+               ("result", 2, "a.h5::/d", result(False)),
+               ("result", 5, "b.h5::/d", result(True))]   # a row of another shape
+    for batch in (records, records[:3]):   # rows of two shapes; of one shape (stacked)
+        back = workers.unpack_records(workers.pack_records(batch))
+        by_position = {record[1]: record for record in back}
+        assert sorted(by_position) == sorted(record[1] for record in batch)
+        assert by_position[1] == records[1]
+        for record in batch:
+            if record[0] != "result":
+                continue
+            got = by_position[record[1]]
+            assert got[:3] == record[:3]
+            for name in ("radial", "intensity", "sigma", "std", "count", "sum_signal",
+                         "sum_variance", "sum_normalization", "sum_normalization2",
+                         "sectors"):
+                np.testing.assert_array_equal(getattr(got[3], name), getattr(record[3], name))
+            for name in ("kept", "available", "bin_picked", "bin_rejected_sum",
+                         "bin_max_sigma"):
+                np.testing.assert_array_equal(getattr(got[3].outliers, name),
+                                              getattr(record[3].outliers, name))
+            assert got[3].outliers.pick == record[3].outliers.pick
+            assert (got[3].unit, got[3].operation, got[3].parameters, got[3].error_model) \
+                == (record[3].unit, record[3].operation, record[3].parameters,
+                    record[3].error_model)
+    # the two 1-D results' fields went stacked, their equal radial bins once
+    packed = workers.pack_records(records[:3])
+    fields = packed[2][2]
+    assert fields["intensity"][0] == "stacked" and fields["radial"][0] == "same"
