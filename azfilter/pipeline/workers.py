@@ -28,8 +28,8 @@ which frames a worker still owes. A worker sends its records in batches ("batch"
 of up to :data:`RECORDS_PER_MESSAGE`, and at the end of each block (the command waits for the
 block's frames in plan order), each field of the batch's results stacked into one array
 (:func:`pack_records`): one message per frame cost the command's process ~0.35 ms per Eiger
-4M frame to receive and unpickle (113 kB of ~15 small arrays, 2-core EPYC), with two GPUs
-the largest share of what that one process does per frame. If a worker dies (a driver crash,
+4M frame to receive and unpickle (113 kB of ~15 small arrays, 2-core EPYC), more than its
+writer thread (~0.2 ms). If a worker dies (a driver crash,
 the OOM killer), the frames it owed are reported failed, naming the worker and how it ended
 (with those of its last batch, not sent), and the blocks not yet handed out go to the others.
 Nothing is lost while the process says 0.
