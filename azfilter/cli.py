@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -292,11 +293,10 @@ def main() -> None:
     Exit status: 0 all frames reduced, 2 usage or configuration error (nothing written),
     3 some inputs failed (the others were written; each failure is named on stderr).
     """
-    # Reader and writer threads share the cores with the engine's OpenMP threads: OpenMP's
-    # default busy-waiting between parallel regions then steals their time (measured: 27
-    # instead of 73 frames/s on 2 cores). Sleeping waits cost microseconds per frame. Must be
-    # set before the compiled engine (libgomp) loads; a user's setting wins.
+    # OpenMP's default busy-waiting steals the reader and writer threads' cores (27 instead of
+    # 73 frames/s on 2 cores); set before libgomp loads, a user's setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")  # damaged TIFFs
 
 _EXAMPLES = {
     "integrate": "azfilter integrate -p geo.poni --npt 2000 --unit 2th_deg 'run1/*.cbf' -o out/",

@@ -1067,3 +1067,26 @@ def test_cython_jobs_leave_a_quarter_of_many_cores(data, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     line = next(ln for ln in result.stderr.splitlines() if "engine threads" in ln)
     assert "engine threads 12 (3 frames at once), 12 reader threads, 16 cores usable" in line
+
+
+def test_a_damaged_tiff_is_one_line_without_the_readers_warnings(tmp_path):
+    """A TIFF cut inside its header makes PIL warn ("Corrupt EXIF data", two lines) on top of
+    the command's own failure line: the user sees that one line and the summary, nothing
+    else (a fresh process, as a user runs it: pytest would catch the warnings itself)."""
+    from PIL import Image
+
+    (tmp_path / "geo.poni").write_text(PONI)
+    good, damaged = tmp_path / "a_good.tif", tmp_path / "b_damaged.tif"
+    Image.fromarray(make_frame(1).astype(np.int32)).save(good)
+    Image.fromarray(make_frame(2).astype(np.int32)).save(damaged)
+    damaged.write_bytes(damaged.read_bytes()[:100])   # the first IFD's entries cut
+    result = subprocess.run(
+        [sys.executable, "-m", "azfilter", "integrate", "-p", str(tmp_path / "geo.poni"),
+         "--backend", "python", "--npt", "40", str(good), str(damaged),
+         "-o", str(tmp_path / "out.h5")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith("azfilter: failed: ") and str(damaged) in lines[0]
+    assert "1 frame reduced, 0 skipped, 1 failed" in lines[1]
+    assert read_result(tmp_path / "out.h5").sources == [str(good)]
