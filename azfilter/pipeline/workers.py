@@ -29,10 +29,10 @@ of up to :data:`RECORDS_PER_MESSAGE`, and at the end of each block (the command 
 block's frames in plan order), each field of the batch's results stacked into one array
 (:func:`pack_records`): one message per frame cost the command's process ~0.35 ms per Eiger
 4M frame to receive and unpickle (113 kB of ~15 small arrays, 2-core EPYC), more than its
-writer thread (~0.2 ms). If a worker dies (a driver crash,
-the OOM killer), the frames it owed are reported failed, naming the worker and how it ended
-(with those of its last batch, not sent), and the blocks not yet handed out go to the others.
-Nothing is lost while the process says 0.
+writer thread (~0.2 ms). If a worker dies (a driver crash, the OOM killer), the frames it
+owed are reported failed, naming the worker and how it ended (with those of its last batch,
+not sent), and the blocks not yet handed out go to the others. Nothing is lost while the
+process says 0.
 
 Several devices (``--device 0:0,0:1``, ``all``): the operation's processes per device, each
 worker on one device (worker k on the k-th device, cycling), because one process cannot feed
@@ -625,13 +625,14 @@ def _worker_main(job: Any, index: int, connection: Any, reduce: Reduce,
                 owed[start] = end - start
                 yield batch
 
-        def record(planned: Any, make: Callable[[int], tuple]) -> None:
-            position, block = positions.pop(id(planned))
-            outbox.append(make(position))
+        def add(record: tuple, block: int) -> None:
+            """``record`` to the outbox, sent when full or when ``block`` is accounted for."""
+            outbox.append(record)
             owed[block] -= 1
-            if not owed[block] or len(outbox) >= RECORDS_PER_MESSAGE:
-                if not owed[block]:
-                    del owed[block]
+            block_done = not owed[block]
+            if block_done:
+                del owed[block]
+            if block_done or len(outbox) >= RECORDS_PER_MESSAGE:
                 send_outbox()
 
         def send_outbox() -> None:
@@ -640,15 +641,16 @@ def _worker_main(job: Any, index: int, connection: Any, reduce: Reduce,
                 outbox.clear()
 
         def fail(error: Exception, frames: int = 1, planned: Any = None) -> None:
+            position, block = positions.pop(id(planned))
             reason = error.reason if isinstance(error, FrameReadError) else str(error)
             source = getattr(error, "source", planned.source)
-            record(planned, lambda position: (
-                "failed", position, source, getattr(error, "index", None), reason))
+            add(("failed", position, source, getattr(error, "index", None), reason), block)
 
         def emit(planned: Any, frame_source: str, result: Any) -> bool:
+            position, block = positions.pop(id(planned))
             # the geometry is the command's own: not sent with every frame
-            record(planned, lambda position: (
-                "result", position, frame_source, dataclasses.replace(result, geometry=None)))
+            add(("result", position, frame_source, dataclasses.replace(result, geometry=None)),
+                block)
             return True
 
         reduce(batches(), fail, emit, threading.Event())
