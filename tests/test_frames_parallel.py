@@ -467,6 +467,7 @@ def test_raw_chunks_through_read_direct_chunk_when_offsets_are_unusable(tmp_path
     decoded = []
     original = parallel.decode_chunk
     monkeypatch.setattr(parallel, "chunk_location", no_offsets)
+    monkeypatch.setattr(parallel, "chunk_table", lambda *args: None)   # no chunk_iter either
     monkeypatch.setattr(parallel, "decode_chunk",
                         lambda raw, layout, out: decoded.append(1) or original(raw, layout, out))
     direct = DirectReads(monkeypatch)
@@ -531,3 +532,90 @@ def test_bitshuffle_lz4_small_blocks(tmp_path, monkeypatch, dtype, shape):
     assert [type(r).__name__ for r in got] == ["Frame", "FrameReadError", "Frame", "Frame"]
     for index in (0, 2, 3):
         np.testing.assert_array_equal(got[index].data, stack[index])
+
+
+# --------------------------------------------------------------------------------------------
+# where the chunks are: one walk of the chunk index, or one lookup per frame
+# --------------------------------------------------------------------------------------------
+
+
+def test_chunk_table_agrees_with_lookups_frame_by_frame(tmp_path):
+    """The walk (chunk_table) gives each frame chunk_location's answer: stacks of one and two
+    leading dimensions, a chunk never written (fill value: not stored), a chunk written with
+    its filter skipped (h5py must read it), and chunks written out of order."""
+    shape = (12, 16)
+    stack = varied_frames(6, shape, np.uint32)
+    path = tmp_path / "stack.h5"
+    with h5py.File(path, "w") as h5:
+        plain = h5.create_dataset("plain", data=stack, chunks=(1, *shape),
+                                  **FILTERS["bitshuffle-lz4"])
+        sparse = h5.create_dataset("sparse", shape=(6, *shape), dtype=np.uint32,
+                                   chunks=(1, *shape), **FILTERS["gzip"])
+        for index in (5, 0, 3):                 # 1, 2 and 4 never written
+            sparse[index] = stack[index]
+        sparse.id.write_direct_chunk((4, 0, 0), stack[4].tobytes(), filter_mask=1)
+        grid = h5.create_dataset("grid", data=stack.reshape(2, 3, *shape),
+                                 chunks=(1, 1, *shape), **FILTERS["lz4"])
+        assert plain.id is not None and grid.id is not None
+    with h5py.File(path, "r") as h5:
+        for name, frames in (("plain", 6), ("sparse", 6), ("grid", 6)):
+            dataset = h5[name]
+            layout = direct_layout(dataset)
+            assert layout is not None and layout.pread, name
+            table = chunks.chunk_table(dataset, layout, frames)
+            assert table is not None, name
+            looked_up = {local: chunks.chunk_location(dataset, layout, local)
+                         for local in range(frames)}
+            assert {local: table.get(local) for local in range(frames)} == looked_up, name
+            if name == "sparse":
+                stored = [local for local, place in looked_up.items() if place is not None]
+                assert stored == [0, 3, 5]      # unwritten and filter-skipped: not stored
+            else:
+                assert None not in looked_up.values()
+                assert len({place[0] for place in looked_up.values()}) == frames
+
+
+def test_chunk_table_only_when_a_good_share_of_the_chunks_is_wanted(tmp_path):
+    stack = varied_frames(16, (8, 8), np.uint16)
+    path = write_stack(tmp_path / "stack.h5", stack, FILTERS["none"])
+    with h5py.File(path, "r") as h5:
+        dataset = h5["entry/data/data"]
+        layout = direct_layout(dataset)
+        assert chunks.chunk_table(dataset, layout, 16 // chunks.WALK_SHARE) is not None
+        assert chunks.chunk_table(dataset, layout, 16 // chunks.WALK_SHARE - 1) is None
+
+        class WithoutWalk:                      # h5py or HDF5 too old for chunk_iter
+            id = object()
+
+        assert chunks.chunk_table(WithoutWalk(), layout, 16) is None
+
+        class WalkFails:
+            class id:                           # noqa: N801 - stands for dataset.id
+                @staticmethod
+                def chunk_iter(visit):
+                    raise RuntimeError("H5Dchunk_iter failed")
+
+        assert chunks.chunk_table(WalkFails(), layout, 16) is None
+
+
+@pytest.mark.parametrize("selection", ["all", "few"])
+def test_the_planner_walks_the_chunk_index_for_many_frames(tmp_path, monkeypatch, selection):
+    """Reading a whole stack looks no chunk up on its own (one walk); a few frames of a long
+    stack are looked up one by one. The frames are h5py's either way."""
+    stack = varied_frames(40, (10, 12), np.int32)
+    path = write_stack(tmp_path / "stack.h5", stack, FILTERS["bitshuffle-lz4"])
+    lookups, walks = [], []
+    lookup, walk = parallel.chunk_location, parallel.chunk_table
+    monkeypatch.setattr(parallel, "chunk_location",
+                        lambda *args: lookups.append(args[2]) or lookup(*args))
+    monkeypatch.setattr(parallel, "chunk_table",
+                        lambda *args: walks.append(args[2]) or walk(*args))
+    direct = DirectReads(monkeypatch)
+    wanted = range(40) if selection == "all" else range(3, 40, 20)
+    got = results([expand_inputs(path)[0].select(wanted)], workers=3)
+    assert [f.index for f in got] == list(wanted)
+    for frame in got:
+        np.testing.assert_array_equal(frame.data, stack[frame.index])
+    assert direct.count == len(wanted)
+    assert walks == [len(wanted)]
+    assert lookups == ([] if selection == "all" else list(wanted))

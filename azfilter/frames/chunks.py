@@ -3,7 +3,8 @@
 h5py reads and decodes every chunk behind one global lock, so a multi-threaded reader gains
 nothing from it.  For datasets chunked one frame per chunk (Eiger, NeXus and what most
 detectors write), :func:`direct_layout` finds where each chunk lies in its file
-(``get_chunk_info``, under h5py's lock, cheap), the bytes are read with plain ``os.pread``
+(one walk of the dataset's chunk index, :func:`chunk_table`, or ``get_chunk_info`` per frame,
+under h5py's lock), the bytes are read with plain ``os.pread``
 (no lock, from any thread) and :func:`decode_chunk` decodes them outside the GIL:
 bitshuffle-LZ4 with azfilter's own decoder (``azfilter._chunks.bslz4_decode``,
 ``kernels/azf_bslz4_host.h``), LZ4 and deflate with imagecodecs.  Filters covered:
@@ -152,10 +153,54 @@ def chunk_coordinates(layout: DirectLayout, local: int) -> tuple[int, ...]:
 def chunk_location(dataset, layout: DirectLayout, local: int) -> tuple[int, int] | None:
     """(file offset, size) of the chunk holding frame ``local`` of ``dataset``, or None when
     the chunk is not stored (fill value) or a filter was skipped for it (h5py reads it)."""
-    info = dataset.id.get_chunk_info_by_coord(chunk_coordinates(layout, local))
+    return _stored_at(layout, dataset.id.get_chunk_info_by_coord(chunk_coordinates(layout,
+                                                                                    local)))
+
+
+def _stored_at(layout: DirectLayout, info: Any) -> tuple[int, int] | None:
+    """(file offset, size) of a chunk h5py describes (``StoreInfo``), or None (see
+    :func:`chunk_location`)."""
     if info.byte_offset is None or info.filter_mask != 0 or info.size <= 0:
         return None
     return layout.base + int(info.byte_offset), int(info.size)
+
+
+#: :func:`chunk_table` walks a dataset's chunk index when at least 1 / WALK_SHARE of its
+#: chunks are wanted
+WALK_SHARE = 8
+
+
+def chunk_table(dataset, layout: DirectLayout,
+                wanted: int) -> dict[int, tuple[int, int] | None] | None:
+    """:func:`chunk_location` of every stored chunk of ``dataset``, by frame, from one walk
+    of its chunk index (h5py's ``chunk_iter``); frames missing from it are not stored.
+
+    A lookup per frame costs 20-110 µs under h5py's lock (more in a larger chunk index:
+    114 µs per frame in an 8000-chunk stack, 22 µs in a 100-chunk one), the walk 1.4-4 µs
+    per chunk. So the walk is made when the ``wanted`` frames are at least 1 / WALK_SHARE of
+    the chunks; otherwise, and where h5py or HDF5 cannot walk (``chunk_iter`` needs
+    HDF5 >= 1.14 and h5py >= 3.8), this returns None and the caller looks frames up one by
+    one.
+    """
+    total = int(np.prod(layout.leading, dtype=np.int64)) if layout.leading else 1
+    walk = getattr(dataset.id, "chunk_iter", None)
+    if walk is None or wanted * WALK_SHARE < total:
+        return None
+    # frame index of a chunk from its leading coordinates (C order, one frame per chunk)
+    strides = [int(np.prod(layout.leading[k + 1:], dtype=np.int64))
+               for k in range(len(layout.leading))]
+    table: dict[int, tuple[int, int] | None] = {}
+
+    def visit(info: Any) -> None:
+        coordinates = info.chunk_offset[:len(strides)]
+        table[sum(c * s for c, s in zip(coordinates, strides, strict=True))] = \
+            _stored_at(layout, info)
+
+    try:
+        walk(visit)
+    except Exception:                   # noqa: BLE001 - any doubt: one lookup per frame
+        return None
+    return table
 
 
 def read_exactly(fd: int, size: int, offset: int, into: Any = None) -> Any:

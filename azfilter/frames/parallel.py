@@ -39,6 +39,7 @@ from .chunks import (
     chunk_coordinates,
     chunk_location,
     chunk_scratch,
+    chunk_table,
     decode_chunk,
     direct_layout,
     read_exactly,
@@ -182,13 +183,18 @@ def _hdf5_tasks(item: InputItem, allocate: Callable,
                     opened_error = None
                 header = h5.header
                 layout = direct_layout(dataset) if dataset is not None else None
+                # the chunks' places in one walk, or (None) one lookup per frame below
+                table = chunk_table(dataset, layout, len(indices)) \
+                    if layout is not None and layout.pread else None
             for index in indices:
                 if opened_error is not None:
                     yield _Task(h5.source, index,
                                 result=FrameReadError(h5.source, index, opened_error))
                     continue
                 location: Any = None
-                if layout is not None and layout.pread:
+                if table is not None:
+                    location = table.get(index - block.first)
+                elif layout is not None and layout.pread:
                     with shared.lock:
                         try:
                             location = chunk_location(dataset, layout, index - block.first)
