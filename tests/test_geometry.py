@@ -361,8 +361,13 @@ def test_chi_on_the_cut_is_atan2_as_pyfai():
                          "rot3": geometry.rot3, "wavelength": 1e-10,
                          "detector": pyfai_detectors.Detector(pixel, pixel,
                                                               max_shape=(10, 10))})
-        np.testing.assert_array_equal(geometry.center_array("chi"),
-                                      ai.center_array((10, 10), "chi_rad"))
+        ours, theirs = geometry.center_array("chi"), ai.center_array((10, 10), "chi_rad")
+        on_cut = np.abs(theirs) == np.pi
+        assert on_cut.sum() >= 5
+        np.testing.assert_array_equal(ours[on_cut], theirs[on_cut])
+        # elsewhere numpy's arctan2 and the C library's atan2 (pyFAI's) may differ by an ulp:
+        # numpy's SIMD version (AVX-512 CPUs) differs from it in 7 % of random arguments
+        np.testing.assert_allclose(ours, theirs, rtol=2 * np.finfo(np.float64).eps, atol=0)
 
 
 def test_energy_matches_pyfai(testdata):
