@@ -467,7 +467,7 @@ def test_raw_chunks_through_read_direct_chunk_when_offsets_are_unusable(tmp_path
     decoded = []
     original = parallel.decode_chunk
     monkeypatch.setattr(parallel, "chunk_location", no_offsets)
-    monkeypatch.setattr(parallel, "chunk_table", lambda *args: None)   # no chunk_iter either
+    monkeypatch.setattr(parallel, "cached_chunk_table", lambda *args: None)   # no chunk_iter
     monkeypatch.setattr(parallel, "decode_chunk",
                         lambda raw, layout, out: decoded.append(1) or original(raw, layout, out))
     direct = DirectReads(monkeypatch)
@@ -547,47 +547,59 @@ def test_chunk_table_agrees_with_lookups_frame_by_frame(tmp_path):
     stack = varied_frames(6, shape, np.uint32)
     path = tmp_path / "stack.h5"
     with h5py.File(path, "w") as h5:
-        plain = h5.create_dataset("plain", data=stack, chunks=(1, *shape),
-                                  **FILTERS["bitshuffle-lz4"])
+        h5.create_dataset("plain", data=stack, chunks=(1, *shape), **FILTERS["bitshuffle-lz4"])
         sparse = h5.create_dataset("sparse", shape=(6, *shape), dtype=np.uint32,
                                    chunks=(1, *shape), **FILTERS["gzip"])
         for index in (5, 0, 3):                 # 1, 2 and 4 never written
             sparse[index] = stack[index]
         sparse.id.write_direct_chunk((4, 0, 0), stack[4].tobytes(), filter_mask=1)
-        grid = h5.create_dataset("grid", data=stack.reshape(2, 3, *shape),
-                                 chunks=(1, 1, *shape), **FILTERS["lz4"])
-        assert plain.id is not None and grid.id is not None
+        h5.create_dataset("grid", data=stack.reshape(2, 3, *shape), chunks=(1, 1, *shape),
+                          **FILTERS["lz4"])
     with h5py.File(path, "r") as h5:
-        for name, frames in (("plain", 6), ("sparse", 6), ("grid", 6)):
+        for name in ("plain", "sparse", "grid"):
             dataset = h5[name]
             layout = direct_layout(dataset)
             assert layout is not None and layout.pread, name
-            table = chunks.chunk_table(dataset, layout, frames)
-            assert table is not None, name
+            table = chunks.chunk_table(dataset, layout)
             looked_up = {local: chunks.chunk_location(dataset, layout, local)
-                         for local in range(frames)}
-            assert {local: table.get(local) for local in range(frames)} == looked_up, name
-            if name == "sparse":
-                stored = [local for local, place in looked_up.items() if place is not None]
-                assert stored == [0, 3, 5]      # unwritten and filter-skipped: not stored
+                         for local in range(6)}
+            if name == "sparse":                # unwritten: not in the walk; skipped filter: None
+                assert sorted(table) == [0, 3, 4, 5] and table[4] is None
+                assert [local for local, place in looked_up.items() if place] == [0, 3, 5]
+                assert {local: looked_up[local] for local in table} == table
             else:
-                assert None not in looked_up.values()
-                assert len({place[0] for place in looked_up.values()}) == frames
+                assert table == looked_up and None not in table.values()
+                assert len({place[0] for place in table.values()}) == 6
 
 
-def test_chunk_table_only_when_a_good_share_of_the_chunks_is_wanted(tmp_path):
-    stack = varied_frames(16, (8, 8), np.uint16)
+def test_chunk_tables_walked_when_worth_it_and_kept_per_file(tmp_path, monkeypatch):
+    stack = varied_frames(1000, (4, 4), np.uint16)
     path = write_stack(tmp_path / "stack.h5", stack, FILTERS["none"])
+    walks = []
+    walk = chunks.chunk_table
+    monkeypatch.setattr(chunks, "chunk_table", lambda *args: walks.append(1) or walk(*args))
+    monkeypatch.setattr(chunks, "_tables", type(chunks._tables)())
     with h5py.File(path, "r") as h5:
         dataset = h5["entry/data/data"]
         layout = direct_layout(dataset)
-        assert chunks.chunk_table(dataset, layout, 16 // chunks.WALK_SHARE) is not None
-        assert chunks.chunk_table(dataset, layout, 16 // chunks.WALK_SHARE - 1) is None
+        # a few frames of a long stack: looked up one by one
+        assert chunks.cached_chunk_table(dataset, layout, chunks.WALK_FRAMES - 1) is None
+        assert walks == []
+        # a block of frames: one walk, kept for the next blocks of the same file
+        table = chunks.cached_chunk_table(dataset, layout, chunks.WALK_FRAMES)
+        assert len(table) == 1000 and walks == [1]
+        assert chunks.cached_chunk_table(dataset, layout, 1) is table and walks == [1]
+        # or a good share of a short stack
+        short = write_stack(tmp_path / "short.h5", stack[:16], FILTERS["none"])
+        with h5py.File(short, "r") as h5_short:
+            small = h5_short["entry/data/data"]
+            assert chunks.cached_chunk_table(small, direct_layout(small), 2) is not None
+            assert walks == [1, 1]
 
         class WithoutWalk:                      # h5py or HDF5 too old for chunk_iter
             id = object()
 
-        assert chunks.chunk_table(WithoutWalk(), layout, 16) is None
+        assert walk(WithoutWalk(), layout) is None
 
         class WalkFails:
             class id:                           # noqa: N801 - stands for dataset.id
@@ -595,27 +607,41 @@ def test_chunk_table_only_when_a_good_share_of_the_chunks_is_wanted(tmp_path):
                 def chunk_iter(visit):
                     raise RuntimeError("H5Dchunk_iter failed")
 
-        assert chunks.chunk_table(WalkFails(), layout, 16) is None
+        assert walk(WalkFails(), layout) is None
+    # the file grows (a stack still being written): walked again
+    with h5py.File(path, "a") as h5:
+        h5["entry/data/data"].attrs["note"] = "x" * 100_000
+    with h5py.File(path, "r") as h5:
+        dataset = h5["entry/data/data"]
+        assert chunks.cached_chunk_table(dataset, direct_layout(dataset), 1) is None
+        assert chunks.cached_chunk_table(dataset, direct_layout(dataset), 100) is not None
+        assert walks == [1, 1, 1]
 
 
 @pytest.mark.parametrize("selection", ["all", "few"])
 def test_the_planner_walks_the_chunk_index_for_many_frames(tmp_path, monkeypatch, selection):
-    """Reading a whole stack looks no chunk up on its own (one walk); a few frames of a long
-    stack are looked up one by one. The frames are h5py's either way."""
-    stack = varied_frames(40, (10, 12), np.int32)
+    """Reading a stack's frames looks no chunk up on its own (one walk); a few frames of a
+    long stack are looked up one by one, as is a frame written after the walk. The frames
+    are h5py's either way."""
+    stack = varied_frames(100, (10, 12), np.int32)
     path = write_stack(tmp_path / "stack.h5", stack, FILTERS["bitshuffle-lz4"])
-    lookups, walks = [], []
-    lookup, walk = parallel.chunk_location, parallel.chunk_table
+    lookups = []
+    lookup = parallel.chunk_location
     monkeypatch.setattr(parallel, "chunk_location",
                         lambda *args: lookups.append(args[2]) or lookup(*args))
-    monkeypatch.setattr(parallel, "chunk_table",
-                        lambda *args: walks.append(args[2]) or walk(*args))
+    monkeypatch.setattr(chunks, "_tables", type(chunks._tables)())
     direct = DirectReads(monkeypatch)
-    wanted = range(40) if selection == "all" else range(3, 40, 20)
+    wanted = range(100) if selection == "all" else range(3, 100, 40)
     got = results([expand_inputs(path)[0].select(wanted)], workers=3)
     assert [f.index for f in got] == list(wanted)
     for frame in got:
         np.testing.assert_array_equal(frame.data, stack[frame.index])
     assert direct.count == len(wanted)
-    assert walks == [len(wanted)]
     assert lookups == ([] if selection == "all" else list(wanted))
+    if selection == "all":
+        # a table that misses frame 7 (walked before it was written): frame 7 is looked up
+        (table,) = chunks._tables.values()
+        del table[7]
+        got = results([expand_inputs(path)[0].select(range(5, 10))], workers=2)
+        assert lookups == [7] and [f.index for f in got] == list(range(5, 10))
+        np.testing.assert_array_equal(np.stack([f.data for f in got]), stack[5:10])

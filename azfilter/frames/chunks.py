@@ -24,6 +24,7 @@ The chunk formats, as the HDF5 filters write them:
 
 from __future__ import annotations
 
+import collections
 import os
 import struct
 import threading
@@ -165,26 +166,27 @@ def _stored_at(layout: DirectLayout, info: Any) -> tuple[int, int] | None:
     return layout.base + int(info.byte_offset), int(info.size)
 
 
-#: :func:`chunk_table` walks a dataset's chunk index when at least 1 / WALK_SHARE of its
-#: chunks are wanted
+#: the planner walks a dataset's chunk index (:func:`chunk_table`) for at least this many
+#: frames, or for at least 1 / WALK_SHARE of its chunks
+WALK_FRAMES = 64
 WALK_SHARE = 8
+#: chunk tables kept per process (:func:`cached_chunk_table`)
+KEPT_TABLES = 4
+_tables: collections.OrderedDict = collections.OrderedDict()
+_tables_lock = threading.Lock()
 
 
-def chunk_table(dataset, layout: DirectLayout,
-                wanted: int) -> dict[int, tuple[int, int] | None] | None:
-    """:func:`chunk_location` of every stored chunk of ``dataset``, by frame, from one walk
-    of its chunk index (h5py's ``chunk_iter``); frames missing from it are not stored.
+def chunk_table(dataset, layout: DirectLayout) -> dict[int, tuple[int, int] | None] | None:
+    """:func:`chunk_location` of every chunk of ``dataset`` stored when it is called, by
+    frame, from one walk of its chunk index (h5py's ``chunk_iter``); None where h5py or
+    HDF5 cannot walk it (``chunk_iter`` needs HDF5 >= 1.14 and h5py >= 3.8).
 
-    A lookup per frame costs 20-110 µs under h5py's lock (more in a larger chunk index:
-    114 µs per frame in an 8000-chunk stack, 22 µs in a 100-chunk one), the walk 1.4-4 µs
-    per chunk. So the walk is made when the ``wanted`` frames are at least 1 / WALK_SHARE of
-    the chunks; otherwise, and where h5py or HDF5 cannot walk (``chunk_iter`` needs
-    HDF5 >= 1.14 and h5py >= 3.8), this returns None and the caller looks frames up one by
-    one.
+    A lookup per frame costs more the more chunks the dataset has (HDF5 2.0: 18 / 55 /
+    248 µs per frame with 1000 / 4000 / 16000 chunks, so a whole stack costs quadratic
+    time), the walk 2-2.4 µs per chunk.
     """
-    total = int(np.prod(layout.leading, dtype=np.int64)) if layout.leading else 1
     walk = getattr(dataset.id, "chunk_iter", None)
-    if walk is None or wanted * WALK_SHARE < total:
+    if walk is None:
         return None
     # frame index of a chunk from its leading coordinates (C order, one frame per chunk)
     strides = [int(np.prod(layout.leading[k + 1:], dtype=np.int64))
@@ -200,6 +202,39 @@ def chunk_table(dataset, layout: DirectLayout,
         walk(visit)
     except Exception:                   # noqa: BLE001 - any doubt: one lookup per frame
         return None
+    return table
+
+
+def cached_chunk_table(dataset, layout: DirectLayout,
+                       wanted: int) -> dict[int, tuple[int, int] | None] | None:
+    """The :func:`chunk_table` of ``dataset``, walked when ``wanted`` frames make it
+    worthwhile (:data:`WALK_FRAMES`, :data:`WALK_SHARE`) and kept for the next reads of the
+    same file in this process (a worker reads a stack block by block); None: look the
+    frames up one by one.
+
+    The table is kept while the file's size and modification time stay the same. A frame
+    missing from it may have been written since the walk (a file still being written):
+    callers look such frames up.
+    """
+    total = int(np.prod(layout.leading, dtype=np.int64)) if layout.leading else 1
+    try:
+        status = os.stat(layout.filename)
+    except OSError:
+        return None
+    key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, dataset.name)
+    with _tables_lock:
+        table = _tables.get(key)
+        if table is not None:
+            _tables.move_to_end(key)
+            return table
+    if wanted < WALK_FRAMES and wanted * WALK_SHARE < total:
+        return None
+    table = chunk_table(dataset, layout)
+    if table is not None:
+        with _tables_lock:
+            _tables[key] = table
+            while len(_tables) > KEPT_TABLES:
+                _tables.popitem(last=False)
     return table
 
 

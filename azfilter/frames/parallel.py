@@ -36,10 +36,10 @@ from .chunks import (
     DirectLayout,
     NeedsH5py,
     bslz4_layout,
+    cached_chunk_table,
     chunk_coordinates,
     chunk_location,
     chunk_scratch,
-    chunk_table,
     decode_chunk,
     direct_layout,
     read_exactly,
@@ -183,8 +183,9 @@ def _hdf5_tasks(item: InputItem, allocate: Callable,
                     opened_error = None
                 header = h5.header
                 layout = direct_layout(dataset) if dataset is not None else None
-                # the chunks' places in one walk, or (None) one lookup per frame below
-                table = chunk_table(dataset, layout, len(indices)) \
+                # the chunks' places from one walk of the chunk index (None: one lookup per
+                # frame below, as for a frame the walk did not see)
+                table = cached_chunk_table(dataset, layout, len(indices)) \
                     if layout is not None and layout.pread else None
             for index in indices:
                 if opened_error is not None:
@@ -192,8 +193,8 @@ def _hdf5_tasks(item: InputItem, allocate: Callable,
                                 result=FrameReadError(h5.source, index, opened_error))
                     continue
                 location: Any = None
-                if table is not None:
-                    location = table.get(index - block.first)
+                if table is not None and index - block.first in table:
+                    location = table[index - block.first]
                 elif layout is not None and layout.pread:
                     with shared.lock:
                         try:
