@@ -564,12 +564,20 @@ def test_chunk_table_agrees_with_lookups_frame_by_frame(tmp_path):
             looked_up = {local: chunks.chunk_location(dataset, layout, local)
                          for local in range(6)}
             if name == "sparse":                # unwritten: not in the walk; skipped filter: None
-                assert sorted(table) == [0, 3, 4, 5] and table[4] is None
+                assert table.seen() == [0, 3, 4, 5] and len(table) == 4 and table[4] is None
+                assert 1 not in table and 6 not in table and -1 not in table
+                with pytest.raises(KeyError):
+                    table[2]
                 assert [local for local, place in looked_up.items() if place] == [0, 3, 5]
-                assert {local: looked_up[local] for local in table} == table
+                assert {local: looked_up[local] for local in table.seen()} == \
+                    {local: table[local] for local in table.seen()}
+                grown = chunks.ChunkTable(3)    # a chunk beyond the frames at the walk's start
+                grown.record(5, (10, 20))
+                assert 5 not in grown and len(grown) == 0
             else:
-                assert table == looked_up and None not in table.values()
-                assert len({place[0] for place in table.values()}) == 6
+                assert {local: table[local] for local in table.seen()} == looked_up
+                assert None not in looked_up.values()
+                assert len({place[0] for place in looked_up.values()}) == 6
 
 
 def test_chunk_tables_walked_when_worth_it_and_kept_per_file(tmp_path, monkeypatch):
@@ -641,7 +649,7 @@ def test_the_planner_walks_the_chunk_index_for_many_frames(tmp_path, monkeypatch
     if selection == "all":
         # a table that misses frame 7 (walked before it was written): frame 7 is looked up
         (table,) = chunks._tables.values()
-        del table[7]
+        table.offsets[7] = table.NOT_SEEN
         got = results([expand_inputs(path)[0].select(range(5, 10))], workers=2)
         assert lookups == [7] and [f.index for f in got] == list(range(5, 10))
         np.testing.assert_array_equal(np.stack([f.data for f in got]), stack[5:10])
