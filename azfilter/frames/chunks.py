@@ -176,6 +176,11 @@ _tables: collections.OrderedDict = collections.OrderedDict()
 _tables_lock = threading.Lock()
 
 
+def _frames_in(layout: DirectLayout) -> int:
+    """Frames of a dataset of this layout (one per chunk)."""
+    return int(np.prod(layout.leading, dtype=np.int64)) if layout.leading else 1
+
+
 class ChunkTable:
     """Where the chunks of one dataset are, by frame, as one walk of its chunk index found
     them (:func:`chunk_table`): two int64 arrays, 16 bytes per frame (a dict of tuples took
@@ -203,14 +208,24 @@ class ChunkTable:
             else:
                 self.offsets[local], self.sizes[local] = location
 
+    def get(self, local: int, default: Any = None) -> Any:
+        """Frame ``local``'s location (``table[local]``), or ``default`` when the walk did
+        not see it (one read of the arrays: the planner asks once per frame)."""
+        if not 0 <= local < self.offsets.size:
+            return default
+        offset = int(self.offsets[local])
+        if offset == self.NOT_SEEN:
+            return default
+        return None if offset == self.THROUGH_H5PY else (offset, int(self.sizes[local]))
+
     def __contains__(self, local: int) -> bool:
-        return 0 <= local < self.offsets.size and self.offsets[local] != self.NOT_SEEN
+        return self.get(local, self) is not self
 
     def __getitem__(self, local: int) -> tuple[int, int] | None:
-        if local not in self:
+        location = self.get(local, self)
+        if location is self:
             raise KeyError(local)
-        offset = int(self.offsets[local])
-        return None if offset == self.THROUGH_H5PY else (offset, int(self.sizes[local]))
+        return location
 
     def __len__(self) -> int:
         return int(np.count_nonzero(self.offsets != self.NOT_SEEN))
@@ -235,7 +250,7 @@ def chunk_table(dataset, layout: DirectLayout) -> ChunkTable | None:
     # frame index of a chunk from its leading coordinates (C order, one frame per chunk)
     strides = [int(np.prod(layout.leading[k + 1:], dtype=np.int64))
                for k in range(len(layout.leading))]
-    table = ChunkTable(int(np.prod(layout.leading, dtype=np.int64)) if layout.leading else 1)
+    table = ChunkTable(_frames_in(layout))
 
     def visit(info: Any) -> None:
         coordinates = info.chunk_offset[:len(strides)]
@@ -259,7 +274,6 @@ def cached_chunk_table(dataset, layout: DirectLayout, wanted: int) -> ChunkTable
     missing from it may have been written since the walk (a file still being written):
     callers look such frames up.
     """
-    total = int(np.prod(layout.leading, dtype=np.int64)) if layout.leading else 1
     try:
         status = os.stat(layout.filename)
     except OSError:
@@ -270,7 +284,7 @@ def cached_chunk_table(dataset, layout: DirectLayout, wanted: int) -> ChunkTable
         if table is not None:
             _tables.move_to_end(key)
             return table
-    if wanted < WALK_FRAMES and wanted * WALK_SHARE < total:
+    if wanted < WALK_FRAMES and wanted * WALK_SHARE < _frames_in(layout):
         return None
     table = chunk_table(dataset, layout)
     if table is not None:

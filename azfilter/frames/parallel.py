@@ -192,17 +192,19 @@ def _hdf5_tasks(item: InputItem, allocate: Callable,
                     yield _Task(h5.source, index,
                                 result=FrameReadError(h5.source, index, opened_error))
                     continue
-                location: Any = None
-                if table is not None and index - block.first in table:
-                    location = table[index - block.first]
-                elif layout is not None and layout.pread:
-                    with shared.lock:
-                        try:
-                            location = chunk_location(dataset, layout, index - block.first)
-                        except Exception:      # noqa: BLE001 - raw bytes through h5py instead
-                            location = _VIA_H5PY
-                elif layout is not None:
-                    location = _VIA_H5PY
+                local = index - block.first
+                location: Any = _LOOK_UP if table is None else table.get(local, _LOOK_UP)
+                if location is _LOOK_UP:
+                    if layout is None:
+                        location = None
+                    elif not layout.pread:
+                        location = _VIA_H5PY
+                    else:
+                        with shared.lock:
+                            try:
+                                location = chunk_location(dataset, layout, local)
+                            except Exception:  # noqa: BLE001 - raw bytes through h5py instead
+                                location = _VIA_H5PY
                 yield _Task(h5.source, index, _hdf5_work(
                     h5, shared, block, index, header, layout, location, dataset, allocate,
                     device_decode), shared)
@@ -212,6 +214,8 @@ def _hdf5_tasks(item: InputItem, allocate: Callable,
 
 # a chunk location meaning: raw chunk bytes from h5py's read_direct_chunk, decoded here
 _VIA_H5PY = "read_direct_chunk"
+# a frame the chunk table does not know (or no table): its chunk is looked up on its own
+_LOOK_UP = object()
 
 
 def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, header: dict,
