@@ -325,7 +325,8 @@ def pixel_constants(geometry: Any, *, mask: PixelArraySource = None,
 
 def preprocess(raw: np.ndarray, pixel_norm: np.ndarray, dark: np.ndarray | None = None,
                dummy: float | None = None, delta_dummy: float = 0.0,
-               error_model: str = "poisson", variance: np.ndarray | None = None
+               error_model: str = "poisson", variance: np.ndarray | None = None,
+               out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-pixel signal, variance and normalisation of one raw frame (the reference rules).
 
@@ -342,7 +343,7 @@ def preprocess(raw: np.ndarray, pixel_norm: np.ndarray, dark: np.ndarray | None 
     raw : numpy.ndarray
         The frame in its own dtype (any shape with ``pixel_norm.size`` elements).
     pixel_norm : numpy.ndarray
-        float32, flat, 0 for statically masked pixels.
+        float32 or float64, flat, 0 for statically masked pixels.
     dark : numpy.ndarray, optional
         float32, flat.
     dummy, delta_dummy : float or None, float
@@ -351,6 +352,10 @@ def preprocess(raw: np.ndarray, pixel_norm: np.ndarray, dark: np.ndarray | None 
         One of :data:`azfilter.vocabulary.ERROR_MODELS`.
     variance : numpy.ndarray, optional
         Per-pixel variance, required by (and only used with) the ``"variance"`` model.
+    out : tuple of numpy.ndarray, optional
+        ``signal, var, norm`` (float64) and ``valid`` (bool), flat, to write the results into
+        (an engine's workspace, reused frame after frame: fresh arrays of a megapixel frame
+        cost more in page faults than the arithmetic does). New arrays by default.
 
     Returns
     -------
@@ -362,29 +367,37 @@ def preprocess(raw: np.ndarray, pixel_norm: np.ndarray, dark: np.ndarray | None 
     if error_model not in ERROR_MODELS:
         raise AzfilterError(f"unknown error model {error_model!r}; choose one of "
                             f"{', '.join(ERROR_MODELS)}")
-    values = np.asarray(raw).astype(np.float64).ravel()
-    norm = np.asarray(pixel_norm, dtype=np.float64).ravel()
-    if values.size != norm.size:
-        raise AzfilterError(f"image has {values.size} pixels, the detector {norm.size}")
-    valid = (norm != 0) & np.isfinite(values)
-    if dummy is not None:
-        valid &= ~(np.abs(values - dummy) <= delta_dummy)
-    signal = values - np.asarray(dark, dtype=np.float64).ravel() if dark is not None \
-        else values.copy()
-    if error_model in ("poisson", "hybrid"):
-        var = np.maximum(values, 1.0)
-    elif error_model == "variance":
+    raw_flat = np.asarray(raw).ravel()
+    pixel_norm = np.asarray(pixel_norm).ravel()
+    if raw_flat.size != pixel_norm.size:
+        raise AzfilterError(f"image has {raw_flat.size} pixels, the detector {pixel_norm.size}")
+    if error_model == "variance":
         if variance is None:
             raise AzfilterError("error model 'variance' needs a variance array")
-        var = np.asarray(variance, dtype=np.float64).ravel()
-        if var.size != values.size:
-            raise AzfilterError(f"variance has {var.size} pixels, the image {values.size}")
-        var = var.copy()
+        variance = np.asarray(variance).ravel()
+        if variance.size != raw_flat.size:
+            raise AzfilterError(f"variance has {variance.size} pixels, the image "
+                                f"{raw_flat.size}")
+    if out is None:
+        out = (np.empty(raw_flat.size), np.empty(raw_flat.size), np.empty(raw_flat.size),
+               np.empty(raw_flat.size, dtype=bool))
+    signal, var, norm, valid = out
+    np.copyto(signal, raw_flat, casting="unsafe")     # the raw values, as float64
+    np.copyto(norm, pixel_norm)
+    np.not_equal(norm, 0.0, out=valid)
+    valid &= np.isfinite(signal)
+    if dummy is not None:
+        np.subtract(signal, dummy, out=var)           # var is scratch until it is set below
+        valid &= ~(np.abs(var, out=var) <= delta_dummy)
+    if error_model in ("poisson", "hybrid"):
+        np.maximum(signal, 1.0, out=var)              # of the raw value, before the dark
+    elif error_model == "variance":
+        np.copyto(var, variance)
     else:
-        var = np.zeros_like(values)
+        var.fill(0.0)
+    if dark is not None:
+        signal -= np.asarray(dark).ravel()
     invalid = ~valid
-    signal[invalid] = 0.0
-    var[invalid] = 0.0
-    norm = norm.copy()
-    norm[invalid] = 0.0
+    for values in (signal, var, norm):
+        np.copyto(values, 0.0, where=invalid)
     return signal, var, norm, valid

@@ -118,6 +118,34 @@ def test_empty_bins_have_zero_sums():
     assert sums.count[0] == 0 and sums.normalization[0] == 0 and sums.variance[0] == 0
 
 
+def test_sums_of_lost_pixels_leave_exact_zeros():
+    """W, W2 and N are the geometry's sums less those of the pixels a frame invalidates; a
+    bin that loses every entry must still read exactly zero, not the rounding left by the
+    difference, and the other bins must match the sums taken directly."""
+    rng = np.random.default_rng(3)
+    n_pixels = 3000
+    norm = rng.uniform(0.1, 3.0, n_pixels).astype(np.float32)
+    rows = [list(range(0, 1000)), list(range(1000, 2000)), list(range(2000, n_pixels))]
+    coefs = [rng.uniform(0.05, 1.0, len(row)).astype(np.float32).tolist() for row in rows]
+    eng = engine(rows, norm, coefs=coefs, dummy=-2.0, delta_dummy=0.5)
+    raw = rng.poisson(40, n_pixels).astype(np.float64)
+    raw[:1000] = -2.0                                    # bin 0: every pixel a dummy
+    raw[rng.choice(np.arange(1000, 2000), 300, replace=False)] = np.nan   # bin 1 loses some
+    for model in ("poisson", "azimuthal"):
+        sums = eng.integrate(frame(raw), model)
+        for name in ("signal", "variance", "normalization", "normalization2", "count"):
+            assert getattr(sums, name)[0] == 0.0, name
+        valid = np.isfinite(raw) & (raw != -2.0)
+        for k in (1, 2):
+            pixels = np.array(rows[k])
+            kept = valid[pixels]
+            c = np.array(coefs[k], dtype=np.float64)[kept]
+            weight = c * norm[pixels][kept].astype(np.float64)
+            assert sums.normalization[k] == pytest.approx(weight.sum(), rel=1e-12)
+            assert sums.normalization2[k] == pytest.approx((weight * weight).sum(), rel=1e-12)
+            assert sums.count[k] == pytest.approx(c.sum(), rel=1e-12)
+
+
 def test_wrong_frame_size_and_model():
     eng = engine(ROWS, NORM)
     with pytest.raises(AzfilterError, match="pixels"):
