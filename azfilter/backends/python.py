@@ -206,7 +206,8 @@ class PythonEngine(Engine):
             lost_norm = self._norm[lost]
             lost_columns = matrix[:, lost]
             normalization -= lost_columns @ lost_norm
-            normalization2 -= matrix2[:, lost] @ (lost_norm * lost_norm)
+            lost_columns2 = lost_columns if matrix2 is matrix else matrix2[:, lost]
+            normalization2 -= lost_columns2 @ (lost_norm * lost_norm)
             count_sum -= lost_columns @ np.ones(lost.size)
             # a bin without a valid entry must sum to exactly zero, as the other engines' do;
             # the difference is zero there only while both products add in the same order
