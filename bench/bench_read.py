@@ -131,9 +131,12 @@ class EigerChunks:
             struct.pack_into(">Q", patched, 0, self.count * 4)
             self.blocks.append(patched)
 
-    def azfilter(self, simd: int = 2):
-        """``decode_chunk`` with bit-unshuffle code ``simd`` (``chunks.SIMD_*``)."""
+    def azfilter(self, simd: int | None = None):
+        """``decode_chunk`` with bit-unshuffle code ``simd`` (``chunks.SIMD_*``; default the
+        widest the CPU has)."""
         from azfilter.frames import chunks
+
+        simd = chunks.SIMD_WIDEST if simd is None else simd
 
         def decode(i: int, out) -> None:
             chunks.decode_chunk(self.raws[i % len(self.raws)], self.layout, out, simd=simd)
@@ -195,10 +198,13 @@ def decoder_costs(stack: Path, repeat: int) -> dict[str, float]:
             "imagecodecs, both with the walk (the decoder before)":
                 lambda i: cases.imagecodecs_before(i, out),
             "direct: decode_chunk (walk + azfilter's decoder)":
-                lambda i: cases.azfilter(2)(i, out),
+                lambda i: cases.azfilter(chunks.SIMD_WIDEST)(i, out),
+            "direct: decode_chunk, AVX2 without GFNI":
+                lambda i: cases.azfilter(chunks.SIMD_AVX2)(i, out),
             "direct: decode_chunk, 16-byte vectors (CPUs without AVX2)":
-                lambda i: cases.azfilter(1)(i, out),
-            "direct: decode_chunk, 64-bit words only": lambda i: cases.azfilter(0)(i, out),
+                lambda i: cases.azfilter(chunks.SIMD_VECTORS)(i, out),
+            "direct: decode_chunk, 64-bit words only":
+                lambda i: cases.azfilter(chunks.SIMD_WORDS)(i, out),
         }
         try:
             import bitshuffle
@@ -209,7 +215,8 @@ def decoder_costs(stack: Path, repeat: int) -> dict[str, float]:
                     block_bytes // 4)
         except ImportError:
             pass
-        for simd in (2, 1, 0):
+        for simd in (chunks.SIMD_WIDEST, chunks.SIMD_AVX2, chunks.SIMD_VECTORS,
+                     chunks.SIMD_WORDS):
             cases.check(cases.azfilter(simd))
         cases.check(cases.imagecodecs_before)
         costs = {}
@@ -229,11 +236,13 @@ def decoder_threads(stack: Path, seconds: float = 2.0) -> dict[str, dict[str, fl
     (T = 1, 4 and the usable cores): how the decoders share the cores and memory."""
     import numpy as np
 
+    from azfilter.frames import chunks
     from azfilter.resources import usable_cores
 
     cases = EigerChunks(stack, frames=16)
-    decoders = {"azfilter (AVX2 where the CPU has it)": cases.azfilter(2),
-                "azfilter, 16-byte vectors": cases.azfilter(1),
+    decoders = {"azfilter (AVX2 and GFNI where the CPU has them)": cases.azfilter(),
+                "azfilter, AVX2 without GFNI": cases.azfilter(chunks.SIMD_AVX2),
+                "azfilter, 16-byte vectors": cases.azfilter(chunks.SIMD_VECTORS),
                 "imagecodecs (the decoder before)": cases.imagecodecs_before}
     rows: dict[str, dict[str, float]] = {}
     for name, decode in decoders.items():

@@ -82,6 +82,7 @@ cdef extern from "azf_bslz4_host.h" nogil:
                          size_t n_blocks, size_t block_elems, size_t blocked_elems,
                          size_t elem_size, uint8_t *out, int simd, long *failed_block)
     int azf_has_avx2()
+    int azf_has_gfni()
 
 #: decoder status when its scratch block could not be allocated (the others: azf_bslz4.cl's)
 DECODE_NO_MEMORY = 7
@@ -92,9 +93,14 @@ def bslz4_uses_avx2():
     return bool(azf_has_avx2())
 
 
+def bslz4_uses_gfni():
+    """True when :func:`bslz4_decode` bit-unshuffles with AVX2 and GFNI (the CPU has both)."""
+    return bool(azf_has_gfni())
+
+
 def bslz4_decode(const uint8_t[::1] chunk, const uint32_t[:, ::1] ranges,
                  Py_ssize_t block_elements, Py_ssize_t blocked_elements, Py_ssize_t itemsize,
-                 uint8_t[::1] out, int simd=2):
+                 uint8_t[::1] out, int simd=3):
     """Decode the LZ4 blocks of a bitshuffle-LZ4 chunk and bit-unshuffle them into ``out``
     (GIL released; ``kernels/azf_bslz4_host.h``).
 
@@ -110,8 +116,9 @@ def bslz4_decode(const uint8_t[::1] chunk, const uint32_t[:, ::1] ranges,
         At least ``blocked_elements * itemsize`` bytes: the decoded elements (the chunk's
         uncompressed tail is the caller's).
     simd : int
-        The bit-unshuffle's code: 2 the widest the CPU has (AVX2, else 16-byte vectors), 1
-        16-byte vectors (SSE2, NEON), 0 64-bit words only (the tests compare the three).
+        The bit-unshuffle's code: 3 the widest the CPU has (AVX2 with GFNI, else AVX2, else
+        16-byte vectors), 2 AVX2 without GFNI (else 16-byte vectors), 1 16-byte vectors (SSE2,
+        NEON), 0 64-bit words only (the tests compare them).
 
     Returns
     -------

@@ -12,8 +12,9 @@
  * which trusts the data and crashed the process on every corrupt chunk tried. Here each block
  * is decoded with every read and write bounds-checked into a per-call scratch block (cache
  * resident), then bit-unshuffled from there into the frame: with AVX2 where the CPU has it
- * (chosen at run time), else with 16-byte vectors (SSE2, NEON), and the last columns of a
- * block with 64-bit words.
+ * (chosen at run time; each 8x8 bit transpose one GF2P8AFFINEQB where it also has GFNI, the
+ * 32-byte code in azf_bslz4_avx2.inc), else with 16-byte vectors (SSE2, NEON), and the last
+ * columns of a block with 64-bit words.
  *
  * Bit-unshuffle. A block of n elements (n a multiple of 8) is a (8 * E) x (n / 8) byte matrix:
  * row 8*b + k holds bit k of byte b of the elements, bit i of its byte g belonging to element
@@ -338,40 +339,6 @@ static inline __m256i azf_transpose8_avx2(__m256i in)
     return (__m256i)x;
 }
 
-/* Columns c..c+31 of one byte of the elements (rows: its 8 bit rows): eight registers of
- * four columns' transposed words each, in the order azf_column_of_word gives. */
-__attribute__((target("avx2")))
-static inline void azf_columns_avx2(const uint8_t *rows, size_t columns, size_t c,
-                                    __m256i words[8])
-{
-    __m256i r[8];
-    for (int k = 0; k < 8; k++)
-        r[k] = _mm256_loadu_si256((const __m256i *)(rows + k * columns + c));
-    /* bytes of rows (0,1), (2,3), ...: 16-bit pairs; lo: columns 0-7 | 16-23, hi: 8-15 | 24-31 */
-    __m256i p[8];
-    for (int k = 0; k < 4; k++) {
-        p[2 * k] = _mm256_unpacklo_epi8(r[2 * k], r[2 * k + 1]);
-        p[2 * k + 1] = _mm256_unpackhi_epi8(r[2 * k], r[2 * k + 1]);
-    }
-    /* rows 0-3 and 4-7: 32-bit quads */
-    __m256i q[8];
-    for (int h = 0; h < 2; h++) {          /* h: lo/hi half of the first step */
-        q[4 * h + 0] = _mm256_unpacklo_epi16(p[0 + h], p[2 + h]);   /* rows 0-3 */
-        q[4 * h + 1] = _mm256_unpackhi_epi16(p[0 + h], p[2 + h]);
-        q[4 * h + 2] = _mm256_unpacklo_epi16(p[4 + h], p[6 + h]);   /* rows 4-7 */
-        q[4 * h + 3] = _mm256_unpackhi_epi16(p[4 + h], p[6 + h]);
-    }
-    /* rows 0-7: 64-bit words, then the bit transpose */
-    for (int h = 0; h < 2; h++) {
-        for (int s = 0; s < 2; s++) {
-            words[4 * h + 2 * s + 0] = azf_transpose8_avx2(
-                _mm256_unpacklo_epi32(q[4 * h + s], q[4 * h + 2 + s]));
-            words[4 * h + 2 * s + 1] = azf_transpose8_avx2(
-                _mm256_unpackhi_epi32(q[4 * h + s], q[4 * h + 2 + s]));
-        }
-    }
-}
-
 /* The first column (of the 32) in the low 128-bit lane of words[j]; the lane holds columns
  * base and base + 1, the high lane base + 16 and base + 17. */
 static inline int azf_column_of_word(int j)
@@ -380,92 +347,36 @@ static inline int azf_column_of_word(int j)
     return 8 * (j >> 2) + 4 * ((j >> 1) & 1) + 2 * (j & 1);
 }
 
-/* Store the 8 elements of column `column` (low 128-bit lanes) and of column + 16 (high lanes)
- * from lo and hi, which hold elements 0-3 and 4-7 (16 bytes each) of those columns. */
-__attribute__((target("avx2")))
-static inline void azf_store_pair_avx2(uint8_t *out, size_t column, __m256i lo, __m256i hi)
+/* GF2P8AFFINEQB computes byte i of each 64-bit lane as the parity of (byte 7 - j of the
+ * matrix operand & byte i of the data) for each bit j: with data bytes 1 << i, bit j of byte
+ * i is bit i of matrix byte 7 - j. The rows of a word loaded in reverse (AZF_AVX2_ROW) put
+ * row j in matrix byte 7 - j: byte i of the result is then the transpose's byte i. */
+__attribute__((target("avx2,gfni")))
+static inline __m256i azf_transpose8_gfni(__m256i reversed_rows)
 {
-    uint8_t *o = out + 32 * column;
-    _mm256_storeu_si256((__m256i *)o, _mm256_permute2x128_si256(lo, hi, 0x20));
-    _mm256_storeu_si256((__m256i *)(o + 16 * 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+    return _mm256_gf2p8affine_epi64_epi8(_mm256_set1_epi64x(0x8040201008040201LL),
+                                         reversed_rows, 0);
 }
 
-/* Bit-unshuffle of a block, 32 columns (256 elements) a step; returns the first column not
- * done (the rest: azf_unshuffle_words). */
-__attribute__((target("avx2"), always_inline))
-static inline size_t azf_unshuffle_avx2_of(const uint8_t *in, uint8_t *out, size_t columns,
-                                           const size_t elem_size)
-{
-    size_t c = 0;
-    for (; c + 32 <= columns; c += 32) {
-        __m256i w[8][8];   /* [byte of the element][register] */
-        for (size_t b = 0; b < elem_size; b++)
-            azf_columns_avx2(in + 8 * b * columns, columns, c, w[b]);
-        for (int j = 0; j < 8; j++) {
-            /* words[j]: columns col, col + 1 (low lane), col + 16, col + 17 (high lane) */
-            const size_t col = c + azf_column_of_word(j);
-            if (elem_size == 1) {
-                uint8_t *o = out + 8 * col;
-                const __m128i low = _mm256_castsi256_si128(w[0][j]);
-                const __m128i high = _mm256_extracti128_si256(w[0][j], 1);
-                _mm_storeu_si128((__m128i *)o, low);                 /* col, col + 1 */
-                _mm_storeu_si128((__m128i *)(o + 16 * 8), high);     /* col + 16, col + 17 */
-                continue;
-            }
-            /* interleave the bytes of the element: (byte 0, byte 1) pairs, ... */
-            __m256i pairs[2][4];   /* [col / col + 1][pair of bytes] */
-            for (size_t m = 0; 2 * m < elem_size; m++) {
-                pairs[0][m] = _mm256_unpacklo_epi8(w[2 * m][j], w[2 * m + 1][j]);
-                pairs[1][m] = _mm256_unpackhi_epi8(w[2 * m][j], w[2 * m + 1][j]);
-            }
-            for (int u = 0; u < 2; u++) {
-                if (elem_size == 2) {   /* 8 elements x 2 bytes: one lane per column */
-                    uint8_t *o = out + 16 * (col + u);
-                    _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(pairs[u][0]));
-                    _mm_storeu_si128((__m128i *)(o + 16 * 16),
-                                     _mm256_extracti128_si256(pairs[u][0], 1));
-                    continue;
-                }
-                /* quads of bytes: elements 0-3 and 4-7 of bytes 0-3 (and 4-7) */
-                const __m256i q0lo = _mm256_unpacklo_epi16(pairs[u][0], pairs[u][1]);
-                const __m256i q0hi = _mm256_unpackhi_epi16(pairs[u][0], pairs[u][1]);
-                if (elem_size == 4) {
-                    azf_store_pair_avx2(out, col + u, q0lo, q0hi);
-                    continue;
-                }
-                const __m256i q1lo = _mm256_unpacklo_epi16(pairs[u][2], pairs[u][3]);
-                const __m256i q1hi = _mm256_unpackhi_epi16(pairs[u][2], pairs[u][3]);
-                /* 8-byte elements 0-1, 2-3, 4-5, 6-7 */
-                const __m256i e01 = _mm256_unpacklo_epi32(q0lo, q1lo);
-                const __m256i e23 = _mm256_unpackhi_epi32(q0lo, q1lo);
-                const __m256i e45 = _mm256_unpacklo_epi32(q0hi, q1hi);
-                const __m256i e67 = _mm256_unpackhi_epi32(q0hi, q1hi);
-                uint8_t *o = out + 64 * (col + u);
-                _mm256_storeu_si256((__m256i *)o, _mm256_permute2x128_si256(e01, e23, 0x20));
-                _mm256_storeu_si256((__m256i *)(o + 32),
-                                    _mm256_permute2x128_si256(e45, e67, 0x20));
-                _mm256_storeu_si256((__m256i *)(o + 16 * 64),
-                                    _mm256_permute2x128_si256(e01, e23, 0x31));
-                _mm256_storeu_si256((__m256i *)(o + 16 * 64 + 32),
-                                    _mm256_permute2x128_si256(e45, e67, 0x31));
-            }
-        }
-    }
-    return c;
-}
+#define AZF_AVX2_TARGET "avx2"
+#define AZF_AVX2_NAME(name) name##_avx2
+#define AZF_AVX2_ROW(k) (k)
+#define AZF_AVX2_TRANSPOSE azf_transpose8_avx2
+#include "azf_bslz4_avx2.inc"
+#undef AZF_AVX2_TARGET
+#undef AZF_AVX2_NAME
+#undef AZF_AVX2_ROW
+#undef AZF_AVX2_TRANSPOSE
 
-/* azf_unshuffle_avx2_of compiled for each element size */
-__attribute__((target("avx2")))
-static size_t azf_unshuffle_avx2(const uint8_t *in, uint8_t *out, size_t columns,
-                                 size_t elem_size)
-{
-    switch (elem_size) {
-    case 1: return azf_unshuffle_avx2_of(in, out, columns, 1);
-    case 2: return azf_unshuffle_avx2_of(in, out, columns, 2);
-    case 4: return azf_unshuffle_avx2_of(in, out, columns, 4);
-    default: return azf_unshuffle_avx2_of(in, out, columns, 8);
-    }
-}
+#define AZF_AVX2_TARGET "avx2,gfni"
+#define AZF_AVX2_NAME(name) name##_gfni
+#define AZF_AVX2_ROW(k) (7 - (k))
+#define AZF_AVX2_TRANSPOSE azf_transpose8_gfni
+#include "azf_bslz4_avx2.inc"
+#undef AZF_AVX2_TARGET
+#undef AZF_AVX2_NAME
+#undef AZF_AVX2_ROW
+#undef AZF_AVX2_TRANSPOSE
 
 #endif
 
@@ -482,15 +393,31 @@ static int azf_has_avx2(void)
 #endif
 }
 
-/* Bit-unshuffle of one block of `columns` * 8 elements of elem_size bytes. simd: 2 the
- * widest the CPU has (AVX2, else 16-byte vectors), 1 16-byte vectors, 0 64-bit words only
- * (the tests compare the three); the columns a vector step leaves go to the words. */
+/* 1 when the bit-unshuffle can run with AVX2 and GFNI (Intel since Ice Lake, AMD since Zen 4) */
+static int azf_has_gfni(void)
+{
+#if AZF_BSLZ4_X86
+    static int known = -1;
+    if (known < 0)
+        known = azf_has_avx2() && __builtin_cpu_supports("gfni") ? 1 : 0;
+    return known;
+#else
+    return 0;
+#endif
+}
+
+/* Bit-unshuffle of one block of `columns` * 8 elements of elem_size bytes. simd: 3 the
+ * widest the CPU has (AVX2 with GFNI, else AVX2, else 16-byte vectors), 2 AVX2 without GFNI
+ * (else 16-byte vectors), 1 16-byte vectors, 0 64-bit words only (the tests compare them);
+ * the columns a vector step leaves go to the words. */
 static void azf_unshuffle_block(const uint8_t *in, uint8_t *out, size_t columns,
                                 size_t elem_size, int simd)
 {
     size_t first = 0;
 #if AZF_BSLZ4_X86
-    if (simd >= 2 && azf_has_avx2())
+    if (simd >= 3 && azf_has_gfni())
+        first = azf_unshuffle_gfni(in, out, columns, elem_size);
+    else if (simd >= 2 && azf_has_avx2())
         first = azf_unshuffle_avx2(in, out, columns, elem_size);
 #endif
 #if AZF_BSLZ4_VECTORS

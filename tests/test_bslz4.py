@@ -1,6 +1,7 @@
 """The bitshuffle-LZ4 decoders (HDF5 filter 32008) against the ``bitshuffle`` package and h5py
 + hdf5plugin, through one set of cases: the host decoder (``kernels/azf_bslz4_host.h``, with
-its AVX2 bit-unshuffle and with its portable 64-bit-word code) and the OpenCL decoder
+its AVX2 bit-unshuffles, with and without GFNI, its 16-byte vectors and its portable 64-bit-word
+code) and the OpenCL decoder
 (``kernels/azf_bslz4.cl``; PoCL in CI, where it must not skip).
 
 Decoded frames must be bit-identical to ``bitshuffle.decompress_lz4`` and to h5py's reads of
@@ -70,8 +71,8 @@ class OpenCLDecoder:
 
 
 #: the host decoder's bit-unshuffles (decode_chunk's simd)
-HOST_CODES = {"host": chunks.SIMD_WIDEST, "host-vectors": chunks.SIMD_VECTORS,
-              "host-words": chunks.SIMD_WORDS}
+HOST_CODES = {"host": chunks.SIMD_WIDEST, "host-avx2": chunks.SIMD_AVX2,
+              "host-vectors": chunks.SIMD_VECTORS, "host-words": chunks.SIMD_WORDS}
 
 
 @pytest.fixture(scope="module", params=[*HOST_CODES,
@@ -327,15 +328,18 @@ def test_host_decoder_reads_only_its_chunk():
                 libc.mprotect(ctypes.c_void_p(base + end), page, 3)
 
 
-def test_host_decoder_uses_avx2_where_the_cpu_has_it():
-    """The run-time choice: AVX2 on an x86-64 CPU that lists it (CI's), else the words."""
-    from azfilter._chunks import bslz4_uses_avx2
+def test_host_decoder_uses_avx2_and_gfni_where_the_cpu_has_them():
+    """The run-time choice: AVX2 on an x86-64 CPU that lists it (CI's), with GFNI when it lists
+    that too, else the 16-byte vectors."""
+    from azfilter._chunks import bslz4_uses_avx2, bslz4_uses_gfni
 
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         pytest.skip("no /proc/cpuinfo to compare with")
-    assert bslz4_uses_avx2() == (platform.machine() in ("x86_64", "AMD64") and "avx2" in flags)
+    avx2 = platform.machine() in ("x86_64", "AMD64") and "avx2" in flags
+    assert bslz4_uses_avx2() == avx2
+    assert bslz4_uses_gfni() == (avx2 and "gfni" in flags)
 
 
 def test_host_decoder_under_address_sanitizer(tmp_path):

@@ -543,8 +543,9 @@ def bslz4_error_message(code: int, block: int, n_blocks: int) -> str:
 
 
 #: The host decoder's bit-unshuffle codes (``simd`` of :func:`decode_chunk`): the widest the
-#: CPU runs (AVX2, else 16-byte vectors: SSE2, NEON), 16-byte vectors, 64-bit words only.
-SIMD_WIDEST, SIMD_VECTORS, SIMD_WORDS = 2, 1, 0
+#: CPU runs (AVX2 with GFNI, else AVX2, else 16-byte vectors: SSE2, NEON), AVX2 without GFNI,
+#: 16-byte vectors, 64-bit words only.
+SIMD_WIDEST, SIMD_AVX2, SIMD_VECTORS, SIMD_WORDS = 3, 2, 1, 0
 
 
 def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray,

@@ -10,8 +10,8 @@
  * (bits flipped, bytes or runs of bytes replaced; the chain of sizes may break too), copies it
  * into a buffer of exactly its size (a read past it is an error the sanitizer reports), walks
  * the chain as bslz4_walk does and, where it holds, decodes with each bit-unshuffle (64-bit
- * words, 16-byte vectors, AVX2 where the CPU has it). Then random blocks of every element size
- * and 1-100 columns are bit-unshuffled by the three, which must agree.
+ * words, 16-byte vectors, AVX2 and AVX2 with GFNI where the CPU has them). Then random blocks
+ * of every element size and 1-100 columns are bit-unshuffled by the four, which must agree.
  *
  * Prints "statuses S0 S1 ... S7" (decodes ending with each status) and "unshuffle mismatches
  * N"; exits 1 on a mismatch (a sanitizer error aborts it with its own report).
@@ -101,7 +101,7 @@ int main(int argc, char **argv)
         }
         if (chained) {
             const size_t blocked = n_blocks * block_elems;
-            for (int simd = 0; simd <= 2; simd++) {
+            for (int simd = 0; simd <= 3; simd++) {
                 uint8_t *out = (uint8_t *)malloc(blocked * elem_size);
                 long failed;
                 const int status = azf_bslz4_decode(chunk, length, ranges, n_blocks,
@@ -118,15 +118,16 @@ int main(int argc, char **argv)
     for (int iteration = 0; iteration < 2000; iteration++) {
         const size_t item = (size_t)1 << (rand() % 4), columns = 1 + (size_t)rand() % 100;
         const size_t bytes = columns * 8 * item;
-        uint8_t *in = (uint8_t *)malloc(bytes), *out[3];
+        uint8_t *in = (uint8_t *)malloc(bytes), *out[4];
         for (size_t k = 0; k < bytes; k++)
             in[k] = (uint8_t)rand();
-        for (int simd = 0; simd <= 2; simd++) {
+        for (int simd = 0; simd <= 3; simd++) {
             out[simd] = (uint8_t *)malloc(bytes);
             azf_unshuffle_block(in, out[simd], columns, item, simd);
         }
-        mismatches += memcmp(out[0], out[1], bytes) != 0 || memcmp(out[0], out[2], bytes) != 0;
-        for (int simd = 0; simd <= 2; simd++)
+        mismatches += memcmp(out[0], out[1], bytes) != 0 || memcmp(out[0], out[2], bytes) != 0
+                      || memcmp(out[0], out[3], bytes) != 0;
+        for (int simd = 0; simd <= 3; simd++)
             free(out[simd]);
         free(in);
     }
