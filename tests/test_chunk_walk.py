@@ -1,6 +1,7 @@
-"""The compiled bitshuffle-LZ4 block walk (``azfilter._chunks``, via ``bslz4_layout``) against
-a plain Python walk of the same format, on valid chains and on corrupt ones (truncated at
-every length, size fields off by a little or a lot, wrong headers).
+"""The compiled bitshuffle-LZ4 block walk (``azfilter._chunks``, via ``bslz4_layout``, and
+as a chunk is read from its file in pieces, via ``read_bslz4_chunk``) against a plain Python
+walk of the same format, on valid chains and on corrupt ones (truncated at every length, size
+fields off by a little or a lot, wrong headers).
 
 The reference below is the Python loop both decoders used before the walk was compiled; it
 stays here, in the tests, as the definition the compiled code must match (same blocks, same
@@ -9,14 +10,22 @@ tail offset, same verdict and message).
 
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from azfilter.frames.chunks import ChunkError, bslz4_layout
+from azfilter.frames.chunks import ChunkError, bslz4_layout, read_bslz4_chunk
+
+#: pieces the file-reading walk is tried with: sizes that straddle headers and blocks in
+#: every way, and the default
+PIECES = (1, 5, 13, 64, 256 * 1024)
+#: bytes before the chunk in its file (a chunk is rarely at offset 0)
+FILE_OFFSET = 100
 
 
 def python_walk(chunk: bytes, n_elements: int, itemsize: int) -> tuple[np.ndarray, int]:
@@ -80,10 +89,44 @@ def outcome(walk, chunk, n_elements, itemsize):
     return "ok", result.block_ranges.tolist(), result.tail_offset
 
 
-def assert_same(chunk, n_elements, itemsize):
+class ChunkFile:
+    """A chunk written after FILE_OFFSET bytes of a temporary file, read back with
+    ``read_bslz4_chunk`` in pieces: ``walk(piece)(chunk, ...)`` reads ``len(chunk)`` bytes (a
+    prefix of what was written, so one file serves every truncation of it)."""
+
+    def __init__(self, chunk: bytes):
+        handle, self.path = tempfile.mkstemp(suffix=".chunk")
+        os.write(handle, b"\xa5" * FILE_OFFSET + bytes(chunk))
+        os.close(handle)
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def walk(self, piece: int):
+        def read(chunk, n_elements, itemsize):
+            into = bytearray(len(chunk))
+            layout = read_bslz4_chunk(self.fd, len(chunk), FILE_OFFSET, into, n_elements,
+                                      itemsize, piece=piece)
+            assert bytes(into) == bytes(chunk)
+            return layout
+        return read
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.path)
+
+
+def assert_same(chunk, n_elements, itemsize, chunk_file: ChunkFile | None = None):
     compiled = outcome(bslz4_layout, chunk, n_elements, itemsize)
     reference = outcome(python_walk, chunk, n_elements, itemsize)
     assert compiled == reference, (len(chunk), n_elements, itemsize)
+    own = chunk_file is None
+    chunk_file = ChunkFile(chunk) if own else chunk_file
+    try:
+        for piece in PIECES:
+            read = outcome(chunk_file.walk(piece), chunk, n_elements, itemsize)
+            assert read == reference, (len(chunk), n_elements, itemsize, piece)
+    finally:
+        if own:
+            chunk_file.close()
     return compiled
 
 
@@ -104,11 +147,51 @@ def test_truncated_at_every_length_agrees():
     n_elements, itemsize = 64 * 5 + 3, 4
     chunk = synthetic_chunk(rng, n_elements, itemsize, 64)
     verdicts = set()
-    for length in range(len(chunk) + 1):
-        result = assert_same(chunk[:length], n_elements, itemsize)
-        verdicts.add(result[0] if result[0] == "ok" else result[1].split(":")[0][:40])
-        assert (result[0] == "ok") == (length == len(chunk))
+    chunk_file = ChunkFile(chunk)
+    try:
+        for length in range(len(chunk) + 1):
+            result = assert_same(chunk[:length], n_elements, itemsize, chunk_file)
+            verdicts.add(result[0] if result[0] == "ok" else result[1].split(":")[0][:40])
+            assert (result[0] == "ok") == (length == len(chunk))
+    finally:
+        chunk_file.close()
     assert len(verdicts) >= 4    # short header, inside a size, past the end, tail short
+
+
+@pytest.mark.parametrize("piece", PIECES)
+def test_file_ending_inside_the_chunk_is_one_line(tmp_path, piece):
+    """The HDF5 index says the chunk is longer than what the file holds (a truncated file):
+    one ChunkError naming the bytes read, whatever the piece the walk was at."""
+    rng = np.random.default_rng(4)
+    n_elements, itemsize = 2048 * 3 + 5, 4
+    chunk = synthetic_chunk(rng, n_elements, itemsize, 2048)
+    for kept in (0, 7, 12, 500, len(chunk) - 1):
+        path = tmp_path / f"short{kept}.h5"
+        path.write_bytes(b"\0" * FILE_OFFSET + chunk[:kept])
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(ChunkError) as caught:
+                read_bslz4_chunk(fd, len(chunk), FILE_OFFSET, bytearray(len(chunk)),
+                                 n_elements, itemsize, piece=piece)
+        finally:
+            os.close(fd)
+        assert str(caught.value) == f"file ends inside a chunk ({kept} of {len(chunk)} bytes)"
+
+
+def test_failed_read_raises_os_error(tmp_path):
+    """A read the system refuses (here a descriptor open for writing only) is an OSError,
+    which the frame readers turn into one failed frame."""
+    rng = np.random.default_rng(5)
+    chunk = synthetic_chunk(rng, 4096, 4, 2048)
+    path = tmp_path / "chunk.bin"
+    path.write_bytes(b"\0" * FILE_OFFSET + chunk)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with pytest.raises(OSError):
+            read_bslz4_chunk(fd, len(chunk), FILE_OFFSET, bytearray(len(chunk)), 4096, 4,
+                             piece=1000)
+    finally:
+        os.close(fd)
 
 
 def test_corrupt_sizes_and_headers_agree():

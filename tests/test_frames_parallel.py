@@ -68,14 +68,16 @@ class DirectReads:
     def __init__(self, monkeypatch):
         self.count = 0
         self._lock = threading.Lock()
-        original = parallel.read_exactly
+        # bitshuffle-LZ4 chunks are read by read_bslz4_chunk, the others by read_exactly
+        for name in ("read_exactly", "read_bslz4_chunk"):
+            monkeypatch.setattr(parallel, name, self._counted(getattr(parallel, name)))
 
+    def _counted(self, original):
         def counted(*args, **kwargs):
             with self._lock:
                 self.count += 1
             return original(*args, **kwargs)
-
-        monkeypatch.setattr(parallel, "read_exactly", counted)
+        return counted
 
 
 def results(inputs, **kwargs) -> list:

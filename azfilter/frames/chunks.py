@@ -295,9 +295,11 @@ def cached_chunk_table(dataset, layout: DirectLayout, wanted: int) -> ChunkTable
     return table
 
 
-def read_exactly(fd: int, size: int, offset: int, into: Any = None) -> Any:
+def read_exactly(fd: int, size: int, offset: int, into: Any = None,
+                 chunk_bytes: int | None = None) -> Any:
     """``size`` bytes at ``offset`` of an open file (``os.pread``, no lock), into ``into``
-    (a writable buffer of ``size`` bytes) when given.
+    (a writable buffer of ``size`` bytes) when given. ``chunk_bytes``: the whole chunk's size
+    when these bytes are its first ones (for the message).
 
     Raises
     ------
@@ -314,7 +316,8 @@ def read_exactly(fd: int, size: int, offset: int, into: Any = None) -> Any:
     while done < size:
         got = os.preadv(fd, [view[done:size]], offset + done)
         if got <= 0:
-            raise ChunkError(f"file ends inside a chunk ({done} of {size} bytes)")
+            raise ChunkError(f"file ends inside a chunk ({done} of {chunk_bytes or size} "
+                             f"bytes)")
         done += got
     return into
 
@@ -394,40 +397,103 @@ def bslz4_layout(chunk: Any, n_elements: int, itemsize: int) -> ChunkLayout:
         positive multiple of 8 elements, or the block sizes do not chain exactly to the
         chunk's end (truncated chunk, a wrong size field).
     """
-    from .._chunks import WALK_TRUNCATED_SIZE, bslz4_walk
+    from .._chunks import bslz4_walk
 
     data = _byte_array(chunk)
-    size = data.size
-    if size < HEADER_BYTES:
-        raise ChunkError(f"bitshuffle-LZ4 chunk of {size} bytes is shorter than its "
-                         f"{HEADER_BYTES}-byte header")
-    total, block_bytes = _HEADER.unpack_from(data, 0)
-    expected = n_elements * itemsize
-    if total != expected:
-        raise ChunkError(f"bitshuffle-LZ4 chunk header says {total} bytes, the frame "
-                         f"holds {expected} ({n_elements} x {itemsize} bytes)")
-    if block_bytes == 0 or block_bytes % (BLOCK_MULTIPLE * itemsize):
-        raise ChunkError(f"bitshuffle-LZ4 block size {block_bytes} bytes is not a positive "
-                         f"multiple of {BLOCK_MULTIPLE} elements of {itemsize} bytes")
-    if size >= 2**32:
-        raise ChunkError(f"bitshuffle-LZ4 chunk of {size} bytes is too large (4 GiB at most)")
-    block_elements = block_bytes // itemsize
-    blocked = n_elements - n_elements % BLOCK_MULTIPLE
-    n_blocks = -(-blocked // block_elements)
-    # a corrupt header cannot make this large: total was checked against the frame's size
-    ranges = np.empty((n_blocks, 2), dtype=np.uint32)
-    status, block, position = bslz4_walk(data, n_blocks, ranges)
-    if status == WALK_TRUNCATED_SIZE:
-        raise ChunkError(f"bitshuffle-LZ4 chunk truncated: its {size} bytes end inside the "
-                         f"size of block {block} of {n_blocks}")
-    if status:
-        raise ChunkError(f"bitshuffle-LZ4 block {block} of {n_blocks} says it ends at byte "
-                         f"{position}, past the chunk's {size} bytes")
-    tail_bytes = (n_elements - blocked) * itemsize
-    if position + tail_bytes != size:
-        raise ChunkError(f"bitshuffle-LZ4 chunk has {size} bytes, its blocks and uncompressed "
-                         f"tail end at {position + tail_bytes}")
-    return ChunkLayout(n_elements, block_elements, blocked, ranges, position)
+    plan = _BlockPlan(data, data.size, n_elements, itemsize)
+    ranges = plan.ranges()
+    status, block, position = bslz4_walk(data, plan.n_blocks, ranges)
+    return plan.layout(status, block, position, ranges)
+
+
+#: bytes a read of :func:`read_bslz4_chunk` takes at a time: small enough that the piece just
+#: read is still in the core's L2 cache when its block sizes are walked
+READ_PIECE_BYTES = 256 * 1024
+
+
+def read_bslz4_chunk(fd: int, size: int, offset: int, into: Any, n_elements: int,
+                     itemsize: int, piece: int = READ_PIECE_BYTES) -> ChunkLayout:
+    """Read a bitshuffle-LZ4 chunk of ``size`` bytes at ``offset`` of an open file into
+    ``into`` (a writable buffer of at least ``size`` bytes) and find its blocks: what
+    :func:`read_exactly` then :func:`bslz4_layout` do, with the chain of block sizes walked as
+    the pieces of ``piece`` bytes arrive (``azfilter._chunks.bslz4_read_walk``, outside the
+    GIL).
+
+    Raises
+    ------
+    ChunkError
+        As :func:`bslz4_layout`, and when the file ends inside the chunk.
+    OSError
+        When a read fails.
+    """
+    from .._chunks import bslz4_read_walk
+
+    data = _byte_array(into)[:size]
+    first = min(size, max(piece, HEADER_BYTES))   # the header, for the checks below
+    read_exactly(fd, first, offset, data[:first], chunk_bytes=size)
+    plan = _BlockPlan(data, size, n_elements, itemsize)
+    ranges = plan.ranges()
+    status, block, position, done, error = bslz4_read_walk(fd, offset, data, first,
+                                                           plan.n_blocks, ranges, piece)
+    if error:
+        raise OSError(error, os.strerror(error))
+    if done != size:
+        raise ChunkError(f"file ends inside a chunk ({done} of {size} bytes)")
+    return plan.layout(status, block, position, ranges)
+
+
+class _BlockPlan:
+    """What a bitshuffle-LZ4 chunk's header announces, checked against the frame: the block
+    size, the elements in blocks and the number of blocks (one place for the header's checks
+    and the walk's verdicts of :func:`bslz4_layout` and :func:`read_bslz4_chunk`)."""
+
+    def __init__(self, data: np.ndarray, size: int, n_elements: int, itemsize: int):
+        if size < HEADER_BYTES:
+            raise ChunkError(f"bitshuffle-LZ4 chunk of {size} bytes is shorter than its "
+                             f"{HEADER_BYTES}-byte header")
+        total, block_bytes = _HEADER.unpack_from(data, 0)
+        expected = n_elements * itemsize
+        if total != expected:
+            raise ChunkError(f"bitshuffle-LZ4 chunk header says {total} bytes, the frame "
+                             f"holds {expected} ({n_elements} x {itemsize} bytes)")
+        if block_bytes == 0 or block_bytes % (BLOCK_MULTIPLE * itemsize):
+            raise ChunkError(f"bitshuffle-LZ4 block size {block_bytes} bytes is not a "
+                             f"positive multiple of {BLOCK_MULTIPLE} elements of {itemsize} "
+                             f"bytes")
+        if size >= 2**32:
+            raise ChunkError(f"bitshuffle-LZ4 chunk of {size} bytes is too large (4 GiB at "
+                             f"most)")
+        self.size = size
+        self.n_elements = n_elements
+        self.itemsize = itemsize
+        self.block_elements = block_bytes // itemsize
+        self.blocked = n_elements - n_elements % BLOCK_MULTIPLE
+        self.n_blocks = -(-self.blocked // self.block_elements)
+
+    def ranges(self) -> np.ndarray:
+        """The block table to fill: a corrupt header cannot make it large (its total was
+        checked against the frame's size)."""
+        return np.empty((self.n_blocks, 2), dtype=np.uint32)
+
+    def layout(self, status: int, block: int, position: int,
+               ranges: np.ndarray) -> ChunkLayout:
+        """The chunk's layout once its walk ended with ``status`` at ``block``, ``position``
+        (``azfilter._chunks``' walk statuses); ChunkError when the chain is wrong."""
+        from .._chunks import WALK_TRUNCATED_SIZE
+
+        size, n_blocks = self.size, self.n_blocks
+        if status == WALK_TRUNCATED_SIZE:
+            raise ChunkError(f"bitshuffle-LZ4 chunk truncated: its {size} bytes end inside "
+                             f"the size of block {block} of {n_blocks}")
+        if status:
+            raise ChunkError(f"bitshuffle-LZ4 block {block} of {n_blocks} says it ends at "
+                             f"byte {position}, past the chunk's {size} bytes")
+        tail_bytes = (self.n_elements - self.blocked) * self.itemsize
+        if position + tail_bytes != size:
+            raise ChunkError(f"bitshuffle-LZ4 chunk has {size} bytes, its blocks and "
+                             f"uncompressed tail end at {position + tail_bytes}")
+        return ChunkLayout(self.n_elements, self.block_elements, self.blocked, ranges,
+                           position)
 
 
 def _byte_array(chunk: Any) -> np.ndarray:
@@ -549,14 +615,15 @@ SIMD_WIDEST, SIMD_AVX2, SIMD_VECTORS, SIMD_WORDS = 3, 2, 1, 0
 
 
 def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray,
-                           simd: int) -> None:
+                           simd: int, blocks: ChunkLayout | None) -> None:
     from .._chunks import bslz4_decode
 
     itemsize = layout.dtype.itemsize
     data = _byte_array(raw)
     flat = out.reshape(-1)
-    # header, block size and the chain of blocks checked (compiled walk, outside the GIL)
-    blocks = bslz4_layout(data, flat.size, itemsize)
+    if blocks is None:
+        # header, block size and the chain of blocks checked (compiled walk, outside the GIL)
+        blocks = bslz4_layout(data, flat.size, itemsize)
     # The last n % 8 elements (Eiger 4M: 2167 x 2070 pixels, 2 of them) follow the blocks
     # as they are, neither shuffled nor compressed.
     shuffled_count = blocks.blocked_elements
@@ -572,10 +639,12 @@ def _decode_bitshuffle_lz4(raw: Any, layout: DirectLayout, out: np.ndarray,
 
 
 def decode_chunk(raw: Any, layout: DirectLayout, out: np.ndarray, *,
-                 simd: int = SIMD_WIDEST) -> np.ndarray:
+                 simd: int = SIMD_WIDEST, blocks: ChunkLayout | None = None) -> np.ndarray:
     """Decode one frame's chunk bytes ``raw`` into ``out`` (C-contiguous, ``layout.shape``,
     ``layout.dtype``); the codecs run outside the GIL.  ``simd``: the bitshuffle-LZ4
-    bit-unshuffle's code (:data:`SIMD_WIDEST`; the tests and benchmarks compare the others).
+    bit-unshuffle's code (:data:`SIMD_WIDEST`; the tests and benchmarks compare the others);
+    ``blocks``: a bitshuffle-LZ4 chunk's layout when the caller found it already
+    (:func:`read_bslz4_chunk`).
 
     Raises
     ------
@@ -591,7 +660,7 @@ def decode_chunk(raw: Any, layout: DirectLayout, out: np.ndarray, *,
             _check_length(raw, nbytes, "uncompressed")
             np.copyto(out.reshape(-1).view(np.uint8), np.frombuffer(raw, np.uint8))
         elif filters == (FILTER_BITSHUFFLE,):
-            _decode_bitshuffle_lz4(raw, layout, out, simd)
+            _decode_bitshuffle_lz4(raw, layout, out, simd, blocks)
         elif filters == (FILTER_LZ4,):
             decoded = _codecs().lz4h5_decode(raw, out=out.reshape(-1).view(np.uint8))
             _check_length(decoded, nbytes, "LZ4")

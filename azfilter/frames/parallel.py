@@ -35,13 +35,13 @@ from .chunks import (
     CompressedChunk,
     DirectLayout,
     NeedsH5py,
-    bslz4_layout,
     cached_chunk_table,
     chunk_coordinates,
     chunk_location,
     chunk_scratch,
     decode_chunk,
     direct_layout,
+    read_bslz4_chunk,
     read_exactly,
 )
 from .common import Frame, _check_image, _exception_reason
@@ -275,6 +275,12 @@ def _hdf5_work(h5: _Hdf5Source, shared: _Shared, block: _Block, index: int, head
                     raise ChunkError(f"uncompressed chunk of {size} bytes, "
                                      f"expected {layout.nbytes}")
                 read_exactly(fd, size, offset, out)
+            elif layout.filters == (FILTER_BITSHUFFLE,):
+                # the block sizes walked as the chunk is read (while each piece is cached)
+                chunk = chunk_scratch(size)
+                blocks = read_bslz4_chunk(fd, size, offset, chunk, out.size,
+                                          layout.dtype.itemsize)
+                decode_chunk(chunk, layout, out, blocks=blocks)
             else:
                 decode_chunk(read_exactly(fd, size, offset, chunk_scratch(size)), layout, out)
         except NeedsH5py:
@@ -311,10 +317,8 @@ def _read_compressed(fd: int, offset: int, size: int, layout: DirectLayout,
     if not (isinstance(buffer, np.ndarray) and buffer.flags.c_contiguous
             and buffer.dtype == np.uint8 and buffer.size >= size):
         buffer = np.empty(size, np.uint8)
-    data = buffer[:size]
-    read_exactly(fd, size, offset, data)
     elements = int(np.prod(layout.shape, dtype=np.int64))
-    blocks = bslz4_layout(data, elements, layout.dtype.itemsize)
+    blocks = read_bslz4_chunk(fd, size, offset, buffer, elements, layout.dtype.itemsize)
     return CompressedChunk(buffer, size, blocks, layout.shape, layout.dtype)
 
 
