@@ -429,6 +429,8 @@ def read_bslz4_chunk(fd: int, size: int, offset: int, into: Any, n_elements: int
     from .._chunks import bslz4_read_walk
 
     data = _byte_array(into)[:size]
+    if data.size < size:
+        raise ValueError(f"a buffer of {data.size} bytes cannot hold a chunk of {size}")
     first = min(size, max(piece, HEADER_BYTES))   # the header, for the checks below
     read_exactly(fd, first, offset, data[:first], chunk_bytes=size)
     plan = _BlockPlan(data, size, n_elements, itemsize)
