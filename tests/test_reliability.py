@@ -301,3 +301,22 @@ def test_try_lock_and_filelock_exclude_each_other(tmp_path):
     fd = fileio.try_lock(path)
     assert fd is not None
     fileio.unlock(fd)
+
+
+def test_a_corrupt_chunk_names_its_file_and_frame_once(poni, tmp_path):
+    """A corrupt chunk of a stack given as a file: one ``failed:`` line naming the file, the
+    frame and then the dataset, not the file and frame twice; the run ends with status 3."""
+    import h5py
+
+    stack = write_stack(tmp_path / "stack.h5", [make_frame(k) for k in range(3)])
+    with h5py.File(stack, "r+") as h5:
+        dataset = h5["entry/data/data"]
+        _, chunk = dataset.id.read_direct_chunk((1, 0, 0))
+        dataset.id.write_direct_chunk((1, 0, 0), chunk[:len(chunk) // 2])   # truncated
+    result = invoke("integrate", "-p", poni, "--backend", "python", "--npt", 40, stack,
+                    "-o", tmp_path / "out.h5")
+    assert result.exit_code == 3, result.output
+    lines = [line for line in result.stderr.splitlines() if "failed:" in line]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"azfilter: failed: {stack} frame 1: /entry/data/data: "), lines
+    assert lines[0].count(str(stack)) == 1, lines

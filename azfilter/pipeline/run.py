@@ -688,9 +688,16 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
 
 def _reason(error: FrameReadError, planned: Planned | None) -> str:
     """The reason of a read error, naming the file that failed when it is not the planned
-    source itself (an Eiger data file of a master file)."""
+    source itself (an Eiger data file of a master file), or only the dataset when the file is
+    the planned one (``stack.h5 frame 1: /entry/data/data: corrupt chunk: ...``, not the
+    file and frame twice)."""
     if planned is None or _absolute(error.source) == _absolute(planned.source):
         return error.reason
+    file_part = planning.file_part(error.source)
+    dataset = error.source[len(file_part):].removeprefix("::")
+    if dataset and error.index == planned.index \
+            and _absolute(file_part) == _absolute(planned.source):
+        return f"{dataset}: {error.reason}"
     return str(error)
 
 
