@@ -64,7 +64,9 @@ WRITE_QUEUE = 32
 #: the cores. H200 machine, 16 cores, 1000 Eiger 4M bitshuffle-LZ4 frames, three rounds each
 #: (2026-11-29): integrate 3.20 / 3.17 / 2.98 s with 16 threads, 2.90 / 2.90 / 2.95 s with 12,
 #: 2.64 / 2.72 / 2.79 s with 8; sigma-clip 4.58 / 4.64 / 4.49, 4.26 / 4.19 / 4.40 and
-#: 4.22 / 4.63 / 4.61 s.
+#: 4.22 / 4.63 / 4.61 s. Again with the decoder twice as fast (2026-11-30, another instance,
+#: 1000 frames, best of 3 interleaved): sigma-clip 5.45 / 4.88 / 5.12 / 5.06 s with 10 / 12 /
+#: 14 / 16 threads, integrate 2.91 / 3.05 / 2.86 / 2.96 s.
 CYTHON_THREAD_SHARE = 0.75
 #: cores up to which a Cython job takes them all (the 2-core benchmarks were measured so)
 CYTHON_ALL_CORES = 2
