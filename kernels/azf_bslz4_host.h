@@ -136,22 +136,15 @@ static int azf_lz4_block(const uint8_t *src, const uint8_t *src_end, const uint8
             for (size_t t = 0; t < length; t += 16)
                 memcpy(op + t, pattern, 16);
         } else {
-            /* Overlapping: the match repeats its `offset` bytes, so any multiple of `offset`
-             * is a period too. 16-byte steps that read only bytes written at least one step
-             * before; a period under 16 bytes is widened, its first bytes copied one by one. */
+            /* Overlapping, at an offset that does not divide 16 (those that do are above):
+             * the match repeats its `offset` bytes, so any multiple of `offset` is a period
+             * too. 16-byte steps that read only bytes written at least one step before; a
+             * period under 16 bytes is widened, its first bytes copied one by one. */
             size_t period = offset, t = 0;
             if (offset < 16) {
                 period = offset * ((15 + offset) / offset);
                 for (; t < period && t < length; t++)
                     op[t] = match[t];
-                if (16 % offset == 0 && t < length) {
-                    /* 16 bytes hold whole repeats: store the same 16 bytes (no reads of
-                     * the bytes just stored, which would wait for each store) */
-                    uint8_t pattern[16];
-                    memcpy(pattern, op, 16);
-                    for (; t < length; t += 16)
-                        memcpy(op + t, pattern, 16);
-                }
             }
             for (; t < length; t += 16)
                 memcpy(op + t, op + t - period, 16);
